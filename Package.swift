@@ -1,0 +1,145 @@
+// swift-tools-version:6.1
+// Apus: a function-as-a-service platform that serves functions as first-class RPC services.
+import PackageDescription
+
+let swiftSettings: [SwiftSetting] = [
+    .enableUpcomingFeature("ExistentialAny"),
+]
+
+let package = Package(
+    name: "apus",
+    platforms: [.macOS(.v15)],
+    products: [
+        .executable(name: "apusd", targets: ["apusd"]),
+        .executable(name: "apus", targets: ["apus"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.2"),
+        .package(url: "https://github.com/apple/swift-log.git", from: "1.16.2"),
+        .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.8.2"),
+        .package(url: "https://github.com/apple/swift-crypto.git", from: "3.12.3"),
+        .package(url: "https://github.com/swift-server/swift-service-lifecycle.git", from: "2.13.0"),
+        .package(url: "https://github.com/swift-server/async-http-client.git", from: "1.37.0"),
+        .package(url: "https://github.com/hummingbird-project/hummingbird.git", from: "2.28.1"),
+        .package(url: "https://github.com/groue/GRDB.swift.git", from: "7.10.0"),
+        .package(url: "https://github.com/jpsim/Yams.git", from: "6.2.2"),
+        .package(url: "https://github.com/apple/swift-http-types.git", from: "1.8.0"),
+    ],
+    targets: [
+        // Protocol-neutral model: invocation, function/version/release, manifest, neutral errors, clocks.
+        .target(
+            name: "ApusCore",
+            dependencies: [
+                .product(name: "Yams", package: "Yams"),
+            ],
+            exclude: ["README.md"],
+            swiftSettings: swiftSettings
+        ),
+        // Persistent state: the Store seam with SQLite (GRDB) and in-memory implementations, code artifacts.
+        .target(
+            name: "ApusStore",
+            dependencies: [
+                "ApusCore",
+                .product(name: "GRDB", package: "GRDB.swift"),
+                .product(name: "Crypto", package: "swift-crypto"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            exclude: ["README.md"],
+            swiftSettings: swiftSettings
+        ),
+        // C shims for GNU-only process APIs (pipe2, posix_spawn chdir).
+        .target(name: "CApusShims"),
+        // Node agent: launches function instances as (sandboxed) child processes per the runtime contract.
+        .target(
+            name: "ApusRuntime",
+            dependencies: [
+                "ApusCore",
+                "CApusShims",
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            exclude: ["README.md"],
+            resources: [.copy("Bootstrap")],
+            swiftSettings: swiftSettings
+        ),
+        // Data plane: per-version instance pools, concurrency slots, bounded deadline queues, scale from zero.
+        .target(
+            name: "ApusScheduler",
+            dependencies: [
+                "ApusCore",
+                "ApusRuntime",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            ],
+            exclude: ["README.md"],
+            swiftSettings: swiftSettings
+        ),
+        // HTTP edge: routing by path prefix or host, release-weighted version choice, proxying to instances.
+        .target(
+            name: "ApusGateway",
+            dependencies: [
+                "ApusCore",
+                "ApusScheduler",
+                .product(name: "Hummingbird", package: "hummingbird"),
+                .product(name: "AsyncHTTPClient", package: "async-http-client"),
+                .product(name: "HTTPTypes", package: "swift-http-types"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            exclude: ["README.md"],
+            swiftSettings: swiftSettings
+        ),
+        // Control plane: REST/JSON API for deploy, versions, releases, logs.
+        .target(
+            name: "ApusControl",
+            dependencies: [
+                "ApusCore",
+                "ApusStore",
+                "ApusScheduler",
+                "ApusRuntime",
+                .product(name: "Hummingbird", package: "hummingbird"),
+                .product(name: "HTTPTypes", package: "swift-http-types"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            exclude: ["README.md"],
+            swiftSettings: swiftSettings
+        ),
+        .executableTarget(
+            name: "apusd",
+            dependencies: [
+                "ApusCore", "ApusStore", "ApusRuntime", "ApusScheduler", "ApusGateway", "ApusControl",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Hummingbird", package: "hummingbird"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            swiftSettings: swiftSettings
+        ),
+        .executableTarget(
+            name: "apus",
+            dependencies: [
+                "ApusCore",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "AsyncHTTPClient", package: "async-http-client"),
+            ],
+            swiftSettings: swiftSettings
+        ),
+        .testTarget(
+            name: "ApusCoreTests",
+            dependencies: ["ApusCore"],
+            swiftSettings: swiftSettings
+        ),
+        .testTarget(
+            name: "ApusStoreTests",
+            dependencies: ["ApusStore", "ApusCore"],
+            swiftSettings: swiftSettings
+        ),
+        .testTarget(
+            name: "ApusSchedulerTests",
+            dependencies: ["ApusScheduler", "ApusCore"],
+            swiftSettings: swiftSettings
+        ),
+    ],
+    swiftLanguageModes: [.v6]
+)

@@ -1,0 +1,222 @@
+import ApusCore
+import ApusRuntime
+import ApusScheduler
+import Foundation
+import HTTPTypes
+import Hummingbird
+import Logging
+import NIOCore
+import Synchronization
+
+/// The REST/JSON control API (see IDL/apus-api.openapi.yaml).
+public struct ControlAPI: Sendable {
+    public struct Info: Codable, Sendable {
+        public struct Gateway: Codable, Sendable {
+            public var http: String?
+
+            public init(http: String?) { self.http = http }
+        }
+
+        public var version: String
+        public var gateway: Gateway
+        public var domain: String
+        public var sandbox: String
+
+        public init(version: String, gateway: Gateway, domain: String, sandbox: String) {
+            self.version = version
+            self.gateway = gateway
+            self.domain = domain
+            self.sandbox = sandbox
+        }
+    }
+
+    struct FunctionDetail: Codable {
+        var name: String
+        var latestVersion: Int
+        var release: Release
+        var createdAt: Date
+        var updatedAt: Date
+        var versions: [FunctionVersion]
+    }
+
+    struct ReleaseRequest: Codable {
+        var weights: [Release.Weight]
+    }
+
+    public let control: ControlPlane
+    public let info: @Sendable () -> Info
+    /// Set once shutdown begins so open `logs?follow=true` streams end and the API can drain.
+    public let stopping: ShutdownFlag
+    private let logger: Logger
+
+    public init(control: ControlPlane, info: @escaping @Sendable () -> Info, stopping: ShutdownFlag, logger: Logger) {
+        self.control = control
+        self.info = info
+        self.stopping = stopping
+        self.logger = logger
+    }
+
+    static let encoder: JSONEncoder = {
+        let encoder = JSONEncoder()
+        encoder.dateEncodingStrategy = .iso8601
+        encoder.outputFormatting = [.sortedKeys]
+        return encoder
+    }()
+
+    static func json<T: Encodable>(_ value: T, status: HTTPResponse.Status = .ok) throws -> Response {
+        var data = try encoder.encode(value)
+        data.append(UInt8(ascii: "\n"))
+        return Response(status: status, headers: [.contentType: "application/json"], body: .init(byteBuffer: ByteBuffer(bytes: data)))
+    }
+
+    static func errorResponse(_ error: ApusError) -> Response {
+        Response(
+            status: .init(code: error.code.httpStatus), headers: [.contentType: "application/json"],
+            body: .init(byteBuffer: ByteBuffer(string: error.jsonBody + "\n")))
+    }
+
+    func name(_ context: BasicRequestContext) throws(ApusError) -> String {
+        guard let name = context.parameters.get("name") else { throw ApusError(.badRequest, "missing function name") }
+        return name
+    }
+
+    public func makeRouter() -> Router<BasicRequestContext> {
+        let router = Router(context: BasicRequestContext.self)
+        router.add(middleware: ErrorMiddleware())
+        let control = self.control
+
+        router.get("/v1/info") { _, _ in try Self.json(info()) }
+
+        router.post("/v1/functions") { request, _ in
+            var request = request
+            let body: ByteBuffer
+            do {
+                body = try await request.collectBody(upTo: ControlPlane.maxArchiveBytes)
+            } catch {
+                throw ApusError(.tooLarge, "code archive exceeds \(ControlPlane.maxArchiveBytes) bytes")
+            }
+            let release = request.uri.queryParameters["release"].map { $0 != "false" && $0 != "0" } ?? true
+            let result = try control.deploy(archive: Data(buffer: body), release: release)
+            return try Self.json(result, status: .created)
+        }
+
+        router.get("/v1/functions") { _, _ in
+            struct Listing: Codable { var functions: [FunctionRecord] }
+            return try Self.json(Listing(functions: try control.store.functions()))
+        }
+
+        router.get("/v1/functions/:name") { _, context in
+            let record = try control.requireFunction(try name(context))
+            let versions = try control.store.versions(of: record.name)
+            return try Self.json(FunctionDetail(
+                name: record.name, latestVersion: record.latestVersion, release: record.release,
+                createdAt: record.createdAt, updatedAt: record.updatedAt, versions: versions))
+        }
+
+        router.delete("/v1/functions/:name") { _, context in
+            try await control.delete(function: try name(context))
+            return Response(status: .noContent)
+        }
+
+        router.get("/v1/functions/:name/versions") { _, context in
+            struct Listing: Codable { var versions: [FunctionVersion] }
+            return try Self.json(Listing(versions: try control.store.versions(of: try name(context))))
+        }
+
+        router.get("/v1/functions/:name/versions/:number") { _, context in
+            let function = try name(context)
+            guard let text = context.parameters.get("number"), let number = Int(text) else {
+                throw ApusError(.badRequest, "version must be a number")
+            }
+            _ = try control.requireFunction(function)
+            guard let version = try control.store.version(number, of: function) else {
+                throw ApusError(.notFound, "function \(function) has no version \(number)")
+            }
+            return try Self.json(version)
+        }
+
+        router.put("/v1/functions/:name/release") { request, context in
+            let function = try name(context)
+            var request = request
+            let body = try await request.collectBody(upTo: 1 << 20)
+            let parsed: ReleaseRequest
+            do {
+                parsed = try JSONDecoder().decode(ReleaseRequest.self, from: Data(buffer: body))
+            } catch {
+                throw ApusError(.badRequest, "release body must be {\"weights\":[{\"version\":N,\"weight\":W},…]}: \(error)")
+            }
+            return try Self.json(try control.setRelease(function: function, weights: parsed.weights))
+        }
+
+        router.get("/v1/functions/:name/instances") { _, context in
+            struct Listing: Codable {
+                var function: String
+                var queueDepth: Int
+                var instances: [InstancePool.InstanceInfo]
+            }
+            let function = try name(context)
+            _ = try control.requireFunction(function)
+            return try Self.json(Listing(
+                function: function, queueDepth: control.scheduler.queueDepth(of: function),
+                instances: control.scheduler.instances(of: function)))
+        }
+
+        router.get("/v1/functions/:name/logs") { request, context in
+            let function = try name(context)
+            _ = try control.requireFunction(function)
+            let tail = request.uri.queryParameters["tail"].flatMap { Int($0) } ?? 100
+            let follow = request.uri.queryParameters["follow"].map { $0 == "true" || $0 == "1" } ?? false
+            let headers: HTTPFields = [.contentType: "text/plain; charset=utf-8"]
+            let logs = control.logs
+            if !follow {
+                let lines = logs.tail(function: function, count: tail)
+                let text = lines.isEmpty ? "" : lines.joined(separator: "\n") + "\n"
+                return Response(status: .ok, headers: headers, body: .init(byteBuffer: ByteBuffer(string: text)))
+            }
+            let stopping = self.stopping
+            let live = logs.follow(function: function, isActive: { !stopping.isSet })
+            let earlier = logs.tail(function: function, count: tail)
+            return Response(status: .ok, headers: headers, body: ResponseBody { writer in
+                if !earlier.isEmpty {
+                    try await writer.write(ByteBuffer(string: earlier.joined(separator: "\n") + "\n"))
+                }
+                for await line in live {
+                    try await writer.write(ByteBuffer(string: line + "\n"))
+                }
+                try await writer.finish(nil)
+            })
+        }
+        return router
+    }
+}
+
+/// Turns every error into the JSON error envelope.
+struct ErrorMiddleware: RouterMiddleware {
+    typealias Context = BasicRequestContext
+
+    func handle(_ request: Request, context: Context, next: (Request, Context) async throws -> Response) async throws -> Response {
+        do {
+            return try await next(request, context)
+        } catch let error as ApusError {
+            return ControlAPI.errorResponse(error)
+        } catch let error as HTTPError {
+            let code: ApusError.Code = error.status == .notFound ? .notFound : (error.status.code < 500 ? .badRequest : .internal)
+            let message = error.status == .notFound ? "no such endpoint: \(request.method) \(request.uri.path)" : (error.body ?? "\(error.status)")
+            return ControlAPI.errorResponse(ApusError(code, message))
+        } catch {
+            context.logger.error("control API failure", metadata: ["error": "\(error)"])
+            return ControlAPI.errorResponse(ApusError(.internal, "\(error)"))
+        }
+    }
+}
+
+/// A one-way flag raised when shutdown begins.
+public final class ShutdownFlag: Sendable {
+    private let value = Atomic<Bool>(false)
+
+    public init() {}
+
+    public var isSet: Bool { value.load(ordering: .acquiring) }
+
+    public func set() { value.store(true, ordering: .releasing) }
+}

@@ -1,0 +1,110 @@
+import ApusCore
+import ApusRuntime
+import ApusScheduler
+import ApusStore
+import Foundation
+import Logging
+
+/// Carries out control-plane changes against the store and keeps the scheduler's catalog in step.
+public final class ControlPlane: Sendable {
+    public struct DeployResult: Sendable, Codable {
+        public var function: String
+        public var version: FunctionVersion
+        public var release: Release
+        /// False when `skipIfUnchanged` found the same code and manifest already deployed.
+        public var created: Bool
+    }
+
+    public let store: any Store
+    public let code: CodeStore
+    public let scheduler: Scheduler
+    public let logs: FunctionLogs
+    private let logger: Logger
+    public static let maxArchiveBytes = 64 << 20
+
+    public init(store: any Store, code: CodeStore, scheduler: Scheduler, logs: FunctionLogs, logger: Logger) {
+        self.store = store
+        self.code = code
+        self.scheduler = scheduler
+        self.logs = logs
+        self.logger = logger
+    }
+
+    public var catalog: FunctionCatalog { scheduler.catalog }
+
+    /// Fills the catalog from the store (at start-up).
+    public func loadCatalog() throws(ApusError) {
+        for record in try store.functions() {
+            try refresh(record.name)
+        }
+    }
+
+    private func refresh(_ name: String) throws(ApusError) {
+        guard let record = try store.function(named: name) else {
+            catalog.remove(name)
+            return
+        }
+        catalog.update(.init(record: record, versions: try store.versions(of: name)))
+    }
+
+    /// Creates a new version from a tar.gz of a function directory.
+    public func deploy(archive: Data, release: Bool, skipIfUnchanged: Bool = false) throws(ApusError) -> DeployResult {
+        guard archive.count <= Self.maxArchiveBytes else {
+            throw ApusError(.tooLarge, "code archive is \(archive.count) bytes; the limit is \(Self.maxArchiveBytes)")
+        }
+        guard archive.count > 2, archive[archive.startIndex] == 0x1f, archive[archive.startIndex + 1] == 0x8b else {
+            throw ApusError(.badRequest, "upload must be a gzip-compressed tar archive of the function directory")
+        }
+        let manifestData: Data
+        do {
+            manifestData = try CodeArchive.readMember(FunctionManifest.fileName, of: archive)
+        } catch {
+            throw ApusError(.badRequest, "archive has no \(FunctionManifest.fileName) at its root (\(error.message))")
+        }
+        let manifest = try FunctionManifest.parse(yaml: String(decoding: manifestData, as: UTF8.self))
+        let digest = CodeStore.digest(of: archive)
+
+        if skipIfUnchanged, let record = try store.function(named: manifest.name),
+           let latest = try store.version(record.latestVersion, of: manifest.name),
+           latest.codeDigest == digest, latest.manifest == manifest {
+            return DeployResult(function: manifest.name, version: latest, release: record.release, created: false)
+        }
+
+        try code.put(archive)
+        _ = try code.unpacked(digest)  // proves the archive extracts before a version points at it
+        let (version, newRelease) = try store.createVersion(manifest: manifest, codeDigest: digest, release: release, now: Date())
+        try refresh(manifest.name)
+        scheduler.reconcile(function: manifest.name)
+        logger.info("deployed", metadata: [
+            "function": "\(manifest.name)", "version": "\(version.number)", "digest": "\(digest)",
+            "release": "\(newRelease.weights.map { "\($0.version)=\($0.weight)" }.joined(separator: ","))",
+        ])
+        return DeployResult(function: manifest.name, version: version, release: newRelease, created: true)
+    }
+
+    public func setRelease(function: String, weights: [Release.Weight]) throws(ApusError) -> Release {
+        let release = try store.setRelease(of: function, weights: weights, now: Date())
+        try refresh(function)
+        scheduler.reconcile(function: function)
+        logger.info("released", metadata: [
+            "function": "\(function)",
+            "release": "\(weights.map { "\($0.version)=\($0.weight)" }.joined(separator: ","))",
+        ])
+        return release
+    }
+
+    public func delete(function: String) async throws(ApusError) {
+        try store.deleteFunction(named: function)
+        catalog.remove(function)
+        await scheduler.remove(function: function)
+        logs.remove(function: function)
+        logger.info("deleted", metadata: ["function": "\(function)"])
+    }
+
+    public func requireFunction(_ name: String) throws(ApusError) -> FunctionRecord {
+        guard let record = try store.function(named: name) else {
+            throw ApusError(.notFound, "function \(name) does not exist")
+        }
+        return record
+    }
+}

@@ -1,0 +1,234 @@
+import Foundation
+import Yams
+
+extension FunctionManifest {
+    /// The manifest's file name inside a function directory.
+    public static let fileName = "apus.yaml"
+
+    /// Parses and validates `apus.yaml` text. Every problem is reported with its key path, e.g.
+    /// `apus.yaml: scale.max: must be an integer ≥ 1 (got "lots")`; unknown keys are rejected.
+    public static func parse(yaml text: String) throws(ApusError) -> FunctionManifest {
+        let root: Node?
+        do {
+            root = try Yams.compose(yaml: text)
+        } catch {
+            throw ManifestReader.failure("", "is not valid YAML: \(error)")
+        }
+        guard let root, case .mapping(let mapping) = root else {
+            throw ManifestReader.failure("", "must be a mapping of keys to values")
+        }
+        let reader = ManifestReader(mapping: mapping, path: "")
+        try reader.rejectUnknownKeys(allowed: ["name", "runtime", "handler", "command", "protocol", "concurrency",
+                                               "scale", "timeout", "memory", "env"])
+
+        let name = try reader.requiredString("name")
+        try validateName(name, key: "name")
+        let runtimeText = try reader.requiredString("runtime")
+        guard let runtime = Runtime(rawValue: runtimeText) else {
+            throw ManifestReader.failure("runtime", "must be one of \(Runtime.allCases.map(\.rawValue).joined(separator: ", ")) (got \"\(runtimeText)\")")
+        }
+        var manifest = FunctionManifest(name: name, runtime: runtime)
+
+        if let protocolText = try reader.optionalString("protocol") {
+            guard let wire = WireProtocol(rawValue: protocolText) else {
+                throw ManifestReader.failure("protocol", "must be one of \(WireProtocol.allCases.map(\.rawValue).joined(separator: ", ")) (got \"\(protocolText)\")")
+            }
+            guard wire == .http else {
+                throw ManifestReader.failure("protocol", "\"\(protocolText)\" is reserved and not served yet; use http")
+            }
+            manifest.protocol = wire
+        }
+
+        switch runtime {
+        case .python3:
+            let handler = try reader.optionalString("handler") ?? "main.handler"
+            let parts = handler.split(separator: ".", omittingEmptySubsequences: false)
+            guard parts.count >= 2, parts.allSatisfy({ isPythonIdentifier($0) }) else {
+                throw ManifestReader.failure("handler", "must be module.function, e.g. main.handler (got \"\(handler)\")")
+            }
+            manifest.handler = handler
+            if reader.has("command") {
+                throw ManifestReader.failure("command", "is only for runtime: command")
+            }
+        case .command:
+            guard let command = try reader.optionalStringList("command") else {
+                throw ManifestReader.failure("command", "is required for runtime: command (a list, e.g. [\"./server\", \"--port\", \"8080\"])")
+            }
+            guard !command.isEmpty, !command[0].isEmpty else {
+                throw ManifestReader.failure("command", "must name a program to run")
+            }
+            manifest.command = command
+            if reader.has("handler") {
+                throw ManifestReader.failure("handler", "is only for runtime: python3")
+            }
+        }
+
+        if let concurrency = try reader.optionalInt("concurrency") {
+            guard (1...10_000).contains(concurrency) else {
+                throw ManifestReader.failure("concurrency", "must be between 1 and 10000 (got \(concurrency))")
+            }
+            manifest.concurrency = concurrency
+        }
+
+        if let scaleMapping = try reader.optionalMapping("scale") {
+            let scale = ManifestReader(mapping: scaleMapping, path: "scale")
+            try scale.rejectUnknownKeys(allowed: ["min", "max"])
+            let min = try scale.optionalInt("min") ?? manifest.scale.min
+            let max = try scale.optionalInt("max") ?? Swift.max(manifest.scale.max, min)
+            guard min >= 0 else { throw ManifestReader.failure("scale.min", "must be ≥ 0 (got \(min))") }
+            guard max >= 1 else { throw ManifestReader.failure("scale.max", "must be ≥ 1 (got \(max))") }
+            guard max >= min else {
+                throw ManifestReader.failure("scale.max", "must be ≥ scale.min (got max \(max), min \(min))")
+            }
+            guard max <= 1000 else { throw ManifestReader.failure("scale.max", "must be ≤ 1000 (got \(max))") }
+            manifest.scale = Scale(min: min, max: max)
+        }
+
+        if let timeoutText = try reader.optionalString("timeout") {
+            guard let timeout = Duration(humanReadable: timeoutText) else {
+                throw ManifestReader.failure("timeout", "must be a duration such as 500ms, 30s, 5m or 1h (got \"\(timeoutText)\")")
+            }
+            guard timeout >= .milliseconds(10), timeout <= .seconds(3600) else {
+                throw ManifestReader.failure("timeout", "must be between 10ms and 1h (got \(timeoutText))")
+            }
+            manifest.timeout = timeout
+        }
+
+        if let memoryText = try reader.optionalString("memory") {
+            guard let memory = ByteSize.parse(memoryText) else {
+                throw ManifestReader.failure("memory", "must be a size such as 128Mi, 1Gi or 512M (got \"\(memoryText)\")")
+            }
+            guard memory >= 16 << 20 else {
+                throw ManifestReader.failure("memory", "must be at least 16Mi (got \(memoryText))")
+            }
+            manifest.memory = memory
+        }
+
+        if let envMapping = try reader.optionalMapping("env") {
+            var env: [String: String] = [:]
+            for (keyNode, valueNode) in envMapping {
+                guard case .scalar(let key) = keyNode else {
+                    throw ManifestReader.failure("env", "keys must be plain names")
+                }
+                guard isEnvironmentName(key.string) else {
+                    throw ManifestReader.failure("env.\(key.string)", "is not a valid environment variable name")
+                }
+                guard !key.string.hasPrefix("APUS_") else {
+                    throw ManifestReader.failure("env.\(key.string)", "APUS_ variables are set by the platform")
+                }
+                guard case .scalar(let value) = valueNode else {
+                    throw ManifestReader.failure("env.\(key.string)", "must be a string, number or boolean")
+                }
+                env[key.string] = value.string
+            }
+            manifest.env = env
+        }
+        return manifest
+    }
+
+    /// Function names are DNS labels so they work both as path prefixes and as host names.
+    public static func validateName(_ name: String, key: String) throws(ApusError) {
+        let bytes = Array(name.utf8)
+        let valid = (1...63).contains(bytes.count)
+            && (UInt8(ascii: "a")...UInt8(ascii: "z")).contains(bytes[0])
+            && bytes.allSatisfy { (UInt8(ascii: "a")...UInt8(ascii: "z")).contains($0) || (UInt8(ascii: "0")...UInt8(ascii: "9")).contains($0) || $0 == UInt8(ascii: "-") }
+            && bytes.last != UInt8(ascii: "-")
+        guard valid else {
+            throw ManifestReader.failure(key, "must be 1-63 characters of a-z, 0-9 and '-', starting with a letter and not ending with '-' (got \"\(name)\")")
+        }
+    }
+
+    private static func isPythonIdentifier(_ s: Substring) -> Bool {
+        guard let first = s.first, first == "_" || first.isLetter else { return false }
+        return s.allSatisfy { $0 == "_" || $0.isLetter || $0.isNumber }
+    }
+
+    private static func isEnvironmentName(_ s: String) -> Bool {
+        guard let first = s.first, first == "_" || (first.isASCII && first.isLetter) else { return false }
+        return s.allSatisfy { $0 == "_" || ($0.isASCII && ($0.isLetter || $0.isNumber)) }
+    }
+}
+
+/// Reads typed values out of one YAML mapping, naming the full key path in every error.
+struct ManifestReader {
+    let mapping: Node.Mapping
+    let path: String
+
+    static func failure(_ key: String, _ reason: String) -> ApusError {
+        let location = key.isEmpty ? "" : " \(key):"
+        return ApusError(.badRequest, "\(FunctionManifest.fileName):\(location) \(reason)")
+    }
+
+    private func fullKey(_ key: String) -> String { path.isEmpty ? key : "\(path).\(key)" }
+
+    private func value(_ key: String) -> Node? {
+        for (k, v) in mapping {
+            if case .scalar(let s) = k, s.string == key { return v }
+        }
+        return nil
+    }
+
+    func has(_ key: String) -> Bool { value(key) != nil }
+
+    func rejectUnknownKeys(allowed: Set<String>) throws(ApusError) {
+        for (k, _) in mapping {
+            guard case .scalar(let s) = k else {
+                throw Self.failure(path, "keys must be plain names")
+            }
+            if !allowed.contains(s.string) {
+                throw Self.failure(fullKey(s.string), "unknown key (allowed here: \(allowed.sorted().joined(separator: ", ")))")
+            }
+        }
+    }
+
+    private func isNull(_ node: Node) -> Bool {
+        if case .scalar(let s) = node, s.style == .plain, ["", "~", "null", "Null", "NULL"].contains(s.string) { return true }
+        return false
+    }
+
+    func optionalString(_ key: String) throws(ApusError) -> String? {
+        guard let node = value(key), !isNull(node) else { return nil }
+        guard case .scalar(let s) = node else {
+            throw Self.failure(fullKey(key), "must be a single value, not a list or mapping")
+        }
+        return s.string
+    }
+
+    func requiredString(_ key: String) throws(ApusError) -> String {
+        guard let s = try optionalString(key), !s.isEmpty else {
+            throw Self.failure(fullKey(key), "is required")
+        }
+        return s
+    }
+
+    func optionalInt(_ key: String) throws(ApusError) -> Int? {
+        guard let text = try optionalString(key) else { return nil }
+        guard let n = Int(text) else {
+            throw Self.failure(fullKey(key), "must be an integer (got \"\(text)\")")
+        }
+        return n
+    }
+
+    func optionalStringList(_ key: String) throws(ApusError) -> [String]? {
+        guard let node = value(key), !isNull(node) else { return nil }
+        guard case .sequence(let seq) = node else {
+            throw Self.failure(fullKey(key), "must be a list of strings")
+        }
+        var items: [String] = []
+        for (i, item) in seq.enumerated() {
+            guard case .scalar(let s) = item else {
+                throw Self.failure("\(fullKey(key))[\(i)]", "must be a string")
+            }
+            items.append(s.string)
+        }
+        return items
+    }
+
+    func optionalMapping(_ key: String) throws(ApusError) -> Node.Mapping? {
+        guard let node = value(key), !isNull(node) else { return nil }
+        guard case .mapping(let m) = node else {
+            throw Self.failure(fullKey(key), "must be a mapping")
+        }
+        return m
+    }
+}

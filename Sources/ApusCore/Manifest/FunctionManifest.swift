@@ -1,0 +1,105 @@
+/// A function's declared configuration, read from `apus.yaml` in its directory.
+/// Every field has a default so a minimal manifest is just `name` and `runtime`.
+public struct FunctionManifest: Codable, Hashable, Sendable {
+    public enum Runtime: String, Codable, Hashable, Sendable, CaseIterable {
+        case python3
+        case command
+    }
+
+    public enum WireProtocol: String, Codable, Hashable, Sendable, CaseIterable {
+        case http
+        case grpc
+        case thrift
+    }
+
+    public struct Scale: Codable, Hashable, Sendable {
+        public var min: Int
+        public var max: Int
+
+        public init(min: Int = 0, max: Int = 5) {
+            self.min = min
+            self.max = max
+        }
+    }
+
+    public var name: String
+    public var runtime: Runtime
+    /// Python: `module.function`.
+    public var handler: String?
+    /// Command runtime: argv of the server to run.
+    public var command: [String]?
+    public var `protocol`: WireProtocol
+    /// Requests one instance serves at once.
+    public var concurrency: Int
+    public var scale: Scale
+    /// Per-invocation deadline.
+    public var timeout: Duration
+    /// Memory limit in bytes.
+    public var memory: Int64
+    public var env: [String: String]
+
+    public init(
+        name: String,
+        runtime: Runtime,
+        handler: String? = nil,
+        command: [String]? = nil,
+        protocol: WireProtocol = .http,
+        concurrency: Int = 10,
+        scale: Scale = Scale(),
+        timeout: Duration = .seconds(30),
+        memory: Int64 = 256 * 1024 * 1024,
+        env: [String: String] = [:]
+    ) {
+        self.name = name
+        self.runtime = runtime
+        self.handler = handler
+        self.command = command
+        self.protocol = `protocol`
+        self.concurrency = concurrency
+        self.scale = scale
+        self.timeout = timeout
+        self.memory = memory
+        self.env = env
+    }
+
+    enum CodingKeys: String, CodingKey {
+        case name, runtime, handler, command, `protocol`, concurrency, scale, timeout, memory, env
+    }
+
+    // Durations and sizes are stored in their human form so stored versions read like the manifest.
+    public init(from decoder: any Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        name = try c.decode(String.self, forKey: .name)
+        runtime = try c.decode(Runtime.self, forKey: .runtime)
+        handler = try c.decodeIfPresent(String.self, forKey: .handler)
+        command = try c.decodeIfPresent([String].self, forKey: .command)
+        `protocol` = try c.decode(WireProtocol.self, forKey: .protocol)
+        concurrency = try c.decode(Int.self, forKey: .concurrency)
+        scale = try c.decode(Scale.self, forKey: .scale)
+        let timeoutText = try c.decode(String.self, forKey: .timeout)
+        guard let timeout = Duration(humanReadable: timeoutText) else {
+            throw DecodingError.dataCorruptedError(forKey: .timeout, in: c, debugDescription: "bad duration \(timeoutText)")
+        }
+        self.timeout = timeout
+        let memoryText = try c.decode(String.self, forKey: .memory)
+        guard let memory = ByteSize.parse(memoryText) else {
+            throw DecodingError.dataCorruptedError(forKey: .memory, in: c, debugDescription: "bad size \(memoryText)")
+        }
+        self.memory = memory
+        env = try c.decode([String: String].self, forKey: .env)
+    }
+
+    public func encode(to encoder: any Encoder) throws {
+        var c = encoder.container(keyedBy: CodingKeys.self)
+        try c.encode(name, forKey: .name)
+        try c.encode(runtime, forKey: .runtime)
+        try c.encodeIfPresent(handler, forKey: .handler)
+        try c.encodeIfPresent(command, forKey: .command)
+        try c.encode(`protocol`, forKey: .protocol)
+        try c.encode(concurrency, forKey: .concurrency)
+        try c.encode(scale, forKey: .scale)
+        try c.encode(timeout.humanReadable, forKey: .timeout)
+        try c.encode(ByteSize.format(memory), forKey: .memory)
+        try c.encode(env, forKey: .env)
+    }
+}

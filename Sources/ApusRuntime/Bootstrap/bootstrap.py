@@ -1,0 +1,552 @@
+"""Apus Python runtime bootstrap.
+
+Started by the Apus node agent as ``python3 bootstrap.py`` with the working
+directory set to the function's code directory. It imports the user's handler
+(``APUS_HANDLER``, ``module.function``), then serves HTTP/1.1 with keep-alive on
+``127.0.0.1:$APUS_PORT`` and turns every request into a
+``handler(event, context)`` call.
+
+Standard library only; runs on Python 3.8+ (tested with Debian's 3.11).
+See docs/runtime-contract.md for the contract this file implements.
+"""
+
+import threading
+
+# Instances run under RLIMIT_AS, so keep per-thread stack reservations small.
+# This must happen before any thread is started.
+threading.stack_size(512 * 1024)
+
+import base64
+import binascii
+import http.server
+import json
+import os
+import signal
+import socket
+import sys
+import time
+import traceback
+import uuid
+from urllib.parse import parse_qsl, urlsplit
+
+# --------------------------------------------------------------------------
+# Logging: the platform captures stdout/stderr line by line.
+# --------------------------------------------------------------------------
+
+for _stream in (sys.stdout, sys.stderr):
+    try:
+        _stream.reconfigure(line_buffering=True, errors="backslashreplace")
+    except (AttributeError, ValueError):
+        pass
+# Child processes started by the function should not block-buffer either.
+os.environ.setdefault("PYTHONUNBUFFERED", "1")
+
+_log_lock = threading.Lock()
+
+
+def _log_err(text):
+    """Write one or more lines to stderr without interleaving with other threads."""
+    if not text.endswith("\n"):
+        text += "\n"
+    with _log_lock:
+        try:
+            sys.stderr.write(text)
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass
+
+
+def _fatal(message, code=1):
+    _log_err("apus-bootstrap: " + message)
+    sys.exit(code)
+
+
+# --------------------------------------------------------------------------
+# Configuration from the environment.
+# --------------------------------------------------------------------------
+
+FUNCTION_NAME = os.environ.get("APUS_FUNCTION", "")
+FUNCTION_VERSION = os.environ.get("APUS_VERSION", "")
+INSTANCE_ID = os.environ.get("APUS_INSTANCE", "")
+HANDLER_SPEC = os.environ.get("APUS_HANDLER", "") or "main.handler"
+HOST = "127.0.0.1"
+
+# Returned by get_remaining_time_in_millis() when the request carries no deadline.
+NO_DEADLINE_REMAINING_MS = 2_147_483_647
+
+
+def _port_from_env():
+    raw = os.environ.get("APUS_PORT", "")
+    try:
+        port = int(raw)
+    except ValueError:
+        _fatal("APUS_PORT must be set to a TCP port number (got %r)" % raw, 2)
+    if not 0 < port < 65536:
+        _fatal("APUS_PORT out of range: %d" % port, 2)
+    return port
+
+
+def _load_handler(spec):
+    """Import ``module.function`` from the code directory; exit non-zero on failure."""
+    module_name, sep, func_name = spec.rpartition(".")
+    if not sep or not module_name or not func_name:
+        _fatal("APUS_HANDLER must look like 'module.function' (got %r)" % spec, 2)
+
+    code_dir = os.getcwd()
+    # Python put this file's directory at sys.path[0]; the function's code comes first instead.
+    here = os.path.dirname(os.path.abspath(__file__))
+    if sys.path and here != code_dir and os.path.abspath(sys.path[0] or ".") == here:
+        del sys.path[0]
+    sys.path.insert(0, code_dir)
+
+    import importlib
+
+    try:
+        module = importlib.import_module(module_name)
+    except BaseException as exc:  # SyntaxError, ImportError, anything raised at import time, sys.exit()
+        details = traceback.format_exc()
+        _log_err(
+            "apus-bootstrap: cannot import handler module %r (APUS_HANDLER=%r) from %s: %s: %s\n%s"
+            % (module_name, spec, code_dir, type(exc).__name__, exc, details)
+        )
+        sys.exit(1)
+
+    func = getattr(module, func_name, None)
+    if func is None:
+        _fatal(
+            "handler function %r not found in module %r (APUS_HANDLER=%r, file %s)"
+            % (func_name, module_name, spec, getattr(module, "__file__", "?"))
+        )
+    if not callable(func):
+        _fatal("APUS_HANDLER=%r refers to a %s, not a function" % (spec, type(func).__name__))
+    return func
+
+
+# --------------------------------------------------------------------------
+# Invocation context.
+# --------------------------------------------------------------------------
+
+
+class Context:
+    """Second argument of ``handler(event, context)``."""
+
+    __slots__ = ("function_name", "function_version", "instance_id", "request_id", "deadline_ms")
+
+    def __init__(self, request_id, deadline_ms):
+        self.function_name = FUNCTION_NAME
+        self.function_version = FUNCTION_VERSION
+        self.instance_id = INSTANCE_ID
+        self.request_id = request_id
+        # Unix epoch milliseconds, or None when the request carries no deadline.
+        self.deadline_ms = deadline_ms
+
+    def get_remaining_time_in_millis(self):
+        if self.deadline_ms is None:
+            return NO_DEADLINE_REMAINING_MS
+        return max(0, int(self.deadline_ms - time.time() * 1000))
+
+    def __repr__(self):
+        return "Context(function_name=%r, function_version=%r, instance_id=%r, request_id=%r)" % (
+            self.function_name,
+            self.function_version,
+            self.instance_id,
+            self.request_id,
+        )
+
+
+# --------------------------------------------------------------------------
+# Mapping handler results to HTTP responses.
+# --------------------------------------------------------------------------
+
+
+class InvalidResponse(Exception):
+    """The handler returned something that cannot be turned into an HTTP response."""
+
+
+def _json_bytes(value):
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def _has_header(headers, name):
+    name = name.lower()
+    return any(k.lower() == name for k, _ in headers)
+
+
+# Framing headers are always computed by the bootstrap.
+_RESERVED_HEADERS = {"content-length", "transfer-encoding", "connection", "keep-alive"}
+
+
+def _check_header_token(text, what):
+    if "\r" in text or "\n" in text or "\0" in text:
+        raise InvalidResponse("response %s contains a control character: %r" % (what, text))
+
+
+def _response_from_dict(result):
+    status = result.get("statusCode")
+    if isinstance(status, bool) or not isinstance(status, int) or not 100 <= status <= 599:
+        raise InvalidResponse("statusCode must be an integer between 100 and 599, got %r" % (status,))
+
+    headers = []
+    raw_headers = result.get("headers") or {}
+    if not isinstance(raw_headers, dict):
+        raise InvalidResponse("headers must be a dict, got %s" % type(raw_headers).__name__)
+    for name, value in raw_headers.items():
+        name = str(name)
+        _check_header_token(name, "header name")
+        if not name or name.lower() in _RESERVED_HEADERS:
+            continue
+        values = value if isinstance(value, (list, tuple)) else [value]
+        for v in values:
+            v = "" if v is None else str(v)
+            _check_header_token(v, "header value")
+            headers.append((name, v))
+
+    body = result.get("body")
+    is_b64 = bool(result.get("isBase64Encoded", False))
+    default_type = None
+    if body is None:
+        payload = b""
+    elif is_b64:
+        if isinstance(body, (bytes, bytearray)):
+            body = bytes(body).decode("ascii", "replace")
+        if not isinstance(body, str):
+            raise InvalidResponse("isBase64Encoded is true but body is %s" % type(body).__name__)
+        try:
+            payload = base64.b64decode(body, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise InvalidResponse("body is not valid base64: %s" % exc)
+        default_type = "application/octet-stream"
+    elif isinstance(body, str):
+        payload = body.encode("utf-8")
+        default_type = "text/plain; charset=utf-8"
+    elif isinstance(body, (bytes, bytearray, memoryview)):
+        payload = bytes(body)
+        default_type = "application/octet-stream"
+    else:
+        payload = _json_bytes(body)
+        default_type = "application/json"
+
+    if default_type and payload and not _has_header(headers, "content-type"):
+        headers.append(("Content-Type", default_type))
+    return status, headers, payload
+
+
+def _to_response(result):
+    """Return (status, [(name, value)], body bytes) for a handler's return value."""
+    if result is None:
+        return 204, [], b""
+    if isinstance(result, str):
+        return 200, [("Content-Type", "text/plain; charset=utf-8")], result.encode("utf-8")
+    if isinstance(result, (bytes, bytearray, memoryview)):
+        return 200, [("Content-Type", "application/octet-stream")], bytes(result)
+    if isinstance(result, dict) and "statusCode" in result:
+        return _response_from_dict(result)
+    # dict, list, numbers, booleans... -> JSON (TypeError if not serializable).
+    return 200, [("Content-Type", "application/json")], _json_bytes(result)
+
+
+def _error_body(code, message):
+    return _json_bytes({"error": {"code": code, "message": message}})
+
+
+# --------------------------------------------------------------------------
+# In-flight tracking for graceful shutdown.
+# --------------------------------------------------------------------------
+
+
+class _Drain:
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._in_flight = 0
+        self.draining = False
+
+    def enter(self):
+        with self._cond:
+            self._in_flight += 1
+
+    def leave(self):
+        with self._cond:
+            self._in_flight -= 1
+            if self._in_flight <= 0:
+                self._cond.notify_all()
+
+    def wait_idle(self):
+        with self._cond:
+            while self._in_flight > 0:
+                self._cond.wait()
+
+
+DRAIN = _Drain()
+
+
+# --------------------------------------------------------------------------
+# HTTP server.
+# --------------------------------------------------------------------------
+
+
+class _ClientGone(Exception):
+    """The peer closed the connection while we were reading the request."""
+
+
+class RequestHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "apus-python"
+    sys_version = ""
+    # Responses are written in one piece; no Nagle delay on keep-alive connections.
+    disable_nagle_algorithm = True
+
+    handler_func = None  # set in main()
+
+    # No access log: stdout/stderr belong to the user's function.
+    def log_message(self, format, *args):
+        pass
+
+    # ---- low-level response writing -------------------------------------
+
+    def _write_response(self, status, headers, body, close=False):
+        if close or DRAIN.draining:
+            self.close_connection = True
+        reason = self.responses.get(status, ("",))[0]
+        lines = ["%s %d %s" % (self.protocol_version, status, reason)]
+        lines.append("Date: " + self.date_time_string())
+        lines.append("Server: " + self.server_version)
+        for name, value in headers:
+            lines.append("%s: %s" % (name, value))
+        bodyless_status = status < 200 or status in (204, 304)
+        if not bodyless_status:
+            # RFC 9110 forbids Content-Length on 1xx/204; 304 has no body either.
+            lines.append("Content-Length: %d" % len(body))
+        if self.close_connection:
+            lines.append("Connection: close")
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "replace")
+        if self.command == "HEAD" or bodyless_status:
+            body = b""
+        self.wfile.write(head + body)
+
+    def send_error(self, code, message=None, explain=None):
+        # Used by BaseHTTPRequestHandler for malformed requests / unknown methods.
+        code = int(code)
+        if code == 501 or code == 405:
+            err = "method_not_allowed"
+        elif 400 <= code < 500:
+            err = "bad_request"
+        else:
+            err = "internal"
+        if message is None:
+            message = self.responses.get(code, ("error",))[0]
+        body = _error_body(err, message)
+        try:
+            self._write_response(
+                code, [("Content-Type", "application/json")], body, close=True
+            )
+        except OSError:
+            self.close_connection = True
+
+    # ---- request reading ---------------------------------------------------
+
+    def _read_exact(self, n):
+        data = self.rfile.read(n)
+        if len(data) != n:
+            raise _ClientGone()
+        return data
+
+    def _read_body(self):
+        te = (self.headers.get("Transfer-Encoding") or "").lower()
+        if te:
+            if te.replace(" ", "").split(",")[-1] != "chunked":
+                raise ValueError("unsupported Transfer-Encoding: %s" % te)
+            return self._read_chunked()
+        length = self.headers.get("Content-Length")
+        if length is None:
+            return b""
+        try:
+            n = int(length.strip())
+        except ValueError:
+            raise ValueError("invalid Content-Length: %r" % length)
+        if n < 0:
+            raise ValueError("invalid Content-Length: %r" % length)
+        return self._read_exact(n) if n else b""
+
+    def _read_chunked(self):
+        parts = []
+        while True:
+            line = self.rfile.readline(65537)
+            if not line:
+                raise _ClientGone()
+            size_text = line.split(b";", 1)[0].strip()
+            try:
+                size = int(size_text, 16)
+            except ValueError:
+                raise ValueError("invalid chunk size: %r" % size_text)
+            if size < 0:
+                raise ValueError("invalid chunk size: %r" % size_text)
+            if size == 0:
+                # Trailer section, terminated by an empty line.
+                while True:
+                    trailer = self.rfile.readline(65537)
+                    if not trailer:
+                        raise _ClientGone()
+                    if trailer in (b"\r\n", b"\n"):
+                        return b"".join(parts)
+            parts.append(self._read_exact(size))
+            if self.rfile.readline(3) not in (b"\r\n", b"\n"):
+                raise ValueError("malformed chunk terminator")
+
+    # ---- dispatch ----------------------------------------------------------
+
+    def _dispatch(self):
+        DRAIN.enter()
+        try:
+            self._handle_request()
+        finally:
+            DRAIN.leave()
+
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = _dispatch
+
+    def _handle_request(self):
+        target = self.path
+        if "://" in target.split("?", 1)[0]:
+            # absolute-form request target
+            parts = urlsplit(target)
+            path, raw_query = parts.path or "/", parts.query
+        else:
+            path, _, raw_query = target.partition("?")
+            path = path.split("#", 1)[0]
+            raw_query = raw_query.split("#", 1)[0]
+        path = path or "/"
+
+        try:
+            body = self._read_body()
+        except _ClientGone:
+            self.close_connection = True
+            return
+        except ValueError as exc:
+            self.send_error(400, str(exc))
+            return
+
+        if (
+            self.command == "GET"
+            and path == "/healthz"
+            and (self.headers.get("X-Apus-Probe") or "").strip() == "1"
+        ):
+            self._write_response(200, [("Content-Type", "text/plain; charset=utf-8")], b"ok\n")
+            return
+
+        headers = {}
+        for name, value in self.headers.items():
+            key = name.lower()
+            headers[key] = value if key not in headers else headers[key] + ", " + value
+
+        query = {}
+        for key, value in parse_qsl(raw_query, keep_blank_values=True):
+            query[key] = value  # last value wins
+
+        try:
+            body_text = body.decode("utf-8")
+            is_b64 = False
+        except UnicodeDecodeError:
+            body_text = base64.b64encode(body).decode("ascii")
+            is_b64 = True
+
+        event = {
+            "method": self.command,
+            "path": path,
+            "query": query,
+            "rawQuery": raw_query,
+            "headers": headers,
+            "body": body_text,
+            "isBase64Encoded": is_b64,
+        }
+
+        request_id = (self.headers.get("X-Apus-Request-Id") or "").strip() or uuid.uuid4().hex
+        deadline_ms = None
+        raw_deadline = self.headers.get("X-Apus-Deadline-Ms")
+        if raw_deadline:
+            try:
+                deadline_ms = float(raw_deadline.strip())
+            except ValueError:
+                deadline_ms = None
+        context = Context(request_id, deadline_ms)
+
+        try:
+            result = type(self).handler_func(event, context)
+            if hasattr(result, "__await__"):
+                import asyncio
+
+                result = asyncio.run(_await(result))
+            status, resp_headers, payload = _to_response(result)
+        except BaseException as exc:  # includes sys.exit() inside the handler
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            message = "%s: %s" % (type(exc).__name__, exc)
+            tb = traceback.format_exc().rstrip("\n").split("\n")
+            _log_err(
+                "apus: request %s: handler raised %s\n" % (request_id, message)
+                + "\n".join("[%s] %s" % (request_id, line) for line in tb)
+            )
+            status, resp_headers, payload = (
+                500,
+                [("Content-Type", "application/json")],
+                _error_body("function_error", message),
+            )
+
+        self._write_response(status, resp_headers, payload)
+
+
+async def _await(awaitable):
+    return await awaitable
+
+
+class Server(http.server.ThreadingHTTPServer):
+    allow_reuse_address = True
+    daemon_threads = True
+    request_queue_size = 128
+
+    def handle_error(self, request, client_address):
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (ConnectionError, TimeoutError, socket.timeout)):
+            return
+        _log_err("apus-bootstrap: connection error: " + traceback.format_exc())
+
+
+# --------------------------------------------------------------------------
+# Main.
+# --------------------------------------------------------------------------
+
+
+def main():
+    port = _port_from_env()
+    handler_func = _load_handler(HANDLER_SPEC)
+    RequestHandler.handler_func = handler_func
+
+    try:
+        server = Server((HOST, port), RequestHandler)
+    except OSError as exc:
+        _fatal("cannot listen on %s:%d: %s" % (HOST, port, exc))
+
+    def on_signal(signum, frame):
+        if DRAIN.draining:
+            return
+        DRAIN.draining = True
+        # shutdown() blocks until serve_forever() returns, so it cannot run on the main thread.
+        threading.Thread(target=server.shutdown, name="apus-shutdown", daemon=True).start()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    try:
+        server.serve_forever(poll_interval=0.2)
+    finally:
+        server.server_close()  # stop accepting: new connections are refused from here on
+    DRAIN.wait_idle()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    # Idle keep-alive connection threads are daemons; leave without waiting for them.
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
+/// One readiness check: the instance accepts a TCP connection on loopback and answers `GET /healthz`
+/// (sent with `X-Apus-Probe: 1`) with a status below 500. Blocking; run it off the async pool.
+enum ReadinessProbe {
+    enum Outcome: Equatable {
+        case ready
+        case notListening
+        case unhealthy(String)
+    }
+
+    static func check(port: Int, timeoutMilliseconds: Int = 1000) -> Outcome {
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        guard fd >= 0 else { return .notListening }
+        defer { close(fd) }
+        var timeout = timeval(tv_sec: timeoutMilliseconds / 1000, tv_usec: (timeoutMilliseconds % 1000) * 1000)
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+        setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+        var address = sockaddr_in()
+        address.sin_family = sa_family_t(AF_INET)
+        address.sin_port = UInt16(port).bigEndian
+        address.sin_addr.s_addr = inet_addr("127.0.0.1")
+        let connected = withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+        }
+        guard connected == 0 else { return .notListening }
+        let request = "GET /healthz HTTP/1.1\r\nHost: 127.0.0.1:\(port)\r\nX-Apus-Probe: 1\r\nConnection: close\r\n\r\n"
+        let sent = request.withCString { send(fd, $0, strlen($0), Int32(MSG_NOSIGNAL)) }
+        guard sent > 0 else { return .unhealthy("probe could not be sent") }
+        var received: [UInt8] = []
+        var buffer = [UInt8](repeating: 0, count: 1024)
+        while received.count < 4096, !received.contains(UInt8(ascii: "\n")) {
+            let n = recv(fd, &buffer, buffer.count, 0)
+            if n <= 0 { break }
+            received += buffer[0..<n]
+        }
+        guard let lineEnd = received.firstIndex(of: UInt8(ascii: "\n")) else {
+            return .unhealthy(received.isEmpty ? "no answer to GET /healthz" : "unparseable answer to GET /healthz")
+        }
+        let statusLine = String(decoding: received[..<lineEnd], as: UTF8.self)
+        let parts = statusLine.split(separator: " ")
+        guard parts.count >= 2, parts[0].hasPrefix("HTTP/"), let status = Int(parts[1]) else {
+            return .unhealthy("unparseable status line \(statusLine.prefix(80))")
+        }
+        return status < 500 ? .ready : .unhealthy("GET /healthz answered \(status)")
+    }
+}

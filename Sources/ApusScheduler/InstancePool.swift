@@ -1,0 +1,215 @@
+import ApusCore
+import ApusRuntime
+import Foundation
+import Logging
+import Synchronization
+
+/// One function version's instances and waiting requests. Wraps `InstancePoolStateMachine` and carries out its
+/// actions: launching and stopping instances, resuming requests with a slot or an error.
+public final class InstancePool: Sendable {
+    /// A slot on one instance, held for one request. Give it back with `release(_:)`.
+    public struct Lease: Sendable {
+        public let instanceID: String
+        public let port: Int
+    }
+
+    public struct InstanceInfo: Sendable, Codable {
+        public var id: String
+        public var version: Int
+        public var state: String
+        public var port: Int?
+        public var pid: Int32?
+        public var inFlight: Int
+        public var ageSeconds: Double
+    }
+
+    private struct State {
+        var machine: InstancePoolStateMachine
+        var waiting: [String: CheckedContinuation<Result<Lease, ApusError>, Never>] = [:]
+        var timers: [String: Task<Void, Never>] = [:]
+        var handles: [String: any InstanceHandle] = [:]
+        var launching = 0
+        var stopping = 0
+    }
+
+    public let version: FunctionVersion
+    private let state: Mutex<State>
+    private let launcher: any InstanceLauncher
+    private let codeDirectory: @Sendable (FunctionVersion) throws(ApusError) -> URL
+    private let stopGrace: Duration
+    private let logger: Logger
+
+    init(
+        version: FunctionVersion, configuration: InstancePoolStateMachine.Configuration,
+        launcher: any InstanceLauncher, codeDirectory: @escaping @Sendable (FunctionVersion) throws(ApusError) -> URL,
+        stopGrace: Duration, logger: Logger
+    ) {
+        self.version = version
+        self.state = Mutex(State(machine: InstancePoolStateMachine(configuration: configuration)))
+        self.launcher = launcher
+        self.codeDirectory = codeDirectory
+        self.stopGrace = stopGrace
+        var logger = logger
+        logger[metadataKey: "function"] = "\(version.function)"
+        logger[metadataKey: "version"] = "\(version.number)"
+        self.logger = logger
+    }
+
+    private var now: ContinuousClock.Instant { .now }
+
+    /// Waits for a slot on a ready instance (starting one if needed) until `deadline`.
+    public func acquire(requestID: String, deadline: ContinuousClock.Instant) async throws(ApusError) -> Lease {
+        let result = await withTaskCancellationHandler {
+            await withCheckedContinuation { (continuation: CheckedContinuation<Result<Lease, ApusError>, Never>) in
+                let actions = state.withLock { state in
+                    state.waiting[requestID] = continuation
+                    return state.machine.request(requestID, deadline: deadline, now: now)
+                }
+                let queued = !actions.contains { action in
+                    switch action {
+                    case .dispatch(let id, _), .fail(let id, _): return id == requestID
+                    default: return false
+                    }
+                }
+                if queued {
+                    let timer = Task { [weak self] in
+                        try? await Task.sleep(until: deadline, clock: .continuous)
+                        guard !Task.isCancelled, let self else { return }
+                        self.perform(self.state.withLock { $0.machine.requestExpired(requestID, now: self.now) })
+                    }
+                    state.withLock { $0.timers[requestID] = timer }
+                }
+                perform(actions)
+            }
+        } onCancel: {
+            let (continuation, timer) = state.withLock { state in
+                state.machine.requestCancelled(requestID)
+                return (state.waiting.removeValue(forKey: requestID), state.timers.removeValue(forKey: requestID))
+            }
+            timer?.cancel()
+            continuation?.resume(returning: .failure(ApusError(.unavailable, "request cancelled by the caller")))
+        }
+        return try result.get()
+    }
+
+    public func release(_ lease: Lease) {
+        perform(state.withLock { $0.machine.release(instanceID: lease.instanceID, now: now) })
+    }
+
+    func tick() {
+        perform(state.withLock { $0.machine.tick(now: now) })
+    }
+
+    func reconfigure(_ configuration: InstancePoolStateMachine.Configuration) {
+        perform(state.withLock { state in
+            state.machine.configuration == configuration ? [] : state.machine.reconfigure(configuration, now: now)
+        })
+    }
+
+    func ensureMinimum() {
+        perform(state.withLock { $0.machine.ensureMinimum(now: now) })
+    }
+
+    var configuration: InstancePoolStateMachine.Configuration {
+        state.withLock { $0.machine.configuration }
+    }
+
+    /// Refuses new work, stops every instance and returns once all are gone.
+    func close(reason: ApusError) async {
+        perform(state.withLock { $0.machine.close(reason: reason) })
+        while state.withLock({ $0.launching > 0 || $0.stopping > 0 || !$0.machine.instances.isEmpty }) {
+            try? await Task.sleep(for: .milliseconds(20))
+        }
+    }
+
+    public func instances() -> [InstanceInfo] {
+        state.withLock { state in
+            let now = self.now
+            return state.machine.instances.values.sorted { $0.startedAt < $1.startedAt }.map { instance in
+                let handle = state.handles[instance.id]
+                return InstanceInfo(
+                    id: instance.id, version: version.number, state: instance.state.rawValue,
+                    port: handle?.port, pid: handle?.pid, inFlight: instance.inFlight,
+                    ageSeconds: (now - instance.startedAt).seconds)
+            }
+        }
+    }
+
+    public var queueDepth: Int { state.withLock { $0.machine.queueDepth } }
+
+    // MARK: carrying out actions
+
+    private func perform(_ actions: [InstancePoolStateMachine.Action]) {
+        for action in actions {
+            switch action {
+            case .dispatch(let requestID, let instanceID):
+                let (continuation, timer, port) = state.withLock { state in
+                    (state.waiting.removeValue(forKey: requestID), state.timers.removeValue(forKey: requestID), state.handles[instanceID]?.port)
+                }
+                timer?.cancel()
+                guard let continuation, let port else {
+                    // The caller left meanwhile (or the instance vanished): hand the slot back.
+                    perform(state.withLock { $0.machine.release(instanceID: instanceID, now: now) })
+                    continuation?.resume(returning: .failure(ApusError(.instanceError, "instance \(instanceID) is gone")))
+                    continue
+                }
+                continuation.resume(returning: .success(Lease(instanceID: instanceID, port: port)))
+
+            case .fail(let requestID, let error):
+                let (continuation, timer) = state.withLock { state in
+                    (state.waiting.removeValue(forKey: requestID), state.timers.removeValue(forKey: requestID))
+                }
+                timer?.cancel()
+                continuation?.resume(returning: .failure(error))
+
+            case .startInstance(let instanceID):
+                start(instanceID)
+
+            case .stopInstance(let instanceID):
+                let handle = state.withLock { state -> (any InstanceHandle)? in
+                    guard let handle = state.handles.removeValue(forKey: instanceID) else { return nil }
+                    state.stopping += 1
+                    return handle
+                }
+                guard let handle else { continue }
+                let grace = stopGrace
+                Task {
+                    await handle.stop(grace: grace)
+                    self.state.withLock { $0.stopping -= 1 }
+                }
+                logger.info("instance stopping", metadata: ["instance": "\(instanceID)"])
+            }
+        }
+    }
+
+    private func start(_ instanceID: String) {
+        state.withLock { $0.launching += 1 }
+        logger.info("instance starting", metadata: ["instance": "\(instanceID)"])
+        Task {
+            let actions: [InstancePoolStateMachine.Action]
+            do throws(ApusError) {
+                let directory = try codeDirectory(version)
+                let spec = InstanceSpec(instanceID: instanceID, version: version, codeDirectory: directory)
+                let handle = try await launcher.launch(spec) { [weak self] exit in
+                    guard let self else { return }
+                    let actions = self.state.withLock { state in
+                        state.handles[instanceID] = nil
+                        return state.machine.instanceExited(instanceID, now: self.now)
+                    }
+                    self.perform(actions)
+                }
+                actions = state.withLock { state in
+                    state.launching -= 1
+                    state.handles[instanceID] = handle
+                    return state.machine.instanceReady(instanceID, now: now)
+                }
+            } catch {
+                actions = state.withLock { state in
+                    state.launching -= 1
+                    return state.machine.instanceFailedToStart(instanceID, error: error, now: now)
+                }
+            }
+            perform(actions)
+        }
+    }
+}

@@ -1,0 +1,255 @@
+import ApusCore
+
+/// Decides, for one function version, which instance serves which request, when instances start and stop,
+/// and when a request is refused. Pure: no I/O, no clock of its own; every input carries `now`.
+public struct InstancePoolStateMachine: Sendable {
+    public typealias Instant = ContinuousClock.Instant
+
+    public struct Configuration: Sendable, Equatable {
+        /// Requests one instance serves at once.
+        public var concurrency: Int
+        public var minInstances: Int
+        public var maxInstances: Int
+        /// Requests that may wait for a slot; more are refused as overloaded.
+        public var queueLength: Int
+        /// A ready instance above `minInstances` idle this long is stopped.
+        public var idleTimeout: Duration
+
+        public init(concurrency: Int, minInstances: Int, maxInstances: Int, queueLength: Int, idleTimeout: Duration) {
+            self.concurrency = concurrency
+            self.minInstances = minInstances
+            self.maxInstances = maxInstances
+            self.queueLength = queueLength
+            self.idleTimeout = idleTimeout
+        }
+    }
+
+    public enum InstanceState: String, Sendable {
+        case starting
+        case ready
+        /// Takes no new work; stopped once its in-flight requests finish.
+        case draining
+    }
+
+    public struct Instance: Sendable {
+        public var id: String
+        public var state: InstanceState
+        public var inFlight: Int
+        public var lastActive: Instant
+        public var startedAt: Instant
+    }
+
+    public enum Action: Sendable, Equatable {
+        /// Hand the waiting request a slot on this instance.
+        case dispatch(requestID: String, instanceID: String)
+        /// Fail the waiting request.
+        case fail(requestID: String, ApusError)
+        /// Launch a new instance with this id; report `instanceReady` or `instanceFailedToStart`.
+        case startInstance(instanceID: String)
+        /// Stop this instance (SIGTERM, then SIGKILL); it is already forgotten by the machine.
+        case stopInstance(instanceID: String)
+    }
+
+    private struct Waiter {
+        var requestID: String
+        var deadline: Instant
+    }
+
+    public private(set) var configuration: Configuration
+    public private(set) var instances: [String: Instance] = [:]
+    private var waiters: [Waiter] = []
+    /// Once closed (version retired or shutting down) nothing new is started or admitted.
+    public private(set) var isClosed = false
+    private let makeInstanceID: @Sendable () -> String
+
+    public init(configuration: Configuration, makeInstanceID: @escaping @Sendable () -> String = { Identifier.make(prefix: "i-", length: 8) }) {
+        self.configuration = configuration
+        self.makeInstanceID = makeInstanceID
+    }
+
+    public var queueDepth: Int { waiters.count }
+    public var inFlight: Int { instances.values.reduce(0) { $0 + $1.inFlight } }
+
+    // MARK: inputs
+
+    /// A request wants a slot.
+    public mutating func request(_ requestID: String, deadline: Instant, now: Instant) -> [Action] {
+        if isClosed {
+            return [.fail(requestID: requestID, ApusError(.unavailable, "this version is no longer served"))]
+        }
+        if deadline <= now {
+            return [.fail(requestID: requestID, ApusError(.deadlineExceeded, "deadline passed before the request was queued"))]
+        }
+        if waiters.isEmpty, let instanceID = leastLoadedReadyInstance() {
+            instances[instanceID]!.inFlight += 1
+            instances[instanceID]!.lastActive = now
+            return [.dispatch(requestID: requestID, instanceID: instanceID)]
+        }
+        guard waiters.count < configuration.queueLength else {
+            return [.fail(requestID: requestID, ApusError(.overloaded, "queue full (\(configuration.queueLength) waiting); retry later"))]
+        }
+        waiters.append(Waiter(requestID: requestID, deadline: deadline))
+        return scaleUpForQueue(now: now)
+    }
+
+    /// A dispatched request finished with its slot.
+    public mutating func release(instanceID: String, now: Instant) -> [Action] {
+        guard var instance = instances[instanceID] else { return [] }
+        instance.inFlight = max(0, instance.inFlight - 1)
+        instance.lastActive = now
+        instances[instanceID] = instance
+        if instance.state == .draining {
+            if instance.inFlight == 0 {
+                instances[instanceID] = nil
+                return [.stopInstance(instanceID: instanceID)]
+            }
+            return []
+        }
+        return dispatchWaiters(now: now)
+    }
+
+    public mutating func instanceReady(_ instanceID: String, now: Instant) -> [Action] {
+        guard var instance = instances[instanceID] else {
+            // Forgotten while starting (closed or scaled down): stop it.
+            return [.stopInstance(instanceID: instanceID)]
+        }
+        guard instance.state == .starting else { return [] }
+        instance.state = .ready
+        instance.lastActive = now
+        instances[instanceID] = instance
+        return dispatchWaiters(now: now)
+    }
+
+    public mutating func instanceFailedToStart(_ instanceID: String, error: ApusError, now: Instant) -> [Action] {
+        guard instances.removeValue(forKey: instanceID) != nil else { return [] }
+        // Without any other instance on the way, waiting requests would wait in vain: fail them now.
+        if !instances.values.contains(where: { $0.state != .draining }) {
+            let failed = waiters.map { Action.fail(requestID: $0.requestID, error) }
+            waiters.removeAll()
+            return failed
+        }
+        return scaleUpForQueue(now: now)
+    }
+
+    /// The instance's process ended without being asked to (crash, exit). Its in-flight requests fail on their own
+    /// connections; it is replaced when there is demand or `minInstances` requires it.
+    public mutating func instanceExited(_ instanceID: String, now: Instant) -> [Action] {
+        guard instances.removeValue(forKey: instanceID) != nil else { return [] }
+        guard !isClosed else { return [] }
+        return scaleUpForQueue(now: now) + ensureMinimum(now: now)
+    }
+
+    /// A queued request's deadline passed.
+    public mutating func requestExpired(_ requestID: String, now: Instant) -> [Action] {
+        guard let index = waiters.firstIndex(where: { $0.requestID == requestID }) else { return [] }
+        waiters.remove(at: index)
+        return [.fail(requestID: requestID, ApusError(.deadlineExceeded, "no instance slot before the deadline"))]
+    }
+
+    /// The caller went away while queued.
+    public mutating func requestCancelled(_ requestID: String) {
+        waiters.removeAll { $0.requestID == requestID }
+    }
+
+    /// Periodic housekeeping: expire overdue waiters, stop idle instances above the minimum, keep the minimum.
+    public mutating func tick(now: Instant) -> [Action] {
+        var actions: [Action] = []
+        let overdue = waiters.filter { $0.deadline <= now }
+        if !overdue.isEmpty {
+            waiters.removeAll { $0.deadline <= now }
+            actions += overdue.map { .fail(requestID: $0.requestID, ApusError(.deadlineExceeded, "no instance slot before the deadline")) }
+        }
+        guard !isClosed else { return actions }
+        var serving = instances.values.filter { $0.state != .draining }.count
+        let idle = instances.values
+            .filter { $0.state == .ready && $0.inFlight == 0 && now - $0.lastActive >= configuration.idleTimeout }
+            .sorted { $0.lastActive < $1.lastActive }
+        for instance in idle where serving > configuration.minInstances && waiters.isEmpty {
+            instances[instance.id] = nil
+            serving -= 1
+            actions.append(.stopInstance(instanceID: instance.id))
+        }
+        return actions + ensureMinimum(now: now)
+    }
+
+    /// New limits (a redeploy of the same version cannot happen; this is for `scale`/queue changes at runtime).
+    public mutating func reconfigure(_ configuration: Configuration, now: Instant) -> [Action] {
+        self.configuration = configuration
+        return ensureMinimum(now: now) + dispatchWaiters(now: now)
+    }
+
+    /// Makes sure `minInstances` instances exist (called when the version starts receiving traffic).
+    public mutating func ensureMinimum(now: Instant) -> [Action] {
+        guard !isClosed else { return [] }
+        var actions: [Action] = []
+        var serving = instances.values.filter { $0.state != .draining }.count
+        while serving < configuration.minInstances {
+            actions.append(startInstance(now: now))
+            serving += 1
+        }
+        return actions
+    }
+
+    /// Retires the pool: waiting requests fail, idle instances stop now, busy ones when their requests finish.
+    public mutating func close(reason: ApusError) -> [Action] {
+        isClosed = true
+        var actions = waiters.map { Action.fail(requestID: $0.requestID, reason) }
+        waiters.removeAll()
+        for (id, instance) in instances {
+            if instance.inFlight == 0 || instance.state == .starting {
+                instances[id] = nil
+                actions.append(.stopInstance(instanceID: id))
+            } else {
+                instances[id]!.state = .draining
+            }
+        }
+        return actions
+    }
+
+    // MARK: internals
+
+    private func leastLoadedReadyInstance() -> String? {
+        var best: Instance?
+        for instance in instances.values where instance.state == .ready && instance.inFlight < configuration.concurrency {
+            if best == nil || instance.inFlight < best!.inFlight || (instance.inFlight == best!.inFlight && instance.id < best!.id) {
+                best = instance
+            }
+        }
+        return best?.id
+    }
+
+    private mutating func dispatchWaiters(now: Instant) -> [Action] {
+        var actions: [Action] = []
+        while !waiters.isEmpty, let instanceID = leastLoadedReadyInstance() {
+            let waiter = waiters.removeFirst()
+            if waiter.deadline <= now {
+                actions.append(.fail(requestID: waiter.requestID, ApusError(.deadlineExceeded, "no instance slot before the deadline")))
+                continue
+            }
+            instances[instanceID]!.inFlight += 1
+            instances[instanceID]!.lastActive = now
+            actions.append(.dispatch(requestID: waiter.requestID, instanceID: instanceID))
+        }
+        return actions
+    }
+
+    /// Starts instances while the queue exceeds what starting instances will absorb, up to `maxInstances`.
+    private mutating func scaleUpForQueue(now: Instant) -> [Action] {
+        guard !isClosed else { return [] }
+        var actions: [Action] = []
+        var serving = instances.values.filter { $0.state != .draining }.count
+        var startingCapacity = instances.values.filter { $0.state == .starting }.count * configuration.concurrency
+        while waiters.count > startingCapacity, serving < configuration.maxInstances {
+            actions.append(startInstance(now: now))
+            serving += 1
+            startingCapacity += configuration.concurrency
+        }
+        return actions
+    }
+
+    private mutating func startInstance(now: Instant) -> Action {
+        let id = makeInstanceID()
+        instances[id] = Instance(id: id, state: .starting, inFlight: 0, lastActive: now, startedAt: now)
+        return .startInstance(instanceID: id)
+    }
+}

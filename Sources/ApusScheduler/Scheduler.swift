@@ -1,0 +1,127 @@
+import ApusCore
+import ApusRuntime
+import Foundation
+import Logging
+import ServiceLifecycle
+import Synchronization
+
+/// Owns every function version's `InstancePool`. A swift-service-lifecycle `Service`: its `run()` drives the pools'
+/// housekeeping and, on graceful shutdown, stops every instance (after the gateway in front has drained).
+public final class Scheduler: Service {
+    public struct Configuration: Sendable {
+        public var queueLength: Int
+        public var idleTimeout: Duration
+        public var stopGrace: Duration
+        public var tickInterval: Duration
+
+        public init(queueLength: Int = 1000, idleTimeout: Duration = .seconds(60), stopGrace: Duration = .seconds(5), tickInterval: Duration = .milliseconds(250)) {
+            self.queueLength = queueLength
+            self.idleTimeout = idleTimeout
+            self.stopGrace = stopGrace
+            self.tickInterval = tickInterval
+        }
+    }
+
+    private struct PoolKey: Hashable {
+        var function: String
+        var version: Int
+    }
+
+    public let configuration: Configuration
+    public let catalog: FunctionCatalog
+    private let launcher: any InstanceLauncher
+    private let codeDirectory: @Sendable (FunctionVersion) throws(ApusError) -> URL
+    private let pools = Mutex<[PoolKey: InstancePool]>([:])
+    private let logger: Logger
+
+    public init(
+        configuration: Configuration, catalog: FunctionCatalog, launcher: any InstanceLauncher,
+        codeDirectory: @escaping @Sendable (FunctionVersion) throws(ApusError) -> URL, logger: Logger
+    ) {
+        self.configuration = configuration
+        self.catalog = catalog
+        self.launcher = launcher
+        self.codeDirectory = codeDirectory
+        self.logger = logger
+    }
+
+    private func poolConfiguration(_ version: FunctionVersion, active: Bool) -> InstancePoolStateMachine.Configuration {
+        let manifest = version.manifest
+        return .init(
+            concurrency: manifest.concurrency,
+            minInstances: active ? manifest.scale.min : 0,
+            maxInstances: manifest.scale.max,
+            queueLength: configuration.queueLength,
+            idleTimeout: configuration.idleTimeout)
+    }
+
+    private func isActive(_ version: FunctionVersion) -> Bool {
+        catalog.entry(version.function)?.record.release.activeVersions.contains(version.number) ?? false
+    }
+
+    /// The pool serving `version`, created on first use.
+    public func pool(for version: FunctionVersion) -> InstancePool {
+        let key = PoolKey(function: version.function, version: version.number)
+        return pools.withLock { pools in
+            if let pool = pools[key] { return pool }
+            let pool = InstancePool(
+                version: version, configuration: poolConfiguration(version, active: isActive(version)),
+                launcher: launcher, codeDirectory: codeDirectory, stopGrace: configuration.stopGrace, logger: logger)
+            pools[key] = pool
+            return pool
+        }
+    }
+
+    /// Brings pools in line with the catalog after a deploy or release: released versions keep `scale.min` warm,
+    /// versions out of the release drop to zero as they go idle.
+    public func reconcile(function: String) {
+        guard let entry = catalog.entry(function) else { return }
+        let active = Set(entry.record.release.activeVersions)
+        for number in active {
+            if let version = entry.versions[number] { pool(for: version).ensureMinimum() }
+        }
+        let existing = pools.withLock { $0.filter { $0.key.function == function }.map(\.value) }
+        for pool in existing {
+            pool.reconfigure(poolConfiguration(pool.version, active: active.contains(pool.version.number)))
+        }
+    }
+
+    /// Stops and forgets every instance of a deleted function.
+    public func remove(function: String) async {
+        let removed = pools.withLock { pools in
+            let keys = pools.keys.filter { $0.function == function }
+            return keys.compactMap { pools.removeValue(forKey: $0) }
+        }
+        for pool in removed {
+            await pool.close(reason: ApusError(.notFound, "function \(function) was deleted"))
+        }
+    }
+
+    public func instances(of function: String) -> [InstancePool.InstanceInfo] {
+        let matching = pools.withLock { $0.filter { $0.key.function == function }.sorted { $0.key.version < $1.key.version }.map(\.value) }
+        return matching.flatMap { $0.instances() }
+    }
+
+    public func queueDepth(of function: String) -> Int {
+        pools.withLock { $0.filter { $0.key.function == function }.map(\.value) }.reduce(0) { $0 + $1.queueDepth }
+    }
+
+    public func run() async throws {
+        for function in catalog.functionNames { reconcile(function: function) }
+        await cancelWhenGracefulShutdown {
+            while !Task.isCancelled {
+                let all = self.pools.withLock { Array($0.values) }
+                for pool in all { pool.tick() }
+                try? await Task.sleep(for: self.configuration.tickInterval)
+            }
+        }
+        logger.info("stopping all instances")
+        let all = pools.withLock { Array($0.values) }
+        await withTaskGroup(of: Void.self) { group in
+            for pool in all {
+                group.addTask { await pool.close(reason: ApusError(.unavailable, "the platform is shutting down")) }
+            }
+        }
+        logger.info("all instances stopped")
+    }
+}

@@ -1,0 +1,73 @@
+import ApusCore
+import Crypto
+import Foundation
+import Synchronization
+
+/// Content-addressed code: archives under `blobs/sha256/<hex>.tar.gz`, each unpacked once under `unpacked/<hex>/`.
+public final class CodeStore: Sendable {
+    public let root: URL
+    private let unpackLock = Mutex(())
+
+    public init(root: URL) throws(ApusError) {
+        self.root = root
+        do {
+            try FileManager.default.createDirectory(at: root.appendingPathComponent("blobs/sha256"), withIntermediateDirectories: true)
+            try FileManager.default.createDirectory(at: root.appendingPathComponent("unpacked"), withIntermediateDirectories: true)
+        } catch {
+            throw ApusError(.internal, "cannot create code store at \(root.path): \(error)")
+        }
+    }
+
+    public static func digest(of data: Data) -> String {
+        let hash = SHA256.hash(data: data)
+        return "sha256:" + hash.map { String(format: "%02x", $0) }.joined()
+    }
+
+    private func hex(_ digest: String) throws(ApusError) -> String {
+        let hex = digest.hasPrefix("sha256:") ? String(digest.dropFirst(7)) : ""
+        guard hex.count == 64, hex.allSatisfy(\.isHexDigit) else {
+            throw ApusError(.badRequest, "bad code digest \(digest)")
+        }
+        return hex
+    }
+
+    public func blobURL(_ digest: String) throws(ApusError) -> URL {
+        root.appendingPathComponent("blobs/sha256/\(try hex(digest)).tar.gz")
+    }
+
+    /// Stores an archive and returns its digest. Storing the same bytes twice is a no-op.
+    @discardableResult
+    public func put(_ archive: Data) throws(ApusError) -> String {
+        let digest = Self.digest(of: archive)
+        let url = try blobURL(digest)
+        if FileManager.default.fileExists(atPath: url.path) { return digest }
+        let temp = url.deletingLastPathComponent().appendingPathComponent(".\(Identifier.make()).tmp")
+        do {
+            try archive.write(to: temp)
+            try FileManager.default.moveItem(at: temp, to: url)
+        } catch {
+            try? FileManager.default.removeItem(at: temp)
+            if FileManager.default.fileExists(atPath: url.path) { return digest }
+            throw ApusError(.internal, "cannot store code \(digest): \(error)")
+        }
+        return digest
+    }
+
+    /// The directory holding the unpacked code of `digest`, unpacking it first if needed.
+    public func unpacked(_ digest: String) throws(ApusError) -> URL {
+        let hex = try hex(digest)
+        let target = root.appendingPathComponent("unpacked/\(hex)")
+        return try unpackLock.withLock { _ throws(ApusError) -> URL in
+            if FileManager.default.fileExists(atPath: target.path) { return target }
+            let temp = root.appendingPathComponent("unpacked/.\(hex).\(Identifier.make(length: 6))")
+            try CodeArchive.unpack(try blobURL(digest), into: temp)
+            do {
+                try FileManager.default.moveItem(at: temp, to: target)
+            } catch {
+                try? FileManager.default.removeItem(at: temp)
+                throw ApusError(.internal, "cannot place unpacked code \(digest): \(error)")
+            }
+            return target
+        }
+    }
+}

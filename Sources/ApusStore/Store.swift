@@ -1,0 +1,24 @@
+import ApusCore
+import Foundation
+
+/// Functions, their immutable versions and their releases. Implementations must make each call atomic.
+public protocol Store: Sendable {
+    /// Records a new version of `manifest.name` (creating the function on first deploy). When `release` is true
+    /// the new version takes 100% of traffic; otherwise the release stays as it is (the first version is always released).
+    func createVersion(manifest: FunctionManifest, codeDigest: String, release: Bool, now: Date) throws(ApusError) -> (FunctionVersion, Release)
+    func functions() throws(ApusError) -> [FunctionRecord]
+    func function(named name: String) throws(ApusError) -> FunctionRecord?
+    func versions(of name: String) throws(ApusError) -> [FunctionVersion]
+    func version(_ number: Int, of name: String) throws(ApusError) -> FunctionVersion?
+    func setRelease(of name: String, weights: [Release.Weight], now: Date) throws(ApusError) -> Release
+    func deleteFunction(named name: String) throws(ApusError)
+}
+
+extension Store {
+    func requireFunction(_ name: String) throws(ApusError) -> FunctionRecord {
+        guard let record = try function(named: name) else {
+            throw ApusError(.notFound, "function \(name) does not exist")
+        }
+        return record
+    }
+}

@@ -1,0 +1,185 @@
+// apusd: every Apus role in one process — control API, HTTP gateway, scheduler and runtime (node agent) —
+// run as one swift-service-lifecycle ServiceGroup over an embedded SQLite store in the data directory.
+import ApusControl
+import ApusCore
+import ApusGateway
+import ApusRuntime
+import ApusScheduler
+import ApusStore
+import ArgumentParser
+import Foundation
+import Hummingbird
+import Logging
+import ServiceLifecycle
+import Synchronization
+
+@main
+struct Apusd: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "apusd",
+        abstract: "Run the Apus platform: control API, gateway, scheduler and runtime in one process.")
+
+    @Option(help: "Directory for the store, code and logs.")
+    var dataDir = "./.apus"
+
+    @Option(help: "Address to listen on (loopback unless told otherwise).")
+    var host = "127.0.0.1"
+
+    @Option(help: "Control API port (0 picks a free port).")
+    var apiPort = 7070
+
+    @Option(help: "Gateway HTTP port (0 picks a free port).")
+    var httpPort = 8080
+
+    @Option(help: "Domain for host routing: <function>.<domain>.")
+    var domain = "apus.localhost"
+
+    @Option(help: "Stop an instance above scale.min after it has been idle this long.")
+    var idleTimeout = "60s"
+
+    @Option(help: "How long an instance has to become ready.")
+    var startTimeout = "10s"
+
+    @Option(help: "How long a stopping instance gets between SIGTERM and SIGKILL.")
+    var stopGrace = "5s"
+
+    @Option(help: "Requests that may wait per function version before new ones are refused (429).")
+    var queueLength = 1000
+
+    @Option(help: "Deploy this function directory at start-up (repeatable); unchanged code is not redeployed.")
+    var deploy: [String] = []
+
+    @Option(help: "Python interpreter for runtime: python3.")
+    var python: String?
+
+    @Flag(help: "Run instances without bubblewrap even where it works (rlimits only).")
+    var noSandbox = false
+
+    @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
+    var logLevel = "info"
+
+    func parseDuration(_ text: String, _ option: String) throws -> Duration {
+        guard let duration = Duration(humanReadable: text) else {
+            throw ValidationError("--\(option): not a duration (\(text)); use e.g. 500ms, 30s, 5m")
+        }
+        return duration
+    }
+
+    func run() async throws {
+        let level = Logger.Level(rawValue: logLevel) ?? .info
+        LoggingSystem.bootstrap { label in
+            var handler = StreamLogHandler.standardError(label: label)
+            handler.logLevel = level
+            return handler
+        }
+        let logger = Logger(label: "apusd")
+        let idle = try parseDuration(idleTimeout, "idle-timeout")
+        let start = try parseDuration(startTimeout, "start-timeout")
+        let grace = try parseDuration(stopGrace, "stop-grace")
+
+        let dataURL = URL(fileURLWithPath: dataDir, isDirectory: true).standardizedFileURL
+        try FileManager.default.createDirectory(at: dataURL, withIntermediateDirectories: true)
+        let store = try SQLiteStore(path: dataURL.appendingPathComponent("apus.db").path)
+        let code = try CodeStore(root: dataURL.appendingPathComponent("code"))
+        let logs = try FunctionLogs(directory: dataURL.appendingPathComponent("logs"))
+
+        let sandbox = Sandbox.detect(disabled: noSandbox, logger: logger)
+        let launcher = ProcessLauncher(
+            configuration: .init(
+                python: python ?? ProcessLauncher.Configuration.defaultPython(),
+                startTimeout: start,
+                runtimeDirectory: ProcessLauncher.Configuration.bundledRuntimeDirectory),
+            sandbox: sandbox, logs: logs, logger: Logger(label: "apus.runtime"))
+
+        let catalog = FunctionCatalog()
+        let scheduler = Scheduler(
+            configuration: .init(queueLength: queueLength, idleTimeout: idle, stopGrace: grace),
+            catalog: catalog, launcher: launcher,
+            codeDirectory: { version throws(ApusError) in try code.unpacked(version.codeDigest) },
+            logger: Logger(label: "apus.scheduler"))
+        let control = ControlPlane(store: store, code: code, scheduler: scheduler, logs: logs, logger: Logger(label: "apus.control"))
+        try control.loadCatalog()
+
+        for directory in deploy {
+            let archive = try CodeArchive.pack(directory: URL(fileURLWithPath: directory))
+            let result = try control.deploy(archive: archive, release: true, skipIfUnchanged: true)
+            FileHandle.standardOutput.write(Data("apusd: \(result.created ? "deployed" : "unchanged") \(result.function) version \(result.version.number) from \(directory)\n".utf8))
+        }
+
+        let ports = BoundPorts(host: host, file: dataURL.appendingPathComponent("ports.json"))
+        let stopping = ShutdownFlag()
+        let api = ControlAPI(
+            control: control,
+            info: {
+                ControlAPI.Info(
+                    version: "0.1.0", gateway: .init(http: ports.gatewayURL), domain: domain, sandbox: sandbox.mode.rawValue)
+            },
+            stopping: stopping, logger: Logger(label: "apus.api"))
+        let apiApp = Application(
+            router: api.makeRouter(),
+            configuration: .init(address: .hostname(host, port: apiPort), serverName: "apus-api"),
+            onServerRunning: { channel in ports.bound(api: channel.localAddress?.port ?? 0) },
+            logger: Logger(label: "apus.api"))
+        let gatewayApp = Gateway.makeApplication(
+            host: host, port: httpPort, configuration: .init(domain: domain), scheduler: scheduler,
+            logger: Logger(label: "apus.gateway"),
+            onRunning: { port in ports.bound(http: port) })
+
+        // Graceful shutdown runs in reverse order: the gateway drains first, then log streams end, the API
+        // stops, and last the scheduler stops every instance.
+        let group = ServiceGroup(configuration: .init(
+            services: [
+                .init(service: scheduler, serviceName: "scheduler"),
+                .init(service: apiApp, serviceName: "api"),
+                .init(service: FlagOnShutdown(flag: stopping), serviceName: "log-streams"),
+                .init(service: gatewayApp, serviceName: "gateway"),
+            ],
+            gracefulShutdownSignals: [.sigterm, .sigint],
+            logger: logger))
+        try await group.run()
+        logger.info("apusd stopped")
+    }
+}
+
+/// Raises a flag when graceful shutdown begins.
+struct FlagOnShutdown: Service {
+    let flag: ShutdownFlag
+
+    func run() async throws {
+        try? await gracefulShutdown()
+        flag.set()
+    }
+}
+
+/// Collects the bound ports; once both listeners are up, prints them and writes `<data-dir>/ports.json`.
+final class BoundPorts: Sendable {
+    private let state = Mutex<(api: Int?, http: Int?)>((nil, nil))
+    let host: String
+    let file: URL
+
+    init(host: String, file: URL) {
+        self.host = host
+        self.file = file
+    }
+
+    var gatewayURL: String? {
+        state.withLock { $0.http }.map { "http://\(host):\($0)" }
+    }
+
+    func bound(api: Int? = nil, http: Int? = nil) {
+        let both = state.withLock { state -> (Int, Int)? in
+            if let api { state.api = api }
+            if let http { state.http = http }
+            guard let a = state.api, let h = state.http else { return nil }
+            return (a, h)
+        }
+        guard let (apiPort, httpPort) = both else { return }
+        let json = "{\"host\":\"\(host)\",\"api\":\(apiPort),\"http\":\(httpPort)}\n"
+        let temp = file.deletingLastPathComponent().appendingPathComponent(".ports.json.tmp")
+        try? json.write(to: temp, atomically: false, encoding: .utf8)
+        _ = try? FileManager.default.replaceItemAt(file, withItemAt: temp)
+        if !FileManager.default.fileExists(atPath: file.path) { try? FileManager.default.moveItem(at: temp, to: file) }
+        let banner = "apusd: api listening on http://\(host):\(apiPort)\napusd: gateway listening on http://\(host):\(httpPort)\n"
+        FileHandle.standardOutput.write(Data(banner.utf8))
+    }
+}

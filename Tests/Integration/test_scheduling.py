@@ -1,0 +1,126 @@
+"""The data plane: per-instance concurrency slots and max scale, deadlines, crashed instances."""
+
+import threading
+import time
+
+import pytest
+
+from apus_testlib import LOG_LINE_RE, Response, assert_error
+
+GONE_STATES = ("stop", "exit", "crash", "dead", "fail", "gone")
+
+
+def live_instances(apusd, name):
+    doc = apusd.api_json("GET", f"/v1/functions/{name}/instances")
+    return [i for i in doc["instances"] if not any(s in str(i.get("state", "")).lower() for s in GONE_STATES)]
+
+
+def wait_for_log(apusd, name, needle, timeout=10.0):
+    """Poll `apus logs NAME` until a line containing needle shows up; returns (matching parsed line, all output)."""
+    deadline = time.monotonic() + timeout
+    out = ""
+    while time.monotonic() < deadline:
+        out = apusd.cli_ok("logs", name)
+        for line in out.splitlines():
+            if needle in line:
+                m = LOG_LINE_RE.match(line)
+                assert m, f"log line not in the `<ts> v<N> <instance> <stream>| text` format: {line!r}"
+                return m, out
+        time.sleep(0.3)
+    raise AssertionError(f"{needle!r} never showed up in `apus logs {name}`:\n{out}")
+
+
+@pytest.mark.timeout(120)
+def test_concurrency_slots_and_max_scale(apusd, deployed):
+    """100 concurrent requests to counter (concurrency 2, scale max 3): all succeed, no instance ever runs more
+    than 2 at once, and at most 3 instances are used."""
+    deployed.fixture("counter")
+    n = 100
+    results: list = [None] * n
+    barrier = threading.Barrier(n)
+
+    def worker(i):
+        try:
+            barrier.wait(timeout=30)
+        except threading.BrokenBarrierError:
+            pass
+        try:
+            results[i] = apusd.get("/counter/?sleep=0.2", timeout=90)
+        except Exception as exc:  # reported below
+            results[i] = exc
+
+    start = time.monotonic()
+    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(100)
+    elapsed = time.monotonic() - start
+
+    failed = [r for r in results if not (isinstance(r, Response) and r.status == 200)]
+    assert not failed, f"{len(failed)} of {n} requests failed, e.g. {failed[:3]!r}"
+
+    max_in_flight: dict[str, int] = {}
+    for r in results:
+        doc = r.json()
+        assert doc["inFlightNow"] <= 2, doc
+        max_in_flight[doc["instance"]] = max(max_in_flight.get(doc["instance"], 0), doc["maxInFlight"])
+    assert 1 <= len(max_in_flight) <= 3, f"{len(max_in_flight)} instances used (scale.max is 3): {max_in_flight}"
+    assert all(v <= 2 for v in max_in_flight.values()), f"concurrency 2 exceeded: {max_in_flight}"
+    assert max(max_in_flight.values()) == 2, f"no instance ever served 2 requests at once: {max_in_flight}"
+    # 100 x 0.2 s over at most 6 slots is >= 3.3 s; a single slot in total would take >= 20 s.
+    assert elapsed < 20, f"100 requests took {elapsed:.1f}s: requests were not spread over slots/instances"
+
+    # The control API sees the same instances, none above its concurrency.
+    instances = live_instances(apusd, "counter")
+    assert len(instances) <= 3, instances
+    for inst in instances:
+        assert inst["version"] == 1 and 0 <= inst["inFlight"] <= 2, inst
+    assert set(max_in_flight) <= {i["id"] for i in apusd.api_json(
+        "GET", "/v1/functions/counter/instances")["instances"]}, "instance ids differ between APUS_INSTANCE and the API"
+
+    r = apusd.get("/counter/max")
+    assert r.status == 200, r
+    assert r.json()["maxInFlight"] <= 2
+
+
+def test_deadline_exceeded(apusd, deployed):
+    """sleeper has `timeout: 1s`; a 3 s request is cut off with 504 deadline_exceeded."""
+    deployed.fixture("sleeper")
+    warm = apusd.get("/sleeper/?sleep=0")
+    assert warm.status == 200, warm
+
+    start = time.monotonic()
+    r = apusd.get("/sleeper/?sleep=3", timeout=30)
+    elapsed = time.monotonic() - start
+    assert_error(r, 504, "deadline_exceeded")
+    assert 0.9 <= elapsed <= 2.5, f"deadline of 1s answered after {elapsed:.2f}s"
+
+
+def test_crash_gives_502_and_instance_is_replaced(apusd, deployed):
+    deployed.fixture("crasher")
+    r1 = apusd.get("/crasher/")
+    assert r1.status == 200 and r1.json()["ok"] is True, r1
+    pid1 = r1.json()["pid"]
+    before = {i["id"] for i in live_instances(apusd, "crasher")}
+    assert before, "no crasher instance is listed while it serves"
+
+    r = apusd.get("/crasher/crash")
+    assert_error(r, 502, "instance_error")
+
+    r2 = apusd.get("/crasher/")
+    assert r2.status == 200 and r2.json()["ok"] is True, r2
+    # The dead instance leaves the list (its exit may be noticed a moment after the 502).
+    deadline = time.monotonic() + 5
+    after = {i["id"] for i in live_instances(apusd, "crasher")}
+    while not before.isdisjoint(after) and time.monotonic() < deadline:
+        time.sleep(0.2)
+        after = {i["id"] for i in live_instances(apusd, "crasher")}
+    assert after, "no crasher instance after the replacement served a request"
+    assert before.isdisjoint(after), f"the crashed instance is still listed: before {before}, after {after}"
+    if apusd.info.get("sandbox") != "bwrap":  # in a pid namespace the pids may repeat
+        assert r2.json()["pid"] != pid1
+
+    # What the instance printed before dying is in its logs.
+    m, _ = wait_for_log(apusd, "crasher", "crashing on purpose")
+    assert m.group("version") == "1"
