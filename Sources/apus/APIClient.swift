@@ -1,0 +1,115 @@
+import ApusCore
+import AsyncHTTPClient
+import Foundation
+import NIOCore
+import NIOFoundationCompat
+import NIOHTTP1
+
+/// A failure the CLI reports as one line on stderr before exiting non-zero.
+struct CLIError: Error, CustomStringConvertible {
+    var description: String
+    init(_ description: String) { self.description = description }
+}
+
+/// Talks to the control API (and, for `invoke`, the gateway it names).
+struct APIClient {
+    let base: String
+
+    /// `--api`, then `APUS_API`, then `./.apus/ports.json` of a local apusd, then the default port.
+    static func resolveBase(_ flag: String?) -> String {
+        if let flag, !flag.isEmpty { return trim(flag) }
+        if let env = ProcessInfo.processInfo.environment["APUS_API"], !env.isEmpty { return trim(env) }
+        if let data = FileManager.default.contents(atPath: ".apus/ports.json"),
+           let ports = try? JSONDecoder().decode(Ports.self, from: data) {
+            return "http://\(ports.host):\(ports.api)"
+        }
+        return "http://127.0.0.1:7070"
+    }
+
+    private struct Ports: Decodable {
+        var host: String
+        var api: Int
+    }
+
+    private static func trim(_ url: String) -> String {
+        url.hasSuffix("/") ? String(url.dropLast()) : url
+    }
+
+    struct Reply {
+        var status: Int
+        var headers: HTTPHeaders
+        var body: Data
+    }
+
+    func send(_ method: HTTPMethod, url: String, headers: [(String, String)] = [], body: Data? = nil, timeout: TimeAmount = .seconds(120)) async throws -> Reply {
+        var request = HTTPClientRequest(url: url)
+        request.method = method
+        for (name, value) in headers { request.headers.add(name: name, value: value) }
+        if let body { request.body = .bytes(ByteBuffer(bytes: body)) }
+        do {
+            let response = try await HTTPClient.shared.execute(request, timeout: timeout)
+            let buffer = try await response.body.collect(upTo: 256 << 20)
+            return Reply(status: Int(response.status.code), headers: response.headers, body: Data(buffer: buffer))
+        } catch {
+            throw CLIError("cannot reach \(url): \(Self.describe(error))")
+        }
+    }
+
+    static func describe(_ error: any Error) -> String {
+        let text = "\(error)"
+        if text.contains("connectTimeout") || text.contains("Connection refused") || text.contains("connectionRefused") {
+            return "connection refused (is apusd running? set --api or APUS_API)"
+        }
+        return text
+    }
+
+    /// Calls the API and returns the body of a 2xx answer, or throws the API's error message.
+    func call(_ method: HTTPMethod, _ path: String, body: Data? = nil, contentType: String = "application/json") async throws -> Data {
+        let headers = body == nil ? [] : [("Content-Type", contentType)]
+        let reply = try await send(method, url: base + path, headers: headers, body: body)
+        guard (200..<300).contains(reply.status) else {
+            throw CLIError(Self.errorMessage(reply))
+        }
+        return reply.body
+    }
+
+    static func errorMessage(_ reply: Reply) -> String {
+        struct Envelope: Decodable {
+            struct Inner: Decodable { var code: String; var message: String }
+            var error: Inner
+        }
+        if let envelope = try? JSONDecoder().decode(Envelope.self, from: reply.body) {
+            return "\(envelope.error.message) (\(envelope.error.code), HTTP \(reply.status))"
+        }
+        let text = String(decoding: reply.body.prefix(300), as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
+        return "HTTP \(reply.status)\(text.isEmpty ? "" : ": \(text)")"
+    }
+
+    func decode<T: Decodable>(_ type: T.Type, _ data: Data) throws -> T {
+        let decoder = JSONDecoder()
+        decoder.dateDecodingStrategy = .iso8601
+        do {
+            return try decoder.decode(type, from: data)
+        } catch {
+            throw CLIError("unexpected answer from the API: \(error)")
+        }
+    }
+
+    /// Streams a response body to stdout as it arrives (for `logs --follow`).
+    func stream(_ path: String) async throws {
+        let request = HTTPClientRequest(url: base + path)
+        let response: HTTPClientResponse
+        do {
+            response = try await HTTPClient.shared.execute(request, timeout: .hours(24 * 365))
+        } catch {
+            throw CLIError("cannot reach \(base): \(Self.describe(error))")
+        }
+        guard response.status.code < 300 else {
+            let body = try await response.body.collect(upTo: 1 << 20)
+            throw CLIError(Self.errorMessage(Reply(status: Int(response.status.code), headers: response.headers, body: Data(buffer: body))))
+        }
+        for try await chunk in response.body {
+            FileHandle.standardOutput.write(Data(buffer: chunk))
+        }
+    }
+}

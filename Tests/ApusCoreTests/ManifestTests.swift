@@ -1,0 +1,108 @@
+import ApusCore
+import Testing
+
+@Suite("apus.yaml validation")
+struct ManifestTests {
+    @Test func minimalPythonManifestGetsDefaults() throws {
+        let m = try FunctionManifest.parse(yaml: "name: hello\nruntime: python3\n")
+        #expect(m.name == "hello")
+        #expect(m.runtime == .python3)
+        #expect(m.handler == "main.handler")
+        #expect(m.protocol == .http)
+        #expect(m.concurrency == 10)
+        #expect(m.scale == .init(min: 0, max: 5))
+        #expect(m.timeout == .seconds(30))
+        #expect(m.memory == 256 << 20)
+        #expect(m.env.isEmpty)
+    }
+
+    @Test func fullManifest() throws {
+        let m = try FunctionManifest.parse(yaml: """
+            name: orders-api
+            runtime: command
+            command: ["./server", "--port", "$APUS_PORT"]
+            protocol: http
+            concurrency: 2
+            scale: {min: 1, max: 4}
+            timeout: 1500ms
+            memory: 1Gi
+            env:
+              MODE: fast
+              RETRIES: 3
+            """)
+        #expect(m.command == ["./server", "--port", "$APUS_PORT"])
+        #expect(m.concurrency == 2)
+        #expect(m.scale == .init(min: 1, max: 4))
+        #expect(m.timeout == .milliseconds(1500))
+        #expect(m.memory == 1 << 30)
+        #expect(m.env == ["MODE": "fast", "RETRIES": "3"])
+    }
+
+    /// Each bad manifest must be refused with a message naming the key path and the reason.
+    @Test(arguments: [
+        ("name: a\nruntime: python3\nscael: {}\n", "scael: unknown key"),
+        ("name: a\nruntime: python3\nscale: {min: 1, mx: 2}\n", "scale.mx: unknown key"),
+        ("name: a\nruntime: python3\nconcurrency: zero\n", "concurrency: must be an integer (got \"zero\")"),
+        ("name: a\nruntime: python3\nconcurrency: 0\n", "concurrency: must be between 1 and 10000"),
+        ("name: a\nruntime: python3\ntimeout: 5 parsecs\n", "timeout: must be a duration"),
+        ("name: a\nruntime: python3\nscale: {min: 3, max: 1}\n", "scale.max: must be ≥ scale.min"),
+        ("name: a\nruntime: ruby\n", "runtime: must be one of python3, command (got \"ruby\")"),
+        ("name: a\nruntime: command\n", "command: is required"),
+        ("name: a\nruntime: command\ncommand: [[1]]\n", "command[0]: must be a string"),
+        ("name: Bad_Name\nruntime: python3\n", "name: must be 1-63 characters"),
+        ("runtime: python3\n", "name: is required"),
+        ("name: a\nruntime: python3\nmemory: lots\n", "memory: must be a size"),
+        ("name: a\nruntime: python3\nhandler: main\n", "handler: must be module.function"),
+        ("name: a\nruntime: python3\nenv: {APUS_PORT: 1}\n", "env.APUS_PORT: APUS_ variables are set by the platform"),
+        ("name: a\nruntime: python3\nprotocol: grpc\n", "protocol: \"grpc\" is reserved"),
+        ("- just\n- a list\n", "must be a mapping"),
+        ("name: [unclosed\n", "is not valid YAML"),
+    ])
+    func rejectsWithKeyPath(yaml: String, expected: String) {
+        do {
+            _ = try FunctionManifest.parse(yaml: yaml)
+            Issue.record("accepted a bad manifest: \(yaml)")
+        } catch {
+            #expect(error.code == .badRequest)
+            #expect(error.message.hasPrefix("apus.yaml:"))
+            #expect(error.message.contains(expected), "message was: \(error.message)")
+        }
+    }
+
+    @Test func manifestSurvivesJSONRoundTrip() throws {
+        let m = try FunctionManifest.parse(yaml: "name: a\nruntime: python3\ntimeout: 2m\nmemory: 512Mi\nenv: {X: y}\n")
+        let data = try JSONEncoder().encode(m)
+        #expect(String(decoding: data, as: UTF8.self).contains("\"timeout\":\"2m\""))
+        #expect(try JSONDecoder().decode(FunctionManifest.self, from: data) == m)
+    }
+}
+
+@Suite("durations and sizes")
+struct UnitParsingTests {
+    @Test func durations() {
+        #expect(Duration(humanReadable: "30s") == .seconds(30))
+        #expect(Duration(humanReadable: "500ms") == .milliseconds(500))
+        #expect(Duration(humanReadable: "1m30s") == .seconds(90))
+        #expect(Duration(humanReadable: "2h") == .seconds(7200))
+        #expect(Duration(humanReadable: "1.5") == .milliseconds(1500))
+        #expect(Duration(humanReadable: "5 parsecs") == nil)
+        #expect(Duration(humanReadable: "s") == nil)
+        #expect(Duration(humanReadable: "") == nil)
+        #expect(Duration.seconds(90).humanReadable == "90s")
+        #expect(Duration.milliseconds(1500).humanReadable == "1500ms")
+        #expect(Duration.seconds(120).humanReadable == "2m")
+    }
+
+    @Test func sizes() {
+        #expect(ByteSize.parse("256Mi") == 256 << 20)
+        #expect(ByteSize.parse("1Gi") == 1 << 30)
+        #expect(ByteSize.parse("512M") == 512_000_000)
+        #expect(ByteSize.parse("1024") == 1024)
+        #expect(ByteSize.parse("-1Mi") == nil)
+        #expect(ByteSize.parse("lots") == nil)
+        #expect(ByteSize.format(256 << 20) == "256Mi")
+        #expect(ByteSize.format(1000) == "1000")
+    }
+}
+
+import Foundation

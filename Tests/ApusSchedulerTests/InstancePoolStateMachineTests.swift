@@ -1,0 +1,216 @@
+import ApusCore
+import ApusScheduler
+import Synchronization
+import Testing
+
+/// Drives the pool state machine with explicit instants: no sockets, no processes, no real time.
+@Suite("instance pool state machine")
+struct InstancePoolStateMachineTests {
+    typealias Machine = InstancePoolStateMachine
+    typealias Action = Machine.Action
+
+    /// A manual clock: instants only move when the test says so.
+    struct TestClock {
+        var now = ContinuousClock.now
+        mutating func advance(_ d: Duration) { now = now.advanced(by: d) }
+    }
+
+    static func makeMachine(concurrency: Int = 2, min: Int = 0, max: Int = 3, queue: Int = 100, idle: Duration = .seconds(60)) -> Machine {
+        let counter = Mutex(0)
+        return Machine(
+            configuration: .init(concurrency: concurrency, minInstances: min, maxInstances: max, queueLength: queue, idleTimeout: idle),
+            makeInstanceID: { counter.withLock { $0 += 1; return "i\($0)" } })
+    }
+
+    func dispatched(_ actions: [Action]) -> [String: String] {
+        var out: [String: String] = [:]
+        for case .dispatch(let r, let i) in actions { out[r] = i }
+        return out
+    }
+
+    func started(_ actions: [Action]) -> [String] {
+        actions.compactMap { if case .startInstance(let id) = $0 { return id } else { return nil } }
+    }
+
+    func stopped(_ actions: [Action]) -> [String] {
+        actions.compactMap { if case .stopInstance(let id) = $0 { return id } else { return nil } }
+    }
+
+    func failures(_ actions: [Action]) -> [String: ApusError.Code] {
+        var out: [String: ApusError.Code] = [:]
+        for case .fail(let r, let e) in actions { out[r] = e.code }
+        return out
+    }
+
+    @Test func firstRequestIsHeldWhileAnInstanceStarts() {
+        var clock = TestClock()
+        var m = Self.makeMachine()
+        let a = m.request("r1", deadline: clock.now.advanced(by: .seconds(5)), now: clock.now)
+        #expect(started(a) == ["i1"])
+        #expect(dispatched(a).isEmpty && failures(a).isEmpty)
+        #expect(m.queueDepth == 1)
+        clock.advance(.milliseconds(80))
+        let b = m.instanceReady("i1", now: clock.now)
+        #expect(dispatched(b) == ["r1": "i1"])
+        #expect(m.queueDepth == 0)
+    }
+
+    @Test func slotsNeverExceedConcurrency() {
+        let clock = TestClock()
+        var m = Self.makeMachine(concurrency: 2, max: 1)
+        var actions: [Action] = []
+        for i in 0..<10 { actions += m.request("r\(i)", deadline: clock.now.advanced(by: .seconds(5)), now: clock.now) }
+        #expect(started(actions) == ["i1"], "max 1 instance")
+        actions = m.instanceReady("i1", now: clock.now)
+        #expect(dispatched(actions).count == 2)
+        #expect(m.instances["i1"]?.inFlight == 2)
+        #expect(m.queueDepth == 8)
+        // Each release hands exactly one waiter the freed slot, in FIFO order.
+        var order: [String] = []
+        for _ in 0..<8 {
+            let next = m.release(instanceID: "i1", now: clock.now)
+            #expect(m.instances["i1"]!.inFlight <= 2)
+            order += dispatched(next).keys
+        }
+        #expect(order == (2..<10).map { "r\($0)" })
+    }
+
+    @Test func queueGrowthStartsMoreInstancesUpToMax() {
+        let clock = TestClock()
+        var m = Self.makeMachine(concurrency: 2, max: 3)
+        var actions: [Action] = []
+        for i in 0..<20 { actions += m.request("r\(i)", deadline: clock.now.advanced(by: .seconds(5)), now: clock.now) }
+        #expect(started(actions).count == 3)
+        actions = m.instanceReady("i1", now: clock.now) + m.instanceReady("i2", now: clock.now) + m.instanceReady("i3", now: clock.now)
+        #expect(dispatched(actions).count == 6)
+        #expect(m.instances.values.allSatisfy { $0.inFlight == 2 })
+    }
+
+    @Test func leastOutstandingInstanceIsChosen() {
+        let clock = TestClock()
+        var m = Self.makeMachine(concurrency: 4, min: 2, max: 2)
+        _ = m.ensureMinimum(now: clock.now)
+        _ = m.instanceReady("i1", now: clock.now)
+        _ = m.instanceReady("i2", now: clock.now)
+        var perInstance: [String: Int] = [:]
+        for i in 0..<4 {
+            for (_, instance) in dispatched(m.request("r\(i)", deadline: clock.now.advanced(by: .seconds(5)), now: clock.now)) {
+                perInstance[instance, default: 0] += 1
+            }
+        }
+        #expect(perInstance == ["i1": 2, "i2": 2])
+    }
+
+    @Test func fullQueueIsRefusedAsOverloaded() {
+        let clock = TestClock()
+        var m = Self.makeMachine(max: 1, queue: 3)
+        for i in 0..<3 { _ = m.request("r\(i)", deadline: clock.now.advanced(by: .seconds(5)), now: clock.now) }
+        let refused = m.request("r3", deadline: clock.now.advanced(by: .seconds(5)), now: clock.now)
+        #expect(failures(refused) == ["r3": .overloaded])
+    }
+
+    @Test func queuedRequestsExpireAtTheirDeadline() {
+        var clock = TestClock()
+        var m = Self.makeMachine(max: 1)
+        _ = m.request("short", deadline: clock.now.advanced(by: .milliseconds(100)), now: clock.now)
+        _ = m.request("long", deadline: clock.now.advanced(by: .seconds(10)), now: clock.now)
+        clock.advance(.milliseconds(150))
+        #expect(failures(m.tick(now: clock.now)) == ["short": .deadlineExceeded])
+        #expect(m.queueDepth == 1)
+        #expect(failures(m.requestExpired("long", now: clock.now)) == ["long": .deadlineExceeded])
+        #expect(m.requestExpired("long", now: clock.now).isEmpty, "expiring twice is harmless")
+        let late = m.request("late", deadline: clock.now, now: clock.now)
+        #expect(failures(late) == ["late": .deadlineExceeded])
+    }
+
+    @Test func startFailureFailsWaitersWhenNothingElseIsComing() {
+        let clock = TestClock()
+        var m = Self.makeMachine(max: 1)
+        _ = m.request("r1", deadline: clock.now.advanced(by: .seconds(5)), now: clock.now)
+        _ = m.request("r2", deadline: clock.now.advanced(by: .seconds(5)), now: clock.now)
+        let a = m.instanceFailedToStart("i1", error: ApusError(.unavailable, "exit 1"), now: clock.now)
+        #expect(failures(a) == ["r1": .unavailable, "r2": .unavailable])
+        #expect(m.instances.isEmpty && m.queueDepth == 0)
+    }
+
+    @Test func crashedInstanceIsReplacedWhenThereIsDemand() {
+        let clock = TestClock()
+        var m = Self.makeMachine(concurrency: 1, max: 1)
+        _ = m.request("r1", deadline: clock.now.advanced(by: .seconds(5)), now: clock.now)
+        _ = m.instanceReady("i1", now: clock.now)
+        _ = m.request("r2", deadline: clock.now.advanced(by: .seconds(5)), now: clock.now)
+        let a = m.instanceExited("i1", now: clock.now)
+        #expect(started(a) == ["i2"])
+        #expect(dispatched(m.instanceReady("i2", now: clock.now)) == ["r2": "i2"])
+        #expect(m.release(instanceID: "i1", now: clock.now).isEmpty, "a slot of a dead instance is just dropped")
+    }
+
+    @Test func crashBelowMinimumIsReplacedWithoutDemand() {
+        let clock = TestClock()
+        var m = Self.makeMachine(min: 1)
+        #expect(started(m.ensureMinimum(now: clock.now)) == ["i1"])
+        _ = m.instanceReady("i1", now: clock.now)
+        #expect(started(m.instanceExited("i1", now: clock.now)) == ["i2"])
+    }
+
+    @Test func idleInstancesAboveMinimumStop() {
+        var clock = TestClock()
+        var m = Self.makeMachine(concurrency: 1, min: 1, max: 3, idle: .seconds(30))
+        for i in 0..<3 { _ = m.request("r\(i)", deadline: clock.now.advanced(by: .seconds(5)), now: clock.now) }
+        for id in ["i1", "i2", "i3"] { _ = m.instanceReady(id, now: clock.now) }
+        for id in ["i1", "i2", "i3"] { _ = m.release(instanceID: id, now: clock.now) }
+        clock.advance(.seconds(29))
+        #expect(stopped(m.tick(now: clock.now)).isEmpty)
+        clock.advance(.seconds(2))
+        let a = m.tick(now: clock.now)
+        #expect(stopped(a).count == 2, "keeps scale.min = 1")
+        #expect(m.instances.count == 1)
+        clock.advance(.seconds(600))
+        #expect(stopped(m.tick(now: clock.now)).isEmpty)
+    }
+
+    @Test func busyInstancesAreNotStoppedForIdleness() {
+        var clock = TestClock()
+        var m = Self.makeMachine(concurrency: 1, idle: .seconds(1))
+        _ = m.request("r1", deadline: clock.now.advanced(by: .seconds(60)), now: clock.now)
+        _ = m.instanceReady("i1", now: clock.now)
+        clock.advance(.seconds(10))
+        #expect(stopped(m.tick(now: clock.now)).isEmpty)
+        _ = m.release(instanceID: "i1", now: clock.now)
+        clock.advance(.seconds(2))
+        #expect(stopped(m.tick(now: clock.now)) == ["i1"])
+    }
+
+    @Test func closeDrainsBusyInstancesAndFailsWaiters() {
+        let clock = TestClock()
+        var m = Self.makeMachine(concurrency: 1, max: 2)
+        _ = m.request("r1", deadline: clock.now.advanced(by: .seconds(5)), now: clock.now)
+        _ = m.request("r2", deadline: clock.now.advanced(by: .seconds(5)), now: clock.now)
+        _ = m.instanceReady("i1", now: clock.now)  // r1 on i1; i2 still starting; r2 waiting
+        let a = m.close(reason: ApusError(.unavailable, "shutting down"))
+        #expect(failures(a) == ["r2": .unavailable])
+        #expect(stopped(a) == ["i2"], "starting instance stopped, busy one drains")
+        #expect(m.instances["i1"]?.state == .draining)
+        #expect(failures(m.request("r3", deadline: clock.now.advanced(by: .seconds(5)), now: clock.now)) == ["r3": .unavailable])
+        #expect(stopped(m.release(instanceID: "i1", now: clock.now)) == ["i1"])
+        #expect(m.instances.isEmpty)
+        #expect(stopped(m.instanceReady("i2", now: clock.now)) == ["i2"], "a late ready of a forgotten instance stops it")
+    }
+
+    @Test func cancelledWaiterLeavesTheQueue() {
+        let clock = TestClock()
+        var m = Self.makeMachine(max: 1)
+        _ = m.request("r1", deadline: clock.now.advanced(by: .seconds(5)), now: clock.now)
+        _ = m.request("r2", deadline: clock.now.advanced(by: .seconds(5)), now: clock.now)
+        m.requestCancelled("r1")
+        #expect(dispatched(m.instanceReady("i1", now: clock.now)) == ["r2": "i1"])
+    }
+
+    @Test func minimumFollowsReconfiguration() {
+        let clock = TestClock()
+        var m = Self.makeMachine(min: 0)
+        #expect(m.ensureMinimum(now: clock.now).isEmpty)
+        let a = m.reconfigure(.init(concurrency: 2, minInstances: 2, maxInstances: 3, queueLength: 100, idleTimeout: .seconds(60)), now: clock.now)
+        #expect(started(a).count == 2)
+    }
+}
