@@ -66,7 +66,8 @@ public struct GatewayResponder: HTTPResponder {
             body: .init(byteBuffer: ByteBuffer(string: error.jsonBody + "\n")))
     }
 
-    private func serve(_ request: Request, context: Context, requestID: String) async throws(ApusError) -> Response {
+    /// Decodes only what routing needs into the neutral invocation head; the body stays opaque.
+    func decode(_ request: Request, context: Context, requestID: String) throws(ApusError) -> Invocation {
         let host = request.head.authority
         let route = try GatewayRoute.resolve(host: host, uri: request.uri.description, domain: configuration.domain)
         var pinned: Int?
@@ -76,8 +77,30 @@ public struct GatewayResponder: HTTPResponder {
             }
             pinned = number
         }
-        let version = try scheduler.catalog.route(function: route.function, pinnedVersion: pinned)
+        var metadata: [(name: String, value: String)] = []
+        metadata.reserveCapacity(request.headers.count + 8)
+        var forwardedFor: String?
+        for field in request.headers {
+            let name = field.name.canonicalName
+            if InstanceForwarder.hopByHop.contains(name) || name.hasPrefix("x-apus-") { continue }
+            if name == "x-forwarded-for" { forwardedFor = field.value; continue }
+            metadata.append((field.name.rawName, field.value))
+        }
+        let peer = context.remoteAddress?.ipAddress ?? "unknown"
+        metadata.append(("X-Forwarded-For", forwardedFor.map { "\($0), \(peer)" } ?? peer))
+        if let host { metadata.append(("X-Forwarded-Host", host)) }
+        metadata.append(("X-Forwarded-Proto", "http"))
+        if let prefix = route.forwardedPrefix { metadata.append(("X-Forwarded-Prefix", prefix)) }
+        return Invocation(
+            requestID: requestID, function: route.function, pinnedVersion: pinned,
+            method: request.method.rawValue, path: route.instancePath, metadata: metadata)
+    }
+
+    private func serve(_ request: Request, context: Context, requestID: String) async throws(ApusError) -> Response {
+        var invocation = try decode(request, context: context, requestID: requestID)
+        let version = try scheduler.catalog.route(function: invocation.function, pinnedVersion: invocation.pinnedVersion)
         let deadline = ContinuousClock.now.advanced(by: version.manifest.timeout)
+        invocation.deadline = deadline
 
         var request = request
         let body: ByteBuffer
@@ -91,31 +114,15 @@ public struct GatewayResponder: HTTPResponder {
         let lease = try await pool.acquire(requestID: requestID, deadline: deadline)
         defer { pool.release(lease) }
 
-        var headers: [(String, String)] = []
-        headers.reserveCapacity(request.headers.count + 8)
-        var forwardedFor: String?
-        for field in request.headers {
-            let name = field.name.canonicalName
-            if InstanceForwarder.hopByHop.contains(name) || name.hasPrefix("x-apus-") { continue }
-            if name == "x-forwarded-for" { forwardedFor = field.value; continue }
-            headers.append((field.name.rawName, field.value))
-        }
-        let peer = context.remoteAddress?.ipAddress ?? "unknown"
-        headers.append(("X-Forwarded-For", forwardedFor.map { "\($0), \(peer)" } ?? peer))
-        if let host { headers.append(("X-Forwarded-Host", host)) }
-        headers.append(("X-Forwarded-Proto", "http"))
-        if let prefix = route.forwardedPrefix { headers.append(("X-Forwarded-Prefix", prefix)) }
-        headers.append(("X-Apus-Request-Id", requestID))
-        headers.append(("X-Apus-Function", version.function))
-        headers.append(("X-Apus-Version", String(version.number)))
+        invocation.metadata.append(("X-Apus-Request-Id", requestID))
+        invocation.metadata.append(("X-Apus-Function", version.function))
+        invocation.metadata.append(("X-Apus-Version", String(version.number)))
         let deadlineEpochMs = Int64(Date().timeIntervalSince1970 * 1000) + ContinuousClock.now.duration(to: deadline).milliseconds
-        headers.append(("X-Apus-Deadline-Ms", String(deadlineEpochMs)))
+        invocation.metadata.append(("X-Apus-Deadline-Ms", String(deadlineEpochMs)))
 
         let answer: InstanceForwarder.Answer
         do {
-            answer = try await forwarder.forward(
-                port: lease.port, method: request.method.rawValue, path: route.instancePath,
-                headers: headers, body: body, deadline: deadline)
+            answer = try await forwarder.forward(invocation, body: body, port: lease.port)
         } catch {
             logger.warning("instance call failed", metadata: [
                 "requestID": "\(requestID)", "function": "\(version.function)", "version": "\(version.number)",

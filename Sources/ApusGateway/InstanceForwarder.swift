@@ -18,6 +18,8 @@ final class InstanceForwarder: Sendable {
     init(maxResponseBytes: Int) {
         var configuration = HTTPClient.Configuration()
         configuration.connectionPool = .init(idleTimeout: .seconds(60), concurrentHTTP1ConnectionsPerHostSoftLimit: 1024)
+        // A refused connection means the instance is gone: answer 502 now instead of retrying until the deadline.
+        configuration.connectionPool.retryConnectionEstablishment = false
         configuration.decompression = .disabled
         configuration.redirectConfiguration = .disallow
         configuration.httpVersion = .http1Only
@@ -36,16 +38,14 @@ final class InstanceForwarder: Sendable {
         "proxy-authenticate", "proxy-authorization", "host", "content-length",
     ]
 
-    func forward(
-        port: Int, method: String, path: String, headers: [(String, String)], body: ByteBuffer,
-        deadline: ContinuousClock.Instant
-    ) async throws(ApusError) -> Answer {
-        var request = HTTPClientRequest(url: "http://127.0.0.1:\(port)\(path)")
-        request.method = HTTPMethod(rawValue: method)
+    func forward(_ invocation: Invocation, body: ByteBuffer, port: Int) async throws(ApusError) -> Answer {
+        let deadline = invocation.deadline ?? .now
+        var request = HTTPClientRequest(url: "http://127.0.0.1:\(port)\(invocation.path)")
+        request.method = HTTPMethod(rawValue: invocation.method)
         var outgoing = HTTPHeaders()
-        for (name, value) in headers { outgoing.add(name: name, value: value) }
+        for (name, value) in invocation.metadata { outgoing.add(name: name, value: value) }
         request.headers = outgoing
-        if body.readableBytes > 0 || !["GET", "HEAD", "DELETE", "OPTIONS"].contains(method) {
+        if body.readableBytes > 0 || !["GET", "HEAD", "DELETE", "OPTIONS"].contains(invocation.method) {
             request.body = .bytes(body)
         }
         let remaining = ContinuousClock.now.duration(to: deadline)

@@ -20,6 +20,7 @@ public final class InstancePool: Sendable {
         public var port: Int?
         public var pid: Int32?
         public var inFlight: Int
+        public var startedAt: Date
         public var ageSeconds: Double
     }
 
@@ -130,6 +131,7 @@ public final class InstancePool: Sendable {
                 return InstanceInfo(
                     id: instance.id, version: version.number, state: instance.state.rawValue,
                     port: handle?.port, pid: handle?.pid, inFlight: instance.inFlight,
+                    startedAt: Date(timeIntervalSinceNow: -(now - instance.startedAt).seconds),
                     ageSeconds: (now - instance.startedAt).seconds)
             }
         }

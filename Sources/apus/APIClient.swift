@@ -15,6 +15,15 @@ struct CLIError: Error, CustomStringConvertible {
 struct APIClient {
     let base: String
 
+    /// One client for the CLI's short life; a refused connection fails at once instead of being retried.
+    static let http: HTTPClient = {
+        var configuration = HTTPClient.Configuration()
+        configuration.connectionPool.retryConnectionEstablishment = false
+        configuration.timeout = .init(connect: .seconds(5))
+        configuration.redirectConfiguration = .disallow
+        return HTTPClient(eventLoopGroupProvider: .singleton, configuration: configuration)
+    }()
+
     /// `--api`, then `APUS_API`, then `./.apus/ports.json` of a local apusd, then the default port.
     static func resolveBase(_ flag: String?) -> String {
         if let flag, !flag.isEmpty { return trim(flag) }
@@ -47,7 +56,7 @@ struct APIClient {
         for (name, value) in headers { request.headers.add(name: name, value: value) }
         if let body { request.body = .bytes(ByteBuffer(bytes: body)) }
         do {
-            let response = try await HTTPClient.shared.execute(request, timeout: timeout)
+            let response = try await Self.http.execute(request, timeout: timeout)
             let buffer = try await response.body.collect(upTo: 256 << 20)
             return Reply(status: Int(response.status.code), headers: response.headers, body: Data(buffer: buffer))
         } catch {
@@ -100,7 +109,7 @@ struct APIClient {
         let request = HTTPClientRequest(url: base + path)
         let response: HTTPClientResponse
         do {
-            response = try await HTTPClient.shared.execute(request, timeout: .hours(24 * 365))
+            response = try await Self.http.execute(request, timeout: .hours(24 * 365))
         } catch {
             throw CLIError("cannot reach \(base): \(Self.describe(error))")
         }

@@ -156,14 +156,15 @@ def copy_function(src: Path, dst: Path, name: str | None = None, subs: list | No
     return dst
 
 
-def tar_gz_dir(func_dir: Path) -> bytes:
-    """The function dir as a gzip'd tar, entries relative to the dir (apus.yaml at the archive root)."""
+def tar_gz_dir(func_dir: Path, prefix: str = "./") -> bytes:
+    """The function dir as a gzip'd tar with apus.yaml at the archive root. The default "./" prefix gives the
+    entry names of `tar -C DIR -czf - .` (what the CLI uploads); prefix="" gives bare names (`apus.yaml`)."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz") as tar:
         for p in sorted(Path(func_dir).rglob("*")):
             if "__pycache__" in p.parts:
                 continue
-            tar.add(p, arcname=str(p.relative_to(func_dir)), recursive=False)
+            tar.add(p, arcname=prefix + str(p.relative_to(func_dir)), recursive=False)
     return buf.getvalue()
 
 

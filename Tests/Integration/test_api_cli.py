@@ -91,7 +91,7 @@ def test_get_human_and_json(apusd, deployed):
 def test_versions_human_and_json(apusd, deployed):
     deployed.example("hello-python")
     out = apusd.cli_ok("versions", "hello-python")
-    assert re.search(r"\b1\b", out), f"version 1 not shown by `apus versions`:\n{out}"
+    assert re.search(r"(^|\s)v?1\s", out, re.MULTILINE), f"version 1 not shown by `apus versions`:\n{out}"
 
     versions = versions_of(apusd.cli_json("versions", "hello-python"))
     assert [v["number"] for v in versions] == [1]

@@ -1,6 +1,7 @@
 """Errors, logs and deletion."""
 
 import json
+import subprocess
 import time
 import uuid
 
@@ -36,7 +37,10 @@ def test_cli_invoke_error_status_exits_1(apusd):
 
 
 def test_cli_unreachable_api(apusd):
-    rc, out, err = apusd.cli("list", api="http://127.0.0.1:9")  # discard port: nothing listens
+    try:
+        rc, out, err = apusd.cli("list", api="http://127.0.0.1:9", timeout=15)  # discard port: nothing listens
+    except subprocess.TimeoutExpired:
+        raise AssertionError("`apus list` against a refused connection hung for 15 s instead of failing") from None
     assert rc == 1, (rc, out, err)
     assert err.startswith("apus: error: ") and len(err.splitlines()) == 1, err
 

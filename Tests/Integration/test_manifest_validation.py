@@ -112,6 +112,18 @@ def test_api_deploy_tarball_and_release_false(apusd, tmp_path):
     assert r.header("X-Apus-Version") == "2"
 
 
+def test_api_deploy_tarball_with_bare_entry_names(apusd, tmp_path):
+    """A tar.gz made without the leading "./" (e.g. Python's tarfile, `tar -czf x apus.yaml main.py`) is the
+    same function dir and must deploy too."""
+    func_dir = write_function(tmp_path / "bare", "name: tarball-bare\nruntime: python3\n")
+    r = apusd.api_call("POST", "/v1/functions", body=tar_gz_dir(func_dir, prefix=""),
+                       headers={"Content-Type": "application/gzip"})
+    assert r.status == 201, r
+    assert r.json()["version"]["number"] == 1
+    r = apusd.get("/tarball-bare/")
+    assert r.status == 200 and r.json() == {"v": "a"}, r
+
+
 def test_bad_release_rejected(apusd, deployed):
     deployed.example("hello-python")
     # A version that does not exist.

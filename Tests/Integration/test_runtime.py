@@ -22,9 +22,14 @@ def test_instance_environment(apusd, deployed):
     assert env.get("FOO") == "bar", env
     # The instance port is not one of apusd's own listeners.
     assert int(env["APUS_PORT"]) not in (apusd.api_port, apusd.http_port)
-    # The same id is listed by the control API.
-    ids = {i["id"] for i in apusd.api_json("GET", "/v1/functions/envdump/instances")["instances"]}
-    assert env["APUS_INSTANCE"] in ids, (env["APUS_INSTANCE"], ids)
+    # The control API lists the same instance, with the fields of the spec.
+    instances = apusd.api_json("GET", "/v1/functions/envdump/instances")["instances"]
+    [inst] = [i for i in instances if i["id"] == env["APUS_INSTANCE"]] or [None]
+    assert inst is not None, (env["APUS_INSTANCE"], instances)
+    missing = {"id", "version", "state", "port", "inFlight", "pid", "startedAt"} - set(inst)
+    assert not missing, f"instance lacks {sorted(missing)}: {inst}"
+    assert inst["port"] == int(env["APUS_PORT"]) and inst["version"] == 1, inst
+    assert isinstance(inst["pid"], int) and inst["pid"] > 0, inst
 
 
 @pytest.fixture(scope="module")
@@ -73,11 +78,11 @@ def test_sandbox_hides_data_dir_and_other_functions(sandboxed, deployed):
             paths.extend(Path(root) / n for n in dirs + files)
             if depth >= 2:
                 dirs[:] = []
-    hello_files = [p for p in paths if p.name == "main.py" and "hello" in str(p)]
-    assert len(paths) < 500
+    code_files = [p for p in paths if p.name in ("main.py", "apus.yaml")][:40]  # other functions' code
+    assert len(paths) < 1000
 
     visible = []
-    for p in paths[:60] + hello_files:
+    for p in paths[:40] + code_files:
         doc = snoop(sandboxed, p)
         if doc["exists"] is not False or doc["listing"] is not None or doc["readable"] is not False:
             visible.append(doc)

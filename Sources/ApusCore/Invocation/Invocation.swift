@@ -1,22 +1,23 @@
-import Foundation
-
-/// The protocol-neutral request an edge hands to the middle: which function, which version if pinned,
-/// routing metadata, a deadline, and a body that stays opaque bytes.
+/// The protocol-neutral head of a request, as an edge hands it to the middle: which function (and version, if
+/// pinned), what to call, routing metadata and a deadline. The body travels beside it as opaque bytes and is never
+/// parsed past the edge.
 public struct Invocation: Sendable {
     public var requestID: String
     public var function: String
     /// Set when the caller pinned a version (e.g. `X-Apus-Version`).
     public var pinnedVersion: Int?
+    /// HTTP method (or, for RPC edges later, the RPC method name).
     public var method: String
-    /// Path as the instance should see it (function prefix removed).
+    /// Path as the instance should see it (function prefix removed), query included.
     public var path: String
+    /// Headers / metadata to pass on, hop-by-hop and platform headers already removed.
     public var metadata: [(name: String, value: String)]
-    public var deadline: ContinuousClock.Instant
-    public var body: [UInt8]
+    /// Set once the version (and so its timeout) is known.
+    public var deadline: ContinuousClock.Instant?
 
     public init(
         requestID: String, function: String, pinnedVersion: Int?, method: String, path: String,
-        metadata: [(name: String, value: String)], deadline: ContinuousClock.Instant, body: [UInt8]
+        metadata: [(name: String, value: String)], deadline: ContinuousClock.Instant? = nil
     ) {
         self.requestID = requestID
         self.function = function
@@ -25,17 +26,16 @@ public struct Invocation: Sendable {
         self.path = path
         self.metadata = metadata
         self.deadline = deadline
-        self.body = body
     }
 }
 
 /// Short random identifiers for requests and instances.
 public enum Identifier {
     public static func make(prefix: String = "", length: Int = 16) -> String {
-        let alphabet = Array("0123456789abcdefghijklmnopqrstuvwxyz")
-        var out = prefix
-        out.reserveCapacity(prefix.count + length)
-        for _ in 0..<length { out.append(alphabet[Int.random(in: 0..<alphabet.count)]) }
-        return out
+        let alphabet = Array("0123456789abcdefghijklmnopqrstuvwxyz".utf8)
+        var bytes = Array(prefix.utf8)
+        bytes.reserveCapacity(bytes.count + length)
+        for _ in 0..<length { bytes.append(alphabet[Int.random(in: 0..<alphabet.count)]) }
+        return String(decoding: bytes, as: UTF8.self)
     }
 }

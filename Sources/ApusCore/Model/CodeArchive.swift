@@ -31,8 +31,13 @@ public enum CodeArchive {
     }
 
     /// Reads one member of an archive without extracting the rest.
+    /// Archives made by `apus deploy` name members `./x`; other tools write bare `x`. Both are accepted.
     public static func readMember(_ name: String, of archive: Data) throws(ApusError) -> Data {
-        try run("/usr/bin/env", ["tar", "-xzOf", "-", "./\(name)"], input: archive, failureCode: .badRequest)
+        do {
+            return try run("/usr/bin/env", ["tar", "-xzOf", "-", "./\(name)"], input: archive, failureCode: .badRequest)
+        } catch {
+            return try run("/usr/bin/env", ["tar", "-xzOf", "-", name], input: archive, failureCode: .badRequest)
+        }
     }
 
     @discardableResult

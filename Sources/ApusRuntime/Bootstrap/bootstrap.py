@@ -10,9 +10,23 @@ Standard library only; runs on Python 3.8+ (tested with Debian's 3.11).
 See docs/runtime-contract.md for the contract this file implements.
 """
 
+import os
+import sys
+
+# Instances run under RLIMIT_AS (address-space limit from the manifest's `memory`).
+# glibc reserves 64 MiB of address space per malloc arena and creates up to 8 per
+# core as threads appear, which exhausts a 256Mi limit after a few dozen threads.
+# MALLOC_ARENA_MAX is only read at process start, so re-exec once with it set.
+if "MALLOC_ARENA_MAX" not in os.environ and __name__ == "__main__":
+    os.environ["MALLOC_ARENA_MAX"] = "2"
+    try:
+        os.execv(sys.executable, getattr(sys, "orig_argv", None) or [sys.executable] + sys.argv)
+    except (OSError, ValueError):
+        pass  # keep going with the default arenas
+
 import threading
 
-# Instances run under RLIMIT_AS, so keep per-thread stack reservations small.
+# Keep per-thread stack reservations small for the same reason.
 # This must happen before any thread is started.
 threading.stack_size(512 * 1024)
 
@@ -20,10 +34,8 @@ import base64
 import binascii
 import http.server
 import json
-import os
 import signal
 import socket
-import sys
 import time
 import traceback
 import uuid
@@ -54,6 +66,21 @@ def _log_err(text):
             sys.stderr.flush()
         except (OSError, ValueError):
             pass
+
+
+def _format_user_exception(exc):
+    """Format ``exc`` without the leading frames that belong to this file or to importlib."""
+    tb = exc.__traceback__
+    here = os.path.abspath(__file__)
+    while tb is not None:
+        filename = tb.tb_frame.f_code.co_filename
+        if filename == here or filename.startswith("<frozen importlib") or (
+            os.path.basename(filename) == "__init__.py" and os.path.basename(os.path.dirname(filename)) == "importlib"
+        ):
+            tb = tb.tb_next
+        else:
+            break
+    return "".join(traceback.format_exception(type(exc), exc, tb))
 
 
 def _fatal(message, code=1):
@@ -98,13 +125,15 @@ def _load_handler(spec):
     if sys.path and here != code_dir and os.path.abspath(sys.path[0] or ".") == here:
         del sys.path[0]
     sys.path.insert(0, code_dir)
+    # The code directory is the deployed artifact (read-only in the sandbox): never write __pycache__ into it.
+    sys.dont_write_bytecode = True
 
     import importlib
 
     try:
         module = importlib.import_module(module_name)
     except BaseException as exc:  # SyntaxError, ImportError, anything raised at import time, sys.exit()
-        details = traceback.format_exc()
+        details = _format_user_exception(exc)
         _log_err(
             "apus-bootstrap: cannot import handler module %r (APUS_HANDLER=%r) from %s: %s: %s\n%s"
             % (module_name, spec, code_dir, type(exc).__name__, exc, details)
@@ -479,7 +508,7 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
             if isinstance(exc, KeyboardInterrupt):
                 raise
             message = "%s: %s" % (type(exc).__name__, exc)
-            tb = traceback.format_exc().rstrip("\n").split("\n")
+            tb = _format_user_exception(exc).rstrip("\n").split("\n")
             _log_err(
                 "apus: request %s: handler raised %s\n" % (request_id, message)
                 + "\n".join("[%s] %s" % (request_id, line) for line in tb)
@@ -505,6 +534,12 @@ class Server(http.server.ThreadingHTTPServer):
     def handle_error(self, request, client_address):
         exc = sys.exc_info()[1]
         if isinstance(exc, (ConnectionError, TimeoutError, socket.timeout)):
+            return
+        if isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and "thread" in str(exc)):
+            _log_err(
+                "apus-bootstrap: dropped a connection: cannot start a thread for it (%s: %s); "
+                "the instance is at its memory limit" % (type(exc).__name__, exc)
+            )
             return
         _log_err("apus-bootstrap: connection error: " + traceback.format_exc())
 

@@ -67,6 +67,29 @@ struct ChildProcess: Sendable {
         _ = kill(-pid, signal)
     }
 
+    /// The process that runs the function itself. Under bubblewrap the spawned pid is bwrap, which must not get
+    /// SIGTERM (it would die at once and take the instance down with SIGKILL before it drains): walk down the
+    /// process tree past every bwrap to the first process that is not one.
+    func functionProcess() -> pid_t {
+        var current = pid
+        for _ in 0..<8 {
+            guard commandName(of: current) == "bwrap" else { return current }
+            guard let child = firstChild(of: current) else { return current }
+            current = child
+        }
+        return current
+    }
+
+    private func commandName(of pid: pid_t) -> String? {
+        guard let text = try? String(contentsOfFile: "/proc/\(pid)/comm", encoding: .utf8) else { return nil }
+        return text.trimmingCharacters(in: .whitespacesAndNewlines)
+    }
+
+    private func firstChild(of pid: pid_t) -> pid_t? {
+        guard let text = try? String(contentsOfFile: "/proc/\(pid)/task/\(pid)/children", encoding: .utf8) else { return nil }
+        return text.split(separator: " ").compactMap { pid_t($0) }.first
+    }
+
     /// Blocks the calling thread until the child ends.
     func waitForExit() -> InstanceExit {
         var status: Int32 = 0

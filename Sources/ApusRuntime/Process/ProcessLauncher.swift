@@ -206,7 +206,8 @@ final class ProcessInstance: InstanceHandle {
             return state.exit != nil
         }
         if alreadyGone { return }
-        child.signalGroup(SIGTERM)
+        // SIGTERM goes to the function's own process (not a bwrap wrapper), so it can drain; SIGKILL to the group.
+        _ = kill(child.functionProcess(), SIGTERM)
         let deadline = ContinuousClock.now.advanced(by: grace)
         while exit == nil, ContinuousClock.now < deadline {
             try? await Task.sleep(for: .milliseconds(20))
