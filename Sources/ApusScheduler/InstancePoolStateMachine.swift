@@ -37,7 +37,14 @@ public struct InstancePoolStateMachine: Sendable {
         public var inFlight: Int
         public var lastActive: Instant
         public var startedAt: Instant
+        public var readyAt: Instant?
     }
+
+    /// After a failed start the next start waits (requests stay queued meanwhile): 0.5 s, doubling per consecutive
+    /// failure, at most this long.
+    public static let maxStartBackoff: Duration = .seconds(30)
+    /// An instance that dies sooner than this after becoming ready counts as a failed start (crash loop).
+    public static let crashLoopWindow: Duration = .seconds(2)
 
     public enum Action: Sendable, Equatable {
         /// Hand the waiting request a slot on this instance.
@@ -60,6 +67,8 @@ public struct InstancePoolStateMachine: Sendable {
     private var waiters: [Waiter] = []
     /// Once closed (version retired or shutting down) nothing new is started or admitted.
     public private(set) var isClosed = false
+    private var consecutiveStartFailures = 0
+    private var startBlockedUntil: Instant?
     private let makeInstanceID: @Sendable () -> String
 
     public init(configuration: Configuration, makeInstanceID: @escaping @Sendable () -> String = { Identifier.make(prefix: "i-", length: 8) }) {
@@ -116,12 +125,16 @@ public struct InstancePoolStateMachine: Sendable {
         guard instance.state == .starting else { return [] }
         instance.state = .ready
         instance.lastActive = now
+        instance.readyAt = now
         instances[instanceID] = instance
+        consecutiveStartFailures = 0
+        startBlockedUntil = nil
         return dispatchWaiters(now: now)
     }
 
     public mutating func instanceFailedToStart(_ instanceID: String, error: ApusError, now: Instant) -> [Action] {
         guard instances.removeValue(forKey: instanceID) != nil else { return [] }
+        noteStartFailure(error, now: now)
         // Without any other instance on the way, waiting requests would wait in vain: fail them now.
         if !instances.values.contains(where: { $0.state != .draining }) {
             let failed = waiters.map { Action.fail(requestID: $0.requestID, error) }
@@ -134,8 +147,13 @@ public struct InstancePoolStateMachine: Sendable {
     /// The instance's process ended without being asked to (crash, exit). Its in-flight requests fail on their own
     /// connections; it is replaced when there is demand or `minInstances` requires it.
     public mutating func instanceExited(_ instanceID: String, now: Instant) -> [Action] {
-        guard instances.removeValue(forKey: instanceID) != nil else { return [] }
+        guard let instance = instances.removeValue(forKey: instanceID) else { return [] }
         guard !isClosed else { return [] }
+        if let readyAt = instance.readyAt, now - readyAt < Self.crashLoopWindow {
+            noteStartFailure(ApusError(.unavailable, "instance exited \((now - readyAt).milliseconds)ms after becoming ready"), now: now)
+        } else if instance.readyAt == nil {
+            noteStartFailure(ApusError(.unavailable, "instance exited before it was ready"), now: now)
+        }
         return scaleUpForQueue(now: now) + ensureMinimum(now: now)
     }
 
@@ -169,7 +187,7 @@ public struct InstancePoolStateMachine: Sendable {
             serving -= 1
             actions.append(.stopInstance(instanceID: instance.id))
         }
-        return actions + ensureMinimum(now: now)
+        return actions + ensureMinimum(now: now) + scaleUpForQueue(now: now)
     }
 
     /// New limits (a redeploy of the same version cannot happen; this is for `scale`/queue changes at runtime).
@@ -180,7 +198,7 @@ public struct InstancePoolStateMachine: Sendable {
 
     /// Makes sure `minInstances` instances exist (called when the version starts receiving traffic).
     public mutating func ensureMinimum(now: Instant) -> [Action] {
-        guard !isClosed else { return [] }
+        guard !isClosed, !isStartBlocked(now: now) else { return [] }
         var actions: [Action] = []
         var serving = instances.values.filter { $0.state != .draining }.count
         while serving < configuration.minInstances {
@@ -235,7 +253,7 @@ public struct InstancePoolStateMachine: Sendable {
 
     /// Starts instances while the queue exceeds what starting instances will absorb, up to `maxInstances`.
     private mutating func scaleUpForQueue(now: Instant) -> [Action] {
-        guard !isClosed else { return [] }
+        guard !isClosed, !isStartBlocked(now: now) else { return [] }
         var actions: [Action] = []
         var serving = instances.values.filter { $0.state != .draining }.count
         var startingCapacity = instances.values.filter { $0.state == .starting }.count * configuration.concurrency
@@ -247,9 +265,20 @@ public struct InstancePoolStateMachine: Sendable {
         return actions
     }
 
+    private func isStartBlocked(now: Instant) -> Bool {
+        startBlockedUntil.map { now < $0 } ?? false
+    }
+
+    private mutating func noteStartFailure(_ error: ApusError, now: Instant) {
+        consecutiveStartFailures += 1
+        let exponent = min(consecutiveStartFailures - 1, 10)
+        let backoff = min(Duration.milliseconds(500) * (1 << exponent), Self.maxStartBackoff)
+        startBlockedUntil = now.advanced(by: backoff)
+    }
+
     private mutating func startInstance(now: Instant) -> Action {
         let id = makeInstanceID()
-        instances[id] = Instance(id: id, state: .starting, inFlight: 0, lastActive: now, startedAt: now)
+        instances[id] = Instance(id: id, state: .starting, inFlight: 0, lastActive: now, startedAt: now, readyAt: nil)
         return .startInstance(instanceID: id)
     }
 }

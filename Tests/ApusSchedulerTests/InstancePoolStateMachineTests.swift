@@ -134,11 +134,12 @@ struct InstancePoolStateMachineTests {
     }
 
     @Test func crashedInstanceIsReplacedWhenThereIsDemand() {
-        let clock = TestClock()
+        var clock = TestClock()
         var m = Self.makeMachine(concurrency: 1, max: 1)
         _ = m.request("r1", deadline: clock.now.advanced(by: .seconds(5)), now: clock.now)
         _ = m.instanceReady("i1", now: clock.now)
         _ = m.request("r2", deadline: clock.now.advanced(by: .seconds(5)), now: clock.now)
+        clock.advance(.seconds(3))
         let a = m.instanceExited("i1", now: clock.now)
         #expect(started(a) == ["i2"])
         #expect(dispatched(m.instanceReady("i2", now: clock.now)) == ["r2": "i2"])
@@ -146,10 +147,11 @@ struct InstancePoolStateMachineTests {
     }
 
     @Test func crashBelowMinimumIsReplacedWithoutDemand() {
-        let clock = TestClock()
+        var clock = TestClock()
         var m = Self.makeMachine(min: 1)
         #expect(started(m.ensureMinimum(now: clock.now)) == ["i1"])
         _ = m.instanceReady("i1", now: clock.now)
+        clock.advance(.seconds(10))
         #expect(started(m.instanceExited("i1", now: clock.now)) == ["i2"])
     }
 
@@ -212,5 +214,50 @@ struct InstancePoolStateMachineTests {
         #expect(m.ensureMinimum(now: clock.now).isEmpty)
         let a = m.reconfigure(.init(concurrency: 2, minInstances: 2, maxInstances: 3, queueLength: 100, idleTimeout: .seconds(60)), now: clock.now)
         #expect(started(a).count == 2)
+    }
+}
+
+@Suite("instance pool start backoff")
+struct InstancePoolBackoffTests {
+    typealias Machine = InstancePoolStateMachine
+
+    func started(_ actions: [Machine.Action]) -> Int {
+        actions.filter { if case .startInstance = $0 { return true } else { return false } }.count
+    }
+
+    @Test func failedStartsBackOffInsteadOfLooping() {
+        var now = ContinuousClock.now
+        var m = InstancePoolStateMachineTests.makeMachine(min: 1)
+        #expect(started(m.ensureMinimum(now: now)) == 1)
+        _ = m.instanceFailedToStart("i1", error: ApusError(.unavailable, "exit 1"), now: now)
+        #expect(started(m.tick(now: now)) == 0, "no immediate restart")
+        // A request during the backoff waits for the next attempt instead of starting one now.
+        #expect(m.request("r1", deadline: now.advanced(by: .seconds(30)), now: now).isEmpty)
+        #expect(m.queueDepth == 1)
+        now = now.advanced(by: .milliseconds(600))
+        #expect(started(m.tick(now: now)) == 1, "retried after 0.5 s")
+        let failed = m.instanceFailedToStart("i2", error: ApusError(.unavailable, "exit 1"), now: now)
+        #expect(failed == [.fail(requestID: "r1", ApusError(.unavailable, "exit 1"))], "the waiter gets the start error")
+        _ = m.request("r2", deadline: now.advanced(by: .seconds(30)), now: now)
+        now = now.advanced(by: .milliseconds(600))
+        #expect(started(m.tick(now: now)) == 0, "second backoff is 1 s")
+        now = now.advanced(by: .milliseconds(500))
+        #expect(started(m.tick(now: now)) == 1)
+        let served = m.instanceReady("i3", now: now)
+        #expect(served == [.dispatch(requestID: "r2", instanceID: "i3")])
+    }
+
+    @Test func crashRightAfterReadyCountsAsFailedStart() {
+        var now = ContinuousClock.now
+        var m = InstancePoolStateMachineTests.makeMachine(min: 1)
+        _ = m.ensureMinimum(now: now)
+        _ = m.instanceReady("i1", now: now)
+        now = now.advanced(by: .milliseconds(100))
+        #expect(started(m.instanceExited("i1", now: now)) == 0, "crash loop is slowed down")
+        now = now.advanced(by: .seconds(1))
+        #expect(started(m.tick(now: now)) == 1)
+        _ = m.instanceReady("i2", now: now)
+        now = now.advanced(by: .seconds(60))
+        #expect(started(m.instanceExited("i2", now: now)) == 1, "a long-lived instance's crash is replaced at once")
     }
 }

@@ -119,19 +119,20 @@ public final class ProcessLauncher: InstanceLauncher {
         Thread.detachNewThread {
             let exit = child.waitForExit()
             child.signalGroup(SIGKILL)  // leftovers in the group
-            let wasStopping = instance.markExited(exit)
+            let (wasStopping, wasLaunched) = instance.markExited(exit)
             logs.event(function: function, version: version, instance: spec.instanceID, "\(exit)\(wasStopping ? " (stopped)" : "")")
             if wasStopping {
                 exitLogger.debug("instance stopped", metadata: ["exit": "\(exit)"])
-            } else {
+            } else if wasLaunched {
                 exitLogger.warning("instance ended unexpectedly", metadata: ["exit": "\(exit)"])
             }
-            onExit(exit)
+            // Before readiness the failure is reported by `launch` throwing, not through `onExit`.
+            if wasLaunched { onExit(exit) }
         }
 
         // Wait for readiness off the cooperative pool: the probe blocks on a socket.
         let deadline = started.advanced(by: configuration.startTimeout)
-        let outcome: Result<Void, ApusError> = await withCheckedContinuation { continuation in
+        var outcome: Result<Void, ApusError> = await withCheckedContinuation { continuation in
             Thread.detachNewThread {
                 var lastProblem = "did not listen on its port"
                 var pause: UInt32 = 10_000
@@ -158,6 +159,9 @@ public final class ProcessLauncher: InstanceLauncher {
                 }
             }
         }
+        if case .success = outcome, let exit = instance.markLaunched() {
+            outcome = .failure(ApusError(.unavailable, "instance \(exit) right after it became ready"))
+        }
         switch outcome {
         case .success:
             let elapsed = ContinuousClock.now - started
@@ -180,7 +184,7 @@ final class ProcessInstance: InstanceHandle {
     let instanceID: String
     let port: Int
     let child: ChildProcess
-    private let state = Mutex<(exit: InstanceExit?, stopping: Bool)>((nil, false))
+    private let state = Mutex<(exit: InstanceExit?, stopping: Bool, launched: Bool)>((nil, false, false))
 
     var pid: Int32 { child.pid }
 
@@ -192,11 +196,20 @@ final class ProcessInstance: InstanceHandle {
 
     var exit: InstanceExit? { state.withLock { $0.exit } }
 
-    /// Records the exit; returns whether a stop had been asked for.
-    func markExited(_ exit: InstanceExit) -> Bool {
+    /// Records the exit; returns whether a stop had been asked for and whether the instance had been handed out.
+    func markExited(_ exit: InstanceExit) -> (stopping: Bool, launched: Bool) {
         state.withLock { state in
             state.exit = exit
-            return state.stopping
+            return (state.stopping, state.launched)
+        }
+    }
+
+    /// Marks the instance as handed to the caller; returns its exit if it already ended (then it is not handed out).
+    func markLaunched() -> InstanceExit? {
+        state.withLock { state in
+            if let exit = state.exit { return exit }
+            state.launched = true
+            return nil
         }
     }
 
