@@ -26,7 +26,7 @@ public final class InstancePool: Sendable {
 
     private struct State {
         var machine: InstancePoolStateMachine
-        var waiting: [String: CheckedContinuation<Result<Lease, ApusError>, Never>] = [:]
+        var waiting: [String: @Sendable (Result<Lease, ApusError>) -> Void] = [:]
         var timers: [String: Task<Void, Never>] = [:]
         var handles: [String: any InstanceHandle] = [:]
         var launching = 0
@@ -58,37 +58,76 @@ public final class InstancePool: Sendable {
 
     private var now: ContinuousClock.Instant { .now }
 
+    /// What `acquire(requestID:deadline:whenQueued:)` decided on the spot.
+    public enum AcquireOutcome: Sendable {
+        /// A slot was free: use it now.
+        case leased(Lease)
+        /// Refused at once (queue full, deadline passed, pool closed).
+        case failed(ApusError)
+        /// Waiting for a slot; `whenQueued` is called once with the lease or the failure.
+        case queued
+    }
+
+    /// Takes a slot without waiting when one is free (the hot path: no task, no continuation); otherwise queues
+    /// the request until `deadline` and reports through `whenQueued`, from any thread.
+    public func acquire(
+        requestID: String, deadline: ContinuousClock.Instant,
+        whenQueued: @escaping @Sendable (Result<Lease, ApusError>) -> Void
+    ) -> AcquireOutcome {
+        var outcome = AcquireOutcome.queued
+        let actions = state.withLock { state in
+            var rest: [InstancePoolStateMachine.Action] = []
+            for action in state.machine.request(requestID, deadline: deadline, now: now) {
+                switch action {
+                case .dispatch(let id, let instanceID) where id == requestID:
+                    // A ready instance always has its handle: both change under this lock.
+                    outcome = .leased(Lease(instanceID: instanceID, port: state.handles[instanceID]!.port))
+                case .fail(let id, let error) where id == requestID:
+                    outcome = .failed(error)
+                default:
+                    rest.append(action)
+                }
+            }
+            if case .queued = outcome {
+                state.waiting[requestID] = whenQueued
+                state.timers[requestID] = Task { [weak self] in
+                    try? await Task.sleep(until: deadline, clock: .continuous)
+                    guard !Task.isCancelled, let self else { return }
+                    self.perform(self.state.withLock { $0.machine.requestExpired(requestID, now: self.now) })
+                }
+            }
+            return rest
+        }
+        perform(actions)
+        return outcome
+    }
+
+    /// The caller of a queued request went away. Returns false when the decision was already made (its callback
+    /// is on its way, and a lease it carries must be released).
+    @discardableResult
+    public func cancel(requestID: String) -> Bool {
+        let (timer, wasWaiting) = state.withLock { state in
+            state.machine.requestCancelled(requestID)
+            return (state.timers.removeValue(forKey: requestID), state.waiting.removeValue(forKey: requestID) != nil)
+        }
+        timer?.cancel()
+        return wasWaiting
+    }
+
     /// Waits for a slot on a ready instance (starting one if needed) until `deadline`.
     public func acquire(requestID: String, deadline: ContinuousClock.Instant) async throws(ApusError) -> Lease {
         let result = await withTaskCancellationHandler {
             await withCheckedContinuation { (continuation: CheckedContinuation<Result<Lease, ApusError>, Never>) in
-                let actions = state.withLock { state in
-                    state.waiting[requestID] = continuation
-                    return state.machine.request(requestID, deadline: deadline, now: now)
+                switch acquire(requestID: requestID, deadline: deadline, whenQueued: { continuation.resume(returning: $0) }) {
+                case .leased(let lease): continuation.resume(returning: .success(lease))
+                case .failed(let error): continuation.resume(returning: .failure(error))
+                case .queued: break
                 }
-                let queued = !actions.contains { action in
-                    switch action {
-                    case .dispatch(let id, _), .fail(let id, _): return id == requestID
-                    default: return false
-                    }
-                }
-                if queued {
-                    let timer = Task { [weak self] in
-                        try? await Task.sleep(until: deadline, clock: .continuous)
-                        guard !Task.isCancelled, let self else { return }
-                        self.perform(self.state.withLock { $0.machine.requestExpired(requestID, now: self.now) })
-                    }
-                    state.withLock { $0.timers[requestID] = timer }
-                }
-                perform(actions)
             }
         } onCancel: {
-            let (continuation, timer) = state.withLock { state in
-                state.machine.requestCancelled(requestID)
-                return (state.waiting.removeValue(forKey: requestID), state.timers.removeValue(forKey: requestID))
-            }
-            timer?.cancel()
-            continuation?.resume(returning: .failure(ApusError(.unavailable, "request cancelled by the caller")))
+            let waiter = state.withLock { $0.waiting[requestID] }
+            cancel(requestID: requestID)
+            waiter?(.failure(ApusError(.unavailable, "request cancelled by the caller")))
         }
         return try result.get()
     }
@@ -152,17 +191,17 @@ public final class InstancePool: Sendable {
                 guard let continuation, let port else {
                     // The caller left meanwhile (or the instance vanished): hand the slot back.
                     perform(state.withLock { $0.machine.release(instanceID: instanceID, now: now) })
-                    continuation?.resume(returning: .failure(ApusError(.instanceError, "instance \(instanceID) is gone")))
+                    continuation?(.failure(ApusError(.instanceError, "instance \(instanceID) is gone")))
                     continue
                 }
-                continuation.resume(returning: .success(Lease(instanceID: instanceID, port: port)))
+                continuation(.success(Lease(instanceID: instanceID, port: port)))
 
             case .fail(let requestID, let error):
                 let (continuation, timer) = state.withLock { state in
                     (state.waiting.removeValue(forKey: requestID), state.timers.removeValue(forKey: requestID))
                 }
                 timer?.cancel()
-                continuation?.resume(returning: .failure(error))
+                continuation?(.failure(error))
 
             case .startInstance(let instanceID):
                 start(instanceID)

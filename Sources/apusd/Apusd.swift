@@ -120,9 +120,9 @@ struct Apusd: AsyncParsableCommand {
             configuration: .init(address: .hostname(host, port: apiPort), serverName: "apus-api"),
             onServerRunning: { channel in ports.bound(api: channel.localAddress?.port ?? 0) },
             logger: Logger(label: "apus.api"))
-        let gatewayApp = Gateway.makeApplication(
-            host: host, port: httpPort, configuration: .init(domain: domain), scheduler: scheduler,
-            logger: Logger(label: "apus.gateway"),
+        let gateway = GatewayServer(
+            configuration: .init(host: host, port: httpPort, domain: domain),
+            scheduler: scheduler, logger: Logger(label: "apus.gateway"),
             onRunning: { port in ports.bound(http: port) })
 
         // Graceful shutdown runs in reverse order: the gateway drains first, then log streams end, the API
@@ -132,7 +132,7 @@ struct Apusd: AsyncParsableCommand {
                 .init(service: scheduler, serviceName: "scheduler"),
                 .init(service: apiApp, serviceName: "api"),
                 .init(service: FlagOnShutdown(flag: stopping), serviceName: "log-streams"),
-                .init(service: gatewayApp, serviceName: "gateway"),
+                .init(service: gateway, serviceName: "gateway"),
             ],
             gracefulShutdownSignals: [.sigterm, .sigint],
             logger: logger))

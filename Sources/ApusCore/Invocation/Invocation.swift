@@ -1,6 +1,6 @@
 /// The protocol-neutral head of a request, as an edge hands it to the middle: which function (and version, if
-/// pinned), what to call, routing metadata and a deadline. The body travels beside it as opaque bytes and is never
-/// parsed past the edge.
+/// pinned), what is called, and by when. Headers and body stay with the edge as opaque bytes and pass through to
+/// the instance unparsed.
 public struct Invocation: Sendable {
     public var requestID: String
     public var function: String
@@ -10,26 +10,23 @@ public struct Invocation: Sendable {
     public var method: String
     /// Path as the instance should see it (function prefix removed), query included.
     public var path: String
-    /// Headers / metadata to pass on, hop-by-hop and platform headers already removed.
-    public var metadata: [(name: String, value: String)]
     /// Set once the version (and so its timeout) is known.
     public var deadline: ContinuousClock.Instant?
 
     public init(
         requestID: String, function: String, pinnedVersion: Int?, method: String, path: String,
-        metadata: [(name: String, value: String)], deadline: ContinuousClock.Instant? = nil
+        deadline: ContinuousClock.Instant? = nil
     ) {
         self.requestID = requestID
         self.function = function
         self.pinnedVersion = pinnedVersion
         self.method = method
         self.path = path
-        self.metadata = metadata
         self.deadline = deadline
     }
 }
 
-/// Short random identifiers for requests and instances.
+/// Short random identifiers for instances and the like.
 public enum Identifier {
     public static func make(prefix: String = "", length: Int = 16) -> String {
         let alphabet = Array("0123456789abcdefghijklmnopqrstuvwxyz".utf8)

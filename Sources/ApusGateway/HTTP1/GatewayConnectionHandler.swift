@@ -1,0 +1,477 @@
+import ApusCore
+import ApusScheduler
+import Foundation
+import Logging
+import NIOCore
+
+/// One client connection of the HTTP/1.1 edge. Reads request heads with the minimal codec, routes them, takes a
+/// slot from the function version's pool, and relays the request to an instance over a pooled keep-alive
+/// connection and the response back — header bytes copied, bodies passed through as they arrive. Requests on one
+/// connection are served in order (pipelining is honoured, one exchange at a time). Lives on its event loop.
+final class GatewayConnectionHandler: ChannelInboundHandler, UpstreamExchange {
+    typealias InboundIn = ByteBuffer
+    typealias OutboundOut = ByteBuffer
+
+    private enum Phase {
+        case readingHead
+        case waitingForSlot
+        case connecting
+        case forwarding
+        case closed
+    }
+
+    private struct Exchange {
+        var invocation: Invocation
+        var version: FunctionVersion
+        var pool: InstancePool
+        var head: RequestHead
+        var upstreamHead: ByteBuffer
+        var bodyFraming: BodyFraming
+        var bodyDone: Bool
+        var lease: InstancePool.Lease?
+        var upstream: UpstreamConnection?
+        var timeout: Scheduled<Void>?
+        var responseStarted = false
+        var closeAfter = false
+        var retried = false
+    }
+
+    private let shared: GatewayShared
+    private var context: ChannelHandlerContext!
+    private var upstreams: UpstreamPool!
+    private var phase = Phase.readingHead
+    private var exchange: Exchange?
+    private var inbound: ByteBuffer?
+    private var readPaused = false
+    private var draining = false
+    private var random: UInt64
+    private var peer = "unknown"
+
+    static let maxHead = 64 << 10
+    static let maxBufferedAhead = 256 << 10
+
+    init(shared: GatewayShared) {
+        self.shared = shared
+        self.random = UInt64.random(in: 1...UInt64.max)
+    }
+
+    // MARK: channel events
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        self.context = context
+        self.upstreams = shared.upstreamPool(for: context.eventLoop)
+    }
+
+    func channelActive(context: ChannelHandlerContext) {
+        peer = context.channel.remoteAddress?.ipAddress ?? "unknown"
+        shared.register(self, id: ObjectIdentifier(self), eventLoop: context.eventLoop)
+        context.fireChannelActive()
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        phase = .closed
+        if exchange != nil { abandonExchange(reason: "client closed the connection") }
+        shared.unregister(id: ObjectIdentifier(self))
+        context.fireChannelInactive()
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        var incoming = unwrapInboundIn(data)
+        if inbound == nil || inbound!.readableBytes == 0 {
+            inbound = incoming
+        } else {
+            inbound!.writeBuffer(&incoming)
+        }
+        process()
+    }
+
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        // A slow client slows the instance: stop reading the response while the client cannot take more.
+        exchange?.upstream?.setAutoRead(context.channel.isWritable)
+        context.fireChannelWritabilityChanged()
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        context.close(promise: nil)
+    }
+
+    /// Graceful shutdown: an idle connection closes now, a busy one after its current response.
+    func beginDrain() {
+        draining = true
+        if phase == .readingHead, (inbound?.readableBytes ?? 0) == 0 {
+            close()
+        } else {
+            exchange?.closeAfter = true
+        }
+    }
+
+    // MARK: reading requests
+
+    private func process() {
+        while phase == .readingHead, let buffer = inbound, buffer.readableBytes > 0 {
+            let scan: Result<(RequestHead, Int)?, RequestHead.ParseError> = buffer.withUnsafeReadableBytes { bytes in
+                guard let end = HTTPBytes.endOfHead(bytes) else { return .success(nil) }
+                do throws(RequestHead.ParseError) {
+                    return .success((try RequestHead.parse(bytes, headEnd: end, maxBody: shared.configuration.maxRequestBytes), end))
+                } catch {
+                    return .failure(error)
+                }
+            }
+            switch scan {
+            case .failure(let error):
+                let code: ApusError.Code = error.status == 413 ? .tooLarge : .badRequest
+                respondWithError(ApusError(code, error.message), requestID: nil, version: nil, status: error.status, close: true)
+                return
+            case .success(nil):
+                if buffer.readableBytes > Self.maxHead {
+                    respondWithError(ApusError(.badRequest, "request head exceeds 64 KiB"), requestID: nil, version: nil, status: 431, close: true)
+                }
+                return
+            case .success(let (head, end)?):
+                let rawHead = inbound!.readSlice(length: end)!
+                start(head, rawHead: rawHead)
+            }
+        }
+        if phase == .forwarding { pumpBody() }
+        pauseReadingIfFarAhead()
+    }
+
+    private func nextRoll() -> Int {
+        random ^= random << 13
+        random ^= random >> 7
+        random ^= random << 17
+        return Int(random % 100)
+    }
+
+    private func start(_ head: RequestHead, rawHead: ByteBuffer) {
+        let requestID = shared.requestIDs.next()
+        let hasBody: Bool
+        if case .none = head.framing { hasBody = false } else { hasBody = true }
+        let version: FunctionVersion
+        var invocation: Invocation
+        let route: GatewayRoute
+        do throws(ApusError) {
+            route = try GatewayRoute.resolve(host: head.host, uri: head.target, domain: shared.configuration.domain)
+            var pinned: Int?
+            if let text = head.pinnedVersion {
+                guard let number = Int(text), number > 0 else {
+                    throw ApusError(.badRequest, "X-Apus-Version must be a version number (got \(text.prefix(32)))")
+                }
+                pinned = number
+            }
+            invocation = Invocation(requestID: requestID, function: route.function, pinnedVersion: pinned, method: head.method, path: route.instancePath)
+            version = try shared.scheduler.catalog.route(function: route.function, pinnedVersion: pinned, roll: nextRoll())
+        } catch {
+            respondWithError(error, requestID: requestID, version: nil, close: hasBody || !head.keepAlive || draining)
+            return
+        }
+        let now = ContinuousClock.now
+        let deadline = now.advanced(by: version.manifest.timeout)
+        invocation.deadline = deadline
+
+        let upstreamHead = makeUpstreamHead(head, rawHead: rawHead, route: route, requestID: requestID, version: version)
+        let pool = shared.scheduler.pool(for: version)
+        exchange = Exchange(
+            invocation: invocation, version: version, pool: pool, head: head, upstreamHead: upstreamHead,
+            bodyFraming: head.framing, bodyDone: !hasBody, closeAfter: !head.keepAlive || draining)
+        let timeoutMs = version.manifest.timeout.milliseconds
+        exchange!.timeout = context.eventLoop.assumeIsolated().scheduleTask(in: .milliseconds(timeoutMs)) { [self] in
+            deadlinePassed(requestID: requestID)
+        }
+        if head.expectContinue {
+            var interim = context.channel.allocator.buffer(capacity: 25)
+            interim.writeStatic("HTTP/1.1 100 Continue\r\n\r\n")
+            context.writeAndFlush(wrapOutboundOut(interim), promise: nil)
+        }
+
+        let bound = NIOLoopBound(self, eventLoop: context.eventLoop)
+        switch pool.acquire(requestID: requestID, deadline: deadline, whenQueued: { result in
+            bound.eventLoop.execute { bound.value.slotDecided(requestID: requestID, result) }
+        }) {
+        case .leased(let lease):
+            phase = .connecting
+            exchange!.lease = lease
+            connect()
+        case .failed(let error):
+            failExchange(error)
+        case .queued:
+            phase = .waitingForSlot
+        }
+    }
+
+    /// Rewrites the head for the instance: new request line, the client's header lines as they were (minus
+    /// hop-by-hop and `X-Apus-*`), and the forwarding and platform headers.
+    private func makeUpstreamHead(_ head: RequestHead, rawHead: ByteBuffer, route: GatewayRoute, requestID: String, version: FunctionVersion) -> ByteBuffer {
+        var out = context.channel.allocator.buffer(capacity: rawHead.readableBytes + 320)
+        out.writeString(head.method)
+        out.writeStatic(" ")
+        out.writeString(route.instancePath)
+        out.writeStatic(" HTTP/1.1\r\n")
+        for span in head.keptSpans {
+            out.writeImmutableBuffer(rawHead.getSlice(at: rawHead.readerIndex + span.lowerBound, length: span.count)!)
+        }
+        out.writeStatic("X-Forwarded-For: ")
+        if let previous = head.forwardedFor {
+            out.writeString(previous)
+            out.writeStatic(", ")
+        }
+        out.writeString(peer)
+        if let host = head.host {
+            out.writeStatic("\r\nX-Forwarded-Host: ")
+            out.writeString(host)
+        }
+        out.writeStatic("\r\nX-Forwarded-Proto: http")
+        if let prefix = route.forwardedPrefix {
+            out.writeStatic("\r\nX-Forwarded-Prefix: ")
+            out.writeString(prefix)
+        }
+        out.writeStatic("\r\nX-Apus-Request-Id: ")
+        out.writeString(requestID)
+        out.writeStatic("\r\nX-Apus-Function: ")
+        out.writeString(version.function)
+        out.writeStatic("\r\nX-Apus-Version: ")
+        out.writeString(String(version.number))
+        out.writeStatic("\r\nX-Apus-Deadline-Ms: ")
+        out.writeString(String(Int64(Date().timeIntervalSince1970 * 1000) + version.manifest.timeout.milliseconds))
+        out.writeStatic("\r\n\r\n")
+        return out
+    }
+
+    private func slotDecided(requestID: String, _ result: Result<InstancePool.Lease, ApusError>) {
+        guard phase == .waitingForSlot, var current = exchange, current.invocation.requestID == requestID else {
+            // The request is gone (client left, deadline passed): give the slot back.
+            if case .success(let lease) = result, let pool = orphanPools.removeValue(forKey: requestID) { pool.release(lease) }
+            return
+        }
+        switch result {
+        case .success(let lease):
+            current.lease = lease
+            exchange = current
+            phase = .connecting
+            connect()
+        case .failure(let error):
+            failExchange(error)
+        }
+    }
+
+    /// Requests that ended while their slot decision was already on its way back: the lease goes back here.
+    private var orphanPools: [String: InstancePool] = [:]
+
+    private func connect() {
+        guard let current = exchange, let lease = current.lease else { return }
+        let requestID = current.invocation.requestID
+        upstreams.connection(port: lease.port) { [self] result in
+            guard phase == .connecting, exchange?.invocation.requestID == requestID else {
+                if case .success(let connection) = result { upstreams.release(connection) }
+                return
+            }
+            switch result {
+            case .success(let connection):
+                exchange!.upstream = connection
+                connection.begin(exchange: self, requestWasHEAD: current.head.isHEAD)
+                phase = .forwarding
+                connection.write(exchange!.upstreamHead, flush: exchange!.bodyDone)
+                pumpBody()
+            case .failure(let error):
+                failExchange(ApusError(.instanceError, "cannot connect to instance \(lease.instanceID): \(error)"))
+            }
+        }
+    }
+
+    /// Moves request body bytes that have arrived to the instance, as far as the framing allows.
+    private func pumpBody() {
+        guard var current = exchange, let upstream = current.upstream, !current.bodyDone, var buffer = inbound else { return }
+        switch current.bodyFraming {
+        case .none, .untilClose:
+            current.bodyDone = true
+        case .length(let remaining):
+            let take = min(remaining, buffer.readableBytes)
+            if take > 0 { upstream.write(buffer.readSlice(length: take)!, flush: true) }
+            current.bodyFraming = .length(remaining: remaining - take)
+            current.bodyDone = remaining == take
+        case .chunked(var scanner):
+            let consumed: Int
+            do {
+                consumed = try buffer.withUnsafeReadableBytes { bytes throws(ChunkedBodyScanner.ScanError) in try scanner.scan(bytes) }
+            } catch {
+                inbound = buffer
+                exchange = current
+                let tooLarge = error == .tooLarge
+                failExchange(tooLarge
+                    ? ApusError(.tooLarge, "request body exceeds the \(shared.configuration.maxRequestBytes)-byte limit")
+                    : ApusError(.badRequest, "malformed chunked request body"), forceClose: true)
+                return
+            }
+            if consumed > 0 { upstream.write(buffer.readSlice(length: consumed)!, flush: true) }
+            current.bodyFraming = .chunked(scanner)
+            current.bodyDone = scanner.isDone
+        }
+        inbound = buffer
+        exchange = current
+    }
+
+    private func pauseReadingIfFarAhead() {
+        let ahead = inbound?.readableBytes ?? 0
+        if !readPaused, ahead > Self.maxBufferedAhead {
+            readPaused = true
+            context.channel.setOption(ChannelOptions.autoRead, value: false).whenFailure { _ in }
+        } else if readPaused, ahead <= Self.maxBufferedAhead / 2 {
+            readPaused = false
+            context.channel.setOption(ChannelOptions.autoRead, value: true).whenFailure { _ in }
+        }
+    }
+
+    // MARK: the instance's answer
+
+    func upstreamHead(_ head: ByteBuffer, status: Int, closeDelimited: Bool) {
+        guard var current = exchange else { return }
+        current.responseStarted = true
+        if closeDelimited || !current.bodyDone { current.closeAfter = true }
+        var out = head
+        out.writeStatic("X-Apus-Version: ")
+        out.writeString(String(current.version.number))
+        out.writeStatic("\r\nX-Apus-Request-Id: ")
+        out.writeString(current.invocation.requestID)
+        if current.closeAfter {
+            out.writeStatic("\r\nConnection: close")
+        } else if current.head.isHTTP10 {
+            out.writeStatic("\r\nConnection: keep-alive")
+        }
+        out.writeStatic("\r\n\r\n")
+        exchange = current
+        context.write(wrapOutboundOut(out), promise: nil)
+    }
+
+    func upstreamBody(_ bytes: ByteBuffer) {
+        context.write(wrapOutboundOut(bytes), promise: nil)
+    }
+
+    func upstreamFlush() {
+        context.flush()
+    }
+
+    func upstreamComplete(reusable: Bool) {
+        guard let current = exchange else { return }
+        current.timeout?.cancel()
+        if let lease = current.lease { current.pool.release(lease) }
+        if let upstream = current.upstream {
+            if reusable && current.bodyDone { upstreams.release(upstream) } else { upstream.close() }
+        }
+        exchange = nil
+        context.flush()
+        if current.closeAfter || draining {
+            close()
+        } else {
+            phase = .readingHead
+            process()
+        }
+    }
+
+    func upstreamFailed(_ reason: String) {
+        guard var current = exchange else { return }
+        if !current.responseStarted, !current.retried, current.upstream?.servedBefore == true, case .none = current.head.framing {
+            // A kept-alive connection the instance had already closed: try once more on a fresh one.
+            current.retried = true
+            current.upstream = nil
+            exchange = current
+            phase = .connecting
+            connect()
+            return
+        }
+        current.upstream = nil
+        exchange = current
+        failExchange(ApusError(.instanceError, reason))
+    }
+
+    func upstreamWritabilityChanged(_ writable: Bool) {
+        // A slow instance slows the client: stop reading its body while the instance cannot take more.
+        guard !readPaused else { return }
+        context.channel.setOption(ChannelOptions.autoRead, value: writable).whenFailure { _ in }
+    }
+
+    // MARK: endings
+
+    private func deadlinePassed(requestID: String) {
+        guard let current = exchange, current.invocation.requestID == requestID else { return }
+        failExchange(ApusError(.deadlineExceeded, "function did not answer within its timeout of \(current.version.manifest.timeout.humanReadable)"))
+    }
+
+    /// Ends the current exchange with an error: the client gets it as JSON unless the response already began.
+    private func failExchange(_ error: ApusError, forceClose: Bool = false) {
+        guard let current = exchange else { return }
+        releaseResources(of: current)
+        exchange = nil
+        shared.logger.info("request failed", metadata: [
+            "requestID": "\(current.invocation.requestID)", "function": "\(current.version.function)",
+            "version": "\(current.version.number)", "code": "\(error.code)", "reason": "\(error.message)",
+        ])
+        if current.responseStarted {
+            context.flush()
+            close()
+            return
+        }
+        let close = forceClose || current.closeAfter || !current.bodyDone || draining
+        respondWithError(error, requestID: current.invocation.requestID, version: current.version.number, close: close)
+    }
+
+    /// The client went away mid-exchange: give back what the exchange holds.
+    private func abandonExchange(reason: String) {
+        guard let current = exchange else { return }
+        releaseResources(of: current)
+        exchange = nil
+    }
+
+    private func releaseResources(of current: Exchange) {
+        current.timeout?.cancel()
+        if let lease = current.lease {
+            current.pool.release(lease)
+        } else {
+            if !current.pool.cancel(requestID: current.invocation.requestID) {
+                orphanPools[current.invocation.requestID] = current.pool
+            }
+        }
+        current.upstream?.close()
+    }
+
+    private func respondWithError(_ error: ApusError, requestID: String?, version: Int?, status: Int? = nil, close: Bool) {
+        let body = error.jsonBody + "\n"
+        var out = context.channel.allocator.buffer(capacity: body.utf8.count + 200)
+        let code = status ?? error.code.httpStatus
+        out.writeString("HTTP/1.1 \(code) \(Self.reason(code))\r\nContent-Type: application/json\r\nContent-Length: \(body.utf8.count)\r\n")
+        if let requestID { out.writeString("X-Apus-Request-Id: \(requestID)\r\n") }
+        if let version { out.writeString("X-Apus-Version: \(version)\r\n") }
+        if error.code == .overloaded || error.code == .unavailable { out.writeStatic("Retry-After: 1\r\n") }
+        if close { out.writeStatic("Connection: close\r\n") }
+        out.writeStatic("\r\n")
+        out.writeString(body)
+        context.writeAndFlush(wrapOutboundOut(out), promise: nil)
+        if close {
+            self.close()
+        } else {
+            phase = .readingHead
+        }
+    }
+
+    private func close() {
+        guard phase != .closed else { return }
+        phase = .closed
+        context.close(promise: nil)
+    }
+
+    static func reason(_ status: Int) -> String {
+        switch status {
+        case 400: "Bad Request"
+        case 404: "Not Found"
+        case 413: "Content Too Large"
+        case 429: "Too Many Requests"
+        case 431: "Request Header Fields Too Large"
+        case 500: "Internal Server Error"
+        case 501: "Not Implemented"
+        case 502: "Bad Gateway"
+        case 503: "Service Unavailable"
+        case 504: "Gateway Timeout"
+        case 505: "HTTP Version Not Supported"
+        default: "Error"
+        }
+    }
+}

@@ -1,0 +1,208 @@
+import NIOCore
+
+/// The parts of a request head the gateway acts on; every other header line is forwarded byte for byte.
+struct RequestHead {
+    var method: String
+    /// The request target as received (origin form, or absolute form reduced to its path).
+    var target: String
+    var isHTTP10: Bool
+    var host: String?
+    var framing: BodyFraming
+    var keepAlive: Bool
+    var expectContinue: Bool
+    var pinnedVersion: String?
+    var forwardedFor: String?
+    /// Spans of header lines (with their CRLF) copied to the instance unchanged.
+    var keptSpans: [Range<Int>]
+
+    var isHEAD: Bool { method == "HEAD" }
+
+    struct ParseError: Error {
+        var status: Int
+        var message: String
+    }
+
+    /// Parses `bytes[0..<headEnd]` (a complete head ending in CRLFCRLF).
+    static func parse(_ bytes: UnsafeRawBufferPointer, headEnd: Int, maxBody: Int) throws(ParseError) -> RequestHead {
+        // Request line: METHOD SP target SP HTTP/1.x CRLF
+        var lineEnd = 0
+        while bytes[lineEnd] != HTTPBytes.lf { lineEnd += 1 }
+        let lineContentEnd = lineEnd > 0 && bytes[lineEnd - 1] == HTTPBytes.cr ? lineEnd - 1 : lineEnd
+        var firstSpace = 0
+        while firstSpace < lineContentEnd, bytes[firstSpace] != HTTPBytes.space { firstSpace += 1 }
+        var secondSpace = lineContentEnd
+        while secondSpace > firstSpace, bytes[secondSpace - 1] != HTTPBytes.space { secondSpace -= 1 }
+        secondSpace -= 1
+        guard firstSpace > 0, secondSpace > firstSpace + 1, lineContentEnd - secondSpace - 1 == 8 else {
+            throw ParseError(status: 400, message: "malformed request line")
+        }
+        for i in 0..<firstSpace {
+            let b = bytes[i]
+            guard b > 32, b < 127, b != HTTPBytes.colon else { throw ParseError(status: 400, message: "malformed method") }
+        }
+        let versionRange = (secondSpace + 1)..<lineContentEnd
+        let isHTTP10: Bool
+        if HTTPBytes.equalsLowercase(bytes, versionRange, "http/1.1") {
+            isHTTP10 = false
+        } else if HTTPBytes.equalsLowercase(bytes, versionRange, "http/1.0") {
+            isHTTP10 = true
+        } else {
+            throw ParseError(status: 505, message: "only HTTP/1.0 and HTTP/1.1 are served here")
+        }
+        let method = HTTPBytes.string(bytes, 0..<firstSpace)
+        var target = HTTPBytes.string(bytes, (firstSpace + 1)..<secondSpace)
+        var host: String?
+        if target.hasPrefix("http://") || target.hasPrefix("https://") {
+            // Absolute form: the authority becomes the host, the rest the path.
+            let afterScheme = target[target.index(target.firstIndex(of: ":")!, offsetBy: 3)...]
+            let slash = afterScheme.firstIndex(of: "/") ?? afterScheme.endIndex
+            host = String(afterScheme[..<slash])
+            target = slash == afterScheme.endIndex ? "/" : String(afterScheme[slash...])
+        }
+
+        var contentLength: Int?
+        var chunked = false
+        var connectionClose = false
+        var connectionKeepAlive = false
+        var expectContinue = false
+        var pinnedVersion: String?
+        var forwardedFor: String?
+        var failure: ParseError?
+        var spans: [Range<Int>] = []
+        var spanStart = -1
+        var spanEnd = -1
+
+        let wellFormed = HTTPBytes.forEachHeader(bytes, from: lineEnd + 1, headEnd: headEnd) { name, value, line in
+            var keep = true
+            switch name.count {
+            case 4 where HTTPBytes.equalsLowercase(bytes, name, "host"):
+                if host == nil { host = HTTPBytes.string(bytes, value) }
+            case 14 where HTTPBytes.equalsLowercase(bytes, name, "content-length"):
+                guard let length = HTTPBytes.decimal(bytes, value), contentLength == nil || contentLength == length else {
+                    failure = ParseError(status: 400, message: "bad Content-Length")
+                    return false
+                }
+                contentLength = length
+            case 17 where HTTPBytes.equalsLowercase(bytes, name, "transfer-encoding"):
+                guard HTTPBytes.equalsLowercase(bytes, value, "chunked") else {
+                    failure = ParseError(status: 501, message: "only the chunked transfer coding is supported")
+                    return false
+                }
+                chunked = true
+            case 10 where HTTPBytes.equalsLowercase(bytes, name, "connection"):
+                if HTTPBytes.containsToken(bytes, value, "close") { connectionClose = true }
+                if HTTPBytes.containsToken(bytes, value, "keep-alive") { connectionKeepAlive = true }
+                keep = false
+            case 6 where HTTPBytes.equalsLowercase(bytes, name, "expect"):
+                if HTTPBytes.equalsLowercase(bytes, value, "100-continue") { expectContinue = true }
+                keep = false
+            case 10 where HTTPBytes.equalsLowercase(bytes, name, "keep-alive"),
+                 16 where HTTPBytes.equalsLowercase(bytes, name, "proxy-connection"),
+                 2 where HTTPBytes.equalsLowercase(bytes, name, "te"),
+                 7 where HTTPBytes.equalsLowercase(bytes, name, "upgrade"):
+                keep = false
+            case 15 where HTTPBytes.equalsLowercase(bytes, name, "x-forwarded-for"):
+                forwardedFor = HTTPBytes.string(bytes, value)
+                keep = false
+            default:
+                if HTTPBytes.hasPrefixLowercase(bytes, name, "x-apus-") {
+                    if HTTPBytes.equalsLowercase(bytes, name, "x-apus-version") { pinnedVersion = HTTPBytes.string(bytes, value) }
+                    keep = false
+                }
+            }
+            if keep {
+                if spanEnd == line.lowerBound {
+                    spanEnd = line.upperBound
+                } else {
+                    if spanStart >= 0 { spans.append(spanStart..<spanEnd) }
+                    spanStart = line.lowerBound
+                    spanEnd = line.upperBound
+                }
+            }
+            return true
+        }
+        if let failure { throw failure }
+        guard wellFormed else { throw ParseError(status: 400, message: "malformed header line") }
+        if spanStart >= 0 { spans.append(spanStart..<spanEnd) }
+        if chunked && contentLength != nil {
+            throw ParseError(status: 400, message: "Content-Length together with Transfer-Encoding is refused")
+        }
+        if let contentLength, contentLength > maxBody {
+            throw ParseError(status: 413, message: "request body of \(contentLength) bytes exceeds the \(maxBody)-byte limit")
+        }
+        let framing: BodyFraming
+        if chunked {
+            framing = .chunked(ChunkedBodyScanner(maxPayload: maxBody))
+        } else if let contentLength, contentLength > 0 {
+            framing = .length(remaining: contentLength)
+        } else {
+            framing = .none
+        }
+        return RequestHead(
+            method: method, target: target, isHTTP10: isHTTP10, host: host, framing: framing,
+            keepAlive: isHTTP10 ? connectionKeepAlive && !connectionClose : !connectionClose,
+            expectContinue: expectContinue && !isHTTP10, pinnedVersion: pinnedVersion, forwardedFor: forwardedFor,
+            keptSpans: spans)
+    }
+}
+
+/// The parts of an instance's response head the gateway needs to frame it; forwarded otherwise unchanged
+/// except for hop-by-hop connection headers.
+struct ResponseHead {
+    var status: Int
+    var framing: BodyFraming
+    /// The instance wants this connection closed after the response.
+    var connectionClose: Bool
+    /// Status line and header lines (with CRLFs) to forward, without the blank line.
+    var keptSpans: [Range<Int>]
+
+    static func parse(_ bytes: UnsafeRawBufferPointer, headEnd: Int, requestWasHEAD: Bool) -> ResponseHead? {
+        var lineEnd = 0
+        while bytes[lineEnd] != HTTPBytes.lf { lineEnd += 1 }
+        guard lineEnd >= 12, HTTPBytes.hasPrefixLowercase(bytes, 0..<lineEnd, "http/1."),
+              let status = HTTPBytes.decimal(bytes, 9..<12) else { return nil }
+        let isHTTP10 = bytes[7] == UInt8(ascii: "0")
+        var contentLength: Int?
+        var chunked = false
+        var close = isHTTP10
+        var spans: [Range<Int>] = [0..<(lineEnd + 1)]
+        let ok = HTTPBytes.forEachHeader(bytes, from: lineEnd + 1, headEnd: headEnd) { name, value, line in
+            var keep = true
+            switch name.count {
+            case 14 where HTTPBytes.equalsLowercase(bytes, name, "content-length"):
+                contentLength = HTTPBytes.decimal(bytes, value)
+            case 17 where HTTPBytes.equalsLowercase(bytes, name, "transfer-encoding"):
+                chunked = HTTPBytes.containsToken(bytes, value, "chunked")
+            case 10 where HTTPBytes.equalsLowercase(bytes, name, "connection"):
+                if HTTPBytes.containsToken(bytes, value, "close") { close = true }
+                if isHTTP10, HTTPBytes.containsToken(bytes, value, "keep-alive") { close = false }
+                keep = false
+            case 10 where HTTPBytes.equalsLowercase(bytes, name, "keep-alive"),
+                 16 where HTTPBytes.equalsLowercase(bytes, name, "proxy-connection"):
+                keep = false
+            default:
+                break
+            }
+            if keep {
+                if spans[spans.count - 1].upperBound == line.lowerBound {
+                    spans[spans.count - 1] = spans[spans.count - 1].lowerBound..<line.upperBound
+                } else {
+                    spans.append(line)
+                }
+            }
+            return true
+        }
+        guard ok else { return nil }
+        let framing: BodyFraming
+        if requestWasHEAD || status == 204 || status == 304 || (100..<200).contains(status) {
+            framing = .none
+        } else if chunked {
+            framing = .chunked(ChunkedBodyScanner())
+        } else if let contentLength {
+            framing = contentLength == 0 ? .none : .length(remaining: contentLength)
+        } else {
+            framing = .untilClose
+        }
+        return ResponseHead(status: status, framing: framing, connectionClose: close, keptSpans: spans)
+    }
+}

@@ -1,0 +1,276 @@
+import NIOCore
+import NIOPosix
+
+/// The side of an exchange that receives an instance's response (the client connection).
+protocol UpstreamExchange: AnyObject {
+    /// The response head is complete: status line and kept headers (no blank line), and whether the body ends
+    /// only when the instance closes the connection.
+    func upstreamHead(_ head: ByteBuffer, status: Int, closeDelimited: Bool)
+    func upstreamBody(_ bytes: ByteBuffer)
+    func upstreamFlush()
+    /// The response is complete. `reusable` says whether the connection may serve another request.
+    func upstreamComplete(reusable: Bool)
+    /// The connection failed before the response was complete.
+    func upstreamFailed(_ reason: String)
+    func upstreamWritabilityChanged(_ writable: Bool)
+}
+
+/// One keep-alive HTTP/1.1 connection to an instance, reading responses with the minimal codec.
+/// Lives on one event loop; all calls happen there.
+final class UpstreamConnection: ChannelInboundHandler {
+    typealias InboundIn = ByteBuffer
+    typealias OutboundOut = ByteBuffer
+
+    private enum State {
+        case idle
+        case head(requestWasHEAD: Bool)
+        case body(BodyFraming, reusable: Bool)
+    }
+
+    let port: Int
+    private(set) var channel: (any Channel)?
+    private var state = State.idle
+    private var buffer: ByteBuffer?
+    weak var exchange: (any UpstreamExchange)?
+    /// Set by the pool while idle, to forget the connection when it closes.
+    var onClose: ((UpstreamConnection) -> Void)?
+    /// Whether this connection already served a request (a failure on reuse may be retried).
+    private(set) var servedBefore = false
+    private static let maxHead = 64 << 10
+
+    init(port: Int) {
+        self.port = port
+    }
+
+    var isActive: Bool { channel?.isActive ?? false }
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        channel = context.channel
+    }
+
+    /// Starts an exchange: the caller then writes the request head and body to `channel`.
+    func begin(exchange: any UpstreamExchange, requestWasHEAD: Bool) {
+        self.exchange = exchange
+        state = .head(requestWasHEAD: requestWasHEAD)
+        onClose = nil
+    }
+
+    func write(_ bytes: ByteBuffer, flush: Bool) {
+        guard let channel else { return }
+        if flush {
+            channel.writeAndFlush(bytes, promise: nil)
+        } else {
+            channel.write(bytes, promise: nil)
+        }
+    }
+
+    func setAutoRead(_ on: Bool) {
+        _ = channel?.setOption(ChannelOptions.autoRead, value: on)
+    }
+
+    func close() {
+        exchange = nil
+        state = .idle
+        channel?.close(promise: nil)
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        var incoming = unwrapInboundIn(data)
+        switch state {
+        case .idle:
+            // Bytes nobody asked for: the connection is out of step, drop it.
+            context.close(promise: nil)
+        case .head(let wasHEAD):
+            if buffer == nil {
+                buffer = incoming
+            } else {
+                buffer!.writeBuffer(&incoming)
+            }
+            parseHead(context: context, requestWasHEAD: wasHEAD)
+        case .body:
+            forwardBody(context: context, &incoming)
+        }
+    }
+
+    private func parseHead(context: ChannelHandlerContext, requestWasHEAD: Bool) {
+        guard var pending = buffer else { return }
+        let parsed: (ResponseHead, Int)?? = pending.withUnsafeReadableBytes { bytes in
+            guard let end = HTTPBytes.endOfHead(bytes) else { return .some(nil) }
+            guard let head = ResponseHead.parse(bytes, headEnd: end, requestWasHEAD: requestWasHEAD) else { return nil }
+            return (head, end)
+        }
+        guard let parsed else {
+            fail(context: context, "instance sent a malformed response head")
+            return
+        }
+        guard let (head, end) = parsed else {
+            if pending.readableBytes > Self.maxHead { fail(context: context, "instance response head exceeds 64 KiB") }
+            return
+        }
+        var out = context.channel.allocator.buffer(capacity: end + 96)
+        for span in head.keptSpans {
+            out.writeImmutableBuffer(pending.getSlice(at: pending.readerIndex + span.lowerBound, length: span.count)!)
+        }
+        pending.moveReaderIndex(forwardBy: end)
+        buffer = nil
+        if (100..<200).contains(head.status) {
+            // Interim response: pass it on and wait for the final one.
+            out.writeStatic("\r\n")
+            exchange?.upstreamBody(out)
+            state = .head(requestWasHEAD: requestWasHEAD)
+            if pending.readableBytes > 0 { buffer = pending; parseHead(context: context, requestWasHEAD: requestWasHEAD) }
+            return
+        }
+        if case .untilClose = head.framing {
+            exchange?.upstreamHead(out, status: head.status, closeDelimited: true)
+        } else {
+            exchange?.upstreamHead(out, status: head.status, closeDelimited: false)
+        }
+        state = .body(head.framing, reusable: !head.connectionClose)
+        forwardBody(context: context, &pending)
+    }
+
+    private func forwardBody(context: ChannelHandlerContext, _ incoming: inout ByteBuffer) {
+        guard case .body(var framing, let reusable) = state else { return }
+        switch framing {
+        case .none:
+            finish(context: context, reusable: reusable && incoming.readableBytes == 0)
+        case .length(let remaining):
+            let take = min(remaining, incoming.readableBytes)
+            if take > 0 { exchange?.upstreamBody(incoming.readSlice(length: take)!) }
+            if remaining - take == 0 {
+                finish(context: context, reusable: reusable && incoming.readableBytes == 0)
+            } else {
+                state = .body(.length(remaining: remaining - take), reusable: reusable)
+            }
+        case .chunked(var scanner):
+            let consumed: Int
+            do {
+                consumed = try incoming.withUnsafeReadableBytes { bytes throws(ChunkedBodyScanner.ScanError) in try scanner.scan(bytes) }
+            } catch {
+                fail(context: context, "instance sent a malformed chunked body")
+                return
+            }
+            if consumed > 0 { exchange?.upstreamBody(incoming.readSlice(length: consumed)!) }
+            if scanner.isDone {
+                finish(context: context, reusable: reusable && incoming.readableBytes == 0)
+            } else {
+                framing = .chunked(scanner)
+                state = .body(framing, reusable: reusable)
+            }
+        case .untilClose:
+            if incoming.readableBytes > 0 { exchange?.upstreamBody(incoming) }
+        }
+    }
+
+    private func finish(context: ChannelHandlerContext, reusable: Bool) {
+        state = .idle
+        servedBefore = true
+        let exchange = self.exchange
+        self.exchange = nil
+        exchange?.upstreamComplete(reusable: reusable && context.channel.isActive)
+        if !reusable { context.close(promise: nil) }
+    }
+
+    private func fail(context: ChannelHandlerContext, _ reason: String) {
+        let exchange = self.exchange
+        self.exchange = nil
+        state = .idle
+        context.close(promise: nil)
+        exchange?.upstreamFailed(reason)
+    }
+
+    func channelReadComplete(context: ChannelHandlerContext) {
+        exchange?.upstreamFlush()
+    }
+
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        exchange?.upstreamWritabilityChanged(context.channel.isWritable)
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        switch state {
+        case .body(.untilClose, _):
+            finish(context: context, reusable: false)
+        case .idle:
+            break
+        default:
+            let exchange = self.exchange
+            self.exchange = nil
+            state = .idle
+            exchange?.upstreamFailed("instance closed the connection before answering")
+        }
+        onClose?(self)
+        onClose = nil
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        context.close(promise: nil)
+    }
+}
+
+/// Idle keep-alive connections to instances, per event loop and instance port. Every method runs on `eventLoop`
+/// (asserted), which is what makes sharing the reference across threads safe.
+final class UpstreamPool: @unchecked Sendable {
+    let eventLoop: any EventLoop
+    private var idle: [Int: [UpstreamConnection]] = [:]
+    static let maxIdlePerPort = 256
+
+    init(eventLoop: any EventLoop) {
+        self.eventLoop = eventLoop
+    }
+
+    /// An idle connection to `port`, or a new one once connected.
+    func connection(port: Int, _ completion: @escaping (Result<UpstreamConnection, any Error>) -> Void) {
+        eventLoop.assertInEventLoop()
+        while var list = idle[port], let connection = list.popLast() {
+            idle[port] = list.isEmpty ? nil : list
+            if connection.isActive {
+                completion(.success(connection))
+                return
+            }
+        }
+        let connection = UpstreamConnection(port: port)
+        let bound = NIOLoopBound(connection, eventLoop: eventLoop)
+        let future = ClientBootstrap(group: eventLoop)
+            .channelOption(.socketOption(.tcp_nodelay), value: 1)
+            .connectTimeout(.seconds(2))
+            .channelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.addHandler(bound.value)
+                }
+            }
+            .connect(host: "127.0.0.1", port: port)
+        future.assumeIsolated().whenComplete { result in
+            switch result {
+            case .success: completion(.success(connection))
+            case .failure(let error): completion(.failure(error))
+            }
+        }
+    }
+
+    /// Keeps a connection for the next request to the same instance.
+    func release(_ connection: UpstreamConnection) {
+        eventLoop.assertInEventLoop()
+        guard connection.isActive else { return }
+        var list = idle[connection.port] ?? []
+        guard list.count < Self.maxIdlePerPort else {
+            connection.close()
+            return
+        }
+        connection.onClose = { [weak self] closed in
+            guard let self, var list = self.idle[closed.port] else { return }
+            list.removeAll { $0 === closed }
+            self.idle[closed.port] = list.isEmpty ? nil : list
+        }
+        list.append(connection)
+        idle[connection.port] = list
+    }
+
+    func closeAll() {
+        eventLoop.assertInEventLoop()
+        let all = idle.values.flatMap { $0 }
+        idle.removeAll()
+        for connection in all { connection.close() }
+    }
+}
