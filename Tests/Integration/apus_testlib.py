@@ -171,7 +171,7 @@ def tar_gz_dir(func_dir: Path, prefix: str = "./") -> bytes:
 # A `runtime: command` function written by the tests themselves: a plain stdlib HTTP server that echoes what
 # reached the instance (method, path, headers, body). It does not depend on the Python bootstrap's event format.
 HEADECHO_SERVER = r'''
-import json, os, signal, sys, threading
+import hashlib, json, os, signal, sys, threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 class Echo(BaseHTTPRequestHandler):
@@ -183,7 +183,9 @@ class Echo(BaseHTTPRequestHandler):
             "method": self.command,
             "path": self.path,
             "headers": {k.lower(): v for k, v in self.headers.items()},
-            "body": body.decode("utf-8", "replace"),
+            "body": body.decode("utf-8", "replace") if len(body) <= 1 << 20 else None,
+            "bodyLength": len(body),
+            "bodySha256": hashlib.sha256(body).hexdigest(),
         }).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")

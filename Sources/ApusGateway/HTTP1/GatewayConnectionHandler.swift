@@ -43,6 +43,7 @@ final class GatewayConnectionHandler: ChannelInboundHandler, UpstreamExchange {
     private var exchange: Exchange?
     private var inbound: ByteBuffer?
     private var readPaused = false
+    private var upstreamWritable = true
     private var draining = false
     private var random: UInt64
     private var peer = "unknown"
@@ -133,7 +134,7 @@ final class GatewayConnectionHandler: ChannelInboundHandler, UpstreamExchange {
             }
         }
         if phase == .forwarding { pumpBody() }
-        pauseReadingIfFarAhead()
+        updateReading()
     }
 
     private func nextRoll() -> Int {
@@ -260,7 +261,7 @@ final class GatewayConnectionHandler: ChannelInboundHandler, UpstreamExchange {
     private func connect() {
         guard let current = exchange, let lease = current.lease else { return }
         let requestID = current.invocation.requestID
-        upstreams.connection(port: lease.port) { [self] result in
+        upstreams.connection(instanceID: lease.instanceID, port: lease.port) { [self] result in
             guard phase == .connecting, exchange?.invocation.requestID == requestID else {
                 if case .success(let connection) = result { upstreams.release(connection) }
                 return
@@ -308,17 +309,17 @@ final class GatewayConnectionHandler: ChannelInboundHandler, UpstreamExchange {
         }
         inbound = buffer
         exchange = current
+        updateReading()
     }
 
-    private func pauseReadingIfFarAhead() {
+    /// Reading from the client pauses while too much is buffered ahead or the instance cannot take more bytes.
+    private func updateReading() {
+        guard phase != .closed else { return }
         let ahead = inbound?.readableBytes ?? 0
-        if !readPaused, ahead > Self.maxBufferedAhead {
-            readPaused = true
-            context.channel.setOption(ChannelOptions.autoRead, value: false).whenFailure { _ in }
-        } else if readPaused, ahead <= Self.maxBufferedAhead / 2 {
-            readPaused = false
-            context.channel.setOption(ChannelOptions.autoRead, value: true).whenFailure { _ in }
-        }
+        let shouldPause = !upstreamWritable || (readPaused ? ahead > Self.maxBufferedAhead / 2 : ahead > Self.maxBufferedAhead)
+        guard shouldPause != readPaused else { return }
+        readPaused = shouldPause
+        context.channel.setOption(ChannelOptions.autoRead, value: !shouldPause).whenFailure { _ in }
     }
 
     // MARK: the instance's answer
@@ -358,6 +359,7 @@ final class GatewayConnectionHandler: ChannelInboundHandler, UpstreamExchange {
             if reusable && current.bodyDone { upstreams.release(upstream) } else { upstream.close() }
         }
         exchange = nil
+        upstreamWritable = true
         context.flush()
         if current.closeAfter || draining {
             close()
@@ -385,8 +387,8 @@ final class GatewayConnectionHandler: ChannelInboundHandler, UpstreamExchange {
 
     func upstreamWritabilityChanged(_ writable: Bool) {
         // A slow instance slows the client: stop reading its body while the instance cannot take more.
-        guard !readPaused else { return }
-        context.channel.setOption(ChannelOptions.autoRead, value: writable).whenFailure { _ in }
+        upstreamWritable = writable
+        updateReading()
     }
 
     // MARK: endings
@@ -422,6 +424,7 @@ final class GatewayConnectionHandler: ChannelInboundHandler, UpstreamExchange {
     }
 
     private func releaseResources(of current: Exchange) {
+        upstreamWritable = true
         current.timeout?.cancel()
         if let lease = current.lease {
             current.pool.release(lease)

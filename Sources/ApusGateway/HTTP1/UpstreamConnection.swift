@@ -28,6 +28,8 @@ final class UpstreamConnection: ChannelInboundHandler {
     }
 
     let port: Int
+    /// The instance this connection belongs to; ports can be reused by a later instance.
+    let instanceID: String
     private(set) var channel: (any Channel)?
     private var state = State.idle
     private var buffer: ByteBuffer?
@@ -38,7 +40,8 @@ final class UpstreamConnection: ChannelInboundHandler {
     private(set) var servedBefore = false
     private static let maxHead = 64 << 10
 
-    init(port: Int) {
+    init(instanceID: String, port: Int) {
+        self.instanceID = instanceID
         self.port = port
     }
 
@@ -53,6 +56,7 @@ final class UpstreamConnection: ChannelInboundHandler {
         self.exchange = exchange
         state = .head(requestWasHEAD: requestWasHEAD)
         onClose = nil
+        setAutoRead(true)  // a previous exchange may have paused reading for a slow client
     }
 
     func write(_ bytes: ByteBuffer, flush: Bool) {
@@ -64,7 +68,11 @@ final class UpstreamConnection: ChannelInboundHandler {
         }
     }
 
+    private var autoRead = true
+
     func setAutoRead(_ on: Bool) {
+        guard on != autoRead else { return }
+        autoRead = on
         _ = channel?.setOption(ChannelOptions.autoRead, value: on)
     }
 
@@ -209,28 +217,28 @@ final class UpstreamConnection: ChannelInboundHandler {
     }
 }
 
-/// Idle keep-alive connections to instances, per event loop and instance port. Every method runs on `eventLoop`
+/// Idle keep-alive connections to instances, per event loop and instance. Every method runs on `eventLoop`
 /// (asserted), which is what makes sharing the reference across threads safe.
 final class UpstreamPool: @unchecked Sendable {
     let eventLoop: any EventLoop
-    private var idle: [Int: [UpstreamConnection]] = [:]
+    private var idle: [String: [UpstreamConnection]] = [:]
     static let maxIdlePerPort = 256
 
     init(eventLoop: any EventLoop) {
         self.eventLoop = eventLoop
     }
 
-    /// An idle connection to `port`, or a new one once connected.
-    func connection(port: Int, _ completion: @escaping (Result<UpstreamConnection, any Error>) -> Void) {
+    /// An idle connection to the instance, or a new one once connected.
+    func connection(instanceID: String, port: Int, _ completion: @escaping (Result<UpstreamConnection, any Error>) -> Void) {
         eventLoop.assertInEventLoop()
-        while var list = idle[port], let connection = list.popLast() {
-            idle[port] = list.isEmpty ? nil : list
+        while var list = idle[instanceID], let connection = list.popLast() {
+            idle[instanceID] = list.isEmpty ? nil : list
             if connection.isActive {
                 completion(.success(connection))
                 return
             }
         }
-        let connection = UpstreamConnection(port: port)
+        let connection = UpstreamConnection(instanceID: instanceID, port: port)
         let bound = NIOLoopBound(connection, eventLoop: eventLoop)
         let future = ClientBootstrap(group: eventLoop)
             .channelOption(.socketOption(.tcp_nodelay), value: 1)
@@ -253,18 +261,18 @@ final class UpstreamPool: @unchecked Sendable {
     func release(_ connection: UpstreamConnection) {
         eventLoop.assertInEventLoop()
         guard connection.isActive else { return }
-        var list = idle[connection.port] ?? []
+        var list = idle[connection.instanceID] ?? []
         guard list.count < Self.maxIdlePerPort else {
             connection.close()
             return
         }
         connection.onClose = { [weak self] closed in
-            guard let self, var list = self.idle[closed.port] else { return }
+            guard let self, var list = self.idle[closed.instanceID] else { return }
             list.removeAll { $0 === closed }
-            self.idle[closed.port] = list.isEmpty ? nil : list
+            self.idle[closed.instanceID] = list.isEmpty ? nil : list
         }
         list.append(connection)
-        idle[connection.port] = list
+        idle[connection.instanceID] = list
     }
 
     func closeAll() {
