@@ -6,6 +6,11 @@ let swiftSettings: [SwiftSetting] = [
     .enableUpcomingFeature("ExistentialAny"),
 ]
 
+/// The data path checks exclusivity statically; skip the dynamic checks in release builds of the hot modules.
+let hotPathSettings: [SwiftSetting] = swiftSettings + [
+    .unsafeFlags(["-enforce-exclusivity=unchecked"], .when(configuration: .release)),
+]
+
 let package = Package(
     name: "apus",
     platforms: [.macOS(.v15)],
@@ -71,7 +76,7 @@ let package = Package(
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             ],
             exclude: ["README.md"],
-            swiftSettings: swiftSettings
+            swiftSettings: hotPathSettings
         ),
         // HTTP edge: routing by path prefix or host, release-weighted version choice, proxying to instances.
         .target(
@@ -85,7 +90,7 @@ let package = Package(
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             ],
             exclude: ["README.md"],
-            swiftSettings: swiftSettings
+            swiftSettings: hotPathSettings
         ),
         // Control plane: REST/JSON API for deploy, versions, releases, logs.
         .target(
@@ -109,6 +114,7 @@ let package = Package(
                 "ApusCore", "ApusStore", "ApusRuntime", "ApusScheduler", "ApusGateway", "ApusControl",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Hummingbird", package: "hummingbird"),
+                .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
                 .product(name: "Logging", package: "swift-log"),
             ],

@@ -75,7 +75,12 @@ public final class InstancePool: Sendable {
         whenQueued: @escaping @Sendable (Result<Lease, ApusError>) -> Void
     ) -> AcquireOutcome {
         var outcome = AcquireOutcome.queued
-        let actions = state.withLock { state in
+        let actions = state.withLock { state -> [InstancePoolStateMachine.Action] in
+            let now = self.now
+            if let instanceID = state.machine.takeFreeSlot(now: now), let handle = state.handles[instanceID] {
+                outcome = .leased(Lease(instanceID: instanceID, port: handle.port))
+                return []
+            }
             var rest: [InstancePoolStateMachine.Action] = []
             for action in state.machine.request(requestID, deadline: deadline, now: now) {
                 switch action {

@@ -101,6 +101,15 @@ public struct InstancePoolStateMachine: Sendable {
         return scaleUpForQueue(now: now)
     }
 
+    /// The hot path of `request`: takes a free slot when nobody is queued, without building actions.
+    /// Returns nil when the request has to go through `request` (no free slot, queue not empty, closed).
+    public mutating func takeFreeSlot(now: Instant) -> String? {
+        guard !isClosed, waiters.isEmpty, let instanceID = leastLoadedReadyInstance() else { return nil }
+        instances[instanceID]!.inFlight += 1
+        instances[instanceID]!.lastActive = now
+        return instanceID
+    }
+
     /// A dispatched request finished with its slot.
     public mutating func release(instanceID: String, now: Instant) -> [Action] {
         guard var instance = instances[instanceID] else { return [] }

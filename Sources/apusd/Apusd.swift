@@ -10,6 +10,7 @@ import ArgumentParser
 import Foundation
 import Hummingbird
 import Logging
+import NIOPosix
 import ServiceLifecycle
 import Synchronization
 
@@ -54,6 +55,9 @@ struct Apusd: AsyncParsableCommand {
 
     @Flag(help: "Run instances without bubblewrap even where it works (rlimits only).")
     var noSandbox = false
+
+    @Option(help: "Event-loop threads of the gateway (default: one per core).")
+    var gatewayThreads: Int?
 
     @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
     var logLevel = "info"
@@ -123,6 +127,7 @@ struct Apusd: AsyncParsableCommand {
         let gateway = GatewayServer(
             configuration: .init(host: host, port: httpPort, domain: domain),
             scheduler: scheduler, logger: Logger(label: "apus.gateway"),
+            group: gatewayThreads.map { MultiThreadedEventLoopGroup(numberOfThreads: max(1, $0)) } ?? MultiThreadedEventLoopGroup.singleton,
             onRunning: { port in ports.bound(http: port) })
 
         // Graceful shutdown runs in reverse order: the gateway drains first, then log streams end, the API

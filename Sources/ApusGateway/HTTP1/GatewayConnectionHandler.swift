@@ -20,20 +20,35 @@ final class GatewayConnectionHandler: ChannelInboundHandler, UpstreamExchange {
         case closed
     }
 
-    private struct Exchange {
-        var invocation: Invocation
-        var version: FunctionVersion
-        var pool: InstancePool
-        var head: RequestHead
-        var upstreamHead: ByteBuffer
+    /// One request/response in flight on this connection. A class: it is updated in place many times per request.
+    private final class Exchange {
+        let invocation: Invocation
+        let version: FunctionVersion
+        let pool: InstancePool
+        let head: RequestHead
+        let upstreamHead: ByteBuffer
         var bodyFraming: BodyFraming
         var bodyDone: Bool
         var lease: InstancePool.Lease?
         var upstream: UpstreamConnection?
-        var timeout: Scheduled<Void>?
+        /// When the function's timeout runs out for this request.
+        let deadline: NIODeadline
         var responseStarted = false
-        var closeAfter = false
+        var closeAfter: Bool
         var retried = false
+
+        init(invocation: Invocation, version: FunctionVersion, pool: InstancePool, head: RequestHead,
+             upstreamHead: ByteBuffer, bodyFraming: BodyFraming, bodyDone: Bool, closeAfter: Bool, deadline: NIODeadline) {
+            self.deadline = deadline
+            self.invocation = invocation
+            self.version = version
+            self.pool = pool
+            self.head = head
+            self.upstreamHead = upstreamHead
+            self.bodyFraming = bodyFraming
+            self.bodyDone = bodyDone
+            self.closeAfter = closeAfter
+        }
     }
 
     private let shared: GatewayShared
@@ -172,13 +187,11 @@ final class GatewayConnectionHandler: ChannelInboundHandler, UpstreamExchange {
 
         let upstreamHead = makeUpstreamHead(head, rawHead: rawHead, route: route, requestID: requestID, version: version)
         let pool = shared.scheduler.pool(for: version)
+        let nioDeadline = NIODeadline.now() + .milliseconds(version.manifest.timeout.milliseconds)
         exchange = Exchange(
             invocation: invocation, version: version, pool: pool, head: head, upstreamHead: upstreamHead,
-            bodyFraming: head.framing, bodyDone: !hasBody, closeAfter: !head.keepAlive || draining)
-        let timeoutMs = version.manifest.timeout.milliseconds
-        exchange!.timeout = context.eventLoop.assumeIsolated().scheduleTask(in: .milliseconds(timeoutMs)) { [self] in
-            deadlinePassed(requestID: requestID)
-        }
+            bodyFraming: head.framing, bodyDone: !hasBody, closeAfter: !head.keepAlive || draining, deadline: nioDeadline)
+        armDeadlineTimer(nioDeadline)
         if head.expectContinue {
             var interim = context.channel.allocator.buffer(capacity: 25)
             interim.writeStatic("HTTP/1.1 100 Continue\r\n\r\n")
@@ -239,7 +252,7 @@ final class GatewayConnectionHandler: ChannelInboundHandler, UpstreamExchange {
     }
 
     private func slotDecided(requestID: String, _ result: Result<InstancePool.Lease, ApusError>) {
-        guard phase == .waitingForSlot, var current = exchange, current.invocation.requestID == requestID else {
+        guard phase == .waitingForSlot, let current = exchange, current.invocation.requestID == requestID else {
             // The request is gone (client left, deadline passed): give the slot back.
             if case .success(let lease) = result, let pool = orphanPools.removeValue(forKey: requestID) { pool.release(lease) }
             return
@@ -247,7 +260,6 @@ final class GatewayConnectionHandler: ChannelInboundHandler, UpstreamExchange {
         switch result {
         case .success(let lease):
             current.lease = lease
-            exchange = current
             phase = .connecting
             connect()
         case .failure(let error):
@@ -281,7 +293,7 @@ final class GatewayConnectionHandler: ChannelInboundHandler, UpstreamExchange {
 
     /// Moves request body bytes that have arrived to the instance, as far as the framing allows.
     private func pumpBody() {
-        guard var current = exchange, let upstream = current.upstream, !current.bodyDone, var buffer = inbound else { return }
+        guard let current = exchange, let upstream = current.upstream, !current.bodyDone, var buffer = inbound else { return }
         switch current.bodyFraming {
         case .none, .untilClose:
             current.bodyDone = true
@@ -296,7 +308,6 @@ final class GatewayConnectionHandler: ChannelInboundHandler, UpstreamExchange {
                 consumed = try buffer.withUnsafeReadableBytes { bytes throws(ChunkedBodyScanner.ScanError) in try scanner.scan(bytes) }
             } catch {
                 inbound = buffer
-                exchange = current
                 let tooLarge = error == .tooLarge
                 failExchange(tooLarge
                     ? ApusError(.tooLarge, "request body exceeds the \(shared.configuration.maxRequestBytes)-byte limit")
@@ -308,7 +319,6 @@ final class GatewayConnectionHandler: ChannelInboundHandler, UpstreamExchange {
             current.bodyDone = scanner.isDone
         }
         inbound = buffer
-        exchange = current
         updateReading()
     }
 
@@ -325,7 +335,7 @@ final class GatewayConnectionHandler: ChannelInboundHandler, UpstreamExchange {
     // MARK: the instance's answer
 
     func upstreamHead(_ head: ByteBuffer, status: Int, closeDelimited: Bool) {
-        guard var current = exchange else { return }
+        guard let current = exchange else { return }
         current.responseStarted = true
         if closeDelimited || !current.bodyDone { current.closeAfter = true }
         var out = head
@@ -339,7 +349,6 @@ final class GatewayConnectionHandler: ChannelInboundHandler, UpstreamExchange {
             out.writeStatic("\r\nConnection: keep-alive")
         }
         out.writeStatic("\r\n\r\n")
-        exchange = current
         context.write(wrapOutboundOut(out), promise: nil)
     }
 
@@ -353,7 +362,6 @@ final class GatewayConnectionHandler: ChannelInboundHandler, UpstreamExchange {
 
     func upstreamComplete(reusable: Bool) {
         guard let current = exchange else { return }
-        current.timeout?.cancel()
         if let lease = current.lease { current.pool.release(lease) }
         if let upstream = current.upstream {
             if reusable && current.bodyDone { upstreams.release(upstream) } else { upstream.close() }
@@ -370,18 +378,16 @@ final class GatewayConnectionHandler: ChannelInboundHandler, UpstreamExchange {
     }
 
     func upstreamFailed(_ reason: String) {
-        guard var current = exchange else { return }
+        guard let current = exchange else { return }
         if !current.responseStarted, !current.retried, current.upstream?.servedBefore == true, case .none = current.head.framing {
             // A kept-alive connection the instance had already closed: try once more on a fresh one.
             current.retried = true
             current.upstream = nil
-            exchange = current
             phase = .connecting
             connect()
             return
         }
         current.upstream = nil
-        exchange = current
         failExchange(ApusError(.instanceError, reason))
     }
 
@@ -393,9 +399,27 @@ final class GatewayConnectionHandler: ChannelInboundHandler, UpstreamExchange {
 
     // MARK: endings
 
-    private func deadlinePassed(requestID: String) {
-        guard let current = exchange, current.invocation.requestID == requestID else { return }
-        failExchange(ApusError(.deadlineExceeded, "function did not answer within its timeout of \(current.version.manifest.timeout.humanReadable)"))
+    /// One timer per connection rather than one per request: it is armed for the first exchange and, when it fires,
+    /// ends the current exchange if its deadline passed or re-arms for it. Requests that finish in time cost nothing.
+    private var timerDeadline: NIODeadline?
+
+    private func armDeadlineTimer(_ deadline: NIODeadline) {
+        if let armed = timerDeadline, armed <= deadline { return }
+        timerDeadline = deadline
+        context.eventLoop.assumeIsolated().scheduleTask(deadline: deadline) { [self] in
+            deadlineTimerFired(armedFor: deadline)
+        }
+    }
+
+    private func deadlineTimerFired(armedFor: NIODeadline) {
+        guard timerDeadline == armedFor else { return }  // superseded by an earlier one
+        timerDeadline = nil
+        guard phase != .closed, let current = exchange else { return }
+        if current.deadline <= .now() {
+            failExchange(ApusError(.deadlineExceeded, "function did not answer within its timeout of \(current.version.manifest.timeout.humanReadable)"))
+        } else {
+            armDeadlineTimer(current.deadline)
+        }
     }
 
     /// Ends the current exchange with an error: the client gets it as JSON unless the response already began.
@@ -425,7 +449,6 @@ final class GatewayConnectionHandler: ChannelInboundHandler, UpstreamExchange {
 
     private func releaseResources(of current: Exchange) {
         upstreamWritable = true
-        current.timeout?.cancel()
         if let lease = current.lease {
             current.pool.release(lease)
         } else {
