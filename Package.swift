@@ -143,6 +143,11 @@ let package = Package(
             swiftSettings: swiftSettings
         ),
         .testTarget(
+            name: "ApusGatewayTests",
+            dependencies: ["ApusGateway", "ApusCore", .product(name: "NIOCore", package: "swift-nio")],
+            swiftSettings: swiftSettings
+        ),
+        .testTarget(
             name: "ApusSchedulerTests",
             dependencies: ["ApusScheduler", "ApusCore"],
             swiftSettings: swiftSettings

@@ -8,29 +8,49 @@ struct GatewayRoute: Equatable {
     /// `/<function>` when routed by path prefix; nil when routed by host.
     var forwardedPrefix: String?
 
-    /// Routes by `Host: <function>.<domain>` first, then by the first path segment.
+    /// Routes by `Host: <function>.<domain>` first, then by the first path segment. Works on UTF-8 bytes: this
+    /// runs for every request.
     static func resolve(host: String?, uri: String, domain: String) throws(ApusError) -> GatewayRoute {
-        if let host, !domain.isEmpty {
-            let name = host.split(separator: ":", maxSplits: 1).first.map { $0.lowercased() } ?? ""
-            let suffix = "." + domain.lowercased()
-            if name.hasSuffix(suffix) {
-                let label = String(name.dropLast(suffix.count))
-                if !label.isEmpty, !label.contains(".") {
-                    return GatewayRoute(function: label, instancePath: uri.isEmpty ? "/" : uri, forwardedPrefix: nil)
-                }
-            }
+        if let host, !domain.isEmpty, let label = hostLabel(host.utf8, domain: domain.utf8) {
+            return GatewayRoute(function: label, instancePath: uri.isEmpty ? "/" : uri, forwardedPrefix: nil)
         }
-        guard uri.hasPrefix("/") else {
+        let bytes = uri.utf8
+        guard bytes.first == UInt8(ascii: "/") else {
             throw ApusError(.badRequest, "request target must be an absolute path (got \(uri.prefix(64)))")
         }
-        let afterSlash = uri.dropFirst()
-        let end = afterSlash.firstIndex(where: { $0 == "/" || $0 == "?" }) ?? afterSlash.endIndex
-        let function = String(afterSlash[..<end])
-        guard !function.isEmpty else {
+        let nameStart = bytes.index(after: bytes.startIndex)
+        let nameEnd = bytes[nameStart...].firstIndex { $0 == UInt8(ascii: "/") || $0 == UInt8(ascii: "?") } ?? bytes.endIndex
+        guard nameStart < nameEnd else {
             throw ApusError(.notFound, "no function named in the path; call /<function>/... or use Host: <function>.\(domain)")
         }
-        var rest = String(afterSlash[end...])
-        if rest.isEmpty || rest.hasPrefix("?") { rest = "/" + rest }
+        let function = String(Substring(uri.utf8[nameStart..<nameEnd]))
+        let rest: String
+        if nameEnd == bytes.endIndex {
+            rest = "/"
+        } else if bytes[nameEnd] == UInt8(ascii: "?") {
+            rest = "/" + String(Substring(uri.utf8[nameEnd...]))
+        } else {
+            rest = String(Substring(uri.utf8[nameEnd...]))
+        }
         return GatewayRoute(function: function, instancePath: rest, forwardedPrefix: "/" + function)
+    }
+
+    /// `orders` for `Orders.apus.localhost:8080` with domain `apus.localhost`; nil when the host is not
+    /// `<one label>.<domain>`.
+    private static func hostLabel(_ host: String.UTF8View, domain: String.UTF8View) -> String? {
+        let end = host.firstIndex(of: UInt8(ascii: ":")) ?? host.endIndex
+        let hostLength = host.distance(from: host.startIndex, to: end)
+        let domainLength = domain.count
+        guard hostLength > domainLength + 1 else { return nil }
+        let dot = host.index(host.startIndex, offsetBy: hostLength - domainLength - 1)
+        guard host[dot] == UInt8(ascii: ".") else { return nil }
+        var h = host.index(after: dot)
+        for d in domain {
+            guard HTTPBytes.lower(host[h]) == HTTPBytes.lower(d) else { return nil }
+            h = host.index(after: h)
+        }
+        let label = host[host.startIndex..<dot]
+        guard !label.contains(UInt8(ascii: ".")) else { return nil }
+        return String(decoding: label.map(HTTPBytes.lower), as: UTF8.self)
     }
 }
