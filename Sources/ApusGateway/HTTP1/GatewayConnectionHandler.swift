@@ -221,8 +221,8 @@ final class GatewayConnectionHandler: ChannelInboundHandler, UpstreamExchange {
         out.writeStatic(" ")
         out.writeString(route.instancePath)
         out.writeStatic(" HTTP/1.1\r\n")
-        for span in head.keptSpans {
-            out.writeImmutableBuffer(rawHead.getSlice(at: rawHead.readerIndex + span.lowerBound, length: span.count)!)
+        rawHead.withUnsafeReadableBytes { bytes in
+            head.keptSpans.forEach { span in out.writeBytes(UnsafeRawBufferPointer(rebasing: bytes[span])) }
         }
         out.writeStatic("X-Forwarded-For: ")
         if let previous = head.forwardedFor {
@@ -272,23 +272,31 @@ final class GatewayConnectionHandler: ChannelInboundHandler, UpstreamExchange {
 
     private func connect() {
         guard let current = exchange, let lease = current.lease else { return }
+        if let connection = upstreams.idleConnection(instanceID: lease.instanceID) {
+            send(current, on: connection)
+            return
+        }
         let requestID = current.invocation.requestID
-        upstreams.connection(instanceID: lease.instanceID, port: lease.port) { [self] result in
-            guard phase == .connecting, exchange?.invocation.requestID == requestID else {
+        upstreams.connect(instanceID: lease.instanceID, port: lease.port) { [self] result in
+            guard phase == .connecting, let current = exchange, current.invocation.requestID == requestID else {
                 if case .success(let connection) = result { upstreams.release(connection) }
                 return
             }
             switch result {
             case .success(let connection):
-                exchange!.upstream = connection
-                connection.begin(exchange: self, requestWasHEAD: current.head.isHEAD)
-                phase = .forwarding
-                connection.write(exchange!.upstreamHead, flush: exchange!.bodyDone)
-                pumpBody()
+                send(current, on: connection)
             case .failure(let error):
                 failExchange(ApusError(.instanceError, "cannot connect to instance \(lease.instanceID): \(error)"))
             }
         }
+    }
+
+    private func send(_ current: Exchange, on connection: UpstreamConnection) {
+        current.upstream = connection
+        connection.begin(exchange: self, requestWasHEAD: current.head.isHEAD)
+        phase = .forwarding
+        connection.write(current.upstreamHead, flush: current.bodyDone)
+        pumpBody()
     }
 
     /// Moves request body bytes that have arrived to the instance, as far as the framing allows.
@@ -334,11 +342,10 @@ final class GatewayConnectionHandler: ChannelInboundHandler, UpstreamExchange {
 
     // MARK: the instance's answer
 
-    func upstreamHead(_ head: ByteBuffer, status: Int, closeDelimited: Bool) {
+    func upstreamHead(_ out: inout ByteBuffer, status: Int, closeDelimited: Bool) {
         guard let current = exchange else { return }
         current.responseStarted = true
         if closeDelimited || !current.bodyDone { current.closeAfter = true }
-        var out = head
         out.writeStatic("X-Apus-Version: ")
         out.writeString(String(current.version.number))
         out.writeStatic("\r\nX-Apus-Request-Id: ")

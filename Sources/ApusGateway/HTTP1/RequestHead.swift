@@ -13,7 +13,7 @@ struct RequestHead {
     var pinnedVersion: String?
     var forwardedFor: String?
     /// Spans of header lines (with their CRLF) copied to the instance unchanged.
-    var keptSpans: [Range<Int>]
+    var keptSpans: ByteSpans
 
     var isHEAD: Bool { method == "HEAD" }
 
@@ -68,9 +68,7 @@ struct RequestHead {
         var pinnedVersion: String?
         var forwardedFor: String?
         var failure: ParseError?
-        var spans: [Range<Int>] = []
-        var spanStart = -1
-        var spanEnd = -1
+        var spans = ByteSpans()
 
         let wellFormed = HTTPBytes.forEachHeader(bytes, from: lineEnd + 1, headEnd: headEnd) { name, value, line in
             var keep = true
@@ -110,20 +108,11 @@ struct RequestHead {
                     keep = false
                 }
             }
-            if keep {
-                if spanEnd == line.lowerBound {
-                    spanEnd = line.upperBound
-                } else {
-                    if spanStart >= 0 { spans.append(spanStart..<spanEnd) }
-                    spanStart = line.lowerBound
-                    spanEnd = line.upperBound
-                }
-            }
+            if keep { spans.append(line) }
             return true
         }
         if let failure { throw failure }
         guard wellFormed else { throw ParseError(status: 400, message: "malformed header line") }
-        if spanStart >= 0 { spans.append(spanStart..<spanEnd) }
         if chunked && contentLength != nil {
             throw ParseError(status: 400, message: "Content-Length together with Transfer-Encoding is refused")
         }
@@ -154,7 +143,7 @@ struct ResponseHead {
     /// The instance wants this connection closed after the response.
     var connectionClose: Bool
     /// Status line and header lines (with CRLFs) to forward, without the blank line.
-    var keptSpans: [Range<Int>]
+    var keptSpans: ByteSpans
 
     static func parse(_ bytes: UnsafeRawBufferPointer, headEnd: Int, requestWasHEAD: Bool) -> ResponseHead? {
         var lineEnd = 0
@@ -165,7 +154,8 @@ struct ResponseHead {
         var contentLength: Int?
         var chunked = false
         var close = isHTTP10
-        var spans: [Range<Int>] = [0..<(lineEnd + 1)]
+        var spans = ByteSpans()
+        spans.append(0..<(lineEnd + 1))
         let ok = HTTPBytes.forEachHeader(bytes, from: lineEnd + 1, headEnd: headEnd) { name, value, line in
             var keep = true
             switch name.count {
@@ -183,13 +173,7 @@ struct ResponseHead {
             default:
                 break
             }
-            if keep {
-                if spans[spans.count - 1].upperBound == line.lowerBound {
-                    spans[spans.count - 1] = spans[spans.count - 1].lowerBound..<line.upperBound
-                } else {
-                    spans.append(line)
-                }
-            }
+            if keep { spans.append(line) }
             return true
         }
         guard ok else { return nil }

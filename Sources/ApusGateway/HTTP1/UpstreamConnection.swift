@@ -5,7 +5,8 @@ import NIOPosix
 protocol UpstreamExchange: AnyObject {
     /// The response head is complete: status line and kept headers (no blank line), and whether the body ends
     /// only when the instance closes the connection.
-    func upstreamHead(_ head: ByteBuffer, status: Int, closeDelimited: Bool)
+    /// Appends its own header lines and the blank line to `head` and writes it.
+    func upstreamHead(_ head: inout ByteBuffer, status: Int, closeDelimited: Bool)
     func upstreamBody(_ bytes: ByteBuffer)
     func upstreamFlush()
     /// The response is complete. `reusable` says whether the connection may serve another request.
@@ -34,8 +35,8 @@ final class UpstreamConnection: ChannelInboundHandler {
     private var state = State.idle
     private var buffer: ByteBuffer?
     weak var exchange: (any UpstreamExchange)?
-    /// Set by the pool while idle, to forget the connection when it closes.
-    var onClose: ((UpstreamConnection) -> Void)?
+    /// The pool holding this connection while it is idle; told when an idle connection closes.
+    weak var idleIn: UpstreamPool?
     /// Whether this connection already served a request (a failure on reuse may be retried).
     private(set) var servedBefore = false
     private static let maxHead = 64 << 10
@@ -55,7 +56,7 @@ final class UpstreamConnection: ChannelInboundHandler {
     func begin(exchange: any UpstreamExchange, requestWasHEAD: Bool) {
         self.exchange = exchange
         state = .head(requestWasHEAD: requestWasHEAD)
-        onClose = nil
+        idleIn = nil
         setAutoRead(true)  // a previous exchange may have paused reading for a slow client
     }
 
@@ -115,9 +116,9 @@ final class UpstreamConnection: ChannelInboundHandler {
             if pending.readableBytes > Self.maxHead { fail(context: context, "instance response head exceeds 64 KiB") }
             return
         }
-        var out = context.channel.allocator.buffer(capacity: end + 96)
-        for span in head.keptSpans {
-            out.writeImmutableBuffer(pending.getSlice(at: pending.readerIndex + span.lowerBound, length: span.count)!)
+        var out = context.channel.allocator.buffer(capacity: end + 128)
+        pending.withUnsafeReadableBytes { bytes in
+            head.keptSpans.forEach { span in out.writeBytes(UnsafeRawBufferPointer(rebasing: bytes[span])) }
         }
         pending.moveReaderIndex(forwardBy: end)
         buffer = nil
@@ -130,9 +131,9 @@ final class UpstreamConnection: ChannelInboundHandler {
             return
         }
         if case .untilClose = head.framing {
-            exchange?.upstreamHead(out, status: head.status, closeDelimited: true)
+            exchange?.upstreamHead(&out, status: head.status, closeDelimited: true)
         } else {
-            exchange?.upstreamHead(out, status: head.status, closeDelimited: false)
+            exchange?.upstreamHead(&out, status: head.status, closeDelimited: false)
         }
         state = .body(head.framing, reusable: !head.connectionClose)
         forwardBody(context: context, &pending)
@@ -208,8 +209,8 @@ final class UpstreamConnection: ChannelInboundHandler {
             state = .idle
             exchange?.upstreamFailed("instance closed the connection before answering")
         }
-        onClose?(self)
-        onClose = nil
+        idleIn?.forget(self)
+        idleIn = nil
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
@@ -222,22 +223,26 @@ final class UpstreamConnection: ChannelInboundHandler {
 final class UpstreamPool: @unchecked Sendable {
     let eventLoop: any EventLoop
     private var idle: [String: [UpstreamConnection]] = [:]
-    static let maxIdlePerPort = 256
+    static let maxIdlePerInstance = 256
 
     init(eventLoop: any EventLoop) {
         self.eventLoop = eventLoop
     }
 
-    /// An idle connection to the instance, or a new one once connected.
-    func connection(instanceID: String, port: Int, _ completion: @escaping (Result<UpstreamConnection, any Error>) -> Void) {
+    /// An idle kept-alive connection to the instance, if there is one.
+    func idleConnection(instanceID: String) -> UpstreamConnection? {
         eventLoop.assertInEventLoop()
-        while var list = idle[instanceID], let connection = list.popLast() {
-            idle[instanceID] = list.isEmpty ? nil : list
-            if connection.isActive {
-                completion(.success(connection))
-                return
-            }
+        while let connection = idle[instanceID]?.popLast() {
+            if idle[instanceID]?.isEmpty == true { idle[instanceID] = nil }
+            connection.idleIn = nil
+            if connection.isActive { return connection }
         }
+        return nil
+    }
+
+    /// A new connection to the instance, reported once connected.
+    func connect(instanceID: String, port: Int, _ completion: @escaping (Result<UpstreamConnection, any Error>) -> Void) {
+        eventLoop.assertInEventLoop()
         let connection = UpstreamConnection(instanceID: instanceID, port: port)
         let bound = NIOLoopBound(connection, eventLoop: eventLoop)
         let future = ClientBootstrap(group: eventLoop)
@@ -261,24 +266,27 @@ final class UpstreamPool: @unchecked Sendable {
     func release(_ connection: UpstreamConnection) {
         eventLoop.assertInEventLoop()
         guard connection.isActive else { return }
-        var list = idle[connection.instanceID] ?? []
-        guard list.count < Self.maxIdlePerPort else {
+        guard (idle[connection.instanceID]?.count ?? 0) < Self.maxIdlePerInstance else {
             connection.close()
             return
         }
-        connection.onClose = { [weak self] closed in
-            guard let self, var list = self.idle[closed.instanceID] else { return }
-            list.removeAll { $0 === closed }
-            self.idle[closed.instanceID] = list.isEmpty ? nil : list
-        }
-        list.append(connection)
-        idle[connection.instanceID] = list
+        connection.idleIn = self
+        idle[connection.instanceID, default: []].append(connection)
+    }
+
+    /// Drops an idle connection that closed.
+    func forget(_ connection: UpstreamConnection) {
+        idle[connection.instanceID]?.removeAll { $0 === connection }
+        if idle[connection.instanceID]?.isEmpty == true { idle[connection.instanceID] = nil }
     }
 
     func closeAll() {
         eventLoop.assertInEventLoop()
         let all = idle.values.flatMap { $0 }
         idle.removeAll()
-        for connection in all { connection.close() }
+        for connection in all {
+            connection.idleIn = nil
+            connection.close()
+        }
     }
 }
