@@ -53,6 +53,9 @@ struct Apusd: AsyncParsableCommand {
     @Option(help: "Python interpreter for runtime: python3.")
     var python: String?
 
+    @Option(help: "Directory holding the bundled runtime files (bootstrap.py); default: the copy beside the binary.")
+    var runtimeDir: String?
+
     @Flag(help: "Run instances without bubblewrap even where it works (rlimits only).")
     var noSandbox = false
 
@@ -92,7 +95,8 @@ struct Apusd: AsyncParsableCommand {
             configuration: .init(
                 python: python ?? ProcessLauncher.Configuration.defaultPython(),
                 startTimeout: start,
-                runtimeDirectory: ProcessLauncher.Configuration.bundledRuntimeDirectory),
+                runtimeDirectory: runtimeDir.map { URL(fileURLWithPath: $0, isDirectory: true) }
+                    ?? ProcessLauncher.Configuration.bundledRuntimeDirectory),
             sandbox: sandbox, logs: logs, logger: Logger(label: "apus.runtime"))
 
         let catalog = FunctionCatalog()

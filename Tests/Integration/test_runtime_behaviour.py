@@ -170,3 +170,16 @@ def test_logs_follow_streams_new_lines(apusd, deployed):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_without_sandbox_rlimits_still_apply_and_it_is_said_loudly(tmp_path):
+    daemon = Apusd(tmp_path / "apusd", extra_args=("--no-sandbox",))
+    try:
+        daemon.start()
+        assert daemon.info["sandbox"] == "rlimits", daemon.info
+        assert "sandbox disabled" in daemon.log_tail(200), daemon.log_tail(40)
+        daemon.deploy(FUNCTIONS_DIR / "shapes")
+        limits = daemon.get("/shapes/limits").json()
+        assert limits == {"Max address space": str(128 * 1024 * 1024), "Max open files": "1024"}, limits
+    finally:
+        daemon.teardown()
