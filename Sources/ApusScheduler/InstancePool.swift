@@ -26,7 +26,7 @@ public final class InstancePool: Sendable {
 
     private struct State {
         var machine: InstancePoolStateMachine
-        var waiting: [String: @Sendable (Result<Lease, ApusError>) -> Void] = [:]
+        var waiting: [String: any SlotWaiter] = [:]
         var timers: [String: Task<Void, Never>] = [:]
         var handles: [String: any InstanceHandle] = [:]
         var launching = 0
@@ -58,22 +58,19 @@ public final class InstancePool: Sendable {
 
     private var now: ContinuousClock.Instant { .now }
 
-    /// What `acquire(requestID:deadline:whenQueued:)` decided on the spot.
+    /// What `acquire(requestID:deadline:waiter:)` decided on the spot.
     public enum AcquireOutcome: Sendable {
         /// A slot was free: use it now.
         case leased(Lease)
         /// Refused at once (queue full, deadline passed, pool closed).
         case failed(ApusError)
-        /// Waiting for a slot; `whenQueued` is called once with the lease or the failure.
+        /// Waiting for a slot; the waiter hears once, with the lease or the failure.
         case queued
     }
 
-    /// Takes a slot without waiting when one is free (the hot path: no task, no continuation); otherwise queues
-    /// the request until `deadline` and reports through `whenQueued`, from any thread.
-    public func acquire(
-        requestID: String, deadline: ContinuousClock.Instant,
-        whenQueued: @escaping @Sendable (Result<Lease, ApusError>) -> Void
-    ) -> AcquireOutcome {
+    /// Takes a slot without waiting when one is free (the hot path: no task, no continuation, no allocation);
+    /// otherwise queues the request until `deadline` and tells `waiter`, from any thread.
+    public func acquire(requestID: String, deadline: ContinuousClock.Instant, waiter: any SlotWaiter) -> AcquireOutcome {
         var outcome = AcquireOutcome.queued
         let actions = state.withLock { state -> [InstancePoolStateMachine.Action] in
             let now = self.now
@@ -94,7 +91,7 @@ public final class InstancePool: Sendable {
                 }
             }
             if case .queued = outcome {
-                state.waiting[requestID] = whenQueued
+                state.waiting[requestID] = waiter
                 state.timers[requestID] = Task { [weak self] in
                     try? await Task.sleep(until: deadline, clock: .continuous)
                     guard !Task.isCancelled, let self else { return }
@@ -123,7 +120,7 @@ public final class InstancePool: Sendable {
     public func acquire(requestID: String, deadline: ContinuousClock.Instant) async throws(ApusError) -> Lease {
         let result = await withTaskCancellationHandler {
             await withCheckedContinuation { (continuation: CheckedContinuation<Result<Lease, ApusError>, Never>) in
-                switch acquire(requestID: requestID, deadline: deadline, whenQueued: { continuation.resume(returning: $0) }) {
+                switch acquire(requestID: requestID, deadline: deadline, waiter: ContinuationWaiter(continuation)) {
                 case .leased(let lease): continuation.resume(returning: .success(lease))
                 case .failed(let error): continuation.resume(returning: .failure(error))
                 case .queued: break
@@ -132,7 +129,7 @@ public final class InstancePool: Sendable {
         } onCancel: {
             let waiter = state.withLock { $0.waiting[requestID] }
             cancel(requestID: requestID)
-            waiter?(.failure(ApusError(.unavailable, "request cancelled by the caller")))
+            waiter?.slotDecided(requestID: requestID, .failure(ApusError(.unavailable, "request cancelled by the caller")))
         }
         return try result.get()
     }
@@ -196,17 +193,17 @@ public final class InstancePool: Sendable {
                 guard let continuation, let port else {
                     // The caller left meanwhile (or the instance vanished): hand the slot back.
                     perform(state.withLock { $0.machine.release(instanceID: instanceID, now: now) })
-                    continuation?(.failure(ApusError(.instanceError, "instance \(instanceID) is gone")))
+                    continuation?.slotDecided(requestID: requestID, .failure(ApusError(.instanceError, "instance \(instanceID) is gone")))
                     continue
                 }
-                continuation(.success(Lease(instanceID: instanceID, port: port)))
+                continuation.slotDecided(requestID: requestID, .success(Lease(instanceID: instanceID, port: port)))
 
             case .fail(let requestID, let error):
                 let (continuation, timer) = state.withLock { state in
                     (state.waiting.removeValue(forKey: requestID), state.timers.removeValue(forKey: requestID))
                 }
                 timer?.cancel()
-                continuation?(.failure(error))
+                continuation?.slotDecided(requestID: requestID, .failure(error))
 
             case .startInstance(let instanceID):
                 start(instanceID)
@@ -257,5 +254,23 @@ public final class InstancePool: Sendable {
             }
             perform(actions)
         }
+    }
+}
+
+/// Hears the decision for a queued request: a lease, or why there is none. Called once, from any thread.
+public protocol SlotWaiter: AnyObject, Sendable {
+    func slotDecided(requestID: String, _ result: Result<InstancePool.Lease, ApusError>)
+}
+
+/// Bridges a queued request to `async` callers.
+private final class ContinuationWaiter: SlotWaiter {
+    let continuation: CheckedContinuation<Result<InstancePool.Lease, ApusError>, Never>
+
+    init(_ continuation: CheckedContinuation<Result<InstancePool.Lease, ApusError>, Never>) {
+        self.continuation = continuation
+    }
+
+    func slotDecided(requestID: String, _ result: Result<InstancePool.Lease, ApusError>) {
+        continuation.resume(returning: result)
     }
 }

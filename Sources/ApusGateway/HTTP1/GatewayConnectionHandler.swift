@@ -62,6 +62,8 @@ final class GatewayConnectionHandler: ChannelInboundHandler, UpstreamExchange {
     private var draining = false
     private var random: UInt64
     private var peer = "unknown"
+    /// Hears slot decisions for this connection's queued requests and brings them back onto its event loop.
+    private var slotWaiter: LoopSlotWaiter!
 
     static let maxHead = 64 << 10
     static let maxBufferedAhead = 256 << 10
@@ -76,6 +78,11 @@ final class GatewayConnectionHandler: ChannelInboundHandler, UpstreamExchange {
     func handlerAdded(context: ChannelHandlerContext) {
         self.context = context
         self.upstreams = shared.upstreamPool(for: context.eventLoop)
+        self.slotWaiter = LoopSlotWaiter(NIOLoopBound(self, eventLoop: context.eventLoop))
+    }
+
+    func handlerRemoved(context: ChannelHandlerContext) {
+        slotWaiter = nil  // it holds this handler: break the cycle
     }
 
     func channelActive(context: ChannelHandlerContext) {
@@ -198,10 +205,7 @@ final class GatewayConnectionHandler: ChannelInboundHandler, UpstreamExchange {
             context.writeAndFlush(wrapOutboundOut(interim), promise: nil)
         }
 
-        let bound = NIOLoopBound(self, eventLoop: context.eventLoop)
-        switch pool.acquire(requestID: requestID, deadline: deadline, whenQueued: { result in
-            bound.eventLoop.execute { bound.value.slotDecided(requestID: requestID, result) }
-        }) {
+        switch pool.acquire(requestID: requestID, deadline: deadline, waiter: slotWaiter) {
         case .leased(let lease):
             phase = .connecting
             exchange!.lease = lease
@@ -251,7 +255,7 @@ final class GatewayConnectionHandler: ChannelInboundHandler, UpstreamExchange {
         return out
     }
 
-    private func slotDecided(requestID: String, _ result: Result<InstancePool.Lease, ApusError>) {
+    fileprivate func slotDecided(requestID: String, _ result: Result<InstancePool.Lease, ApusError>) {
         guard phase == .waitingForSlot, let current = exchange, current.invocation.requestID == requestID else {
             // The request is gone (client left, deadline passed): give the slot back.
             if case .success(let lease) = result, let pool = orphanPools.removeValue(forKey: requestID) { pool.release(lease) }
@@ -506,5 +510,19 @@ final class GatewayConnectionHandler: ChannelInboundHandler, UpstreamExchange {
         case 505: "HTTP Version Not Supported"
         default: "Error"
         }
+    }
+}
+
+/// Carries a slot decision from whatever thread made it to the connection's event loop.
+private final class LoopSlotWaiter: SlotWaiter {
+    let handler: NIOLoopBound<GatewayConnectionHandler>
+
+    init(_ handler: NIOLoopBound<GatewayConnectionHandler>) {
+        self.handler = handler
+    }
+
+    func slotDecided(requestID: String, _ result: Result<InstancePool.Lease, ApusError>) {
+        let handler = self.handler
+        handler.eventLoop.execute { handler.value.slotDecided(requestID: requestID, result) }
     }
 }
