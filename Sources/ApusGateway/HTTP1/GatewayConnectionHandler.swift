@@ -64,6 +64,7 @@ final class GatewayConnectionHandler: ChannelInboundHandler, UpstreamExchange {
     private var peer = "unknown"
     /// Hears slot decisions for this connection's queued requests and brings them back onto its event loop.
     private var slotWaiter: LoopSlotWaiter!
+    private var headScratch: ByteBuffer?
 
     static let maxHead = 64 << 10
     static let maxBufferedAhead = 256 << 10
@@ -152,6 +153,7 @@ final class GatewayConnectionHandler: ChannelInboundHandler, UpstreamExchange {
                 return
             case .success(let (head, end)?):
                 let rawHead = inbound!.readSlice(length: end)!
+                if inbound!.readableBytes == 0 { inbound = nil }  // lets the channel reuse its receive buffer
                 start(head, rawHead: rawHead)
             }
         }
@@ -220,7 +222,10 @@ final class GatewayConnectionHandler: ChannelInboundHandler, UpstreamExchange {
     /// Rewrites the head for the instance: new request line, the client's header lines as they were (minus
     /// hop-by-hop and `X-Apus-*`), and the forwarding and platform headers.
     private func makeUpstreamHead(_ head: RequestHead, rawHead: ByteBuffer, route: GatewayRoute, requestID: String, version: FunctionVersion) -> ByteBuffer {
-        var out = context.channel.allocator.buffer(capacity: rawHead.readableBytes + 320)
+        // Reuse the previous request head's storage once the instance connection has written it.
+        var out = headScratch ?? context.channel.allocator.buffer(capacity: rawHead.readableBytes + 320)
+        headScratch = nil
+        out.clear()
         out.writeString(head.method)
         out.writeStatic(" ")
         out.writeString(route.instancePath)
@@ -252,6 +257,7 @@ final class GatewayConnectionHandler: ChannelInboundHandler, UpstreamExchange {
         out.writeStatic("\r\nX-Apus-Deadline-Ms: ")
         out.writeString(String(Int64(Date().timeIntervalSince1970 * 1000) + version.manifest.timeout.milliseconds))
         out.writeStatic("\r\n\r\n")
+        headScratch = out
         return out
     }
 
@@ -330,7 +336,7 @@ final class GatewayConnectionHandler: ChannelInboundHandler, UpstreamExchange {
             current.bodyFraming = .chunked(scanner)
             current.bodyDone = scanner.isDone
         }
-        inbound = buffer
+        inbound = buffer.readableBytes == 0 ? nil : buffer
         updateReading()
     }
 

@@ -34,6 +34,7 @@ final class UpstreamConnection: ChannelInboundHandler {
     private(set) var channel: (any Channel)?
     private var state = State.idle
     private var buffer: ByteBuffer?
+    private var headScratch: ByteBuffer?
     weak var exchange: (any UpstreamExchange)?
     /// The pool holding this connection while it is idle; told when an idle connection closes.
     weak var idleIn: UpstreamPool?
@@ -116,7 +117,10 @@ final class UpstreamConnection: ChannelInboundHandler {
             if pending.readableBytes > Self.maxHead { fail(context: context, "instance response head exceeds 64 KiB") }
             return
         }
-        var out = context.channel.allocator.buffer(capacity: end + 128)
+        // Reuse the previous head's storage once the client connection has written it.
+        var out = headScratch ?? context.channel.allocator.buffer(capacity: end + 128)
+        headScratch = nil
+        out.clear()
         pending.withUnsafeReadableBytes { bytes in
             head.keptSpans.forEach { span in out.writeBytes(UnsafeRawBufferPointer(rebasing: bytes[span])) }
         }
@@ -135,6 +139,7 @@ final class UpstreamConnection: ChannelInboundHandler {
         } else {
             exchange?.upstreamHead(&out, status: head.status, closeDelimited: false)
         }
+        headScratch = out
         state = .body(head.framing, reusable: !head.connectionClose)
         forwardBody(context: context, &pending)
     }
@@ -232,8 +237,8 @@ final class UpstreamPool: @unchecked Sendable {
     /// An idle kept-alive connection to the instance, if there is one.
     func idleConnection(instanceID: String) -> UpstreamConnection? {
         eventLoop.assertInEventLoop()
+        // Empty lists stay in place (keeping their capacity) while the instance lives: no allocation per request.
         while let connection = idle[instanceID]?.popLast() {
-            if idle[instanceID]?.isEmpty == true { idle[instanceID] = nil }
             connection.idleIn = nil
             if connection.isActive { return connection }
         }
