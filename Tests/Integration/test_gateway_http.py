@@ -135,3 +135,12 @@ def test_large_responses_leave_pooled_connections_usable(apusd, deployed):
         assert r.status == 200 and len(r.json()["body"]) == len(big)
         for _ in range(4):
             assert apusd.get("/shapes/str", timeout=10).status == 200
+
+
+def test_pipelined_request_behind_a_timed_out_one_is_served(apusd, deployed):
+    deployed.fixture("sleeper")
+    assert apusd.get("/sleeper/?sleep=0").status == 200
+    data = raw_exchange(apusd, b"GET /sleeper/?sleep=3 HTTP/1.1\r\nHost: x\r\n\r\n"
+                               b"GET /sleeper/?sleep=0 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", timeout=15)
+    assert data.startswith(b"HTTP/1.1 504"), data[:300]
+    assert b"HTTP/1.1 200" in data and data.rstrip().endswith(b"done"), data[-300:]

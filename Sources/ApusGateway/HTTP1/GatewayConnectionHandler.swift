@@ -131,7 +131,14 @@ final class GatewayConnectionHandler: ChannelInboundHandler, UpstreamExchange {
 
     // MARK: reading requests
 
+    private var processing = false
+
+    /// Serves whatever complete requests are buffered. Not re-entrant: a nested call (an exchange that ended while
+    /// `start` ran) leaves the work to the loop already running.
     private func process() {
+        guard !processing else { return }
+        processing = true
+        defer { processing = false }
         while phase == .readingHead, let buffer = inbound, buffer.readableBytes > 0 {
             let scan: Result<(RequestHead, Int)?, RequestHead.ParseError> = buffer.withUnsafeReadableBytes { bytes in
                 guard let end = HTTPBytes.endOfHead(bytes) else { return .success(nil) }
@@ -455,6 +462,7 @@ final class GatewayConnectionHandler: ChannelInboundHandler, UpstreamExchange {
         }
         let close = forceClose || current.closeAfter || !current.bodyDone || draining
         respondWithError(error, requestID: current.invocation.requestID, version: current.version.number, close: close)
+        if phase == .readingHead { process() }  // requests pipelined behind the failed one
     }
 
     /// The client went away mid-exchange: give back what the exchange holds.
