@@ -162,12 +162,10 @@ struct Versions: AsyncParsableCommand {
 
     func run() async throws {
         try await Apus.guarded {
-            let data = try await global.client.call(.GET, "/v1/functions/\(name)/versions")
-            if global.json { return global.printJSON(data) }
-            struct Listing: Decodable { var versions: [FunctionVersion] }
-            let listing = try global.client.decode(Listing.self, data)
+            if global.json { return global.printJSON(try await global.client.call(.GET, "/v1/functions/\(name)/versions")) }
+            // The function's detail carries its versions and the release that gives each its traffic share.
             let detail = try global.client.decode(FunctionDetail.self, try await global.client.call(.GET, "/v1/functions/\(name)"))
-            out(versionTable(listing.versions, release: detail.release))
+            out(versionTable(detail.versions, release: detail.release))
         }
     }
 }
