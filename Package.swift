@@ -149,7 +149,7 @@ let package = Package(
         ),
         .testTarget(
             name: "ApusSchedulerTests",
-            dependencies: ["ApusScheduler", "ApusCore"],
+            dependencies: ["ApusScheduler", "ApusCore", "ApusRuntime", .product(name: "Logging", package: "swift-log")],
             swiftSettings: swiftSettings
         ),
     ],
