@@ -144,3 +144,45 @@ def test_pipelined_request_behind_a_timed_out_one_is_served(apusd, deployed):
                                b"GET /sleeper/?sleep=0 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", timeout=15)
     assert data.startswith(b"HTTP/1.1 504"), data[:300]
     assert b"HTTP/1.1 200" in data and data.rstrip().endswith(b"done"), data[-300:]
+
+
+GARBAGE_SERVER = r'''
+import os, socket, threading
+srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("127.0.0.1", int(os.environ["APUS_PORT"]))); srv.listen(64)
+def serve(conn):
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return conn.close()
+        data += chunk
+    if data.startswith(b"GET /healthz"):
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+    elif b" /garbage" in data:
+        conn.sendall(b"THIS IS NOT HTTP AT ALL\r\n\r\n")
+    elif b" /hang-up" in data:
+        pass
+    elif b" /short" in data:
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly-this")
+    conn.close()
+while True:
+    c, _ = srv.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+'''
+
+
+def test_misbehaving_instance_gives_502_and_gateway_stays_up(apusd, deployed, tmp_path):
+    fn = tmp_path / "rude"
+    fn.mkdir()
+    (fn / "server.py").write_text(GARBAGE_SERVER)
+    (fn / "apus.yaml").write_text('name: rude\nruntime: command\ncommand: ["python3", "server.py"]\nconcurrency: 4\n')
+    deployed(fn)
+    for path in ("/rude/garbage", "/rude/hang-up"):
+        r = apusd.get(path, timeout=15)
+        assert_error(r, 502, "instance_error")
+    # A response cut short after its head cannot become an error any more: the client sees the connection end.
+    data = raw_exchange(apusd, b"GET /rude/short HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert data.startswith(b"HTTP/1.1 200") and data.endswith(b"only-this"), data
+    deployed.fixture("shapes")
+    assert apusd.get("/shapes/str").status == 200  # other functions are unaffected
