@@ -94,7 +94,11 @@ final class GatewayConnectionHandler: ChannelInboundHandler, UpstreamExchange {
 
     func channelInactive(context: ChannelHandlerContext) {
         phase = .closed
-        if exchange != nil { abandonExchange(reason: "client closed the connection") }
+        if let current = exchange {
+            // The client went away mid-exchange: give back what the exchange holds.
+            releaseResources(of: current)
+            exchange = nil
+        }
         shared.unregister(id: ObjectIdentifier(self))
         context.fireChannelInactive()
     }
@@ -463,13 +467,6 @@ final class GatewayConnectionHandler: ChannelInboundHandler, UpstreamExchange {
         let close = forceClose || current.closeAfter || !current.bodyDone || draining
         respondWithError(error, requestID: current.invocation.requestID, version: current.version.number, close: close)
         if phase == .readingHead { process() }  // requests pipelined behind the failed one
-    }
-
-    /// The client went away mid-exchange: give back what the exchange holds.
-    private func abandonExchange(reason: String) {
-        guard let current = exchange else { return }
-        releaseResources(of: current)
-        exchange = nil
     }
 
     private func releaseResources(of current: Exchange) {
