@@ -138,6 +138,13 @@ public final class InstancePool: Sendable {
         perform(state.withLock { $0.machine.release(instanceID: lease.instanceID, now: now) })
     }
 
+    /// The lease's instance could not be reached: it is taken out of service (and stopped) at once, so the caller
+    /// can ask for another slot. The lease needs no release afterwards.
+    public func reportUnreachable(_ lease: Lease) {
+        logger.warning("instance unreachable, taken out of service", metadata: ["instance": "\(lease.instanceID)"])
+        perform(state.withLock { $0.machine.instanceUnreachable(lease.instanceID, now: now) })
+    }
+
     func tick() {
         perform(state.withLock { $0.machine.tick(now: now) })
     }

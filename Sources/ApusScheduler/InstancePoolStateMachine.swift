@@ -166,6 +166,14 @@ public struct InstancePoolStateMachine: Sendable {
         return scaleUpForQueue(now: now) + ensureMinimum(now: now)
     }
 
+    /// Nobody could connect to the instance although it counts as ready: its process died or stopped listening and
+    /// its exit has not been seen yet. It takes no more work and is stopped; for replacement and crash-loop
+    /// accounting this counts as an exit.
+    public mutating func instanceUnreachable(_ instanceID: String, now: Instant) -> [Action] {
+        guard instances[instanceID] != nil else { return [] }
+        return [.stopInstance(instanceID: instanceID)] + instanceExited(instanceID, now: now)
+    }
+
     /// A queued request's deadline passed.
     public mutating func requestExpired(_ requestID: String, now: Instant) -> [Action] {
         guard let index = waiters.firstIndex(where: { $0.requestID == requestID }) else { return [] }

@@ -146,6 +146,23 @@ struct InstancePoolStateMachineTests {
         #expect(m.release(instanceID: "i1", now: clock.now).isEmpty, "a slot of a dead instance is just dropped")
     }
 
+    @Test func unreachableInstanceIsStoppedAndTheRetryGetsANewOne() {
+        var clock = TestClock()
+        var m = Self.makeMachine(concurrency: 2, max: 1)
+        _ = m.request("r1", deadline: clock.now.advanced(by: .seconds(5)), now: clock.now)
+        _ = m.instanceReady("i1", now: clock.now)
+        clock.advance(.seconds(3))
+        let a = m.instanceUnreachable("i1", now: clock.now)
+        #expect(stopped(a) == ["i1"])
+        #expect(m.instances["i1"] == nil, "no new work goes to it")
+        // The gateway asks again for the same request: it waits for a replacement instead of failing.
+        let b = m.request("r1", deadline: clock.now.advanced(by: .seconds(5)), now: clock.now)
+        #expect(started(b) == ["i2"])
+        #expect(dispatched(m.instanceReady("i2", now: clock.now)) == ["r1": "i2"])
+        #expect(m.instanceUnreachable("i1", now: clock.now).isEmpty, "a second report changes nothing")
+        #expect(m.release(instanceID: "i1", now: clock.now).isEmpty)
+    }
+
     @Test func crashBelowMinimumIsReplacedWithoutDemand() {
         var clock = TestClock()
         var m = Self.makeMachine(min: 1)

@@ -1,5 +1,6 @@
 """The data plane: per-instance concurrency slots and max scale, deadlines, crashed instances."""
 
+import socket
 import threading
 import time
 
@@ -96,6 +97,37 @@ def test_deadline_exceeded(apusd, deployed):
     assert_error(r, 504, "deadline_exceeded")
     # Answered at the 1 s deadline, not after the function's own 3 s (no tighter bound: tests never judge speed).
     assert 0.9 <= elapsed < 3.0, f"deadline of 1s answered after {elapsed:.2f}s"
+
+
+def test_instance_that_stops_listening_is_replaced_without_failing_a_request(apusd, deployed):
+    """A connect refused by a ready instance (dead but its exit not seen yet) takes it out of service and the
+    request goes to a fresh instance: nothing was sent, so the retry is safe for any method."""
+    deployed.fixture("deafener")
+    r1 = apusd.get("/deafener/deafen")
+    assert r1.status == 200 and r1.json()["deafened"] is True, r1
+    pid1 = r1.json()["pid"]
+    listed = live_instances(apusd, "deafener")
+    before = {i["id"] for i in listed}
+    port = listed[0]["port"]
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # until the instance has closed its listening socket
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            time.sleep(0.1)
+        except ConnectionRefusedError:
+            break
+    else:
+        raise AssertionError("the instance kept listening after /deafen")
+
+    r2 = apusd.gw("POST", "/deafener/after", body=b"payload")
+    assert r2.status == 200, r2
+    assert r2.json()["deafened"] is False
+    if apusd.info.get("sandbox") != "bwrap":
+        assert r2.json()["pid"] != pid1
+    after = {i["id"] for i in live_instances(apusd, "deafener")}
+    assert after and before.isdisjoint(after), f"the deaf instance is still listed: before {before}, after {after}"
+    assert any("instance unreachable" in line and "function=deafener" in line
+               for line in apusd.log_tail(400).splitlines()), "the refused connect was not logged"
 
 
 def test_crash_gives_502_and_instance_is_replaced(apusd, deployed):

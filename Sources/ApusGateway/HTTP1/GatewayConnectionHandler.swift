@@ -36,6 +36,8 @@ final class GatewayConnectionHandler: ChannelInboundHandler, UpstreamExchange {
         var responseStarted = false
         var closeAfter: Bool
         var retried = false
+        /// Waiting in the pool's queue: leaving means cancelling there.
+        var queued = false
 
         init(invocation: Invocation, version: FunctionVersion, pool: InstancePool, head: RequestHead,
              upstreamHead: ByteBuffer, bodyFraming: BodyFraming, bodyDone: Bool, closeAfter: Bool, deadline: NIODeadline) {
@@ -218,14 +220,19 @@ final class GatewayConnectionHandler: ChannelInboundHandler, UpstreamExchange {
             context.writeAndFlush(wrapOutboundOut(interim), promise: nil)
         }
 
-        switch pool.acquire(requestID: requestID, deadline: deadline, waiter: slotWaiter) {
+        acquireSlot(exchange!)
+    }
+
+    private func acquireSlot(_ current: Exchange) {
+        switch current.pool.acquire(requestID: current.invocation.requestID, deadline: current.invocation.deadline!, waiter: slotWaiter) {
         case .leased(let lease):
             phase = .connecting
-            exchange!.lease = lease
+            current.lease = lease
             connect()
         case .failed(let error):
             failExchange(error)
         case .queued:
+            current.queued = true
             phase = .waitingForSlot
         }
     }
@@ -278,6 +285,7 @@ final class GatewayConnectionHandler: ChannelInboundHandler, UpstreamExchange {
             if case .success(let lease) = result, let pool = orphanPools.removeValue(forKey: requestID) { pool.release(lease) }
             return
         }
+        current.queued = false
         switch result {
         case .success(let lease):
             current.lease = lease
@@ -307,7 +315,16 @@ final class GatewayConnectionHandler: ChannelInboundHandler, UpstreamExchange {
             case .success(let connection):
                 send(current, on: connection)
             case .failure(let error):
-                failExchange(ApusError(.instanceError, "cannot connect to instance \(lease.instanceID): \(error)"))
+                // Nothing was sent, so another instance may serve the request whatever its method: the instance
+                // died or stopped listening before its exit was noticed.
+                current.pool.reportUnreachable(lease)
+                current.lease = nil
+                if current.retried {
+                    failExchange(ApusError(.instanceError, "cannot connect to instance \(lease.instanceID): \(error)"))
+                } else {
+                    current.retried = true
+                    acquireSlot(current)
+                }
             }
         }
     }
@@ -473,7 +490,7 @@ final class GatewayConnectionHandler: ChannelInboundHandler, UpstreamExchange {
         upstreamWritable = true
         if let lease = current.lease {
             current.pool.release(lease)
-        } else {
+        } else if current.queued {
             if !current.pool.cancel(requestID: current.invocation.requestID) {
                 orphanPools[current.invocation.requestID] = current.pool
             }
