@@ -17,6 +17,7 @@ let package = Package(
     products: [
         .executable(name: "apusd", targets: ["apusd"]),
         .executable(name: "apus", targets: ["apus"]),
+        .executable(name: "apus-example-echo", targets: ["apus-example-echo"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.2"),
@@ -29,6 +30,13 @@ let package = Package(
         .package(url: "https://github.com/groue/GRDB.swift.git", from: "7.10.0"),
         .package(url: "https://github.com/jpsim/Yams.git", from: "6.2.2"),
         .package(url: "https://github.com/apple/swift-http-types.git", from: "1.8.0"),
+        .package(url: "https://github.com/apple/swift-nio-http2.git", from: "1.46.0"),
+        .package(url: "https://github.com/apple/swift-nio-ssl.git", from: "2.37.6"),
+        // Only for the Swift gRPC example function (Examples/echo-swift).
+        .package(url: "https://github.com/grpc/grpc-swift-2.git", from: "2.4.3"),
+        .package(url: "https://github.com/grpc/grpc-swift-nio-transport.git", from: "2.9.2"),
+        .package(url: "https://github.com/grpc/grpc-swift-protobuf.git", from: "2.4.1"),
+        .package(url: "https://github.com/apple/swift-protobuf.git", from: "1.39.0"),
     ],
     targets: [
         // Protocol-neutral model: invocation, function/version/release, manifest, neutral errors, clocks.
@@ -78,7 +86,8 @@ let package = Package(
             exclude: ["README.md"],
             swiftSettings: hotPathSettings
         ),
-        // HTTP edge: routing by path prefix or host, release-weighted version choice, proxying to instances.
+        // The edge: HTTP/1.1, HTTP/2 (h2c, upgrade, TLS with ALPN) and gRPC; routing by path prefix, host or gRPC
+        // service, release-weighted version choice, proxying to instances.
         .target(
             name: "ApusGateway",
             dependencies: [
@@ -86,6 +95,11 @@ let package = Package(
                 "ApusScheduler",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+                .product(name: "NIOTLS", package: "swift-nio"),
+                .product(name: "NIOHTTP2", package: "swift-nio-http2"),
+                .product(name: "NIOHPACK", package: "swift-nio-http2"),
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             ],
@@ -132,6 +146,20 @@ let package = Package(
             ],
             swiftSettings: swiftSettings
         ),
+        // Example gRPC function written on grpc-swift-2: serves IDL/examples/echo.proto on $APUS_PORT.
+        .executableTarget(
+            name: "apus-example-echo",
+            dependencies: [
+                .product(name: "GRPCCore", package: "grpc-swift-2"),
+                .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
+                .product(name: "GRPCProtobuf", package: "grpc-swift-protobuf"),
+                .product(name: "SwiftProtobuf", package: "swift-protobuf"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            path: "Examples/echo-swift/Sources/EchoServer",
+            swiftSettings: swiftSettings
+        ),
         .testTarget(
             name: "ApusCoreTests",
             dependencies: ["ApusCore"],
@@ -144,7 +172,13 @@ let package = Package(
         ),
         .testTarget(
             name: "ApusGatewayTests",
-            dependencies: ["ApusGateway", "ApusCore", .product(name: "NIOCore", package: "swift-nio")],
+            dependencies: [
+                "ApusGateway", "ApusCore",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOEmbedded", package: "swift-nio"),
+                .product(name: "NIOHTTP2", package: "swift-nio-http2"),
+                .product(name: "NIOHPACK", package: "swift-nio-http2"),
+            ],
             swiftSettings: swiftSettings
         ),
         .testTarget(

@@ -62,6 +62,11 @@ public final class ControlPlane: Sendable {
             throw ApusError(.badRequest, "archive has no \(FunctionManifest.fileName) at its root (\(error.message))")
         }
         let manifest = try FunctionManifest.parse(yaml: String(decoding: manifestData, as: UTF8.self))
+        for service in manifest.grpc?.services ?? [] {
+            if let owner = catalog.function(servingGRPCService: service), owner != manifest.name {
+                throw ApusError(.conflict, "gRPC service \(service) is already served by function \(owner); a service belongs to one function")
+            }
+        }
         let digest = CodeStore.digest(of: archive)
 
         if skipIfUnchanged, let record = try store.function(named: manifest.name),

@@ -3,8 +3,14 @@ import ApusScheduler
 import Logging
 import NIOCore
 import NIOPosix
+import NIOSSL
 import ServiceLifecycle
 import Synchronization
+
+/// A client connection that can be asked to finish its current work and close (graceful shutdown).
+protocol DrainableConnection: AnyObject {
+    func beginDrain()
+}
 
 /// What every connection of the gateway shares: configuration, the scheduler, per-loop upstream pools and the
 /// registry of open client connections (for draining on shutdown).
@@ -14,7 +20,9 @@ final class GatewayShared: Sendable {
     let logger: Logger
     let requestIDs = RequestIDGenerator()
     private let pools: [ObjectIdentifier: UpstreamPool]
-    private let connections = Mutex<[ObjectIdentifier: NIOLoopBound<GatewayConnectionHandler>]>([:])
+    private let http2Pools: [ObjectIdentifier: InstanceHTTP2Pool]
+    private let http1Pools: [ObjectIdentifier: InstanceHTTP1Pool]
+    private let connections = Mutex<[ObjectIdentifier: NIOLoopBound<any DrainableConnection>]>([:])
     private let draining = Atomic<Bool>(false)
 
     init(configuration: GatewayServer.Configuration, scheduler: Scheduler, logger: Logger, group: any EventLoopGroup) {
@@ -22,17 +30,33 @@ final class GatewayShared: Sendable {
         self.scheduler = scheduler
         self.logger = logger
         var pools: [ObjectIdentifier: UpstreamPool] = [:]
+        var http2Pools: [ObjectIdentifier: InstanceHTTP2Pool] = [:]
+        var http1Pools: [ObjectIdentifier: InstanceHTTP1Pool] = [:]
         for loop in group.makeIterator() {
             pools[ObjectIdentifier(loop)] = UpstreamPool(eventLoop: loop)
+            http2Pools[ObjectIdentifier(loop)] = InstanceHTTP2Pool(eventLoop: loop, limits: configuration.http2)
+            http1Pools[ObjectIdentifier(loop)] = InstanceHTTP1Pool(eventLoop: loop)
         }
         self.pools = pools
+        self.http2Pools = http2Pools
+        self.http1Pools = http1Pools
     }
 
     func upstreamPool(for loop: any EventLoop) -> UpstreamPool {
         pools[ObjectIdentifier(loop)]!
     }
 
-    func register(_ handler: GatewayConnectionHandler, id: ObjectIdentifier, eventLoop: any EventLoop) {
+    /// Multiplexed HTTP/2 connections to gRPC instances from this loop.
+    func instanceHTTP2Pool(for loop: any EventLoop) -> InstanceHTTP2Pool {
+        http2Pools[ObjectIdentifier(loop)]!
+    }
+
+    /// HTTP/1.1 connections to HTTP instances for requests that arrived over HTTP/2.
+    func instanceHTTP1Pool(for loop: any EventLoop) -> InstanceHTTP1Pool {
+        http1Pools[ObjectIdentifier(loop)]!
+    }
+
+    func register(_ handler: any DrainableConnection, id: ObjectIdentifier, eventLoop: any EventLoop) {
         connections.withLock { $0[id] = NIOLoopBound(handler, eventLoop: eventLoop) }
         if draining.load(ordering: .acquiring) { handler.beginDrain() }
     }
@@ -55,12 +79,45 @@ final class GatewayShared: Sendable {
         for pool in pools.values {
             try? await pool.eventLoop.submit { pool.closeAll() }.get()
         }
+        for pool in http2Pools.values {
+            try? await pool.eventLoop.submit { pool.closeAll() }.get()
+        }
+        for pool in http1Pools.values {
+            try? await pool.eventLoop.submit { pool.closeAll() }.get()
+        }
     }
 }
 
-/// The HTTP/1.1 edge as a swift-service-lifecycle `Service`: binds the listener, and on graceful shutdown stops
-/// accepting, lets in-flight requests finish (closing idle keep-alive connections at once) and then returns.
+/// The edge as a swift-service-lifecycle `Service`: binds the HTTP port (HTTP/1.1 and h2c) and, when configured,
+/// the TLS port (ALPN h2 / http/1.1); on graceful shutdown stops accepting, lets in-flight requests finish
+/// (closing idle connections at once, GOAWAY on HTTP/2) and then returns.
 public final class GatewayServer: Service {
+    /// HTTP/2 limits announced to clients (and used towards gRPC instances).
+    public struct HTTP2Limits: Sendable {
+        public var maxConcurrentStreams = 256
+        /// Per-stream flow-control window.
+        public var initialWindowSize = 1 << 20
+        /// Connection-wide flow-control window.
+        public var connectionWindowSize = 8 << 20
+        public var maxFrameSize = 1 << 14
+        public var maxHeaderListSize = 64 << 10
+
+        public init() {}
+    }
+
+    /// Where the TLS listener finds its certificate chain and key (PEM files).
+    public struct TLS: Sendable {
+        public var port: Int
+        public var certificatePath: String
+        public var keyPath: String
+
+        public init(port: Int, certificatePath: String, keyPath: String) {
+            self.port = port
+            self.certificatePath = certificatePath
+            self.keyPath = keyPath
+        }
+    }
+
     public struct Configuration: Sendable {
         public var host: String
         public var port: Int
@@ -69,31 +126,52 @@ public final class GatewayServer: Service {
         public var maxRequestBytes: Int
         /// Longest wait for in-flight requests on shutdown.
         public var drainTimeout: Duration
+        public var http2: HTTP2Limits
+        public var tls: TLS?
 
         public init(host: String = "127.0.0.1", port: Int = 8080, domain: String = "apus.localhost",
-                    maxRequestBytes: Int = 32 << 20, drainTimeout: Duration = .seconds(60)) {
+                    maxRequestBytes: Int = 32 << 20, drainTimeout: Duration = .seconds(60),
+                    http2: HTTP2Limits = HTTP2Limits(), tls: TLS? = nil) {
             self.host = host
             self.port = port
             self.domain = domain
             self.maxRequestBytes = maxRequestBytes
             self.drainTimeout = drainTimeout
+            self.http2 = http2
+            self.tls = tls
         }
     }
 
     private let configuration: Configuration
     private let shared: GatewayShared
     private let group: any EventLoopGroup
-    private let onRunning: @Sendable (Int) async -> Void
+    private let onRunning: @Sendable (_ httpPort: Int, _ tlsPort: Int?) async -> Void
     private let logger: Logger
 
     public init(configuration: Configuration, scheduler: Scheduler, logger: Logger,
                 group: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton,
-                onRunning: @escaping @Sendable (Int) async -> Void) {
+                onRunning: @escaping @Sendable (_ httpPort: Int, _ tlsPort: Int?) async -> Void) {
         self.configuration = configuration
         self.group = group
         self.shared = GatewayShared(configuration: configuration, scheduler: scheduler, logger: logger, group: group)
         self.onRunning = onRunning
         self.logger = logger
+    }
+
+    /// Loads the TLS certificate and key, offering h2 and http/1.1 by ALPN. Fails with a clear message.
+    public static func makeTLSContext(_ tls: TLS) throws(ApusError) -> NIOSSLContext {
+        do {
+            let chain = try NIOSSLCertificate.fromPEMFile(tls.certificatePath).map { NIOSSLCertificateSource.certificate($0) }
+            guard !chain.isEmpty else { throw ApusError(.badRequest, "no certificate in \(tls.certificatePath)") }
+            let key = try NIOSSLPrivateKey(file: tls.keyPath, format: .pem)
+            var configuration = TLSConfiguration.makeServerConfiguration(certificateChain: chain, privateKey: .privateKey(key))
+            configuration.applicationProtocols = ["h2", "http/1.1"]
+            return try NIOSSLContext(configuration: configuration)
+        } catch let error as ApusError {
+            throw error
+        } catch {
+            throw ApusError(.badRequest, "cannot use TLS certificate \(tls.certificatePath) with key \(tls.keyPath): \(error)")
+        }
     }
 
     public func run() async throws {
@@ -104,18 +182,36 @@ public final class GatewayServer: Service {
             .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
             .childChannelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
-                    try channel.pipeline.syncOperations.addHandler(GatewayConnectionHandler(shared: shared))
+                    try channel.pipeline.syncOperations.addHandler(EdgeProtocolDetector(shared: shared))
                 }
             }
             .bind(host: configuration.host, port: configuration.port)
             .get()
         let port = server.localAddress?.port ?? configuration.port
         logger.info("gateway listening", metadata: ["address": "\(configuration.host):\(port)"])
-        await onRunning(port)
+
+        var tlsServer: (any Channel)?
+        if let tls = configuration.tls {
+            let context = try Self.makeTLSContext(tls)
+            tlsServer = try await ServerBootstrap(group: group)
+                .serverChannelOption(.backlog, value: 1024)
+                .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+                .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
+                .childChannelInitializer { channel in
+                    channel.eventLoop.makeCompletedFuture {
+                        try EdgePipeline.configureTLS(channel, shared: shared, sslHandler: NIOSSLServerHandler(context: context))
+                    }
+                }
+                .bind(host: configuration.host, port: tls.port)
+                .get()
+            logger.info("gateway listening (TLS)", metadata: ["address": "\(configuration.host):\(tlsServer?.localAddress?.port ?? tls.port)"])
+        }
+        await onRunning(port, tlsServer?.localAddress?.port)
 
         try? await gracefulShutdown()
         logger.info("gateway draining", metadata: ["connections": "\(shared.openConnections)"])
         try? await server.close()
+        try? await tlsServer?.close()
         shared.drainAll()
         let deadline = ContinuousClock.now.advanced(by: configuration.drainTimeout)
         while shared.openConnections > 0, ContinuousClock.now < deadline {

@@ -14,24 +14,54 @@ public final class FunctionCatalog: Sendable {
         }
     }
 
-    private let entries = Mutex<[String: Entry]>([:])
+    private struct State {
+        var entries: [String: Entry] = [:]
+        /// gRPC service name → the function that serves it.
+        var grpcServices: [String: String] = [:]
+    }
+
+    private let state = Mutex(State())
 
     public init() {}
 
     public func update(_ entry: Entry) {
-        entries.withLock { $0[entry.record.name] = entry }
+        state.withLock { state in
+            state.entries[entry.record.name] = entry
+            state.grpcServices = state.grpcServices.filter { $0.value != entry.record.name }
+            for service in Self.grpcServices(of: entry) { state.grpcServices[service] = entry.record.name }
+        }
     }
 
     public func remove(_ function: String) {
-        _ = entries.withLock { $0.removeValue(forKey: function) }
+        state.withLock { state in
+            state.entries[function] = nil
+            state.grpcServices = state.grpcServices.filter { $0.value != function }
+        }
     }
 
     public func entry(_ function: String) -> Entry? {
-        entries.withLock { $0[function] }
+        state.withLock { $0.entries[function] }
     }
 
     public var functionNames: [String] {
-        entries.withLock { Array($0.keys) }
+        state.withLock { Array($0.entries.keys) }
+    }
+
+    /// The function serving a gRPC service (`pkg.Service`), if any.
+    public func function(servingGRPCService service: String) -> String? {
+        state.withLock { $0.grpcServices[service] }
+    }
+
+    /// Every gRPC service a function owns: those of the versions its release routes to and of its latest version
+    /// (the one a release is about to name).
+    static func grpcServices(of entry: Entry) -> Set<String> {
+        var numbers = Set(entry.record.release.weights.map(\.version))
+        numbers.insert(entry.record.latestVersion)
+        var services = Set<String>()
+        for number in numbers {
+            if let grpc = entry.versions[number]?.manifest.grpc { services.formUnion(grpc.services) }
+        }
+        return services
     }
 
     /// Chooses the version that serves a request: the pinned one if given, else by release weight.

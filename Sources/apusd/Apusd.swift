@@ -32,6 +32,24 @@ struct Apusd: AsyncParsableCommand {
     @Option(help: "Gateway HTTP port (0 picks a free port).")
     var httpPort = 8080
 
+    @Option(help: "Gateway TLS port, HTTP/2 and HTTP/1.1 by ALPN (0 picks a free port; needs --tls-cert and --tls-key).")
+    var tlsPort: Int?
+
+    @Option(help: "PEM certificate chain for the TLS port.")
+    var tlsCert: String?
+
+    @Option(help: "PEM private key for the TLS port.")
+    var tlsKey: String?
+
+    @Option(help: "HTTP/2: streams a client may have open at once per connection.")
+    var h2MaxStreams = 256
+
+    @Option(help: "HTTP/2: per-stream flow-control window in bytes.")
+    var h2Window = 1 << 20
+
+    @Option(help: "HTTP/2: largest header list (HPACK-decoded) a client may send, in bytes.")
+    var h2MaxHeaderList = 64 << 10
+
     @Option(help: "Domain for host routing: <function>.<domain>.")
     var domain = "apus.localhost"
 
@@ -72,6 +90,18 @@ struct Apusd: AsyncParsableCommand {
         return duration
     }
 
+    func validate() throws {
+        if tlsPort != nil, tlsCert == nil || tlsKey == nil {
+            throw ValidationError("--tls-port needs --tls-cert and --tls-key")
+        }
+        if tlsPort == nil, tlsCert != nil || tlsKey != nil {
+            throw ValidationError("--tls-cert and --tls-key need --tls-port")
+        }
+        guard (1...100_000).contains(h2MaxStreams) else { throw ValidationError("--h2-max-streams: must be 1...100000 (got \(h2MaxStreams))") }
+        guard (65_535...(1 << 31) - 1).contains(h2Window) else { throw ValidationError("--h2-window: must be 65535...2147483647 (got \(h2Window))") }
+        guard (1024...(16 << 20)).contains(h2MaxHeaderList) else { throw ValidationError("--h2-max-header-list: must be 1024...16777216 (got \(h2MaxHeaderList))") }
+    }
+
     func run() async throws {
         let level = Logger.Level(rawValue: logLevel) ?? .info
         LoggingSystem.bootstrap { label in
@@ -98,6 +128,16 @@ struct Apusd: AsyncParsableCommand {
                 runtimeDirectory: runtimeDir.map { URL(fileURLWithPath: $0, isDirectory: true) }
                     ?? ProcessLauncher.Configuration.bundledRuntimeDirectory),
             sandbox: sandbox, logs: logs, logger: Logger(label: "apus.runtime"))
+
+        var http2Limits = GatewayServer.HTTP2Limits()
+        http2Limits.maxConcurrentStreams = h2MaxStreams
+        http2Limits.initialWindowSize = h2Window
+        http2Limits.maxHeaderListSize = h2MaxHeaderList
+        var tls: GatewayServer.TLS?
+        if let tlsPort, let tlsCert, let tlsKey {
+            tls = GatewayServer.TLS(port: tlsPort, certificatePath: tlsCert, keyPath: tlsKey)
+            _ = try GatewayServer.makeTLSContext(tls!)  // a bad certificate or key stops start-up with its reason
+        }
 
         let catalog = FunctionCatalog()
         let scheduler = Scheduler(
@@ -129,10 +169,10 @@ struct Apusd: AsyncParsableCommand {
             onServerRunning: { channel in ports.bound(api: channel.localAddress?.port ?? 0) },
             logger: Logger(label: "apus.api"))
         let gateway = GatewayServer(
-            configuration: .init(host: host, port: httpPort, domain: domain),
+            configuration: .init(host: host, port: httpPort, domain: domain, http2: http2Limits, tls: tls),
             scheduler: scheduler, logger: Logger(label: "apus.gateway"),
             group: gatewayThreads.map { MultiThreadedEventLoopGroup(numberOfThreads: max(1, $0)) } ?? MultiThreadedEventLoopGroup.singleton,
-            onRunning: { port in ports.bound(http: port) })
+            onRunning: { port, tlsPort in ports.bound(http: port, tls: tlsPort) })
 
         // Graceful shutdown runs in reverse order: the gateway drains first, then log streams end, the API
         // stops, and last the scheduler stops every instance.
@@ -162,7 +202,7 @@ struct FlagOnShutdown: Service {
 
 /// Collects the bound ports; once both listeners are up, prints them and writes `<data-dir>/ports.json`.
 final class BoundPorts: Sendable {
-    private let state = Mutex<(api: Int?, http: Int?)>((nil, nil))
+    private let state = Mutex<(api: Int?, http: Int?, tls: Int?)>((nil, nil, nil))
     let host: String
     let file: URL
 
@@ -175,20 +215,22 @@ final class BoundPorts: Sendable {
         state.withLock { $0.http }.map { "http://\(host):\($0)" }
     }
 
-    func bound(api: Int? = nil, http: Int? = nil) {
-        let both = state.withLock { state -> (Int, Int)? in
+    func bound(api: Int? = nil, http: Int? = nil, tls: Int? = nil) {
+        let all = state.withLock { state -> (Int, Int, Int?)? in
             if let api { state.api = api }
             if let http { state.http = http }
+            if let tls { state.tls = tls }
             guard let a = state.api, let h = state.http else { return nil }
-            return (a, h)
+            return (a, h, state.tls)
         }
-        guard let (apiPort, httpPort) = both else { return }
-        let json = "{\"host\":\"\(host)\",\"api\":\(apiPort),\"http\":\(httpPort)}\n"
+        guard let (apiPort, httpPort, tlsPort) = all else { return }
+        let json = "{\"host\":\"\(host)\",\"api\":\(apiPort),\"http\":\(httpPort)\(tlsPort.map { ",\"tls\":\($0)" } ?? "")}\n"
         let temp = file.deletingLastPathComponent().appendingPathComponent(".ports.json.tmp")
         try? json.write(to: temp, atomically: false, encoding: .utf8)
         _ = try? FileManager.default.replaceItemAt(file, withItemAt: temp)
         if !FileManager.default.fileExists(atPath: file.path) { try? FileManager.default.moveItem(at: temp, to: file) }
-        let banner = "apusd: api listening on http://\(host):\(apiPort)\napusd: gateway listening on http://\(host):\(httpPort)\n"
+        var banner = "apusd: api listening on http://\(host):\(apiPort)\napusd: gateway listening on http://\(host):\(httpPort) (HTTP/1.1, h2c, gRPC)\n"
+        if let tlsPort { banner += "apusd: gateway listening on https://\(host):\(tlsPort) (TLS: h2, http/1.1)\n" }
         FileHandle.standardOutput.write(Data(banner.utf8))
     }
 }

@@ -54,7 +54,14 @@ struct ManifestTests {
         ("name: a\nruntime: python3\nmemory: lots\n", "memory: must be a size"),
         ("name: a\nruntime: python3\nhandler: main\n", "handler: must be module.function"),
         ("name: a\nruntime: python3\nenv: {APUS_PORT: 1}\n", "env.APUS_PORT: APUS_ variables are set by the platform"),
-        ("name: a\nruntime: python3\nprotocol: grpc\n", "protocol: \"grpc\" is reserved"),
+        ("name: a\nruntime: python3\nprotocol: thrift\n", "protocol: \"thrift\" is reserved"),
+        ("name: a\nruntime: python3\nprotocol: grpc\n", "grpc.services: is required for protocol: grpc"),
+        ("name: a\nruntime: python3\ngrpc: {services: [a.B]}\n", "grpc: is only for protocol: grpc"),
+        ("name: a\nruntime: python3\nprotocol: grpc\ngrpc: {services: []}\n", "grpc.services: must list"),
+        ("name: a\nruntime: python3\nprotocol: grpc\ngrpc: {services: [ok.A, \"bad/name\"]}\n", "grpc.services[1]: must be a fully qualified service name"),
+        ("name: a\nruntime: python3\nprotocol: grpc\ngrpc: {services: [a.B, a.B]}\n", "grpc.services: lists a.B twice"),
+        ("name: a\nruntime: python3\nprotocol: grpc\ngrpc: {services: [grpc.health.v1.Health]}\n", "belong to the gateway"),
+        ("name: a\nruntime: python3\nprotocol: grpc\ngrpc: {servces: [a.B]}\n", "grpc.servces: unknown key"),
         ("- just\n- a list\n", "must be a mapping"),
         ("name: [unclosed\n", "is not valid YAML"),
     ])
@@ -67,6 +74,14 @@ struct ManifestTests {
             #expect(error.message.hasPrefix("apus.yaml:"))
             #expect(error.message.contains(expected), "message was: \(error.message)")
         }
+    }
+
+    @Test func grpcManifest() throws {
+        let m = try FunctionManifest.parse(yaml: "name: echo\nruntime: python3\nhandler: service.register\nprotocol: grpc\ngrpc: {services: [echo.Echo, other.v1.Things]}\n")
+        #expect(m.protocol == .grpc)
+        #expect(m.grpc?.services == ["echo.Echo", "other.v1.Things"])
+        let data = try JSONEncoder().encode(m)
+        #expect(try JSONDecoder().decode(FunctionManifest.self, from: data) == m)
     }
 
     @Test func manifestSurvivesJSONRoundTrip() throws {

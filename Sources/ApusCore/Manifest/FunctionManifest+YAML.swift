@@ -19,7 +19,7 @@ extension FunctionManifest {
         }
         let reader = ManifestReader(mapping: mapping, path: "")
         try reader.rejectUnknownKeys(allowed: ["name", "runtime", "handler", "command", "protocol", "concurrency",
-                                               "scale", "timeout", "memory", "env"])
+                                               "scale", "timeout", "memory", "env", "grpc"])
 
         let name = try reader.requiredString("name")
         try validateName(name, key: "name")
@@ -33,10 +33,33 @@ extension FunctionManifest {
             guard let wire = WireProtocol(rawValue: protocolText) else {
                 throw ManifestReader.failure("protocol", "must be one of \(WireProtocol.allCases.map(\.rawValue).joined(separator: ", ")) (got \"\(protocolText)\")")
             }
-            guard wire == .http else {
-                throw ManifestReader.failure("protocol", "\"\(protocolText)\" is reserved and not served yet; use http")
+            guard wire != .thrift else {
+                throw ManifestReader.failure("protocol", "\"\(protocolText)\" is reserved and not served yet; use http or grpc")
             }
             manifest.protocol = wire
+        }
+
+        if let grpcMapping = try reader.optionalMapping("grpc") {
+            guard manifest.protocol == .grpc else {
+                throw ManifestReader.failure("grpc", "is only for protocol: grpc")
+            }
+            let grpc = ManifestReader(mapping: grpcMapping, path: "grpc")
+            try grpc.rejectUnknownKeys(allowed: ["services"])
+            guard let services = try grpc.optionalStringList("services"), !services.isEmpty else {
+                throw ManifestReader.failure("grpc.services", "must list the gRPC services the function serves, e.g. [echo.Echo]")
+            }
+            for (index, service) in services.enumerated() where !isGRPCServiceName(service) {
+                throw ManifestReader.failure("grpc.services[\(index)]", "must be a fully qualified service name such as pkg.Service (got \"\(service)\")")
+            }
+            if let duplicate = services.first(where: { service in services.filter { $0 == service }.count > 1 }) {
+                throw ManifestReader.failure("grpc.services", "lists \(duplicate) twice")
+            }
+            if services.contains(where: { $0.hasPrefix("grpc.") }) {
+                throw ManifestReader.failure("grpc.services", "grpc.* services (health, reflection) belong to the gateway")
+            }
+            manifest.grpc = GRPCSettings(services: services)
+        } else if manifest.protocol == .grpc {
+            throw ManifestReader.failure("grpc.services", "is required for protocol: grpc (the gRPC services the function serves, e.g. [echo.Echo])")
         }
 
         switch runtime {
@@ -124,6 +147,18 @@ extension FunctionManifest {
             manifest.env = env
         }
         return manifest
+    }
+
+    /// `pkg.sub.Service` or `Service`: dot-separated identifiers of letters, digits and '_'.
+    public static func isGRPCServiceName(_ name: String) -> Bool {
+        let parts = name.split(separator: ".", omittingEmptySubsequences: false)
+        return name.utf8.count <= 200 && parts.allSatisfy { part in
+            guard let first = part.utf8.first, !(UInt8(ascii: "0")...UInt8(ascii: "9")).contains(first) else { return false }
+            return part.utf8.allSatisfy { byte in
+                (UInt8(ascii: "a")...UInt8(ascii: "z")).contains(byte) || (UInt8(ascii: "A")...UInt8(ascii: "Z")).contains(byte)
+                    || (UInt8(ascii: "0")...UInt8(ascii: "9")).contains(byte) || byte == UInt8(ascii: "_")
+            }
+        }
     }
 
     /// Function names are DNS labels so they work both as path prefixes and as host names.

@@ -22,6 +22,16 @@ public struct FunctionManifest: Codable, Hashable, Sendable {
         }
     }
 
+    /// What a `protocol: grpc` function serves.
+    public struct GRPCSettings: Codable, Hashable, Sendable {
+        /// Fully qualified service names (`package.Service`) the gateway routes to this function.
+        public var services: [String]
+
+        public init(services: [String]) {
+            self.services = services
+        }
+    }
+
     public var name: String
     public var runtime: Runtime
     /// Python: `module.function`.
@@ -37,6 +47,8 @@ public struct FunctionManifest: Codable, Hashable, Sendable {
     /// Memory limit in bytes.
     public var memory: Int64
     public var env: [String: String]
+    /// Set exactly when `protocol` is `grpc`.
+    public var grpc: GRPCSettings?
 
     public init(
         name: String,
@@ -48,7 +60,8 @@ public struct FunctionManifest: Codable, Hashable, Sendable {
         scale: Scale = Scale(),
         timeout: Duration = .seconds(30),
         memory: Int64 = 256 * 1024 * 1024,
-        env: [String: String] = [:]
+        env: [String: String] = [:],
+        grpc: GRPCSettings? = nil
     ) {
         self.name = name
         self.runtime = runtime
@@ -60,10 +73,11 @@ public struct FunctionManifest: Codable, Hashable, Sendable {
         self.timeout = timeout
         self.memory = memory
         self.env = env
+        self.grpc = grpc
     }
 
     enum CodingKeys: String, CodingKey {
-        case name, runtime, handler, command, `protocol`, concurrency, scale, timeout, memory, env
+        case name, runtime, handler, command, `protocol`, concurrency, scale, timeout, memory, env, grpc
     }
 
     // Durations and sizes are stored in their human form so stored versions read like the manifest.
@@ -87,6 +101,7 @@ public struct FunctionManifest: Codable, Hashable, Sendable {
         }
         self.memory = memory
         env = try c.decode([String: String].self, forKey: .env)
+        grpc = try c.decodeIfPresent(GRPCSettings.self, forKey: .grpc)
     }
 
     public func encode(to encoder: any Encoder) throws {
@@ -101,5 +116,6 @@ public struct FunctionManifest: Codable, Hashable, Sendable {
         try c.encode(timeout.humanReadable, forKey: .timeout)
         try c.encode(ByteSize.format(memory), forKey: .memory)
         try c.encode(env, forKey: .env)
+        try c.encodeIfPresent(grpc, forKey: .grpc)
     }
 }

@@ -8,7 +8,7 @@ import NIOCore
 /// slot from the function version's pool, and relays the request to an instance over a pooled keep-alive
 /// connection and the response back — header bytes copied, bodies passed through as they arrive. Requests on one
 /// connection are served in order (pipelining is honoured, one exchange at a time). Lives on its event loop.
-final class GatewayConnectionHandler: ChannelInboundHandler, UpstreamExchange {
+final class GatewayConnectionHandler: ChannelInboundHandler, RemovableChannelHandler, UpstreamExchange, LoopSlotTarget, DrainableConnection {
     typealias InboundIn = ByteBuffer
     typealias OutboundOut = ByteBuffer
 
@@ -71,8 +71,12 @@ final class GatewayConnectionHandler: ChannelInboundHandler, UpstreamExchange {
     static let maxHead = 64 << 10
     static let maxBufferedAhead = 256 << 10
 
-    init(shared: GatewayShared) {
+    /// `X-Forwarded-Proto` for requests of this connection (`http`, or `https` behind the TLS listener).
+    private let scheme: String
+
+    init(shared: GatewayShared, scheme: String = "http") {
         self.shared = shared
+        self.scheme = scheme
         self.random = UInt64.random(in: 1...UInt64.max)
     }
 
@@ -81,17 +85,28 @@ final class GatewayConnectionHandler: ChannelInboundHandler, UpstreamExchange {
     func handlerAdded(context: ChannelHandlerContext) {
         self.context = context
         self.upstreams = shared.upstreamPool(for: context.eventLoop)
-        self.slotWaiter = LoopSlotWaiter(NIOLoopBound(self, eventLoop: context.eventLoop))
+        self.slotWaiter = LoopSlotWaiter(NIOLoopBound<any LoopSlotTarget>(self, eventLoop: context.eventLoop))
+        if context.channel.isActive { becameActive(context: context) }
     }
 
     func handlerRemoved(context: ChannelHandlerContext) {
         slotWaiter = nil  // it holds this handler: break the cycle
+        if isRegistered { shared.unregister(id: ObjectIdentifier(self)) }
     }
 
     func channelActive(context: ChannelHandlerContext) {
+        becameActive(context: context)
+        context.fireChannelActive()
+    }
+
+    /// Added to a connection that is already open (after protocol detection or ALPN), or told it opened.
+    private var isRegistered = false
+
+    private func becameActive(context: ChannelHandlerContext) {
+        guard !isRegistered else { return }
+        isRegistered = true
         peer = context.channel.remoteAddress?.ipAddress ?? "unknown"
         shared.register(self, id: ObjectIdentifier(self), eventLoop: context.eventLoop)
-        context.fireChannelActive()
     }
 
     func channelInactive(context: ChannelHandlerContext) {
@@ -182,6 +197,9 @@ final class GatewayConnectionHandler: ChannelInboundHandler, UpstreamExchange {
     }
 
     private func start(_ head: RequestHead, rawHead: ByteBuffer) {
+        if head.upgradeToH2C, case .none = head.framing, !draining, upgradeToHTTP2(head, rawHead: rawHead) {
+            return
+        }
         let requestID = shared.requestIDs.next()
         let hasBody: Bool
         if case .none = head.framing { hasBody = false } else { hasBody = true }
@@ -237,6 +255,43 @@ final class GatewayConnectionHandler: ChannelInboundHandler, UpstreamExchange {
         }
     }
 
+    /// Answers `Upgrade: h2c` with 101 and turns this connection into an HTTP/2 one whose stream 1 is the request
+    /// that asked. Returns false (serve it as HTTP/1.1) when the head cannot be carried in one HEADERS frame.
+    private func upgradeToHTTP2(_ head: RequestHead, rawHead: ByteBuffer) -> Bool {
+        var fields: [(String, String)] = [(":method", head.method), (":scheme", scheme), (":path", head.target)]
+        if let host = head.host { fields.append((":authority", host)) }
+        rawHead.withUnsafeReadableBytes { bytes in
+            head.keptSpans.forEach { span in
+                let line = String(decoding: UnsafeRawBufferPointer(rebasing: bytes[span]), as: UTF8.self)
+                guard let colon = line.firstIndex(of: ":") else { return }
+                let name = line[..<colon].lowercased()
+                guard name != "host", name != "transfer-encoding", name != "content-length" else { return }
+                fields.append((name, line[line.index(after: colon)...].trimmingCharacters(in: .whitespacesAndNewlines)))
+            }
+        }
+        if let pinned = head.pinnedVersion { fields.append(("x-apus-version", pinned)) }
+        if let forwardedFor = head.forwardedFor { fields.append(("x-forwarded-for", forwardedFor)) }
+        guard let frame = H2CUpgradeSplicer.headersFrame(fields, allocator: context.channel.allocator) else { return false }
+
+        var switching = context.channel.allocator.buffer(capacity: 80)
+        switching.writeStatic("HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n")
+        context.writeAndFlush(wrapOutboundOut(switching), promise: nil)
+        let channel = context.channel
+        do {
+            try channel.pipeline.syncOperations.addHandler(H2CUpgradeSplicer(stream1HeadersFrame: frame))
+            try EdgePipeline.configureHTTP2(channel, shared: shared, scheme: scheme)
+        } catch {
+            close()
+            return true
+        }
+        phase = .closed  // this handler is done; HTTP/2 owns the connection
+        let rest = inbound
+        inbound = nil
+        if let rest, rest.readableBytes > 0 { context.fireChannelRead(NIOAny(rest)) }
+        context.pipeline.syncOperations.removeHandler(context: context, promise: nil)
+        return true
+    }
+
     /// Rewrites the head for the instance: new request line, the client's header lines as they were (minus
     /// hop-by-hop and `X-Apus-*`), and the forwarding and platform headers.
     private func makeUpstreamHead(_ head: RequestHead, rawHead: ByteBuffer, route: GatewayRoute, requestID: String, version: FunctionVersion) -> ByteBuffer {
@@ -261,7 +316,8 @@ final class GatewayConnectionHandler: ChannelInboundHandler, UpstreamExchange {
             out.writeStatic("\r\nX-Forwarded-Host: ")
             out.writeString(host)
         }
-        out.writeStatic("\r\nX-Forwarded-Proto: http")
+        out.writeStatic("\r\nX-Forwarded-Proto: ")
+        out.writeString(scheme)
         if let prefix = route.forwardedPrefix {
             out.writeStatic("\r\nX-Forwarded-Prefix: ")
             out.writeString(prefix)
@@ -279,7 +335,7 @@ final class GatewayConnectionHandler: ChannelInboundHandler, UpstreamExchange {
         return out
     }
 
-    fileprivate func slotDecided(requestID: String, _ result: Result<InstancePool.Lease, ApusError>) {
+    func slotDecided(requestID: String, _ result: Result<InstancePool.Lease, ApusError>) {
         guard phase == .waitingForSlot, let current = exchange, current.invocation.requestID == requestID else {
             // The request is gone (client left, deadline passed): give the slot back.
             if case .success(let lease) = result, let pool = orphanPools.removeValue(forKey: requestID) { pool.release(lease) }
@@ -538,19 +594,5 @@ final class GatewayConnectionHandler: ChannelInboundHandler, UpstreamExchange {
         case 505: "HTTP Version Not Supported"
         default: "Error"
         }
-    }
-}
-
-/// Carries a slot decision from whatever thread made it to the connection's event loop.
-private final class LoopSlotWaiter: SlotWaiter {
-    let handler: NIOLoopBound<GatewayConnectionHandler>
-
-    init(_ handler: NIOLoopBound<GatewayConnectionHandler>) {
-        self.handler = handler
-    }
-
-    func slotDecided(requestID: String, _ result: Result<InstancePool.Lease, ApusError>) {
-        let handler = self.handler
-        handler.eventLoop.execute { handler.value.slotDecided(requestID: requestID, result) }
     }
 }

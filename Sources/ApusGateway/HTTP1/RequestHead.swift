@@ -12,6 +12,8 @@ struct RequestHead {
     var expectContinue: Bool
     var pinnedVersion: String?
     var forwardedFor: String?
+    /// `Upgrade: h2c` with `HTTP2-Settings` and a matching `Connection` header: the client offers HTTP/2.
+    var upgradeToH2C = false
     /// Spans of header lines (with their CRLF) copied to the instance unchanged.
     var keptSpans: ByteSpans
 
@@ -67,6 +69,9 @@ struct RequestHead {
         var expectContinue = false
         var pinnedVersion: String?
         var forwardedFor: String?
+        var upgradeOffersH2C = false
+        var connectionUpgrade = false
+        var hasHTTP2Settings = false
         var failure: ParseError?
         var spans = ByteSpans()
 
@@ -90,14 +95,20 @@ struct RequestHead {
             case 10 where HTTPBytes.equalsLowercase(bytes, name, "connection"):
                 if HTTPBytes.containsToken(bytes, value, "close") { connectionClose = true }
                 if HTTPBytes.containsToken(bytes, value, "keep-alive") { connectionKeepAlive = true }
+                if HTTPBytes.containsToken(bytes, value, "upgrade") { connectionUpgrade = true }
+                keep = false
+            case 14 where HTTPBytes.equalsLowercase(bytes, name, "http2-settings"):
+                hasHTTP2Settings = true
+                keep = false
+            case 7 where HTTPBytes.equalsLowercase(bytes, name, "upgrade"):
+                if HTTPBytes.containsToken(bytes, value, "h2c") { upgradeOffersH2C = true }
                 keep = false
             case 6 where HTTPBytes.equalsLowercase(bytes, name, "expect"):
                 if HTTPBytes.equalsLowercase(bytes, value, "100-continue") { expectContinue = true }
                 keep = false
             case 10 where HTTPBytes.equalsLowercase(bytes, name, "keep-alive"),
                  16 where HTTPBytes.equalsLowercase(bytes, name, "proxy-connection"),
-                 2 where HTTPBytes.equalsLowercase(bytes, name, "te"),
-                 7 where HTTPBytes.equalsLowercase(bytes, name, "upgrade"):
+                 2 where HTTPBytes.equalsLowercase(bytes, name, "te"):
                 keep = false
             case 15 where HTTPBytes.equalsLowercase(bytes, name, "x-forwarded-for"):
                 forwardedFor = HTTPBytes.string(bytes, value)
@@ -131,6 +142,7 @@ struct RequestHead {
             method: method, target: target, isHTTP10: isHTTP10, host: host, framing: framing,
             keepAlive: isHTTP10 ? connectionKeepAlive && !connectionClose : !connectionClose,
             expectContinue: expectContinue && !isHTTP10, pinnedVersion: pinnedVersion, forwardedFor: forwardedFor,
+            upgradeToH2C: upgradeOffersH2C && connectionUpgrade && hasHTTP2Settings && !isHTTP10,
             keptSpans: spans)
     }
 }

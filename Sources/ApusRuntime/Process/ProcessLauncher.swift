@@ -84,6 +84,7 @@ public final class ProcessLauncher: InstanceLauncher {
         env["APUS_VERSION"] = String(spec.version.number)
         env["APUS_PROTOCOL"] = spec.manifest.protocol.rawValue
         env["APUS_INSTANCE"] = spec.instanceID
+        env["APUS_CONCURRENCY"] = String(spec.manifest.concurrency)
         if let handler = spec.manifest.handler { env["APUS_HANDLER"] = handler }
         return env
     }
@@ -141,7 +142,7 @@ public final class ProcessLauncher: InstanceLauncher {
                         continuation.resume(returning: .failure(ApusError(.unavailable, "instance \(exit) before it was ready")))
                         return
                     }
-                    switch ReadinessProbe.check(port: port) {
+                    switch ReadinessProbe.check(port: port, speaksHTTP2: spec.manifest.protocol == .grpc) {
                     case .ready:
                         continuation.resume(returning: .success(()))
                         return

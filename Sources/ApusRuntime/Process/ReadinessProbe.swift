@@ -5,7 +5,8 @@ import Darwin
 #endif
 
 /// One readiness check: the instance accepts a TCP connection on loopback and answers `GET /healthz`
-/// (sent with `X-Apus-Probe: 1`) with a status below 500. Blocking; run it off the async pool.
+/// (sent with `X-Apus-Probe: 1`) with a status below 500 — or, for a gRPC instance, answers the HTTP/2
+/// connection preface with a SETTINGS frame. Blocking; run it off the async pool.
 enum ReadinessProbe {
     enum Outcome: Equatable {
         case ready
@@ -13,7 +14,7 @@ enum ReadinessProbe {
         case unhealthy(String)
     }
 
-    static func check(port: Int, timeoutMilliseconds: Int = 1000) -> Outcome {
+    static func check(port: Int, speaksHTTP2: Bool = false, timeoutMilliseconds: Int = 1000) -> Outcome {
         let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
         guard fd >= 0 else { return .notListening }
         defer { close(fd) }
@@ -25,6 +26,7 @@ enum ReadinessProbe {
             $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
         }
         guard connected == 0 else { return .notListening }
+        if speaksHTTP2 { return checkHTTP2(fd) }
         let request = "GET /healthz HTTP/1.1\r\nHost: 127.0.0.1:\(port)\r\nX-Apus-Probe: 1\r\nConnection: close\r\n\r\n"
         let sent = request.withCString { send(fd, $0, strlen($0), Int32(MSG_NOSIGNAL)) }
         guard sent > 0 else { return .unhealthy("probe could not be sent") }
@@ -44,5 +46,24 @@ enum ReadinessProbe {
             return .unhealthy("unparseable status line \(statusLine.prefix(80))")
         }
         return status < 500 ? .ready : .unhealthy("GET /healthz answered \(status)")
+    }
+
+    /// Sends the client connection preface and an empty SETTINGS frame; ready when a SETTINGS frame comes back.
+    private static func checkHTTP2(_ fd: Int32) -> Outcome {
+        var hello = Array("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".utf8)
+        hello += [0, 0, 0, 4, 0, 0, 0, 0, 0]
+        let sent = hello.withUnsafeBytes { send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
+        guard sent == hello.count else { return .unhealthy("HTTP/2 preface could not be sent") }
+        var received: [UInt8] = []
+        var buffer = [UInt8](repeating: 0, count: 256)
+        while received.count < 9 {
+            let n = recv(fd, &buffer, buffer.count, 0)
+            if n <= 0 { break }
+            received += buffer[0..<n]
+        }
+        guard received.count >= 9 else {
+            return .unhealthy(received.isEmpty ? "no answer to the HTTP/2 preface" : "short answer to the HTTP/2 preface")
+        }
+        return received[3] == 4 ? .ready : .unhealthy("answered the HTTP/2 preface with frame type \(received[3]), not SETTINGS")
     }
 }

@@ -1,0 +1,268 @@
+import ApusCore
+import Logging
+import NIOCore
+import NIOHPACK
+import NIOHTTP2
+import NIOTLS
+
+/// Builds the per-connection pipelines of the edge. A plaintext connection starts with `EdgeProtocolDetector`,
+/// which picks HTTP/2 (the client sent the connection preface: h2c with prior knowledge) or HTTP/1.1; a TLS
+/// connection picks by ALPN. HTTP/1.1 connections may still move to HTTP/2 with `Upgrade: h2c`.
+enum EdgePipeline {
+    /// Adds the HTTP/2 server handlers. Each stream is routed by `EdgeStreamRouter` on its first HEADERS.
+    static func configureHTTP2(
+        _ channel: any Channel, shared: GatewayShared, scheme: String
+    ) throws {
+        let limits = shared.configuration.http2
+        var connectionConfiguration = NIOHTTP2Handler.ConnectionConfiguration()
+        connectionConfiguration.initialSettings = [
+            HTTP2Setting(parameter: .maxConcurrentStreams, value: limits.maxConcurrentStreams),
+            HTTP2Setting(parameter: .initialWindowSize, value: limits.initialWindowSize),
+            HTTP2Setting(parameter: .maxFrameSize, value: limits.maxFrameSize),
+            HTTP2Setting(parameter: .maxHeaderListSize, value: limits.maxHeaderListSize),
+        ]
+        connectionConfiguration.targetWindowSize = limits.connectionWindowSize
+        var streamConfiguration = NIOHTTP2Handler.StreamConfiguration()
+        streamConfiguration.targetWindowSize = limits.initialWindowSize
+        let peer = channel.remoteAddress?.ipAddress ?? "unknown"
+        let guardHandler = HTTP2ConnectionGuard(shared: shared)
+        let boundGuard = NIOLoopBound(guardHandler, eventLoop: channel.eventLoop)
+        _ = try channel.pipeline.syncOperations.configureHTTP2Pipeline(
+            mode: .server, connectionConfiguration: connectionConfiguration, streamConfiguration: streamConfiguration
+        ) { stream in
+            stream.eventLoop.makeCompletedFuture {
+                boundGuard.value.streamOpened(stream)
+                try stream.pipeline.syncOperations.addHandler(EdgeStreamRouter(shared: shared, peer: peer, scheme: scheme))
+            }
+        }
+        try channel.pipeline.syncOperations.addHandler(guardHandler)
+    }
+
+    /// Adds the HTTP/1.1 edge handler.
+    static func configureHTTP1(_ channel: any Channel, shared: GatewayShared, scheme: String) throws {
+        try channel.pipeline.syncOperations.addHandler(GatewayConnectionHandler(shared: shared, scheme: scheme))
+    }
+
+    /// TLS: the certificate's handshake, then HTTP/2 or HTTP/1.1 as ALPN agreed (HTTP/1.1 without ALPN).
+    static func configureTLS(_ channel: any Channel, shared: GatewayShared, sslHandler: any ChannelHandler) throws {
+        try channel.pipeline.syncOperations.addHandler(sslHandler)
+        try channel.pipeline.syncOperations.addHandler(ApplicationProtocolNegotiationHandler { result, channel in
+            channel.eventLoop.makeCompletedFuture {
+                if case .negotiated("h2") = result {
+                    try configureHTTP2(channel, shared: shared, scheme: "https")
+                } else {
+                    try configureHTTP1(channel, shared: shared, scheme: "https")
+                }
+            }
+        })
+    }
+
+    static let preface: [UInt8] = Array("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".utf8)
+}
+
+/// First handler of a plaintext connection: looks at the first bytes, installs HTTP/2 (connection preface) or
+/// HTTP/1.1 (anything else) behind itself, hands them the bytes and steps aside.
+final class EdgeProtocolDetector: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = ByteBuffer
+    typealias InboundOut = ByteBuffer
+
+    private let shared: GatewayShared
+    private var buffered: ByteBuffer?
+
+    init(shared: GatewayShared) {
+        self.shared = shared
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        var incoming = unwrapInboundIn(data)
+        if buffered == nil { buffered = incoming } else { buffered!.writeBuffer(&incoming) }
+        let bytes = buffered!.readableBytesView
+        let compared = min(bytes.count, EdgePipeline.preface.count)
+        let matches = bytes.prefix(compared).elementsEqual(EdgePipeline.preface.prefix(compared))
+        if matches && compared < EdgePipeline.preface.count { return }  // wait for the rest of the preface
+        do {
+            if matches {
+                try EdgePipeline.configureHTTP2(context.channel, shared: shared, scheme: "http")
+            } else {
+                try EdgePipeline.configureHTTP1(context.channel, shared: shared, scheme: "http")
+            }
+        } catch {
+            context.close(promise: nil)
+            return
+        }
+        let bytesSoFar = buffered!
+        buffered = nil
+        context.fireChannelRead(wrapInboundOut(bytesSoFar))
+        context.pipeline.syncOperations.removeHandler(context: context, promise: nil)
+    }
+
+    func channelActive(context: ChannelHandlerContext) {
+        context.fireChannelActive()
+    }
+}
+
+/// Connection-level duties of an HTTP/2 connection: counts open streams, closes the connection after a
+/// connection error (the HTTP/2 handler has already sent GOAWAY with the error code), and on graceful shutdown
+/// sends GOAWAY and closes once the open streams are done.
+final class HTTP2ConnectionGuard: ChannelInboundHandler, DrainableConnection {
+    typealias InboundIn = HTTP2Frame
+
+    private let shared: GatewayShared
+    private var context: ChannelHandlerContext?
+    private var openStreams = 0
+    private var draining = false
+
+    init(shared: GatewayShared) {
+        self.shared = shared
+    }
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        self.context = context
+        shared.register(self, id: ObjectIdentifier(self), eventLoop: context.eventLoop)
+    }
+
+    func handlerRemoved(context: ChannelHandlerContext) {
+        shared.unregister(id: ObjectIdentifier(self))
+        self.context = nil
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        shared.unregister(id: ObjectIdentifier(self))
+        context.fireChannelInactive()
+    }
+
+    func streamOpened(_ stream: any Channel) {
+        openStreams += 1
+        stream.closeFuture.assumeIsolated().whenComplete { [self] _ in
+            openStreams -= 1
+            if draining && openStreams == 0 { context?.close(promise: nil) }
+        }
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        shared.logger.debug("HTTP/2 connection error", metadata: ["error": "\(error)"])
+        context.close(promise: nil)
+    }
+
+    func beginDrain() {
+        guard !draining, let context else { return }
+        draining = true
+        let goAway = HTTP2Frame(streamID: .rootStream, payload: .goAway(lastStreamID: .maxID, errorCode: .noError, opaqueData: nil))
+        context.writeAndFlush(NIOAny(goAway), promise: nil)
+        if openStreams == 0 { context.close(promise: nil) }
+    }
+}
+
+/// First handler of every client stream: on the first HEADERS it installs the gRPC relay (content-type
+/// `application/grpc…`), the gateway's health service, or the HTTP-over-HTTP/2 relay, then steps aside.
+final class EdgeStreamRouter: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = HTTP2Frame.FramePayload
+    typealias InboundOut = HTTP2Frame.FramePayload
+
+    private let shared: GatewayShared
+    private let peer: String
+    private let scheme: String
+
+    init(shared: GatewayShared, peer: String, scheme: String) {
+        self.shared = shared
+        self.peer = peer
+        self.scheme = scheme
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        guard case .headers(let headers) = unwrapInboundIn(data) else {
+            context.close(promise: nil)
+            return
+        }
+        let contentType = headers.headers.first(name: "content-type") ?? ""
+        let isGRPC = contentType.hasPrefix("application/grpc")
+        let operations = context.pipeline.syncOperations
+        do {
+            if isGRPC {
+                let path = headers.headers.first(name: ":path") ?? ""
+                if path.hasPrefix("/\(GRPCHealthStream.service)/") {
+                    try operations.addHandler(GRPCHealthStream(shared: shared), position: .after(self))
+                } else {
+                    try operations.addHandler(GRPCEdgeStream(shared: shared, peer: peer), position: .after(self))
+                }
+            } else {
+                try operations.addHandlers(
+                    [HTTP2FramePayloadToHTTP1ServerCodec(), HTTPOverHTTP2Stream(shared: shared, peer: peer, scheme: scheme)],
+                    position: .after(self))
+            }
+        } catch {
+            context.close(promise: nil)
+            return
+        }
+        context.fireChannelRead(data)
+        operations.removeHandler(context: context, promise: nil)
+    }
+}
+
+/// Moves an HTTP/1.1 connection that asked for `Upgrade: h2c` to HTTP/2. After the 101 the client sends the
+/// connection preface and its SETTINGS; this handler lets those through first, then slips in the upgrading
+/// request as stream 1 (a HEADERS frame with END_STREAM, literal HPACK fields that leave the decoder's dynamic
+/// table untouched), passes everything else through and steps aside.
+final class H2CUpgradeSplicer: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = ByteBuffer
+    typealias InboundOut = ByteBuffer
+
+    private var buffered: ByteBuffer?
+    private let stream1: ByteBuffer
+
+    init(stream1HeadersFrame: ByteBuffer) {
+        self.stream1 = stream1HeadersFrame
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        var incoming = unwrapInboundIn(data)
+        if buffered == nil { buffered = incoming } else { buffered!.writeBuffer(&incoming) }
+        var bytes = buffered!
+        let prefaceLength = EdgePipeline.preface.count
+        // The preface and the first frame (SETTINGS) must be complete before stream 1 goes in behind them.
+        guard bytes.readableBytes >= prefaceLength + 9,
+              let length = bytes.getInteger(at: bytes.readerIndex + prefaceLength, as: UInt32.self).map({ Int($0 >> 8) }),
+              bytes.readableBytes >= prefaceLength + 9 + length else { return }
+        buffered = nil
+        let head = bytes.readSlice(length: prefaceLength + 9 + length)!
+        context.fireChannelRead(wrapInboundOut(head))
+        context.fireChannelRead(wrapInboundOut(stream1))
+        if bytes.readableBytes > 0 { context.fireChannelRead(wrapInboundOut(bytes)) }
+        context.pipeline.syncOperations.removeHandler(context: context, promise: nil)
+    }
+
+    /// A HEADERS frame for stream 1 carrying `fields` (names already lowercase), or nil when it would not fit in
+    /// one frame of the default 16 KiB maximum.
+    static func headersFrame(_ fields: [(String, String)], allocator: ByteBufferAllocator) -> ByteBuffer? {
+        var block = allocator.buffer(capacity: 512)
+        for (name, value) in fields {
+            block.writeInteger(UInt8(0x00))  // literal header field without indexing, new name
+            writeLength(name.utf8.count, into: &block)
+            block.writeString(name)
+            writeLength(value.utf8.count, into: &block)
+            block.writeString(value)
+        }
+        guard block.readableBytes <= 16_384 else { return nil }
+        var frame = allocator.buffer(capacity: 9 + block.readableBytes)
+        frame.writeInteger(UInt32(block.readableBytes) << 8 | 0x01)  // 24-bit length, type HEADERS
+        frame.writeInteger(UInt8(0x05))  // END_STREAM | END_HEADERS
+        frame.writeInteger(UInt32(1))  // stream 1
+        frame.writeBuffer(&block)
+        return frame
+    }
+
+    /// HPACK string length: 7-bit prefix integer, no Huffman coding.
+    private static func writeLength(_ length: Int, into buffer: inout ByteBuffer) {
+        if length < 127 {
+            buffer.writeInteger(UInt8(length))
+            return
+        }
+        buffer.writeInteger(UInt8(127))
+        var rest = length - 127
+        while rest >= 128 {
+            buffer.writeInteger(UInt8(rest & 0x7F | 0x80))
+            rest >>= 7
+        }
+        buffer.writeInteger(UInt8(rest))
+    }
+}

@@ -1,0 +1,421 @@
+import ApusCore
+import ApusScheduler
+import Logging
+import NIOCore
+import NIOHPACK
+import NIOHTTP2
+
+/// One gRPC call from a client, relayed to a function instance over a multiplexed HTTP/2 connection. The edge
+/// reads only what routing needs (`:path`, `apus-function`, `apus-version`, `grpc-timeout`); messages pass through
+/// frame by frame in both directions. Flow control is end to end: this stream reads from the client only while
+/// the instance's stream can take more, and reads from the instance only while the client can take more.
+/// Lives on the client connection's event loop, like the instance stream it opens.
+final class GRPCEdgeStream: ChannelInboundHandler, LoopSlotTarget {
+    typealias InboundIn = HTTP2Frame.FramePayload
+    typealias OutboundOut = HTTP2Frame.FramePayload
+
+    private enum Phase {
+        case idle
+        case waitingForSlot
+        case connecting
+        case relaying
+        case finished
+    }
+
+    private let shared: GatewayShared
+    private let peer: String
+    private var context: ChannelHandlerContext!
+    private var phase = Phase.idle
+    private var requestID = ""
+    private var rpcPath = ""
+    private var version: FunctionVersion?
+    private var pool: InstancePool?
+    private var lease: InstancePool.Lease?
+    private var queued = false
+    private var retried = false
+    private var deadline = ContinuousClock.now
+    private var budgetDescription = ""
+    private var deadlineTask: Scheduled<Void>?
+    private var requestHeaders = HPACKHeaders()
+    /// Client frames that arrived before the instance stream was open.
+    private var pending: [HTTP2Frame.FramePayload] = []
+    private var requestEnded = false
+    private var responseStarted = false
+    /// The last frame to the client is being written: the stream closing now is the normal end, not a cancel.
+    private var responseEnding = false
+    private var upstream: (any Channel)?
+    private var upstreamRelay: InstanceStreamRelay?
+    private var slotWaiter: LoopSlotWaiter?
+
+    init(shared: GatewayShared, peer: String) {
+        self.shared = shared
+        self.peer = peer
+    }
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        self.context = context
+    }
+
+    func handlerRemoved(context: ChannelHandlerContext) {
+        slotWaiter = nil
+        upstreamRelay?.edge = nil
+    }
+
+    // MARK: client side
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        let payload = unwrapInboundIn(data)
+        switch payload {
+        case .headers(let headers):
+            if phase == .idle {
+                requestEnded = headers.endStream
+                start(headers.headers)
+                return
+            }
+            requestEnded = requestEnded || headers.endStream
+            forward(payload)
+        case .data(let data):
+            requestEnded = requestEnded || data.endStream
+            forward(.data(.init(data: data.data, endStream: data.endStream)))
+        default:
+            break
+        }
+    }
+
+    func channelReadComplete(context: ChannelHandlerContext) {
+        upstream?.flush()
+    }
+
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        // A slow client slows the instance.
+        upstream?.setReading(context.channel.isWritable)
+        context.fireChannelWritabilityChanged()
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        if phase != .finished {
+            // The client reset the stream or went away: the call is cancelled on the instance too.
+            if !responseEnding { log("call cancelled by the client", code: "cancelled") }
+            finish()
+        }
+        context.fireChannelInactive()
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        if phase != .finished {
+            fail(ApusError(.internal, "stream error: \(error)"))
+        }
+        context.close(promise: nil)
+    }
+
+    private func forward(_ payload: HTTP2Frame.FramePayload) {
+        switch phase {
+        case .relaying: upstream?.write(payload, promise: nil)
+        case .waitingForSlot, .connecting: pending.append(payload)
+        case .idle, .finished: break
+        }
+    }
+
+    // MARK: routing
+
+    private func start(_ headers: HPACKHeaders) {
+        requestID = shared.requestIDs.next()
+        rpcPath = headers.first(name: ":path") ?? ""
+        requestHeaders = headers
+        let pinnedFunction = headers.first(name: "apus-function")
+        let route: (service: Substring, method: Substring)
+        do throws(ApusError) {
+            route = try Self.splitPath(rpcPath)
+        } catch {
+            respondAndFinish(status: GRPCWire.statusUnimplemented, message: error.message)
+            return
+        }
+        let functionName: String
+        if let pinnedFunction {
+            functionName = pinnedFunction
+        } else if let owner = shared.scheduler.catalog.function(servingGRPCService: String(route.service)) {
+            functionName = owner
+        } else {
+            respondAndFinish(status: GRPCWire.statusUnimplemented, message: "unknown service \(route.service): no function serves it")
+            return
+        }
+        let version: FunctionVersion
+        do throws(ApusError) {
+            var pinned: Int?
+            if let text = headers.first(name: "apus-version") {
+                guard let number = Int(text), number > 0 else {
+                    throw ApusError(.badRequest, "apus-version must be a version number (got \(text.prefix(32)))")
+                }
+                pinned = number
+            }
+            version = try shared.scheduler.catalog.route(function: functionName, pinnedVersion: pinned, roll: Int.random(in: 0..<100))
+            guard version.manifest.protocol == .grpc else {
+                throw ApusError(.notFound, "function \(functionName) serves \(version.manifest.protocol.rawValue), not gRPC")
+            }
+        } catch {
+            let status = error.code == .notFound && pinnedFunction == nil ? GRPCWire.statusUnimplemented : GRPCWire.status(for: error)
+            respondAndFinish(status: status, message: error.message)
+            return
+        }
+        self.version = version
+
+        // The call's deadline: the client's grpc-timeout when given, never beyond the function's timeout.
+        var budget = version.manifest.timeout
+        budgetDescription = "function timeout of \(budget.humanReadable)"
+        if let text = headers.first(name: "grpc-timeout") {
+            guard let timeout = GRPCWire.parseTimeout(text) else {
+                respondAndFinish(status: GRPCWire.statusInternal, message: "malformed grpc-timeout \"\(text.prefix(16))\"")
+                return
+            }
+            if timeout < budget {
+                budget = timeout
+                budgetDescription = "grpc-timeout of \(timeout.humanReadable)"
+            }
+        }
+        deadline = ContinuousClock.now.advanced(by: budget)
+        let nanoseconds = budget.components.seconds * 1_000_000_000 + budget.components.attoseconds / 1_000_000_000
+        deadlineTask = context.eventLoop.assumeIsolated().scheduleTask(in: .nanoseconds(nanoseconds)) { [self] in
+            deadlinePassed()
+        }
+
+        // Until the instance stream is open, client frames wait here (bounded by the stream's flow-control window).
+        context.channel.setReading(false)
+        pool = shared.scheduler.pool(for: version)
+        acquireSlot()
+    }
+
+    /// `/package.Service/Method` → (`package.Service`, `Method`).
+    static func splitPath(_ path: String) throws(ApusError) -> (service: Substring, method: Substring) {
+        let parts = path.split(separator: "/", omittingEmptySubsequences: false)
+        guard parts.count == 3, parts[0].isEmpty, !parts[1].isEmpty, !parts[2].isEmpty else {
+            throw ApusError(.notFound, "malformed gRPC path \"\(path.prefix(200))\"; expected /package.Service/Method")
+        }
+        return (parts[1], parts[2])
+    }
+
+    private func acquireSlot() {
+        guard let pool else { return }
+        if slotWaiter == nil { slotWaiter = LoopSlotWaiter(NIOLoopBound<any LoopSlotTarget>(self, eventLoop: context.eventLoop)) }
+        switch pool.acquire(requestID: requestID, deadline: deadline, waiter: slotWaiter!) {
+        case .leased(let lease):
+            self.lease = lease
+            openUpstream()
+        case .failed(let error):
+            fail(error)
+        case .queued:
+            queued = true
+            phase = .waitingForSlot
+        }
+    }
+
+    func slotDecided(requestID: String, _ result: Result<InstancePool.Lease, ApusError>) {
+        guard phase == .waitingForSlot, requestID == self.requestID else {
+            if case .success(let lease) = result { pool?.release(lease) }
+            return
+        }
+        queued = false
+        switch result {
+        case .success(let lease):
+            self.lease = lease
+            openUpstream()
+        case .failure(let error):
+            fail(error)
+        }
+    }
+
+    // MARK: instance side
+
+    private func openUpstream() {
+        guard let lease else { return }
+        phase = .connecting
+        let relay = InstanceStreamRelay(edge: self)
+        upstreamRelay = relay
+        let requestID = self.requestID
+        shared.instanceHTTP2Pool(for: context.eventLoop).openStream(
+            instanceID: lease.instanceID, port: lease.port,
+            initializer: { channel in try? channel.pipeline.syncOperations.addHandler(relay) },
+            completion: { [self] result in
+                guard phase == .connecting, requestID == self.requestID else {
+                    if case .success(let channel) = result { channel.close(promise: nil) }
+                    return
+                }
+                switch result {
+                case .success(let channel):
+                    relayStarted(on: channel)
+                case .failure(let error):
+                    // Nothing reached the instance: take it out of service and try another once.
+                    pool?.reportUnreachable(lease)
+                    self.lease = nil
+                    upstreamRelay = nil
+                    if retried {
+                        fail(ApusError(.unavailable, "cannot open a stream to instance \(lease.instanceID): \(error)"))
+                    } else {
+                        retried = true
+                        acquireSlot()
+                    }
+                }
+            })
+    }
+
+    private func relayStarted(on channel: any Channel) {
+        guard let version else { return }
+        upstream = channel
+        phase = .relaying
+        var headers = HPACKHeaders()
+        headers.reserveCapacity(requestHeaders.count + 6)
+        for (name, value, indexing) in requestHeaders where name != "grpc-timeout" {
+            headers.add(name: name, value: value, indexing: indexing)
+        }
+        headers.add(name: "grpc-timeout", value: GRPCWire.formatTimeout(deadline - .now))
+        headers.add(name: "x-apus-request-id", value: requestID)
+        headers.add(name: "x-apus-function", value: version.function)
+        headers.add(name: "x-apus-version", value: String(version.number))
+        headers.add(name: "x-forwarded-for", value: peer)
+        let endedWithHeaders = requestEnded && pending.isEmpty
+        channel.write(HTTP2Frame.FramePayload.headers(.init(headers: headers, endStream: endedWithHeaders)), promise: nil)
+        for payload in pending { channel.write(payload, promise: nil) }
+        pending = []
+        channel.flush()
+        channel.setReading(context.channel.isWritable)
+        context.channel.setReading(channel.isWritable)
+    }
+
+    fileprivate func upstreamFrame(_ payload: HTTP2Frame.FramePayload) {
+        guard phase == .relaying else { return }
+        switch payload {
+        case .headers(let headers):
+            if headers.endStream { responseEnding = true }
+            if !responseStarted {
+                responseStarted = true
+                var response = headers.headers
+                response.add(name: "apus-request-id", value: requestID)
+                context.write(wrapOutboundOut(.headers(.init(headers: response, endStream: headers.endStream))), promise: nil)
+            } else {
+                context.write(wrapOutboundOut(payload), promise: nil)
+            }
+            if headers.endStream {
+                context.flush()
+                finish()
+            }
+        case .data(let data):
+            responseStarted = true
+            if data.endStream { responseEnding = true }
+            context.write(wrapOutboundOut(.data(.init(data: data.data, endStream: data.endStream))), promise: nil)
+            if data.endStream {
+                context.flush()
+                finish()
+            }
+        default:
+            break
+        }
+    }
+
+    fileprivate func upstreamFlush() {
+        context.flush()
+    }
+
+    fileprivate func upstreamWritabilityChanged(_ writable: Bool) {
+        // A slow instance slows the client.
+        if phase == .relaying {
+            context.channel.setReading(writable)
+        }
+    }
+
+    fileprivate func upstreamClosed() {
+        guard phase == .relaying else { return }
+        upstream = nil
+        fail(ApusError(.instanceError, "instance \(lease?.instanceID ?? "?") ended the stream without a status"))
+    }
+
+    // MARK: endings
+
+    private func deadlinePassed() {
+        guard phase != .finished else { return }
+        fail(ApusError(.deadlineExceeded, "deadline exceeded: no answer within the \(budgetDescription)"))
+    }
+
+    /// Ends the call with an error status: as Trailers-Only when nothing was sent yet, else as trailers.
+    private func fail(_ error: ApusError) {
+        guard phase != .finished else { return }
+        log(error.message, code: error.code.name)
+        respondAndFinish(status: GRPCWire.status(for: error), message: error.message)
+    }
+
+    private func respondAndFinish(status: Int, message: String) {
+        let headers = responseStarted
+            ? GRPCWire.trailers(status: status, message: message)
+            : GRPCWire.trailersOnly(status: status, message: message)
+        var withID = headers
+        if !responseStarted, !requestID.isEmpty { withID.add(name: "apus-request-id", value: requestID) }
+        responseStarted = true
+        responseEnding = true
+        context.writeAndFlush(wrapOutboundOut(.headers(.init(headers: withID, endStream: true))), promise: nil)
+        finish()
+    }
+
+    /// Gives back everything the call holds. A request side the client has not finished is reset.
+    private func finish() {
+        guard phase != .finished else { return }
+        let wasQueued = queued
+        phase = .finished
+        deadlineTask?.cancel()
+        deadlineTask = nil
+        pending = []
+        if let lease {
+            pool?.release(lease)
+            self.lease = nil
+        } else if wasQueued, let pool, !pool.cancel(requestID: requestID) {
+            // The decision is already on its way: `slotDecided` will hand the slot back.
+        }
+        queued = false
+        upstreamRelay?.edge = nil
+        upstreamRelay = nil
+        if let upstream {
+            // A stream still open towards the instance is reset (RST_STREAM CANCEL): the call ends there too.
+            upstream.close(promise: nil)
+            self.upstream = nil
+        }
+        if !requestEnded, context.channel.isActive {
+            context.close(promise: nil)
+        }
+    }
+
+    private func log(_ reason: String, code: String) {
+        shared.logger.info("grpc call failed", metadata: [
+            "requestID": "\(requestID)", "function": "\(version?.function ?? "-")",
+            "version": "\(version.map { String($0.number) } ?? "-")", "rpc": "\(rpcPath)",
+            "code": "\(code)", "reason": "\(reason)",
+        ])
+    }
+}
+
+/// Sits on the stream towards the instance and hands what arrives to the client's stream.
+final class InstanceStreamRelay: ChannelInboundHandler {
+    typealias InboundIn = HTTP2Frame.FramePayload
+
+    fileprivate weak var edge: GRPCEdgeStream?
+
+    init(edge: GRPCEdgeStream) {
+        self.edge = edge
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        edge?.upstreamFrame(unwrapInboundIn(data))
+    }
+
+    func channelReadComplete(context: ChannelHandlerContext) {
+        edge?.upstreamFlush()
+    }
+
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        edge?.upstreamWritabilityChanged(context.channel.isWritable)
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        edge?.upstreamClosed()
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        context.close(promise: nil)
+    }
+}

@@ -1,0 +1,437 @@
+import ApusCore
+import ApusScheduler
+import Foundation
+import NIOCore
+import NIOHTTP1
+import NIOPosix
+
+/// One HTTP request that arrived on an HTTP/2 stream (or over TLS) for an HTTP function, relayed to an instance
+/// over HTTP/1.1 — instances of `protocol: http` functions speak only that. The stream's frames are turned into
+/// HTTP/1 parts by NIO's HTTP2-to-HTTP1 codec in front of this handler. Bodies stream in both directions with
+/// backpressure; errors are the same JSON documents the HTTP/1.1 edge sends.
+final class HTTPOverHTTP2Stream: ChannelInboundHandler, LoopSlotTarget {
+    typealias InboundIn = HTTPServerRequestPart
+    typealias OutboundOut = HTTPServerResponsePart
+
+    private enum Phase {
+        case idle
+        /// Head received; body parts wait here until an instance connection is there.
+        case waitingForSlot
+        case connecting
+        case relaying
+        case finished
+    }
+
+    private let shared: GatewayShared
+    private let peer: String
+    private let scheme: String
+    private var context: ChannelHandlerContext!
+    private var phase = Phase.idle
+    private var requestID = ""
+    private var version: FunctionVersion?
+    private var pool: InstancePool?
+    private var lease: InstancePool.Lease?
+    private var queued = false
+    private var retried = false
+    private var deadline = ContinuousClock.now
+    private var deadlineTask: Scheduled<Void>?
+    private var upstreamHead: HTTPRequestHead?
+    private var pending: [HTTPClientRequestPart] = []
+    private var requestEnded = false
+    private var responseStarted = false
+    /// The response's end is being written: the stream closing now is the normal end.
+    private var responseEnding = false
+    private var upstream: InstanceHTTP1Connection?
+    private var slotWaiter: LoopSlotWaiter?
+
+    init(shared: GatewayShared, peer: String, scheme: String) {
+        self.shared = shared
+        self.peer = peer
+        self.scheme = scheme
+    }
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        self.context = context
+    }
+
+    func handlerRemoved(context: ChannelHandlerContext) {
+        slotWaiter = nil
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        switch unwrapInboundIn(data) {
+        case .head(let head):
+            guard phase == .idle else { return }
+            start(head)
+        case .body(let bytes):
+            forward(.body(.byteBuffer(bytes)))
+        case .end(let trailers):
+            requestEnded = true
+            forward(.end(trailers))
+        }
+    }
+
+    func channelReadComplete(context: ChannelHandlerContext) {
+        upstream?.channel.flush()
+    }
+
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        upstream?.channel.setReading(context.channel.isWritable)
+        context.fireChannelWritabilityChanged()
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        if phase != .finished {
+            finish(upstreamReusable: responseEnding && requestEnded)
+        }
+        context.fireChannelInactive()
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        if phase != .finished { fail(ApusError(.badRequest, "malformed HTTP/2 request: \(error)")) }
+        context.close(promise: nil)
+    }
+
+    private func forward(_ part: HTTPClientRequestPart) {
+        switch phase {
+        case .relaying:
+            upstream?.channel.write(part, promise: nil)
+        case .waitingForSlot, .connecting:
+            pending.append(part)
+        case .idle, .finished:
+            break
+        }
+    }
+
+    // MARK: routing
+
+    private func start(_ head: HTTPRequestHead) {
+        requestID = shared.requestIDs.next()
+        let host = head.headers.first(name: "host")
+        let route: GatewayRoute
+        let version: FunctionVersion
+        do throws(ApusError) {
+            route = try GatewayRoute.resolve(host: host, uri: head.uri, domain: shared.configuration.domain)
+            var pinned: Int?
+            if let text = head.headers.first(name: "x-apus-version") {
+                guard let number = Int(text), number > 0 else {
+                    throw ApusError(.badRequest, "X-Apus-Version must be a version number (got \(text.prefix(32)))")
+                }
+                pinned = number
+            }
+            version = try shared.scheduler.catalog.route(function: route.function, pinnedVersion: pinned, roll: Int.random(in: 0..<100))
+            guard version.manifest.protocol == .http else {
+                throw ApusError(.badRequest, "function \(route.function) serves \(version.manifest.protocol.rawValue); call it with a \(version.manifest.protocol.rawValue) client")
+            }
+        } catch {
+            respond(error)
+            return
+        }
+        self.version = version
+        let timeout = version.manifest.timeout
+        deadline = ContinuousClock.now.advanced(by: timeout)
+        deadlineTask = context.eventLoop.assumeIsolated().scheduleTask(in: .milliseconds(timeout.milliseconds)) { [self] in
+            guard phase != .finished else { return }
+            fail(ApusError(.deadlineExceeded, "function did not answer within its timeout of \(timeout.humanReadable)"))
+        }
+        upstreamHead = makeUpstreamHead(head, route: route, version: version)
+        context.channel.setReading(false)
+        pool = shared.scheduler.pool(for: version)
+        acquireSlot()
+    }
+
+    private static let hopByHop: Set<String> = [
+        "connection", "keep-alive", "proxy-connection", "te", "transfer-encoding", "upgrade", "http2-settings",
+    ]
+
+    private func makeUpstreamHead(_ head: HTTPRequestHead, route: GatewayRoute, version: FunctionVersion) -> HTTPRequestHead {
+        var headers = HTTPHeaders()
+        var forwardedFor: String?
+        for (name, value) in head.headers {
+            let lower = name.lowercased()
+            if Self.hopByHop.contains(lower) || lower.hasPrefix("x-apus-") { continue }
+            if lower == "x-forwarded-for" {
+                forwardedFor = value
+                continue
+            }
+            headers.add(name: name, value: value)
+        }
+        headers.add(name: "X-Forwarded-For", value: forwardedFor.map { "\($0), \(peer)" } ?? peer)
+        if let host = head.headers.first(name: "host") { headers.add(name: "X-Forwarded-Host", value: host) }
+        headers.add(name: "X-Forwarded-Proto", value: scheme)
+        if let prefix = route.forwardedPrefix { headers.add(name: "X-Forwarded-Prefix", value: prefix) }
+        headers.add(name: "X-Apus-Request-Id", value: requestID)
+        headers.add(name: "X-Apus-Function", value: version.function)
+        headers.add(name: "X-Apus-Version", value: String(version.number))
+        headers.add(name: "X-Apus-Deadline-Ms", value: String(Int64(Date().timeIntervalSince1970 * 1000) + version.manifest.timeout.milliseconds))
+        return HTTPRequestHead(version: .http1_1, method: head.method, uri: route.instancePath, headers: headers)
+    }
+
+    private func acquireSlot() {
+        guard let pool else { return }
+        if slotWaiter == nil { slotWaiter = LoopSlotWaiter(NIOLoopBound<any LoopSlotTarget>(self, eventLoop: context.eventLoop)) }
+        switch pool.acquire(requestID: requestID, deadline: deadline, waiter: slotWaiter!) {
+        case .leased(let lease):
+            self.lease = lease
+            connect()
+        case .failed(let error):
+            fail(error)
+        case .queued:
+            queued = true
+            phase = .waitingForSlot
+        }
+    }
+
+    func slotDecided(requestID: String, _ result: Result<InstancePool.Lease, ApusError>) {
+        guard phase == .waitingForSlot, requestID == self.requestID else {
+            if case .success(let lease) = result { pool?.release(lease) }
+            return
+        }
+        queued = false
+        switch result {
+        case .success(let lease):
+            self.lease = lease
+            connect()
+        case .failure(let error):
+            fail(error)
+        }
+    }
+
+    // MARK: instance side
+
+    private func connect() {
+        guard let lease else { return }
+        phase = .connecting
+        let requestID = self.requestID
+        shared.instanceHTTP1Pool(for: context.eventLoop).connection(instanceID: lease.instanceID, port: lease.port) { [self] result in
+            guard phase == .connecting, requestID == self.requestID else {
+                if case .success(let connection) = result { connection.channel.close(promise: nil) }
+                return
+            }
+            switch result {
+            case .success(let connection):
+                relay(on: connection)
+            case .failure(let error):
+                pool?.reportUnreachable(lease)
+                self.lease = nil
+                if retried {
+                    fail(ApusError(.instanceError, "cannot connect to instance \(lease.instanceID): \(error)"))
+                } else {
+                    retried = true
+                    acquireSlot()
+                }
+            }
+        }
+    }
+
+    private func relay(on connection: InstanceHTTP1Connection) {
+        guard var head = upstreamHead else { return }
+        upstream = connection
+        connection.exchange = self
+        phase = .relaying
+        // Without a Content-Length the body goes chunked, unless the request already ended without one.
+        if head.headers["content-length"].isEmpty {
+            if requestEnded, pending.count == 1, case .end = pending[0] {
+                if [.POST, .PUT, .PATCH].contains(head.method) { head.headers.add(name: "Content-Length", value: "0") }
+            } else {
+                head.headers.add(name: "Transfer-Encoding", value: "chunked")
+            }
+        }
+        connection.channel.write(HTTPClientRequestPart.head(head), promise: nil)
+        for part in pending { connection.channel.write(part, promise: nil) }
+        pending = []
+        connection.channel.flush()
+        connection.channel.setReading(context.channel.isWritable)
+        context.channel.setReading(connection.channel.isWritable)
+    }
+
+    fileprivate func upstreamPart(_ part: HTTPClientResponsePart) {
+        guard phase == .relaying, let version else { return }
+        switch part {
+        case .head(var head):
+            responseStarted = true
+            for name in Self.hopByHop { head.headers.remove(name: name) }
+            head.headers.add(name: "x-apus-version", value: String(version.number))
+            head.headers.add(name: "x-apus-request-id", value: requestID)
+            context.write(wrapOutboundOut(.head(HTTPResponseHead(version: .http2, status: head.status, headers: head.headers))), promise: nil)
+        case .body(let bytes):
+            context.write(wrapOutboundOut(.body(.byteBuffer(bytes))), promise: nil)
+        case .end(let trailers):
+            responseEnding = true
+            context.writeAndFlush(wrapOutboundOut(.end(trailers)), promise: nil)
+            finish(upstreamReusable: requestEnded)
+        }
+    }
+
+    fileprivate func upstreamFlush() {
+        context.flush()
+    }
+
+    fileprivate func upstreamWritabilityChanged(_ writable: Bool) {
+        if phase == .relaying { context.channel.setReading(writable) }
+    }
+
+    fileprivate func upstreamClosed() {
+        guard phase == .relaying else { return }
+        upstream = nil
+        fail(ApusError(.instanceError, responseStarted ? "instance closed the connection mid-response" : "instance closed the connection before answering"))
+    }
+
+    // MARK: endings
+
+    private func fail(_ error: ApusError) {
+        guard phase != .finished else { return }
+        shared.logger.info("request failed", metadata: [
+            "requestID": "\(requestID)", "function": "\(version?.function ?? "-")",
+            "version": "\(version.map { String($0.number) } ?? "-")", "code": "\(error.code)", "reason": "\(error.message)",
+            "protocol": "h2",
+        ])
+        if responseStarted {
+            finish(upstreamReusable: false)
+            context.close(promise: nil)
+        } else {
+            respond(error)
+        }
+    }
+
+    private func respond(_ error: ApusError) {
+        let body = error.jsonBody + "\n"
+        var headers = HTTPHeaders()
+        headers.add(name: "content-type", value: "application/json")
+        headers.add(name: "content-length", value: String(body.utf8.count))
+        if !requestID.isEmpty { headers.add(name: "x-apus-request-id", value: requestID) }
+        if let version { headers.add(name: "x-apus-version", value: String(version.number)) }
+        if error.code == .overloaded || error.code == .unavailable { headers.add(name: "retry-after", value: "1") }
+        responseStarted = true
+        context.write(wrapOutboundOut(.head(HTTPResponseHead(version: .http2, status: .init(statusCode: error.code.httpStatus), headers: headers))), promise: nil)
+        context.write(wrapOutboundOut(.body(.byteBuffer(context.channel.allocator.buffer(string: body)))), promise: nil)
+        context.writeAndFlush(wrapOutboundOut(.end(nil)), promise: nil)
+        finish(upstreamReusable: false)
+    }
+
+    private func finish(upstreamReusable: Bool) {
+        guard phase != .finished else { return }
+        let wasQueued = queued
+        phase = .finished
+        deadlineTask?.cancel()
+        deadlineTask = nil
+        pending = []
+        if let lease {
+            pool?.release(lease)
+            self.lease = nil
+        } else if wasQueued, let pool {
+            _ = pool.cancel(requestID: requestID)
+        }
+        queued = false
+        if let upstream {
+            upstream.exchange = nil
+            self.upstream = nil
+            if upstreamReusable, upstream.keepAlive {
+                shared.instanceHTTP1Pool(for: context.eventLoop).release(upstream)
+            } else {
+                upstream.channel.close(promise: nil)
+            }
+        }
+    }
+}
+
+/// Kept-alive HTTP/1.1 connections (NIO's codec) to HTTP instances, for requests that arrived over HTTP/2.
+/// Lives on its event loop.
+final class InstanceHTTP1Pool: @unchecked Sendable {
+    let eventLoop: any EventLoop
+    private var idle: [String: [InstanceHTTP1Connection]] = [:]
+
+    init(eventLoop: any EventLoop) {
+        self.eventLoop = eventLoop
+    }
+
+    func connection(instanceID: String, port: Int, _ completion: @escaping (Result<InstanceHTTP1Connection, any Error>) -> Void) {
+        eventLoop.assertInEventLoop()
+        while let connection = idle[instanceID]?.popLast() {
+            if connection.channel.isActive, connection.port == port {
+                completion(.success(connection))
+                return
+            }
+        }
+        let handler = InstanceHTTP1Handler()
+        let bound = NIOLoopBound(handler, eventLoop: eventLoop)
+        ClientBootstrap(group: eventLoop)
+            .channelOption(.socketOption(.tcp_nodelay), value: 1)
+            .connectTimeout(.seconds(2))
+            .channelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.addHTTPClientHandlers()
+                    try channel.pipeline.syncOperations.addHandler(bound.value)
+                }
+            }
+            .connect(host: "127.0.0.1", port: port)
+            .assumeIsolated()
+            .whenComplete { result in
+                switch result {
+                case .success(let channel):
+                    let connection = InstanceHTTP1Connection(channel: channel, instanceID: instanceID, port: port)
+                    bound.value.connection = connection
+                    completion(.success(connection))
+                case .failure(let error):
+                    completion(.failure(error))
+                }
+            }
+    }
+
+    func release(_ connection: InstanceHTTP1Connection) {
+        guard connection.channel.isActive, (idle[connection.instanceID]?.count ?? 0) < 64 else {
+            connection.channel.close(promise: nil)
+            return
+        }
+        idle[connection.instanceID, default: []].append(connection)
+    }
+
+    func closeAll() {
+        for list in idle.values { for connection in list { connection.channel.close(promise: nil) } }
+        idle.removeAll()
+    }
+}
+
+final class InstanceHTTP1Connection {
+    let channel: any Channel
+    let instanceID: String
+    let port: Int
+    /// False once the instance asked to close (Connection: close, HTTP/1.0).
+    fileprivate(set) var keepAlive = true
+    fileprivate weak var exchange: HTTPOverHTTP2Stream?
+
+    init(channel: any Channel, instanceID: String, port: Int) {
+        self.channel = channel
+        self.instanceID = instanceID
+        self.port = port
+    }
+}
+
+private final class InstanceHTTP1Handler: ChannelInboundHandler {
+    typealias InboundIn = HTTPClientResponsePart
+
+    var connection: InstanceHTTP1Connection?
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        let part = unwrapInboundIn(data)
+        if case .head(let head) = part, !head.isKeepAlive { connection?.keepAlive = false }
+        connection?.exchange?.upstreamPart(part)
+    }
+
+    func channelReadComplete(context: ChannelHandlerContext) {
+        connection?.exchange?.upstreamFlush()
+    }
+
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        connection?.exchange?.upstreamWritabilityChanged(context.channel.isWritable)
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        connection?.keepAlive = false
+        connection?.exchange?.upstreamClosed()
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        context.close(promise: nil)
+    }
+}
