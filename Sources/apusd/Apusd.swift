@@ -227,8 +227,8 @@ final class BoundPorts: Sendable {
         let json = "{\"host\":\"\(host)\",\"api\":\(apiPort),\"http\":\(httpPort)\(tlsPort.map { ",\"tls\":\($0)" } ?? "")}\n"
         let temp = file.deletingLastPathComponent().appendingPathComponent(".ports.json.tmp")
         try? json.write(to: temp, atomically: false, encoding: .utf8)
-        _ = try? FileManager.default.replaceItemAt(file, withItemAt: temp)
-        if !FileManager.default.fileExists(atPath: file.path) { try? FileManager.default.moveItem(at: temp, to: file) }
+        // rename(2) replaces an earlier run's file atomically.
+        if rename(temp.path, file.path) != 0 { try? FileManager.default.moveItem(at: temp, to: file) }
         var banner = "apusd: api listening on http://\(host):\(apiPort)\napusd: gateway listening on http://\(host):\(httpPort) (HTTP/1.1, h2c, gRPC)\n"
         if let tlsPort { banner += "apusd: gateway listening on https://\(host):\(tlsPort) (TLS: h2, http/1.1)\n" }
         FileHandle.standardOutput.write(Data(banner.utf8))

@@ -262,11 +262,14 @@ final class GatewayConnectionHandler: ChannelInboundHandler, RemovableChannelHan
         if let host = head.host { fields.append((":authority", host)) }
         rawHead.withUnsafeReadableBytes { bytes in
             head.keptSpans.forEach { span in
-                let line = String(decoding: UnsafeRawBufferPointer(rebasing: bytes[span]), as: UTF8.self)
-                guard let colon = line.firstIndex(of: ":") else { return }
-                let name = line[..<colon].lowercased()
-                guard name != "host", name != "transfer-encoding", name != "content-length" else { return }
-                fields.append((name, line[line.index(after: colon)...].trimmingCharacters(in: .whitespacesAndNewlines)))
+                // A span may cover several adjacent header lines.
+                let text = String(decoding: UnsafeRawBufferPointer(rebasing: bytes[span]), as: UTF8.self)
+                for line in text.split(separator: "\r\n", omittingEmptySubsequences: true) {
+                    guard let colon = line.firstIndex(of: ":") else { continue }
+                    let name = line[..<colon].lowercased()
+                    guard name != "host", name != "transfer-encoding", name != "content-length" else { continue }
+                    fields.append((name, line[line.index(after: colon)...].trimmingCharacters(in: .whitespaces)))
+                }
             }
         }
         if let pinned = head.pinnedVersion { fields.append(("x-apus-version", pinned)) }
