@@ -213,6 +213,18 @@ def write_headecho(dst: Path, name: str = "headecho") -> Path:
     return dst
 
 
+def make_self_signed_cert(dst: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for localhost / 127.0.0.1 (openssl); returns (cert.pem, key.pem)."""
+    dst = Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    cert, key = dst / "cert.pem", dst / "key.pem"
+    p = subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                        "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost",
+                        "-keyout", str(key), "-out", str(cert)], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, f"openssl req failed ({p.returncode}): {p.stderr}"
+    return cert, key
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Processes
 
@@ -282,6 +294,8 @@ class Apusd:
         self.proc: subprocess.Popen | None = None
         self.runs = 0
         self.host = self.api_port = self.http_port = None
+        self.tls_port: int | None = None  # set when apusd was started with --tls-port
+        self.cert_path: Path | None = None  # the TLS certificate, for clients to trust (set by whoever made it)
         self.info: dict = {}
 
     # ---- lifecycle
@@ -293,6 +307,11 @@ class Apusd:
     @property
     def gateway(self) -> str:
         return f"http://{self.host}:{self.http_port}"
+
+    @property
+    def gateway_tls(self) -> str:
+        assert self.tls_port is not None, "apusd was not started with --tls-port (ports.json has no \"tls\")"
+        return f"https://{self.host}:{self.tls_port}"
 
     @property
     def running(self) -> bool:
@@ -333,6 +352,7 @@ class Apusd:
             self.kill()
             raise RuntimeError(f"apusd wrote no {ports_file} within {timeout:.0f}s:\n{self.log_tail()}")
         self.host, self.api_port, self.http_port = ports["host"], int(ports["api"]), int(ports["http"])
+        self.tls_port = int(ports["tls"]) if ports.get("tls") is not None else None
         last = None
         while time.monotonic() < deadline:
             try:

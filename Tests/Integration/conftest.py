@@ -3,6 +3,8 @@
 `apusd`       session-scoped daemon shared by most tests (its functions stay deployed across tests).
 `fresh_apusd` function-scoped daemon for tests that stop/restart it.
 `deployed`    session helper: deploy a function dir into the session daemon once, return its name.
+`tls_apusd`   session-scoped daemon with a TLS port too (self-signed cert for localhost/127.0.0.1 in
+              `tls_apusd.cert_path`); started only by the tests that use it.
 
 The binaries come from $APUS_BIN_DIR (default <repo>/.build/debug). apusd's stdout/stderr go to
 <tmp>/apusd.log; the tail of every daemon a failing test used is attached to the failure report.
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from apus_testlib import EXAMPLES_DIR, FUNCTIONS_DIR, Apusd, manifest_name, write_headecho
+from apus_testlib import EXAMPLES_DIR, FUNCTIONS_DIR, Apusd, make_self_signed_cert, manifest_name, write_headecho
 
 DEFAULT_TEST_TIMEOUT = 90  # seconds; override with @pytest.mark.timeout(N)
 
@@ -58,6 +60,20 @@ def apusd(tmp_path_factory):
     daemon = Apusd(tmp_path_factory.mktemp("apusd-session"))
     try:
         daemon.start()
+        yield daemon
+    finally:
+        daemon.teardown()
+
+
+@pytest.fixture(scope="session")
+def tls_apusd(tmp_path_factory):
+    work = tmp_path_factory.mktemp("apusd-tls")
+    cert, key = make_self_signed_cert(work / "cert")
+    daemon = Apusd(work / "apusd", extra_args=("--tls-port", "0", "--tls-cert", str(cert), "--tls-key", str(key)))
+    daemon.cert_path = cert
+    try:
+        daemon.start()
+        assert daemon.tls_port, f"apusd started with --tls-port 0 wrote no \"tls\" port to ports.json:\n{daemon.log_tail()}"
         yield daemon
     finally:
         daemon.teardown()

@@ -64,7 +64,8 @@ extension FunctionManifest {
 
         switch runtime {
         case .python3:
-            let handler = try reader.optionalString("handler") ?? "main.handler"
+            // HTTP functions name a handler(event, context); gRPC functions a register(server).
+            let handler = try reader.optionalString("handler") ?? (manifest.protocol == .grpc ? "main.register" : "main.handler")
             let parts = handler.split(separator: ".", omittingEmptySubsequences: false)
             guard parts.count >= 2, parts.allSatisfy({ isPythonIdentifier($0) }) else {
                 throw ManifestReader.failure("handler", "must be module.function, e.g. main.handler (got \"\(handler)\")")

@@ -217,6 +217,9 @@ final class GatewayConnectionHandler: ChannelInboundHandler, RemovableChannelHan
             }
             invocation = Invocation(requestID: requestID, function: route.function, pinnedVersion: pinned, method: head.method, path: route.instancePath)
             version = try shared.scheduler.catalog.route(function: route.function, pinnedVersion: pinned, roll: nextRoll())
+            if version.manifest.protocol != .http {
+                throw ApusError(.badRequest, "function \(route.function) serves \(version.manifest.protocol.rawValue); call it with a \(version.manifest.protocol.rawValue) client")
+            }
         } catch {
             respondWithError(error, requestID: requestID, version: nil, close: hasBody || !head.keepAlive || draining)
             return

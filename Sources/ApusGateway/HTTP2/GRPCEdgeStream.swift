@@ -103,7 +103,13 @@ final class GRPCEdgeStream: ChannelInboundHandler, LoopSlotTarget {
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
         if phase != .finished {
-            fail(ApusError(.internal, "stream error: \(error)"))
+            if let closed = error as? NIOHTTP2Errors.StreamClosed {
+                // The client reset the stream: a cancellation, not a failure of ours.
+                log("call cancelled by the client (RST_STREAM \(closed.errorCode))", code: "cancelled")
+                finish()
+            } else {
+                fail(ApusError(.internal, "stream error: \(error)"))
+            }
         }
         context.close(promise: nil)
     }
@@ -376,7 +382,13 @@ final class GRPCEdgeStream: ChannelInboundHandler, LoopSlotTarget {
             self.upstream = nil
         }
         if !requestEnded, context.channel.isActive {
-            context.close(promise: nil)
+            // The response is complete while the client is still sending: ask it to stop, without an error
+            // (RST_STREAM NO_ERROR, RFC 9113 §8.1), so the status it already has stands.
+            if responseEnding {
+                context.writeAndFlush(wrapOutboundOut(.rstStream(.noError)), promise: nil)
+            } else {
+                context.close(promise: nil)
+            }
         }
     }
 

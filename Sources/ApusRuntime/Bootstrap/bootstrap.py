@@ -6,7 +6,13 @@ directory set to the function's code directory. It imports the user's handler
 ``127.0.0.1:$APUS_PORT`` and turns every request into a
 ``handler(event, context)`` call.
 
-Standard library only; runs on Python 3.8+ (tested with Debian's 3.11).
+With ``APUS_PROTOCOL=grpc`` it serves gRPC instead: ``APUS_HANDLER`` names a
+``register(server)`` function that adds the user's generated servicers to a
+``grpc.server``, which listens on the same address (see ``_serve_grpc``).
+
+HTTP mode uses the standard library only; runs on Python 3.8+ (tested with
+Debian's 3.11). gRPC mode needs grpcio and protobuf (Debian: python3-grpcio,
+python3-protobuf).
 See docs/runtime-contract.md for the contract this file implements.
 """
 
@@ -95,8 +101,17 @@ def _fatal(message, code=1):
 FUNCTION_NAME = os.environ.get("APUS_FUNCTION", "")
 FUNCTION_VERSION = os.environ.get("APUS_VERSION", "")
 INSTANCE_ID = os.environ.get("APUS_INSTANCE", "")
-HANDLER_SPEC = os.environ.get("APUS_HANDLER", "") or "main.handler"
+PROTOCOL = (os.environ.get("APUS_PROTOCOL", "") or "http").strip().lower()
+HANDLER_SPEC = os.environ.get("APUS_HANDLER", "") or ("main.register" if PROTOCOL == "grpc" else "main.handler")
 HOST = "127.0.0.1"
+
+# gRPC mode: largest message accepted or sent (APUS_GRPC_MAX_MESSAGE_BYTES overrides), worker threads
+# beyond APUS_CONCURRENCY, and how long in-flight calls get to finish after SIGTERM (below apusd's
+# default --stop-grace of 5 s, so the instance exits by itself before it is killed).
+GRPC_DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+GRPC_DEFAULT_CONCURRENCY = 10
+GRPC_SPARE_WORKERS = 2
+GRPC_STOP_GRACE_SECONDS = 4.5
 
 # Returned by get_remaining_time_in_millis() when the request carries no deadline.
 NO_DEADLINE_REMAINING_MS = 2_147_483_647
@@ -113,13 +128,24 @@ def _port_from_env():
     return port
 
 
-def _load_handler(spec):
-    """Import ``module.function`` from the code directory; exit non-zero on failure."""
-    module_name, sep, func_name = spec.rpartition(".")
-    if not sep or not module_name or not func_name:
-        _fatal("APUS_HANDLER must look like 'module.function' (got %r)" % spec, 2)
+def _int_from_env(name, default, minimum=1):
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        _fatal("%s must be an integer (got %r)" % (name, raw), 2)
+    if value < minimum:
+        _fatal("%s must be at least %d (got %d)" % (name, minimum, value), 2)
+    return value
 
+
+def _put_code_dir_first():
+    """Make the code directory (the working directory) the first entry of sys.path; returns it."""
     code_dir = os.getcwd()
+    if sys.path and sys.path[0] == code_dir:
+        return code_dir
     # Python put this file's directory at sys.path[0]; the function's code comes first instead.
     here = os.path.dirname(os.path.abspath(__file__))
     if sys.path and here != code_dir and os.path.abspath(sys.path[0] or ".") == here:
@@ -127,6 +153,18 @@ def _load_handler(spec):
     sys.path.insert(0, code_dir)
     # The code directory is the deployed artifact (read-only in the sandbox): never write __pycache__ into it.
     sys.dont_write_bytecode = True
+    return code_dir
+
+
+def _load_handler(spec, kind="handler"):
+    """Import ``module.function`` from the code directory; exit non-zero on failure.
+
+    ``kind`` names the function in error messages ("handler", or "gRPC register" in gRPC mode)."""
+    module_name, sep, func_name = spec.rpartition(".")
+    if not sep or not module_name or not func_name:
+        _fatal("APUS_HANDLER must look like 'module.function' (got %r)" % spec, 2)
+
+    code_dir = _put_code_dir_first()
 
     import importlib
 
@@ -135,16 +173,16 @@ def _load_handler(spec):
     except BaseException as exc:  # SyntaxError, ImportError, anything raised at import time, sys.exit()
         details = _format_user_exception(exc)
         _log_err(
-            "apus-bootstrap: cannot import handler module %r (APUS_HANDLER=%r) from %s: %s: %s\n%s"
-            % (module_name, spec, code_dir, type(exc).__name__, exc, details)
+            "apus-bootstrap: cannot import %s module %r (APUS_HANDLER=%r) from %s: %s: %s\n%s"
+            % (kind, module_name, spec, code_dir, type(exc).__name__, exc, details)
         )
         sys.exit(1)
 
     func = getattr(module, func_name, None)
     if func is None:
         _fatal(
-            "handler function %r not found in module %r (APUS_HANDLER=%r, file %s)"
-            % (func_name, module_name, spec, getattr(module, "__file__", "?"))
+            "%s function %r not found in module %r (APUS_HANDLER=%r, file %s)"
+            % (kind, func_name, module_name, spec, getattr(module, "__file__", "?"))
         )
     if not callable(func):
         _fatal("APUS_HANDLER=%r refers to a %s, not a function" % (spec, type(func).__name__))
@@ -545,12 +583,100 @@ class Server(http.server.ThreadingHTTPServer):
 
 
 # --------------------------------------------------------------------------
+# gRPC server (APUS_PROTOCOL=grpc).
+# --------------------------------------------------------------------------
+
+
+def _flush_std_streams():
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+
+
+def _serve_grpc(port):
+    """Serve the user's gRPC services on 127.0.0.1:port until SIGTERM/SIGINT; never returns.
+
+    ``APUS_HANDLER`` names ``register(server)``, which adds the generated servicers to the server, e.g.
+    ``echo_pb2_grpc.add_EchoServicer_to_server(Echo(), server)``. Readiness is probed by the platform with an
+    HTTP/2 connection preface, so nothing is served here besides the user's services.
+    """
+    # A grpcio vendored in the code directory wins over the interpreter's.
+    _put_code_dir_first()
+    try:
+        import grpc
+        from concurrent import futures
+    except ImportError as exc:
+        _fatal(
+            "APUS_PROTOCOL=grpc needs the grpcio package for %s (Debian: python3-grpcio python3-protobuf): %s"
+            % (sys.executable, exc)
+        )
+
+    register = _load_handler(HANDLER_SPEC, "gRPC register")
+    concurrency = _int_from_env("APUS_CONCURRENCY", GRPC_DEFAULT_CONCURRENCY)
+    max_message = _int_from_env("APUS_GRPC_MAX_MESSAGE_BYTES", GRPC_DEFAULT_MAX_MESSAGE_BYTES)
+
+    # One worker thread per call in flight (streaming calls hold theirs until they end), plus a little slack.
+    executor = futures.ThreadPoolExecutor(
+        max_workers=concurrency + GRPC_SPARE_WORKERS, thread_name_prefix="apus-grpc"
+    )
+    options = [
+        ("grpc.max_send_message_length", max_message),
+        ("grpc.max_receive_message_length", max_message),
+        # grpc sets SO_REUSEPORT by default; a port somebody else holds must fail the bind instead.
+        ("grpc.so_reuseport", 0),
+    ]
+    server = grpc.server(executor, options=options)
+
+    try:
+        register(server)
+    except BaseException as exc:  # anything the user's register() raises, sys.exit() included
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        _log_err(
+            "apus-bootstrap: %s(server) raised %s: %s (APUS_HANDLER=%r)\n%s"
+            % (HANDLER_SPEC, type(exc).__name__, exc, HANDLER_SPEC, _format_user_exception(exc))
+        )
+        sys.exit(1)
+
+    address = "%s:%d" % (HOST, port)
+    try:
+        bound = server.add_insecure_port(address)
+    except RuntimeError as exc:  # newer grpcio raises instead of returning 0
+        _fatal("cannot listen on %s: %s" % (address, exc))
+    if bound != port:
+        _fatal("cannot listen on %s (grpc bound port %r)" % (address, bound))
+
+    stop_requested = threading.Event()
+
+    def on_signal(signum, frame):
+        stop_requested.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    server.start()
+    while not stop_requested.wait(0.5):
+        pass
+
+    # New calls are refused from here on; calls in flight get the grace period, then are cancelled.
+    server.stop(GRPC_STOP_GRACE_SECONDS).wait(GRPC_STOP_GRACE_SECONDS + 1)
+    _flush_std_streams()
+    os._exit(0)
+
+
+# --------------------------------------------------------------------------
 # Main.
 # --------------------------------------------------------------------------
 
 
 def main():
     port = _port_from_env()
+    if PROTOCOL == "grpc":
+        _serve_grpc(port)
+    if PROTOCOL != "http":
+        _fatal("APUS_PROTOCOL=%r is not served by the Python bootstrap (http or grpc)" % PROTOCOL, 2)
     handler_func = _load_handler(HANDLER_SPEC)
     RequestHandler.handler_func = handler_func
 
@@ -574,11 +700,7 @@ def main():
     finally:
         server.server_close()  # stop accepting: new connections are refused from here on
     DRAIN.wait_idle()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass
+    _flush_std_streams()
     # Idle keep-alive connection threads are daemons; leave without waiting for them.
     os._exit(0)
 
