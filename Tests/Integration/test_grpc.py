@@ -461,3 +461,23 @@ def test_slow_client_slows_the_function_and_memory_stays_bounded(apusd, stub):
     assert count == 200
     growth_mib = (peak - before) / 1024
     assert growth_mib < 64, f"apusd grew by {growth_mib:.0f} MiB while 200 MiB streamed to a slow client"
+
+
+# ---- shutdown -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+def test_sigterm_lets_an_in_flight_grpc_call_finish(fresh_apusd):
+    """On SIGTERM the gateway sends GOAWAY on HTTP/2 connections but lets open streams complete."""
+    fresh_apusd.deploy(ECHO_DIR)
+    ch = insecure_channel(fresh_apusd)
+    try:
+        stub = echo_stub(ch)
+        assert stub.Get(req(text="warm"), timeout=CALL_TIMEOUT).text == "warm"
+        call = stub.Get.future(req(text="in flight", sleep_ms=1500), timeout=60)
+        time.sleep(0.4)
+        fresh_apusd.signal()
+        assert call.result().text == "in flight"
+    finally:
+        ch.close()
+    assert fresh_apusd.wait(timeout=30) == 0
