@@ -67,6 +67,16 @@ public final class ControlPlane: Sendable {
                 throw ApusError(.conflict, "gRPC service \(service) is already served by function \(owner); a service belongs to one function")
             }
         }
+        if let thrift = manifest.thrift {
+            if let owner = catalog.function(servingThriftService: thrift.service), owner != manifest.name {
+                throw ApusError(.conflict, "Thrift service \(thrift.service) is already served by function \(owner); a service belongs to one function")
+            }
+            for method in thrift.methods {
+                if let owner = catalog.function(servingThriftMethod: method), owner != manifest.name {
+                    throw ApusError(.conflict, "Thrift method \(method) is already routed to function \(owner); plain method names must be unique")
+                }
+            }
+        }
         let digest = CodeStore.digest(of: archive)
 
         if skipIfUnchanged, let record = try store.function(named: manifest.name),

@@ -22,6 +22,7 @@ final class GatewayShared: Sendable {
     private let pools: [ObjectIdentifier: UpstreamPool]
     private let http2Pools: [ObjectIdentifier: InstanceHTTP2Pool]
     private let http1Pools: [ObjectIdentifier: InstanceHTTP1Pool]
+    private let thriftPools: [ObjectIdentifier: InstanceThriftPool]
     private let connections = Mutex<[ObjectIdentifier: NIOLoopBound<any DrainableConnection>]>([:])
     private let draining = Atomic<Bool>(false)
 
@@ -32,7 +33,9 @@ final class GatewayShared: Sendable {
         var pools: [ObjectIdentifier: UpstreamPool] = [:]
         var http2Pools: [ObjectIdentifier: InstanceHTTP2Pool] = [:]
         var http1Pools: [ObjectIdentifier: InstanceHTTP1Pool] = [:]
+        var thriftPools: [ObjectIdentifier: InstanceThriftPool] = [:]
         for loop in group.makeIterator() {
+            thriftPools[ObjectIdentifier(loop)] = InstanceThriftPool(eventLoop: loop)
             pools[ObjectIdentifier(loop)] = UpstreamPool(eventLoop: loop)
             http2Pools[ObjectIdentifier(loop)] = InstanceHTTP2Pool(eventLoop: loop, limits: configuration.http2)
             http1Pools[ObjectIdentifier(loop)] = InstanceHTTP1Pool(eventLoop: loop)
@@ -40,6 +43,12 @@ final class GatewayShared: Sendable {
         self.pools = pools
         self.http2Pools = http2Pools
         self.http1Pools = http1Pools
+        self.thriftPools = thriftPools
+    }
+
+    /// Connections to Thrift instances from this loop.
+    func instanceThriftPool(for loop: any EventLoop) -> InstanceThriftPool {
+        thriftPools[ObjectIdentifier(loop)]!
     }
 
     func upstreamPool(for loop: any EventLoop) -> UpstreamPool {
@@ -85,6 +94,9 @@ final class GatewayShared: Sendable {
         for pool in http1Pools.values {
             try? await pool.eventLoop.submit { pool.closeAll() }.get()
         }
+        for pool in thriftPools.values {
+            try? await pool.eventLoop.submit { pool.closeAll() }.get()
+        }
     }
 }
 
@@ -128,10 +140,17 @@ public final class GatewayServer: Service {
         public var drainTimeout: Duration
         public var http2: HTTP2Limits
         public var tls: TLS?
+        /// The Thrift listener's port (nil: no Thrift listener; 0: a free port).
+        public var thriftPort: Int?
+        /// Largest Thrift frame or unframed message accepted.
+        public var thriftMaxFrameBytes: Int
 
         public init(host: String = "127.0.0.1", port: Int = 8080, domain: String = "apus.localhost",
                     maxRequestBytes: Int = 32 << 20, drainTimeout: Duration = .seconds(60),
-                    http2: HTTP2Limits = HTTP2Limits(), tls: TLS? = nil) {
+                    http2: HTTP2Limits = HTTP2Limits(), tls: TLS? = nil,
+                    thriftPort: Int? = nil, thriftMaxFrameBytes: Int = 16 << 20) {
+            self.thriftPort = thriftPort
+            self.thriftMaxFrameBytes = thriftMaxFrameBytes
             self.host = host
             self.port = port
             self.domain = domain
@@ -145,12 +164,19 @@ public final class GatewayServer: Service {
     private let configuration: Configuration
     private let shared: GatewayShared
     private let group: any EventLoopGroup
-    private let onRunning: @Sendable (_ httpPort: Int, _ tlsPort: Int?) async -> Void
+    private let onRunning: @Sendable (_ ports: BoundPorts) async -> Void
+
+    /// The ports the listeners bound.
+    public struct BoundPorts: Sendable {
+        public var http: Int
+        public var tls: Int?
+        public var thrift: Int?
+    }
     private let logger: Logger
 
     public init(configuration: Configuration, scheduler: Scheduler, logger: Logger,
                 group: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton,
-                onRunning: @escaping @Sendable (_ httpPort: Int, _ tlsPort: Int?) async -> Void) {
+                onRunning: @escaping @Sendable (_ ports: BoundPorts) async -> Void) {
         self.configuration = configuration
         self.group = group
         self.shared = GatewayShared(configuration: configuration, scheduler: scheduler, logger: logger, group: group)
@@ -206,12 +232,30 @@ public final class GatewayServer: Service {
                 .get()
             logger.info("gateway listening (TLS)", metadata: ["address": "\(configuration.host):\(tlsServer?.localAddress?.port ?? tls.port)"])
         }
-        await onRunning(port, tlsServer?.localAddress?.port)
+        var thriftServer: (any Channel)?
+        if let thriftPort = configuration.thriftPort {
+            let maxFrame = configuration.thriftMaxFrameBytes
+            thriftServer = try await ServerBootstrap(group: group)
+                .serverChannelOption(.backlog, value: 1024)
+                .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+                .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
+                .childChannelInitializer { channel in
+                    channel.eventLoop.makeCompletedFuture {
+                        try channel.pipeline.syncOperations.addHandler(ByteToMessageHandler(ThriftFrameDecoder(maxFrameSize: maxFrame)))
+                        try channel.pipeline.syncOperations.addHandler(ThriftEdgeConnection(shared: shared))
+                    }
+                }
+                .bind(host: configuration.host, port: thriftPort)
+                .get()
+            logger.info("gateway listening (Thrift)", metadata: ["address": "\(configuration.host):\(thriftServer?.localAddress?.port ?? thriftPort)"])
+        }
+        await onRunning(BoundPorts(http: port, tls: tlsServer?.localAddress?.port, thrift: thriftServer?.localAddress?.port))
 
         try? await gracefulShutdown()
         logger.info("gateway draining", metadata: ["connections": "\(shared.openConnections)"])
         try? await server.close()
         try? await tlsServer?.close()
+        try? await thriftServer?.close()
         shared.drainAll()
         let deadline = ContinuousClock.now.advanced(by: configuration.drainTimeout)
         while shared.openConnections > 0, ContinuousClock.now < deadline {

@@ -18,6 +18,16 @@ public final class FunctionCatalog: Sendable {
         var entries: [String: Entry] = [:]
         /// gRPC service name → the function that serves it.
         var grpcServices: [String: String] = [:]
+        /// Thrift service name → function.
+        var thriftServices: [String: String] = [:]
+        /// Thrift method name → function, for plain (not multiplexed) calls.
+        var thriftMethods: [String: String] = [:]
+
+        mutating func forgetNames(of function: String) {
+            grpcServices = grpcServices.filter { $0.value != function }
+            thriftServices = thriftServices.filter { $0.value != function }
+            thriftMethods = thriftMethods.filter { $0.value != function }
+        }
     }
 
     private let state = Mutex(State())
@@ -26,16 +36,21 @@ public final class FunctionCatalog: Sendable {
 
     public func update(_ entry: Entry) {
         state.withLock { state in
-            state.entries[entry.record.name] = entry
-            state.grpcServices = state.grpcServices.filter { $0.value != entry.record.name }
-            for service in Self.grpcServices(of: entry) { state.grpcServices[service] = entry.record.name }
+            let name = entry.record.name
+            state.entries[name] = entry
+            state.forgetNames(of: name)
+            for service in Self.grpcServices(of: entry) { state.grpcServices[service] = name }
+            for thrift in Self.servedManifests(of: entry).compactMap(\.thrift) {
+                state.thriftServices[thrift.service] = name
+                for method in thrift.methods { state.thriftMethods[method] = name }
+            }
         }
     }
 
     public func remove(_ function: String) {
         state.withLock { state in
             state.entries[function] = nil
-            state.grpcServices = state.grpcServices.filter { $0.value != function }
+            state.forgetNames(of: function)
         }
     }
 
@@ -52,16 +67,26 @@ public final class FunctionCatalog: Sendable {
         state.withLock { $0.grpcServices[service] }
     }
 
-    /// Every gRPC service a function owns: those of the versions its release routes to and of its latest version
-    /// (the one a release is about to name).
-    static func grpcServices(of entry: Entry) -> Set<String> {
+    /// The function serving a Thrift service (multiplexed `Service:method` calls).
+    public func function(servingThriftService service: String) -> String? {
+        state.withLock { $0.thriftServices[service] }
+    }
+
+    /// The function a plain Thrift method name belongs to (its manifest lists it under `thrift.methods`).
+    public func function(servingThriftMethod method: String) -> String? {
+        state.withLock { $0.thriftMethods[method] }
+    }
+
+    /// The manifests whose names a function owns: those of the versions its release routes to and of its latest
+    /// version (the one a release is about to name).
+    static func servedManifests(of entry: Entry) -> [FunctionManifest] {
         var numbers = Set(entry.record.release.weights.map(\.version))
         numbers.insert(entry.record.latestVersion)
-        var services = Set<String>()
-        for number in numbers {
-            if let grpc = entry.versions[number]?.manifest.grpc { services.formUnion(grpc.services) }
-        }
-        return services
+        return numbers.sorted().compactMap { entry.versions[$0]?.manifest }
+    }
+
+    static func grpcServices(of entry: Entry) -> Set<String> {
+        Set(servedManifests(of: entry).flatMap { $0.grpc?.services ?? [] })
     }
 
     /// Chooses the version that serves a request: the pinned one if given, else by release weight.

@@ -41,6 +41,12 @@ struct Apusd: AsyncParsableCommand {
     @Option(help: "PEM private key for the TLS port.")
     var tlsKey: String?
 
+    @Option(help: "Gateway Thrift port: framed, buffered, THeader and TTHeader; binary and compact (0 picks a free port).")
+    var thriftPort: Int?
+
+    @Option(help: "Largest Thrift frame (or unframed message) accepted, in bytes.")
+    var thriftMaxFrame = 16 << 20
+
     @Option(help: "HTTP/2: streams a client may have open at once per connection.")
     var h2MaxStreams = 256
 
@@ -99,6 +105,7 @@ struct Apusd: AsyncParsableCommand {
         }
         guard (1...100_000).contains(h2MaxStreams) else { throw ValidationError("--h2-max-streams: must be 1...100000 (got \(h2MaxStreams))") }
         guard (65_535...(1 << 31) - 1).contains(h2Window) else { throw ValidationError("--h2-window: must be 65535...2147483647 (got \(h2Window))") }
+        guard (1024...(1 << 30)).contains(thriftMaxFrame) else { throw ValidationError("--thrift-max-frame: must be 1024...1073741824 (got \(thriftMaxFrame))") }
         guard (1024...(16 << 20)).contains(h2MaxHeaderList) else { throw ValidationError("--h2-max-header-list: must be 1024...16777216 (got \(h2MaxHeaderList))") }
     }
 
@@ -169,10 +176,11 @@ struct Apusd: AsyncParsableCommand {
             onServerRunning: { channel in ports.bound(api: channel.localAddress?.port ?? 0) },
             logger: Logger(label: "apus.api"))
         let gateway = GatewayServer(
-            configuration: .init(host: host, port: httpPort, domain: domain, http2: http2Limits, tls: tls),
+            configuration: .init(host: host, port: httpPort, domain: domain, http2: http2Limits, tls: tls,
+                                 thriftPort: thriftPort, thriftMaxFrameBytes: thriftMaxFrame),
             scheduler: scheduler, logger: Logger(label: "apus.gateway"),
             group: gatewayThreads.map { MultiThreadedEventLoopGroup(numberOfThreads: max(1, $0)) } ?? MultiThreadedEventLoopGroup.singleton,
-            onRunning: { port, tlsPort in ports.bound(http: port, tls: tlsPort) })
+            onRunning: { bound in ports.bound(http: bound.http, tls: bound.tls, thrift: bound.thrift) })
 
         // Graceful shutdown runs in reverse order: the gateway drains first, then log streams end, the API
         // stops, and last the scheduler stops every instance.
@@ -202,7 +210,7 @@ struct FlagOnShutdown: Service {
 
 /// Collects the bound ports; once both listeners are up, prints them and writes `<data-dir>/ports.json`.
 final class BoundPorts: Sendable {
-    private let state = Mutex<(api: Int?, http: Int?, tls: Int?)>((nil, nil, nil))
+    private let state = Mutex<(api: Int?, http: Int?, tls: Int?, thrift: Int?)>((nil, nil, nil, nil))
     let host: String
     let file: URL
 
@@ -215,22 +223,24 @@ final class BoundPorts: Sendable {
         state.withLock { $0.http }.map { "http://\(host):\($0)" }
     }
 
-    func bound(api: Int? = nil, http: Int? = nil, tls: Int? = nil) {
-        let all = state.withLock { state -> (Int, Int, Int?)? in
+    func bound(api: Int? = nil, http: Int? = nil, tls: Int? = nil, thrift: Int? = nil) {
+        let all = state.withLock { state -> (Int, Int, Int?, Int?)? in
             if let api { state.api = api }
             if let http { state.http = http }
             if let tls { state.tls = tls }
+            if let thrift { state.thrift = thrift }
             guard let a = state.api, let h = state.http else { return nil }
-            return (a, h, state.tls)
+            return (a, h, state.tls, state.thrift)
         }
-        guard let (apiPort, httpPort, tlsPort) = all else { return }
-        let json = "{\"host\":\"\(host)\",\"api\":\(apiPort),\"http\":\(httpPort)\(tlsPort.map { ",\"tls\":\($0)" } ?? "")}\n"
+        guard let (apiPort, httpPort, tlsPort, thriftPort) = all else { return }
+        let json = "{\"host\":\"\(host)\",\"api\":\(apiPort),\"http\":\(httpPort)\(tlsPort.map { ",\"tls\":\($0)" } ?? "")\(thriftPort.map { ",\"thrift\":\($0)" } ?? "")}\n"
         let temp = file.deletingLastPathComponent().appendingPathComponent(".ports.json.tmp")
         try? json.write(to: temp, atomically: false, encoding: .utf8)
         // rename(2) replaces an earlier run's file atomically.
         if rename(temp.path, file.path) != 0 { try? FileManager.default.moveItem(at: temp, to: file) }
         var banner = "apusd: api listening on http://\(host):\(apiPort)\napusd: gateway listening on http://\(host):\(httpPort) (HTTP/1.1, h2c, gRPC)\n"
         if let tlsPort { banner += "apusd: gateway listening on https://\(host):\(tlsPort) (TLS: h2, http/1.1)\n" }
+        if let thriftPort { banner += "apusd: gateway listening on \(host):\(thriftPort) (Thrift)\n" }
         FileHandle.standardOutput.write(Data(banner.utf8))
     }
 }

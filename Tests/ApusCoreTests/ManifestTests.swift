@@ -54,7 +54,13 @@ struct ManifestTests {
         ("name: a\nruntime: python3\nmemory: lots\n", "memory: must be a size"),
         ("name: a\nruntime: python3\nhandler: main\n", "handler: must be module.function"),
         ("name: a\nruntime: python3\nenv: {APUS_PORT: 1}\n", "env.APUS_PORT: APUS_ variables are set by the platform"),
-        ("name: a\nruntime: python3\nprotocol: thrift\n", "protocol: \"thrift\" is reserved"),
+        ("name: a\nruntime: python3\nprotocol: thrift\n", "thrift.service: is required for protocol: thrift"),
+        ("name: a\nruntime: python3\nthrift: {service: S}\n", "thrift: is only for protocol: thrift"),
+        ("name: a\nruntime: python3\nprotocol: thrift\nthrift: {service: S, transport: http}\n", "thrift.transport: must be one of framed, buffered, header (got \"http\")"),
+        ("name: a\nruntime: python3\nprotocol: thrift\nthrift: {service: S, protocol: json}\n", "thrift.protocol: must be one of binary, compact (got \"json\")"),
+        ("name: a\nruntime: python3\nprotocol: thrift\nthrift: {service: \"9x\"}\n", "thrift.service: must be a Thrift service name"),
+        ("name: a\nruntime: python3\nprotocol: thrift\nthrift: {service: S, methods: [a, a]}\n", "thrift.methods: lists a twice"),
+        ("name: a\nruntime: python3\nprotocol: thrift\nthrift: {service: S, method: [a]}\n", "thrift.method: unknown key"),
         ("name: a\nruntime: python3\nprotocol: grpc\n", "grpc.services: is required for protocol: grpc"),
         ("name: a\nruntime: python3\ngrpc: {services: [a.B]}\n", "grpc: is only for protocol: grpc"),
         ("name: a\nruntime: python3\nprotocol: grpc\ngrpc: {services: []}\n", "grpc.services: must list"),
@@ -80,6 +86,16 @@ struct ManifestTests {
         let m = try FunctionManifest.parse(yaml: "name: echo\nruntime: python3\nhandler: service.register\nprotocol: grpc\ngrpc: {services: [echo.Echo, other.v1.Things]}\n")
         #expect(m.protocol == .grpc)
         #expect(m.grpc?.services == ["echo.Echo", "other.v1.Things"])
+        let data = try JSONEncoder().encode(m)
+        #expect(try JSONDecoder().decode(FunctionManifest.self, from: data) == m)
+    }
+
+    @Test func thriftManifest() throws {
+        let m = try FunctionManifest.parse(yaml: "name: calc\nruntime: python3\nprotocol: thrift\nthrift: {service: Calculator, transport: buffered, protocol: compact, methods: [add, zap]}\n")
+        #expect(m.thrift == .init(service: "Calculator", transport: .buffered, protocol: .compact, methods: ["add", "zap"]))
+        #expect(m.handler == "main.processor")
+        let defaults = try FunctionManifest.parse(yaml: "name: calc\nruntime: command\ncommand: [./s]\nprotocol: thrift\nthrift: {service: Calculator}\n")
+        #expect(defaults.thrift?.transport == .framed && defaults.thrift?.protocol == .binary)
         let data = try JSONEncoder().encode(m)
         #expect(try JSONDecoder().decode(FunctionManifest.self, from: data) == m)
     }

@@ -19,7 +19,7 @@ extension FunctionManifest {
         }
         let reader = ManifestReader(mapping: mapping, path: "")
         try reader.rejectUnknownKeys(allowed: ["name", "runtime", "handler", "command", "protocol", "concurrency",
-                                               "scale", "timeout", "memory", "env", "grpc"])
+                                               "scale", "timeout", "memory", "env", "grpc", "thrift"])
 
         let name = try reader.requiredString("name")
         try validateName(name, key: "name")
@@ -32,9 +32,6 @@ extension FunctionManifest {
         if let protocolText = try reader.optionalString("protocol") {
             guard let wire = WireProtocol(rawValue: protocolText) else {
                 throw ManifestReader.failure("protocol", "must be one of \(WireProtocol.allCases.map(\.rawValue).joined(separator: ", ")) (got \"\(protocolText)\")")
-            }
-            guard wire != .thrift else {
-                throw ManifestReader.failure("protocol", "\"\(protocolText)\" is reserved and not served yet; use http or grpc")
             }
             manifest.protocol = wire
         }
@@ -62,10 +59,52 @@ extension FunctionManifest {
             throw ManifestReader.failure("grpc.services", "is required for protocol: grpc (the gRPC services the function serves, e.g. [echo.Echo])")
         }
 
+        if let thriftMapping = try reader.optionalMapping("thrift") {
+            guard manifest.protocol == .thrift else {
+                throw ManifestReader.failure("thrift", "is only for protocol: thrift")
+            }
+            let thrift = ManifestReader(mapping: thriftMapping, path: "thrift")
+            try thrift.rejectUnknownKeys(allowed: ["service", "transport", "protocol", "methods"])
+            let service = try thrift.requiredString("service")
+            guard isThriftIdentifier(service) else {
+                throw ManifestReader.failure("thrift.service", "must be a Thrift service name such as Calculator (got \"\(service)\")")
+            }
+            var settings = ThriftSettings(service: service)
+            if let text = try thrift.optionalString("transport") {
+                guard let transport = ThriftSettings.Transport(rawValue: text) else {
+                    throw ManifestReader.failure("thrift.transport", "must be one of \(ThriftSettings.Transport.allCases.map(\.rawValue).joined(separator: ", ")) (got \"\(text)\")")
+                }
+                settings.transport = transport
+            }
+            if let text = try thrift.optionalString("protocol") {
+                guard let encoding = ThriftSettings.Encoding(rawValue: text) else {
+                    throw ManifestReader.failure("thrift.protocol", "must be one of \(ThriftSettings.Encoding.allCases.map(\.rawValue).joined(separator: ", ")) (got \"\(text)\")")
+                }
+                settings.protocol = encoding
+            }
+            if let methods = try thrift.optionalStringList("methods") {
+                for (index, method) in methods.enumerated() where !isThriftIdentifier(method) {
+                    throw ManifestReader.failure("thrift.methods[\(index)]", "must be a method name (got \"\(method)\")")
+                }
+                if let duplicate = methods.first(where: { method in methods.filter { $0 == method }.count > 1 }) {
+                    throw ManifestReader.failure("thrift.methods", "lists \(duplicate) twice")
+                }
+                settings.methods = methods
+            }
+            manifest.thrift = settings
+        } else if manifest.protocol == .thrift {
+            throw ManifestReader.failure("thrift.service", "is required for protocol: thrift (e.g. thrift: {service: Calculator, transport: framed, protocol: binary})")
+        }
+
         switch runtime {
         case .python3:
             // HTTP functions name a handler(event, context); gRPC functions a register(server).
-            let handler = try reader.optionalString("handler") ?? (manifest.protocol == .grpc ? "main.register" : "main.handler")
+            let defaultHandler = switch manifest.protocol {
+            case .http: "main.handler"
+            case .grpc: "main.register"
+            case .thrift: "main.processor"
+            }
+            let handler = try reader.optionalString("handler") ?? defaultHandler
             let parts = handler.split(separator: ".", omittingEmptySubsequences: false)
             guard parts.count >= 2, parts.allSatisfy({ isPythonIdentifier($0) }) else {
                 throw ManifestReader.failure("handler", "must be module.function, e.g. main.handler (got \"\(handler)\")")
@@ -148,6 +187,15 @@ extension FunctionManifest {
             manifest.env = env
         }
         return manifest
+    }
+
+    /// A Thrift identifier: letters, digits, '_' and '.', not starting with a digit.
+    public static func isThriftIdentifier(_ name: String) -> Bool {
+        guard let first = name.utf8.first, !(UInt8(ascii: "0")...UInt8(ascii: "9")).contains(first), name.utf8.count <= 200 else { return false }
+        return name.utf8.allSatisfy { byte in
+            (UInt8(ascii: "a")...UInt8(ascii: "z")).contains(byte) || (UInt8(ascii: "A")...UInt8(ascii: "Z")).contains(byte)
+                || (UInt8(ascii: "0")...UInt8(ascii: "9")).contains(byte) || byte == UInt8(ascii: "_") || byte == UInt8(ascii: ".")
+        }
     }
 
     /// `pkg.sub.Service` or `Service`: dot-separated identifiers of letters, digits and '_'.

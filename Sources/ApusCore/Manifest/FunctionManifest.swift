@@ -32,6 +32,37 @@ public struct FunctionManifest: Codable, Hashable, Sendable {
         }
     }
 
+    /// What a `protocol: thrift` function serves and how its instances frame messages.
+    public struct ThriftSettings: Codable, Hashable, Sendable {
+        public enum Transport: String, Codable, Hashable, Sendable, CaseIterable {
+            /// 4-byte length before each message.
+            case framed
+            /// Messages back to back, delimited by their own structure.
+            case buffered
+            /// THeader (magic 0x0FFF) frames.
+            case header
+        }
+
+        public enum Encoding: String, Codable, Hashable, Sendable, CaseIterable {
+            case binary
+            case compact
+        }
+
+        /// The Thrift service name: `Service:method` (multiplexed) calls route by it.
+        public var service: String
+        public var transport: Transport
+        public var `protocol`: Encoding
+        /// Methods plain (not multiplexed) calls may reach this function by; unique across functions.
+        public var methods: [String]
+
+        public init(service: String, transport: Transport = .framed, protocol: Encoding = .binary, methods: [String] = []) {
+            self.service = service
+            self.transport = transport
+            self.protocol = `protocol`
+            self.methods = methods
+        }
+    }
+
     public var name: String
     public var runtime: Runtime
     /// Python: `module.function`.
@@ -49,6 +80,8 @@ public struct FunctionManifest: Codable, Hashable, Sendable {
     public var env: [String: String]
     /// Set exactly when `protocol` is `grpc`.
     public var grpc: GRPCSettings?
+    /// Set exactly when `protocol` is `thrift`.
+    public var thrift: ThriftSettings?
 
     public init(
         name: String,
@@ -61,7 +94,8 @@ public struct FunctionManifest: Codable, Hashable, Sendable {
         timeout: Duration = .seconds(30),
         memory: Int64 = 256 * 1024 * 1024,
         env: [String: String] = [:],
-        grpc: GRPCSettings? = nil
+        grpc: GRPCSettings? = nil,
+        thrift: ThriftSettings? = nil
     ) {
         self.name = name
         self.runtime = runtime
@@ -74,10 +108,11 @@ public struct FunctionManifest: Codable, Hashable, Sendable {
         self.memory = memory
         self.env = env
         self.grpc = grpc
+        self.thrift = thrift
     }
 
     enum CodingKeys: String, CodingKey {
-        case name, runtime, handler, command, `protocol`, concurrency, scale, timeout, memory, env, grpc
+        case name, runtime, handler, command, `protocol`, concurrency, scale, timeout, memory, env, grpc, thrift
     }
 
     // Durations and sizes are stored in their human form so stored versions read like the manifest.
@@ -102,6 +137,7 @@ public struct FunctionManifest: Codable, Hashable, Sendable {
         self.memory = memory
         env = try c.decode([String: String].self, forKey: .env)
         grpc = try c.decodeIfPresent(GRPCSettings.self, forKey: .grpc)
+        thrift = try c.decodeIfPresent(ThriftSettings.self, forKey: .thrift)
     }
 
     public func encode(to encoder: any Encoder) throws {
@@ -117,5 +153,6 @@ public struct FunctionManifest: Codable, Hashable, Sendable {
         try c.encode(ByteSize.format(memory), forKey: .memory)
         try c.encode(env, forKey: .env)
         try c.encodeIfPresent(grpc, forKey: .grpc)
+        try c.encodeIfPresent(thrift, forKey: .thrift)
     }
 }

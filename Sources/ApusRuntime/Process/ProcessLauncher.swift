@@ -85,6 +85,11 @@ public final class ProcessLauncher: InstanceLauncher {
         env["APUS_PROTOCOL"] = spec.manifest.protocol.rawValue
         env["APUS_INSTANCE"] = spec.instanceID
         env["APUS_CONCURRENCY"] = String(spec.manifest.concurrency)
+        if let thrift = spec.manifest.thrift {
+            env["APUS_THRIFT_SERVICE"] = thrift.service
+            env["APUS_THRIFT_TRANSPORT"] = thrift.transport.rawValue
+            env["APUS_THRIFT_PROTOCOL"] = thrift.protocol.rawValue
+        }
         if let handler = spec.manifest.handler { env["APUS_HANDLER"] = handler }
         return env
     }
@@ -142,7 +147,12 @@ public final class ProcessLauncher: InstanceLauncher {
                         continuation.resume(returning: .failure(ApusError(.unavailable, "instance \(exit) before it was ready")))
                         return
                     }
-                    switch ReadinessProbe.check(port: port, speaksHTTP2: spec.manifest.protocol == .grpc) {
+                    let probe: ReadinessProbe.Kind = switch spec.manifest.protocol {
+                    case .http: .http
+                    case .grpc: .http2
+                    case .thrift: .tcp
+                    }
+                    switch ReadinessProbe.check(port: port, kind: probe) {
                     case .ready:
                         continuation.resume(returning: .success(()))
                         return

@@ -6,7 +6,8 @@ import Darwin
 
 /// One readiness check: the instance accepts a TCP connection on loopback and answers `GET /healthz`
 /// (sent with `X-Apus-Probe: 1`) with a status below 500 — or, for a gRPC instance, answers the HTTP/2
-/// connection preface with a SETTINGS frame. Blocking; run it off the async pool.
+/// connection preface with a SETTINGS frame; a Thrift instance is ready once it accepts the connection.
+/// Blocking; run it off the async pool.
 enum ReadinessProbe {
     enum Outcome: Equatable {
         case ready
@@ -14,7 +15,16 @@ enum ReadinessProbe {
         case unhealthy(String)
     }
 
-    static func check(port: Int, speaksHTTP2: Bool = false, timeoutMilliseconds: Int = 1000) -> Outcome {
+    enum Kind {
+        /// `GET /healthz` over HTTP/1.1.
+        case http
+        /// The HTTP/2 connection preface (gRPC).
+        case http2
+        /// Accepting the TCP connection is enough.
+        case tcp
+    }
+
+    static func check(port: Int, kind: Kind = .http, timeoutMilliseconds: Int = 1000) -> Outcome {
         let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
         guard fd >= 0 else { return .notListening }
         defer { close(fd) }
@@ -26,7 +36,11 @@ enum ReadinessProbe {
             $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
         }
         guard connected == 0 else { return .notListening }
-        if speaksHTTP2 { return checkHTTP2(fd) }
+        switch kind {
+        case .http: break
+        case .http2: return checkHTTP2(fd)
+        case .tcp: return .ready
+        }
         let request = "GET /healthz HTTP/1.1\r\nHost: 127.0.0.1:\(port)\r\nX-Apus-Probe: 1\r\nConnection: close\r\n\r\n"
         let sent = request.withCString { send(fd, $0, strlen($0), Int32(MSG_NOSIGNAL)) }
         guard sent > 0 else { return .unhealthy("probe could not be sent") }

@@ -1,0 +1,314 @@
+import ApusCore
+import NIOCore
+
+/// The parts of Thrift's binary and compact protocols the edge reads or writes: a message's envelope (name, type,
+/// seqid), the length of a whole message found by skipping its struct field by field without building values, a
+/// renamed envelope (multiplexed `Service:method` → `method`), and `TApplicationException` replies.
+/// Specs: Apache Thrift doc/specs (thrift-binary-protocol.md, thrift-compact-protocol.md).
+enum ThriftWire {
+    typealias Encoding = FunctionManifest.ThriftSettings.Encoding
+
+    enum MessageType: UInt8 {
+        case call = 1
+        case reply = 2
+        case exception = 3
+        case oneway = 4
+    }
+
+    /// `TApplicationException` type codes used by the edge.
+    enum ApplicationError: Int32 {
+        case unknownMethod = 1
+        case internalError = 6
+        case protocolError = 7
+    }
+
+    struct Envelope: Equatable {
+        var name: String
+        var type: MessageType
+        var seqid: Int32
+        var encoding: Encoding
+        /// Binary only: the old (non-strict) form without a version word.
+        var oldBinary = false
+        /// Bytes of the envelope at the start of the message.
+        var length: Int
+    }
+
+    enum ScanError: Error, Equatable {
+        /// More bytes are needed.
+        case incomplete
+        case malformed(String)
+    }
+
+    /// Reads bytes of one buffer from an offset, failing with `.incomplete` at the end.
+    struct Cursor {
+        let buffer: ByteBuffer
+        var index: Int
+        let end: Int
+
+        init(_ buffer: ByteBuffer, at index: Int? = nil, end: Int? = nil) {
+            self.buffer = buffer
+            self.index = index ?? buffer.readerIndex
+            self.end = end ?? buffer.writerIndex
+        }
+
+        var remaining: Int { end - index }
+
+        mutating func u8() throws(ScanError) -> UInt8 {
+            guard index < end else { throw .incomplete }
+            defer { index += 1 }
+            return buffer.getInteger(at: index)!
+        }
+
+        mutating func u16() throws(ScanError) -> UInt16 {
+            guard index + 2 <= end else { throw .incomplete }
+            defer { index += 2 }
+            return buffer.getInteger(at: index)!
+        }
+
+        mutating func i32() throws(ScanError) -> Int32 {
+            guard index + 4 <= end else { throw .incomplete }
+            defer { index += 4 }
+            return buffer.getInteger(at: index)!
+        }
+
+        mutating func skip(_ count: Int) throws(ScanError) {
+            guard count >= 0 else { throw .malformed("negative length \(count)") }
+            guard index + count <= end else { throw .incomplete }
+            index += count
+        }
+
+        mutating func string(_ count: Int) throws(ScanError) -> String {
+            guard count >= 0 else { throw .malformed("negative length \(count)") }
+            guard index + count <= end else { throw .incomplete }
+            defer { index += count }
+            return buffer.getString(at: index, length: count) ?? ""
+        }
+
+        /// Unsigned LEB128 varint (compact protocol, THeader).
+        mutating func varint() throws(ScanError) -> UInt64 {
+            var value: UInt64 = 0
+            var shift: UInt64 = 0
+            while true {
+                let byte = try u8()
+                value |= UInt64(byte & 0x7F) << shift
+                if byte & 0x80 == 0 { return value }
+                shift += 7
+                guard shift < 64 else { throw .malformed("varint too long") }
+            }
+        }
+
+        mutating func varint32() throws(ScanError) -> Int {
+            let value = try varint()
+            guard value <= UInt64(UInt32.max) else { throw .malformed("varint out of range") }
+            return Int(value)
+        }
+    }
+
+    static let maxNameLength = 4096
+    static let maxDepth = 64
+
+    // MARK: envelope
+
+    /// Reads a message envelope at the cursor (binary strict or old, or compact).
+    static func readEnvelope(_ cursor: inout Cursor) throws(ScanError) -> Envelope {
+        let start = cursor.index
+        let first = try cursor.u8()
+        if first == 0x82 {
+            let versionAndType = try cursor.u8()
+            guard versionAndType & 0x1F == 1 else { throw .malformed("unsupported compact protocol version \(versionAndType & 0x1F)") }
+            let type = try messageType(versionAndType >> 5)
+            let seqid = Int32(truncatingIfNeeded: try cursor.varint32())
+            let nameLength = try cursor.varint32()
+            guard nameLength <= maxNameLength else { throw .malformed("method name of \(nameLength) bytes") }
+            let name = try cursor.string(nameLength)
+            return Envelope(name: name, type: type, seqid: seqid, encoding: .compact, length: cursor.index - start)
+        }
+        cursor.index = start
+        let word = try cursor.i32()
+        if word < 0 {
+            // Strict binary: version 1 in the high half, type in the low byte.
+            guard UInt32(bitPattern: word) & 0xFFFF_0000 == 0x8001_0000 else {
+                throw .malformed("unsupported binary protocol version 0x\(String(UInt32(bitPattern: word) >> 16, radix: 16))")
+            }
+            let type = try messageType(UInt8(truncatingIfNeeded: word))
+            let nameLength = Int(try cursor.i32())
+            guard nameLength >= 0, nameLength <= maxNameLength else { throw .malformed("method name of \(nameLength) bytes") }
+            let name = try cursor.string(nameLength)
+            let seqid = try cursor.i32()
+            return Envelope(name: name, type: type, seqid: seqid, encoding: .binary, length: cursor.index - start)
+        }
+        // Old binary: the name's length comes first, then the name, the type byte and the seqid.
+        let nameLength = Int(word)
+        guard nameLength > 0, nameLength <= maxNameLength else { throw .malformed("not a Thrift message (name length \(nameLength))") }
+        let name = try cursor.string(nameLength)
+        let type = try messageType(try cursor.u8())
+        let seqid = try cursor.i32()
+        return Envelope(name: name, type: type, seqid: seqid, encoding: .binary, oldBinary: true, length: cursor.index - start)
+    }
+
+    private static func messageType(_ raw: UInt8) throws(ScanError) -> MessageType {
+        guard let type = MessageType(rawValue: raw) else { throw .malformed("unknown message type \(raw)") }
+        return type
+    }
+
+    /// The length of the whole message (envelope and its struct) starting at `start`, or `.incomplete`.
+    static func messageLength(_ buffer: ByteBuffer, at start: Int) throws(ScanError) -> Int {
+        var cursor = Cursor(buffer, at: start)
+        let envelope = try readEnvelope(&cursor)
+        switch envelope.encoding {
+        case .binary: try skipBinary(type: 12, &cursor, depth: 0)
+        case .compact: try skipCompactStruct(&cursor, depth: 0)
+        }
+        return cursor.index - start
+    }
+
+    // MARK: skipping values
+
+    /// Binary protocol value of `type` (TType numbering).
+    static func skipBinary(type: UInt8, _ cursor: inout Cursor, depth: Int) throws(ScanError) {
+        guard depth < maxDepth else { throw .malformed("nesting deeper than \(maxDepth)") }
+        switch type {
+        case 2, 3: try cursor.skip(1)  // bool, byte
+        case 6: try cursor.skip(2)  // i16
+        case 8: try cursor.skip(4)  // i32
+        case 4, 10: try cursor.skip(8)  // double, i64
+        case 11: try cursor.skip(Int(try cursor.i32()))  // string / binary
+        case 16: try cursor.skip(16)  // uuid
+        case 12:
+            while true {
+                let fieldType = try cursor.u8()
+                if fieldType == 0 { return }
+                try cursor.skip(2)
+                try skipBinary(type: fieldType, &cursor, depth: depth + 1)
+            }
+        case 13:
+            let keyType = try cursor.u8()
+            let valueType = try cursor.u8()
+            let count = Int(try cursor.i32())
+            guard count >= 0 else { throw .malformed("negative map size") }
+            for _ in 0..<count {
+                try skipBinary(type: keyType, &cursor, depth: depth + 1)
+                try skipBinary(type: valueType, &cursor, depth: depth + 1)
+            }
+        case 14, 15:
+            let elementType = try cursor.u8()
+            let count = Int(try cursor.i32())
+            guard count >= 0 else { throw .malformed("negative list size") }
+            for _ in 0..<count { try skipBinary(type: elementType, &cursor, depth: depth + 1) }
+        default:
+            throw .malformed("unknown binary field type \(type)")
+        }
+    }
+
+    static func skipCompactStruct(_ cursor: inout Cursor, depth: Int) throws(ScanError) {
+        guard depth < maxDepth else { throw .malformed("nesting deeper than \(maxDepth)") }
+        while true {
+            let header = try cursor.u8()
+            if header == 0 { return }
+            if header >> 4 == 0 { _ = try cursor.varint() }  // long-form field id (zigzag i16)
+            try skipCompact(type: header & 0x0F, &cursor, depth: depth + 1, inCollection: false)
+        }
+    }
+
+    /// Compact protocol value of compact type `type`. Booleans in structs live in the field header; in collections
+    /// they take one byte.
+    static func skipCompact(type: UInt8, _ cursor: inout Cursor, depth: Int, inCollection: Bool) throws(ScanError) {
+        guard depth < maxDepth else { throw .malformed("nesting deeper than \(maxDepth)") }
+        switch type {
+        case 1, 2: if inCollection { try cursor.skip(1) }  // bool true/false
+        case 3: try cursor.skip(1)  // byte
+        case 4, 5, 6: _ = try cursor.varint()  // i16, i32, i64 (zigzag varints)
+        case 7: try cursor.skip(8)  // double
+        case 8: try cursor.skip(try cursor.varint32())  // binary / string
+        case 13: try cursor.skip(16)  // uuid
+        case 12: try skipCompactStruct(&cursor, depth: depth)
+        case 9, 10:
+            let header = try cursor.u8()
+            var count = Int(header >> 4)
+            if count == 15 { count = try cursor.varint32() }
+            let elementType = header & 0x0F
+            for _ in 0..<count { try skipCompact(type: elementType, &cursor, depth: depth + 1, inCollection: true) }
+        case 11:
+            let count = try cursor.varint32()
+            guard count > 0 else { return }
+            let types = try cursor.u8()
+            for _ in 0..<count {
+                try skipCompact(type: types >> 4, &cursor, depth: depth + 1, inCollection: true)
+                try skipCompact(type: types & 0x0F, &cursor, depth: depth + 1, inCollection: true)
+            }
+        default:
+            throw .malformed("unknown compact field type \(type)")
+        }
+    }
+
+    // MARK: writing
+
+    static func writeEnvelope(_ envelope: Envelope, into out: inout ByteBuffer) {
+        switch envelope.encoding {
+        case .compact:
+            out.writeInteger(UInt8(0x82))
+            out.writeInteger(UInt8(1) | envelope.type.rawValue << 5)
+            writeVarint(UInt64(UInt32(bitPattern: envelope.seqid)), into: &out)
+            writeVarint(UInt64(envelope.name.utf8.count), into: &out)
+            out.writeString(envelope.name)
+        case .binary where envelope.oldBinary:
+            out.writeInteger(Int32(envelope.name.utf8.count))
+            out.writeString(envelope.name)
+            out.writeInteger(envelope.type.rawValue)
+            out.writeInteger(envelope.seqid)
+        case .binary:
+            out.writeInteger(UInt32(0x8001_0000) | UInt32(envelope.type.rawValue))
+            out.writeInteger(Int32(envelope.name.utf8.count))
+            out.writeString(envelope.name)
+            out.writeInteger(envelope.seqid)
+        }
+    }
+
+    static func writeVarint(_ value: UInt64, into out: inout ByteBuffer) {
+        var rest = value
+        while rest >= 0x80 {
+            out.writeInteger(UInt8(rest & 0x7F | 0x80))
+            rest >>= 7
+        }
+        out.writeInteger(UInt8(rest))
+    }
+
+    /// The message with its envelope's name replaced (the rest of the bytes unchanged).
+    static func renamed(_ message: ByteBuffer, envelope: Envelope, to name: String) -> ByteBuffer {
+        var out = ByteBufferAllocator().buffer(capacity: message.readableBytes + 8)
+        var renamed = envelope
+        renamed.name = name
+        writeEnvelope(renamed, into: &out)
+        var body = message.getSlice(at: message.readerIndex + envelope.length, length: message.readableBytes - envelope.length)!
+        out.writeBuffer(&body)
+        return out
+    }
+
+    /// A complete `TApplicationException` reply message: `{1: string message, 2: i32 type}`.
+    static func applicationException(
+        name: String, seqid: Int32, encoding: Encoding, oldBinary: Bool = false, error: ApplicationError, message: String
+    ) -> ByteBuffer {
+        var out = ByteBufferAllocator().buffer(capacity: 64 + name.utf8.count + message.utf8.count)
+        writeEnvelope(Envelope(name: name, type: .exception, seqid: seqid, encoding: encoding, oldBinary: oldBinary, length: 0), into: &out)
+        switch encoding {
+        case .binary:
+            out.writeInteger(UInt8(11))
+            out.writeInteger(Int16(1))
+            out.writeInteger(Int32(message.utf8.count))
+            out.writeString(message)
+            out.writeInteger(UInt8(8))
+            out.writeInteger(Int16(2))
+            out.writeInteger(error.rawValue)
+            out.writeInteger(UInt8(0))
+        case .compact:
+            out.writeInteger(UInt8(0x18))  // field 1 (delta 1), binary
+            writeVarint(UInt64(message.utf8.count), into: &out)
+            out.writeString(message)
+            out.writeInteger(UInt8(0x15))  // field 2 (delta 1), i32
+            let zigzag = UInt32(bitPattern: (error.rawValue << 1) ^ (error.rawValue >> 31))
+            writeVarint(UInt64(zigzag), into: &out)
+            out.writeInteger(UInt8(0))
+        }
+        return out
+    }
+}
