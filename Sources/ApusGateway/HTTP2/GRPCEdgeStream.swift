@@ -43,6 +43,8 @@ final class GRPCEdgeStream: ChannelInboundHandler, LoopSlotTarget {
     private var responseStarted = false
     /// The last frame to the client is being written: the stream closing now is the normal end, not a cancel.
     private var responseEnding = false
+    /// The instance ended its side of the stream (END_STREAM): the call is complete there.
+    private var instanceEnded = false
     private var upstream: (any Channel)?
     private var upstreamRelay: InstanceStreamRelay?
     private var slotWaiter: LoopSlotWaiter?
@@ -249,15 +251,23 @@ final class GRPCEdgeStream: ChannelInboundHandler, LoopSlotTarget {
                 case .success(let channel):
                     relayStarted(on: channel)
                 case .failure(let error):
-                    // Nothing reached the instance: take it out of service and try another once.
-                    pool?.reportUnreachable(lease)
-                    self.lease = nil
                     upstreamRelay = nil
-                    if retried {
+                    if case .connectFailed = error {
+                        // Nobody listens there: take the instance out of service and try another once.
+                        pool?.reportUnreachable(lease)
+                        self.lease = nil
+                        if retried {
+                            fail(ApusError(.unavailable, "cannot connect to instance \(lease.instanceID): \(error)"))
+                        } else {
+                            retried = true
+                            acquireSlot()
+                        }
+                    } else if retried {
                         fail(ApusError(.unavailable, "cannot open a stream to instance \(lease.instanceID): \(error)"))
                     } else {
+                        // The connection went away (GOAWAY, closed) before the stream opened: a new one will do.
                         retried = true
-                        acquireSlot()
+                        openUpstream()
                     }
                 }
             })
@@ -290,7 +300,10 @@ final class GRPCEdgeStream: ChannelInboundHandler, LoopSlotTarget {
         guard phase == .relaying else { return }
         switch payload {
         case .headers(let headers):
-            if headers.endStream { responseEnding = true }
+            if headers.endStream {
+                responseEnding = true
+                instanceEnded = true
+            }
             if !responseStarted {
                 responseStarted = true
                 var response = headers.headers
@@ -305,7 +318,10 @@ final class GRPCEdgeStream: ChannelInboundHandler, LoopSlotTarget {
             }
         case .data(let data):
             responseStarted = true
-            if data.endStream { responseEnding = true }
+            if data.endStream {
+                responseEnding = true
+                instanceEnded = true
+            }
             context.write(wrapOutboundOut(.data(.init(data: data.data, endStream: data.endStream))), promise: nil)
             if data.endStream {
                 context.flush()
@@ -377,8 +393,17 @@ final class GRPCEdgeStream: ChannelInboundHandler, LoopSlotTarget {
         upstreamRelay?.edge = nil
         upstreamRelay = nil
         if let upstream {
-            // A stream still open towards the instance is reset (RST_STREAM CANCEL): the call ends there too.
-            upstream.close(promise: nil)
+            if instanceEnded {
+                // The instance finished the call. Resetting its stream now would be noise (and servers count
+                // resets as abuse); if the client never finished sending, half-close our side instead.
+                if !requestEnded {
+                    upstream.writeAndFlush(HTTP2Frame.FramePayload.data(.init(data: .byteBuffer(ByteBuffer()), endStream: true)), promise: nil)
+                }
+            } else {
+                // The call was cut short here (client cancel, deadline, error): RST_STREAM CANCEL ends it on the
+                // instance too.
+                upstream.close(promise: nil)
+            }
             self.upstream = nil
         }
         if !requestEnded, context.channel.isActive {

@@ -2,6 +2,21 @@ import NIOCore
 import NIOHTTP2
 import NIOPosix
 
+/// Why a stream to an instance could not be opened.
+enum InstanceStreamError: Error, CustomStringConvertible {
+    /// The TCP connection could not be made: nobody listens on the instance's port.
+    case connectFailed(any Error)
+    /// The connection exists or existed but the stream could not be opened (GOAWAY, closed, refused).
+    case streamFailed(any Error)
+
+    var description: String {
+        switch self {
+        case .connectFailed(let error): "connect failed: \(error)"
+        case .streamFailed(let error): "stream failed: \(error)"
+        }
+    }
+}
+
 /// HTTP/2 connections from one event loop to gRPC instances: one multiplexed connection per instance, opened
 /// on first use and reused by every stream after it. Lives on its event loop; all calls happen there.
 final class InstanceHTTP2Pool: @unchecked Sendable {
@@ -18,7 +33,7 @@ final class InstanceHTTP2Pool: @unchecked Sendable {
     func openStream(
         instanceID: String, port: Int,
         initializer: @escaping (any Channel) -> Void,
-        completion: @escaping (Result<any Channel, any Error>) -> Void
+        completion: @escaping (Result<any Channel, InstanceStreamError>) -> Void
     ) {
         eventLoop.assertInEventLoop()
         let connection: InstanceHTTP2Connection
@@ -71,7 +86,7 @@ final class InstanceHTTP2Pool: @unchecked Sendable {
                 case .success(let channel):
                     connection.connected(channel)
                 case .failure(let error):
-                    connection.failed(error)
+                    connection.failed(.connectFailed(error))
                     pool.value.forget(connection)
                 }
             }
@@ -93,7 +108,7 @@ final class InstanceHTTP2Connection {
     let port: Int
     fileprivate var multiplexer: NIOHTTP2Handler.StreamMultiplexer?
     private var channel: (any Channel)?
-    private var pending: [(initializer: (any Channel) -> Void, completion: (Result<any Channel, any Error>) -> Void)] = []
+    private var pending: [(initializer: (any Channel) -> Void, completion: (Result<any Channel, InstanceStreamError>) -> Void)] = []
     private(set) var isClosed = false
 
     init(instanceID: String, port: Int) {
@@ -101,13 +116,21 @@ final class InstanceHTTP2Connection {
         self.port = port
     }
 
-    func openStream(initializer: @escaping (any Channel) -> Void, completion: @escaping (Result<any Channel, any Error>) -> Void) {
+    func openStream(initializer: @escaping (any Channel) -> Void, completion: @escaping (Result<any Channel, InstanceStreamError>) -> Void) {
         guard let channel, let multiplexer else {
             pending.append((initializer, completion))
             return
         }
         let promise = channel.eventLoop.makePromise(of: (any Channel).self)
-        promise.futureResult.assumeIsolated().whenComplete { completion($0) }
+        promise.futureResult.assumeIsolated().whenComplete { [self] result in
+            switch result {
+            case .success(let stream):
+                completion(.success(stream))
+            case .failure(let error):
+                isClosed = true  // the next stream opens a fresh connection
+                completion(.failure(.streamFailed(error)))
+            }
+        }
         let loop = channel.eventLoop
         let boundInitializer = NIOLoopBound(initializer, eventLoop: loop)
         multiplexer.createStreamChannel(promise: promise) { stream in
@@ -122,7 +145,7 @@ final class InstanceHTTP2Connection {
         for entry in waiting { openStream(initializer: entry.initializer, completion: entry.completion) }
     }
 
-    fileprivate func failed(_ error: any Error) {
+    fileprivate func failed(_ error: InstanceStreamError) {
         isClosed = true
         let waiting = pending
         pending = []
@@ -133,7 +156,7 @@ final class InstanceHTTP2Connection {
         isClosed = true
         channel = nil
         multiplexer = nil
-        failed(ChannelError.ioOnClosedChannel)
+        failed(.streamFailed(ChannelError.ioOnClosedChannel))
     }
 
     func close() {
