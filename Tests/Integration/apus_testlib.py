@@ -16,6 +16,7 @@ import subprocess
 import tarfile
 import time
 import urllib.parse
+from functools import lru_cache
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -229,6 +230,16 @@ def make_self_signed_cert(dst: Path) -> tuple[Path, Path]:
 # Processes
 
 
+@lru_cache(maxsize=None)
+def apusd_has_option(option: str) -> bool:
+    """Whether the apusd binary under test lists `option` (e.g. "--thrift-port") in its --help."""
+    try:
+        p = subprocess.run([str(APUSD), "--help"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return re.search(re.escape(option) + r"\b", p.stdout + p.stderr) is not None
+
+
 def _proc_stat(pid: int):
     """(ppid, pgid, sid) of a process, or None if it is gone."""
     try:
@@ -295,6 +306,7 @@ class Apusd:
         self.runs = 0
         self.host = self.api_port = self.http_port = None
         self.tls_port: int | None = None  # set when apusd was started with --tls-port
+        self.thrift_port: int | None = None  # the gateway's Thrift port (ports.json "thrift"), when it has one
         self.cert_path: Path | None = None  # the TLS certificate, for clients to trust (set by whoever made it)
         self.info: dict = {}
 
@@ -329,6 +341,9 @@ class Apusd:
         self.runs += 1
         cmd = [str(APUSD), "--data-dir", str(self.data_dir), "--api-port", "0", "--http-port", "0",
                "--idle-timeout", IDLE_TIMEOUT, *self.extra_args]
+        if "--thrift-port" not in self.extra_args and apusd_has_option("--thrift-port"):
+            # Every daemon gets a Thrift port too (a free one) once apusd has the listener.
+            cmd += ["--thrift-port", "0"]
         with open(self.log_path, "ab") as log:
             log.write(f"==== run {self.runs}: {' '.join(cmd)}\n".encode())
             log.flush()
@@ -342,7 +357,7 @@ class Apusd:
                 raise RuntimeError(f"apusd exited with {self.proc.returncode} during startup:\n{self.log_tail()}")
             try:
                 ports = json.loads(ports_file.read_text())
-                if all(k in ports for k in ("host", "api", "http")):
+                if all(k in ports for k in ("host", "api", "http")) and ("thrift" in ports or "--thrift-port" not in cmd):
                     break
             except (OSError, ValueError):
                 pass  # not there yet, or half written
@@ -353,6 +368,7 @@ class Apusd:
             raise RuntimeError(f"apusd wrote no {ports_file} within {timeout:.0f}s:\n{self.log_tail()}")
         self.host, self.api_port, self.http_port = ports["host"], int(ports["api"]), int(ports["http"])
         self.tls_port = int(ports["tls"]) if ports.get("tls") is not None else None
+        self.thrift_port = int(ports["thrift"]) if ports.get("thrift") is not None else None
         last = None
         while time.monotonic() < deadline:
             try:

@@ -10,9 +10,14 @@ With ``APUS_PROTOCOL=grpc`` it serves gRPC instead: ``APUS_HANDLER`` names a
 ``register(server)`` function that adds the user's generated servicers to a
 ``grpc.server``, which listens on the same address (see ``_serve_grpc``).
 
+With ``APUS_PROTOCOL=thrift`` it serves Thrift: ``APUS_HANDLER`` names a
+function without arguments that returns a Thrift processor (for example
+``Calculator.Processor(Handler())``), served with the transport and protocol
+of ``APUS_THRIFT_TRANSPORT`` / ``APUS_THRIFT_PROTOCOL`` (see ``_serve_thrift``).
+
 HTTP mode uses the standard library only; runs on Python 3.8+ (tested with
 Debian's 3.11). gRPC mode needs grpcio and protobuf (Debian: python3-grpcio,
-python3-protobuf).
+python3-protobuf); Thrift mode needs thrift (Debian: python3-thrift).
 See docs/runtime-contract.md for the contract this file implements.
 """
 
@@ -102,7 +107,8 @@ FUNCTION_NAME = os.environ.get("APUS_FUNCTION", "")
 FUNCTION_VERSION = os.environ.get("APUS_VERSION", "")
 INSTANCE_ID = os.environ.get("APUS_INSTANCE", "")
 PROTOCOL = (os.environ.get("APUS_PROTOCOL", "") or "http").strip().lower()
-HANDLER_SPEC = os.environ.get("APUS_HANDLER", "") or ("main.register" if PROTOCOL == "grpc" else "main.handler")
+DEFAULT_HANDLERS = {"grpc": "main.register", "thrift": "main.processor"}
+HANDLER_SPEC = os.environ.get("APUS_HANDLER", "") or DEFAULT_HANDLERS.get(PROTOCOL, "main.handler")
 HOST = "127.0.0.1"
 
 # gRPC mode: largest message accepted or sent (APUS_GRPC_MAX_MESSAGE_BYTES overrides), worker threads
@@ -112,6 +118,12 @@ GRPC_DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 GRPC_DEFAULT_CONCURRENCY = 10
 GRPC_SPARE_WORKERS = 2
 GRPC_STOP_GRACE_SECONDS = 4.5
+
+# Thrift mode: the transports and protocols served (APUS_THRIFT_TRANSPORT / APUS_THRIFT_PROTOCOL, first one is
+# the default) and how long calls in flight get to finish after SIGTERM (as for gRPC).
+THRIFT_TRANSPORTS = ("framed", "buffered", "header")
+THRIFT_PROTOCOLS = ("binary", "compact")
+THRIFT_STOP_GRACE_SECONDS = 4.5
 
 # Returned by get_remaining_time_in_millis() when the request carries no deadline.
 NO_DEADLINE_REMAINING_MS = 2_147_483_647
@@ -337,10 +349,19 @@ class _Drain:
             if self._in_flight <= 0:
                 self._cond.notify_all()
 
-    def wait_idle(self):
+    def wait_idle(self, timeout=None):
+        """Wait until nothing is in flight (at most ``timeout`` seconds if given); True when idle."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             while self._in_flight > 0:
-                self._cond.wait()
+                if deadline is None:
+                    self._cond.wait()
+                else:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return False
+                    self._cond.wait(left)
+            return True
 
 
 DRAIN = _Drain()
@@ -667,6 +688,328 @@ def _serve_grpc(port):
 
 
 # --------------------------------------------------------------------------
+# Thrift server (APUS_PROTOCOL=thrift).
+# --------------------------------------------------------------------------
+
+
+def _thrift_choice(name, allowed):
+    """The value of ``name`` from the environment, one of ``allowed`` (default: the first); exits otherwise."""
+    raw = (os.environ.get(name, "") or allowed[0]).strip().lower()
+    if raw not in allowed:
+        _fatal("%s must be one of %s (got %r)" % (name, ", ".join(allowed), raw), 2)
+    return raw
+
+
+class _ThriftConnection:
+    """One accepted Thrift connection and whether a call is in flight on it.
+
+    A call is in flight from the first byte of its message that arrives (or, for a message that was already
+    buffered, from the moment its header has been read) until the processor has sent the reply; calls in flight
+    are counted in DRAIN. Only this connection's own thread reads, writes and closes the socket; other threads
+    may shut it down (which wakes a blocked read with end-of-file)."""
+
+    def __init__(self, sock, registry):
+        self.sock = sock
+        self.registry = registry
+        self.lock = threading.Lock()
+        self.in_call = False
+        self.closed = False
+
+    def begin_call(self):
+        if self.in_call:
+            return
+        with self.lock:
+            if not self.in_call:
+                self.in_call = True
+                DRAIN.enter()
+
+    def end_call(self):
+        with self.lock:
+            if self.in_call:
+                self.in_call = False
+                DRAIN.leave()
+
+    def shutdown_if_idle(self):
+        """Draining: end the connection unless a call is in flight (then its thread closes it after the reply)."""
+        with self.lock:
+            if self.in_call or self.closed:
+                return
+            self.closed = True
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def close(self):
+        self.end_call()
+        with self.lock:
+            self.closed = True
+        self.registry.discard(self)
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+class _ThriftRegistry:
+    """The open connections (to end the idle ones when draining)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._conns = set()
+
+    def add(self, conn):
+        with self._lock:
+            self._conns.add(conn)
+
+    def discard(self, conn):
+        with self._lock:
+            self._conns.discard(conn)
+
+    def snapshot(self):
+        with self._lock:
+            return list(self._conns)
+
+
+def _thrift_socket_transport_class(TTransport, max_frame_bytes):
+    """The raw transport of an accepted connection: blocking socket reads and writes, marking calls in flight."""
+    TTransportException = TTransport.TTransportException
+
+    class SocketTransport(TTransport.TTransportBase):
+        def __init__(self, conn):
+            self._conn = conn
+            self._sock = conn.sock
+
+        def isOpen(self):
+            return not self._conn.closed
+
+        def _recv(self, size):
+            try:
+                data = self._sock.recv(size)
+            except OSError as exc:
+                raise TTransportException(TTransportException.END_OF_FILE, "connection lost: %s" % exc)
+            if not data:
+                raise TTransportException(TTransportException.END_OF_FILE, "connection closed by the peer")
+            self._conn.begin_call()
+            return data
+
+        def read(self, sz):
+            return self._recv(max(1, sz))
+
+        def readAll(self, sz):
+            # Used for frame lengths and whole frames (framed and header transports): bounded, and gathered in
+            # pieces so that memory only grows as bytes arrive.
+            if sz < 0:
+                raise TTransportException(TTransportException.NEGATIVE_SIZE, "negative frame size %d" % sz)
+            if sz > max_frame_bytes:
+                raise TTransportException(
+                    TTransportException.SIZE_LIMIT,
+                    "frame of %d bytes is above the limit of %d (APUS_THRIFT_MAX_FRAME_BYTES)" % (sz, max_frame_bytes),
+                )
+            parts, have = [], 0
+            while have < sz:
+                chunk = self._recv(min(sz - have, 1 << 20))
+                parts.append(chunk)
+                have += len(chunk)
+            return parts[0] if len(parts) == 1 else b"".join(parts)
+
+        def write(self, buf):
+            try:
+                self._sock.sendall(buf)
+            except OSError as exc:
+                raise TTransportException(TTransportException.END_OF_FILE, "cannot send the reply: %s" % exc)
+
+        def flush(self):
+            pass
+
+        def close(self):
+            self._conn.close()
+
+    return SocketTransport
+
+
+def _thrift_connection_loop(conn, processor, make_protocols, service_prefix, errors):
+    """Serve the calls of one connection, one after the other, until it closes or the instance drains."""
+    TTransportException, TProtocolException = errors
+    try:
+        iprot, oprot = make_protocols(conn)
+        read_message_begin = iprot.readMessageBegin
+
+        def message_begin():
+            name, message_type, seqid = read_message_begin()
+            conn.begin_call()
+            if isinstance(name, bytes):  # the old (non-strict) binary form yields bytes in the python library
+                name = name.decode("utf-8", "replace")
+            if service_prefix and name.startswith(service_prefix):
+                name = name[len(service_prefix):]  # "Calculator:add" from a multiplexing client
+            return name, message_type, seqid
+
+        iprot.readMessageBegin = message_begin
+        while not DRAIN.draining:
+            processor.process(iprot, oprot)
+            conn.end_call()
+    except TTransportException as exc:
+        if exc.type != TTransportException.END_OF_FILE:
+            _log_err("apus-bootstrap: closed a Thrift connection: %s" % (exc.message or exc))
+    except TProtocolException as exc:
+        _log_err("apus-bootstrap: closed a Thrift connection: malformed message: %s" % (exc.message or exc))
+    except Exception as exc:
+        if isinstance(exc, MemoryError):
+            _log_err("apus-bootstrap: closed a Thrift connection: out of memory (the instance is at its memory limit)")
+        else:
+            _log_err("apus-bootstrap: closed a Thrift connection after an error:\n" + traceback.format_exc())
+    finally:
+        conn.close()
+
+
+def _serve_thrift(port):
+    """Serve the user's Thrift processor on 127.0.0.1:port until SIGTERM/SIGINT; never returns.
+
+    ``APUS_HANDLER`` names a function without arguments that returns the processor, e.g.
+    ``Calculator.Processor(Handler())``. Transport (``APUS_THRIFT_TRANSPORT``: framed, buffered or header) and
+    protocol (``APUS_THRIFT_PROTOCOL``: binary or compact) are the manifest's. Each connection gets a thread and
+    its calls are served in order; readiness is probed by the platform with a TCP connection.
+    """
+    # A thrift library vendored in the code directory wins over the interpreter's.
+    _put_code_dir_first()
+    try:
+        from thrift.Thrift import TProcessor  # noqa: F401  (the library is there at all)
+        from thrift.protocol import TBinaryProtocol, TCompactProtocol
+        from thrift.protocol.TProtocol import TProtocolException
+        from thrift.transport import TTransport
+    except ImportError as exc:
+        _fatal("APUS_PROTOCOL=thrift needs the thrift package for %s (Debian: python3-thrift): %s"
+               % (sys.executable, exc))
+
+    transport_name = _thrift_choice("APUS_THRIFT_TRANSPORT", THRIFT_TRANSPORTS)
+    protocol_name = _thrift_choice("APUS_THRIFT_PROTOCOL", THRIFT_PROTOCOLS)
+    max_frame_bytes = _int_from_env("APUS_THRIFT_MAX_FRAME_BYTES", GRPC_DEFAULT_MAX_MESSAGE_BYTES)
+    service = os.environ.get("APUS_THRIFT_SERVICE", "").strip()
+
+    header_factory = None
+    if transport_name == "header":
+        try:
+            from thrift.protocol.THeaderProtocol import THeaderProtocolFactory
+            from thrift.transport.THeaderTransport import THeaderClientType, THeaderSubprotocolID
+        except ImportError as exc:
+            _fatal("APUS_THRIFT_TRANSPORT=header needs a thrift package with THeader support (0.13 or later) "
+                   "for %s: %s" % (sys.executable, exc))
+        subprotocol = THeaderSubprotocolID.COMPACT if protocol_name == "compact" else THeaderSubprotocolID.BINARY
+        # Only THeader clients: the declared transport is what the instance speaks.
+        header_factory = THeaderProtocolFactory((THeaderClientType.HEADERS,), subprotocol)
+
+    # The accelerated factories use the C extension when the library has it and fall back to pure Python.
+    if protocol_name == "compact":
+        protocol_factory = TCompactProtocol.TCompactProtocolAcceleratedFactory(fallback=True)
+    else:
+        protocol_factory = TBinaryProtocol.TBinaryProtocolAcceleratedFactory(fallback=True)
+    wrap = TTransport.TFramedTransport if transport_name == "framed" else TTransport.TBufferedTransport
+    SocketTransport = _thrift_socket_transport_class(TTransport, max_frame_bytes)
+
+    def make_protocols(conn):
+        raw = SocketTransport(conn)
+        if header_factory is not None:
+            # One protocol for both directions: the reply goes out in the dialect the request came in.
+            protocol = header_factory.getProtocol(raw)
+            return protocol, protocol
+        return protocol_factory.getProtocol(wrap(raw)), protocol_factory.getProtocol(wrap(raw))
+
+    make_processor = _load_handler(HANDLER_SPEC, "Thrift processor")
+    try:
+        processor = make_processor()
+    except BaseException as exc:  # anything the user's function raises, sys.exit() included
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        _log_err(
+            "apus-bootstrap: %s() raised %s: %s (APUS_HANDLER=%r)\n%s"
+            % (HANDLER_SPEC, type(exc).__name__, exc, HANDLER_SPEC, _format_user_exception(exc))
+        )
+        sys.exit(1)
+    if not callable(getattr(processor, "process", None)):
+        _fatal(
+            "%s() returned %s, not a Thrift processor: return one, e.g. Calculator.Processor(Handler()) "
+            "(APUS_HANDLER=%r)" % (HANDLER_SPEC, type(processor).__name__, HANDLER_SPEC)
+        )
+
+    # Calls named "<service>:<method>" (a multiplexing client) reach a plain processor as "<method>"; a
+    # TMultiplexedProcessor the function built itself gets the names unchanged.
+    service_prefix = service + ":" if service else ""
+    try:
+        from thrift.TMultiplexedProcessor import TMultiplexedProcessor
+
+        if isinstance(processor, TMultiplexedProcessor):
+            service_prefix = ""
+    except ImportError:
+        pass
+
+    # Generated processors report handler exceptions through `logging`; make sure they reach stderr.
+    import logging
+
+    if not logging.getLogger().handlers:
+        logging.basicConfig(stream=sys.stderr, level=logging.WARNING,
+                            format="%(levelname)s %(name)s: %(message)s")
+
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind((HOST, port))
+        listener.listen(128)
+    except OSError as exc:
+        _fatal("cannot listen on %s:%d: %s" % (HOST, port, exc))
+    listener.settimeout(0.25)  # wake up to notice SIGTERM
+
+    stop_requested = threading.Event()
+
+    def on_signal(signum, frame):
+        stop_requested.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    registry = _ThriftRegistry()
+    errors = (TTransport.TTransportException, TProtocolException)
+    while not stop_requested.is_set():
+        try:
+            sock, _ = listener.accept()
+        except (socket.timeout, InterruptedError):
+            continue
+        except OSError as exc:  # e.g. out of file descriptors: keep serving the connections there are
+            _log_err("apus-bootstrap: cannot accept a Thrift connection: %s" % exc)
+            stop_requested.wait(0.1)
+            continue
+        sock.settimeout(None)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+        conn = _ThriftConnection(sock, registry)
+        registry.add(conn)
+        try:
+            threading.Thread(
+                target=_thrift_connection_loop,
+                args=(conn, processor, make_protocols, service_prefix, errors),
+                name="apus-thrift",
+                daemon=True,
+            ).start()
+        except (RuntimeError, MemoryError) as exc:
+            _log_err(
+                "apus-bootstrap: dropped a Thrift connection: cannot start a thread for it (%s: %s); "
+                "the instance is at its memory limit" % (type(exc).__name__, exc)
+            )
+            conn.close()
+
+    # Stop accepting (new connections are refused from here on), end the idle connections, give the calls in
+    # flight the grace period (each connection closes once its reply is sent), then leave.
+    DRAIN.draining = True
+    listener.close()
+    for conn in registry.snapshot():
+        conn.shutdown_if_idle()
+    DRAIN.wait_idle(THRIFT_STOP_GRACE_SECONDS)
+    _flush_std_streams()
+    os._exit(0)
+
+
+# --------------------------------------------------------------------------
 # Main.
 # --------------------------------------------------------------------------
 
@@ -675,8 +1018,10 @@ def main():
     port = _port_from_env()
     if PROTOCOL == "grpc":
         _serve_grpc(port)
+    if PROTOCOL == "thrift":
+        _serve_thrift(port)
     if PROTOCOL != "http":
-        _fatal("APUS_PROTOCOL=%r is not served by the Python bootstrap (http or grpc)" % PROTOCOL, 2)
+        _fatal("APUS_PROTOCOL=%r is not served by the Python bootstrap (http, grpc or thrift)" % PROTOCOL, 2)
     handler_func = _load_handler(HANDLER_SPEC)
     RequestHandler.handler_func = handler_func
 
