@@ -282,8 +282,9 @@ final class GRPCEdgeStream: ChannelInboundHandler, LoopSlotTarget {
         for (name, value, indexing) in requestHeaders where name != "grpc-timeout" {
             headers.add(name: name, value: value, indexing: indexing)
         }
-        headers.add(name: "grpc-timeout", value: GRPCWire.formatTimeout(deadline - .now))
-        headers.add(name: "x-apus-request-id", value: requestID)
+        // Values that change on every call stay out of the HPACK dynamic table (it would only churn).
+        headers.add(name: "grpc-timeout", value: GRPCWire.formatTimeout(deadline - .now), indexing: .nonIndexable)
+        headers.add(name: "x-apus-request-id", value: requestID, indexing: .nonIndexable)
         headers.add(name: "x-apus-function", value: version.function)
         headers.add(name: "x-apus-version", value: String(version.number))
         headers.add(name: "x-forwarded-for", value: peer)
@@ -307,7 +308,7 @@ final class GRPCEdgeStream: ChannelInboundHandler, LoopSlotTarget {
             if !responseStarted {
                 responseStarted = true
                 var response = headers.headers
-                response.add(name: "apus-request-id", value: requestID)
+                response.add(name: "apus-request-id", value: requestID, indexing: .nonIndexable)
                 context.write(wrapOutboundOut(.headers(.init(headers: response, endStream: headers.endStream))), promise: nil)
             } else {
                 context.write(wrapOutboundOut(payload), promise: nil)
@@ -368,7 +369,7 @@ final class GRPCEdgeStream: ChannelInboundHandler, LoopSlotTarget {
             ? GRPCWire.trailers(status: status, message: message)
             : GRPCWire.trailersOnly(status: status, message: message)
         var withID = headers
-        if !responseStarted, !requestID.isEmpty { withID.add(name: "apus-request-id", value: requestID) }
+        if !responseStarted, !requestID.isEmpty { withID.add(name: "apus-request-id", value: requestID, indexing: .nonIndexable) }
         responseStarted = true
         responseEnding = true
         context.writeAndFlush(wrapOutboundOut(.headers(.init(headers: withID, endStream: true))), promise: nil)

@@ -55,6 +55,9 @@ final class InstanceHTTP2Pool: @unchecked Sendable {
             HTTP2Setting(parameter: .maxHeaderListSize, value: limits.maxHeaderListSize),
         ]
         connectionConfiguration.targetWindowSize = limits.connectionWindowSize
+        // Requests were validated where they entered (the client's connection); responses pass through as sent.
+        connectionConfiguration.headerBlockValidation = .disabled
+        connectionConfiguration.contentLengthValidation = .disabled
         var stream = NIOHTTP2Handler.StreamConfiguration()
         stream.targetWindowSize = limits.initialWindowSize
         let streamConfiguration = stream
