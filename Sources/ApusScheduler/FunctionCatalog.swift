@@ -67,6 +67,11 @@ public final class FunctionCatalog: Sendable {
         state.withLock { $0.grpcServices[service] }
     }
 
+    /// Every gRPC service some function serves.
+    public var grpcServiceNames: [String] {
+        state.withLock { Array($0.grpcServices.keys) }
+    }
+
     /// The function serving a Thrift service (multiplexed `Service:method` calls).
     public func function(servingThriftService service: String) -> String? {
         state.withLock { $0.thriftServices[service] }

@@ -127,3 +127,21 @@ struct H2CUpgradeTests {
         #expect(H2CUpgradeSplicer.headersFrame(fields, allocator: ByteBufferAllocator()) == nil)
     }
 }
+
+@Suite("gateway protobuf")
+struct ProtobufWriterTests {
+    @Test func writtenFieldsReadBack() {
+        var inner = ProtobufWriter()
+        inner.bytes(1, Array("echo.Echo".utf8))
+        var message = ProtobufWriter()
+        message.varint(1, 300)
+        message.bytes(6, inner.output)
+        let fields = ProtobufWriter.topLevelFields(message.output)
+        #expect(fields.map(\.number) == [1, 6])
+        #expect(fields[0].bytes == nil)
+        #expect(fields[1].bytes == inner.output)
+        #expect(ProtobufWriter.topLevelFields(fields[1].bytes!).first?.bytes == Array("echo.Echo".utf8))
+        // A truncated length-delimited field ends parsing instead of reading past the end.
+        #expect(ProtobufWriter.topLevelFields([0x3A, 0x05, 0x41]).isEmpty)
+    }
+}

@@ -481,3 +481,54 @@ def test_sigterm_lets_an_in_flight_grpc_call_finish(fresh_apusd):
     finally:
         ch.close()
     assert fresh_apusd.wait(timeout=30) == 0
+
+
+# ---- reflection ------------------------------------------------------------------------------------------------
+
+
+def _fields(message: bytes) -> list:
+    """Top-level (field number, value) pairs of a protobuf message: bytes for length-delimited fields, ints for
+    varints (enough for the reflection responses)."""
+    out, i = [], 0
+
+    def varint():
+        nonlocal i
+        value, shift = 0, 0
+        while True:
+            b = message[i]
+            i += 1
+            value |= (b & 0x7F) << shift
+            if not b & 0x80:
+                return value
+            shift += 7
+
+    while i < len(message):
+        key = varint()
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            out.append((number, varint()))
+        elif wire == 2:
+            length = varint()
+            out.append((number, message[i:i + length]))
+            i += length
+        else:
+            raise AssertionError(f"unexpected wire type {wire} in {message!r}")
+    return out
+
+
+@pytest.mark.parametrize("version", ["v1", "v1alpha"])
+def test_reflection_lists_the_services(channel, echo_fn, version):
+    info = channel.stream_stream(f"/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo",
+                                 request_serializer=lambda b: b, response_deserializer=lambda b: b)
+    list_services = bytes([0x3A, 0x00])  # ServerReflectionRequest{list_services: ""}
+    by_symbol = bytes([0x22, 0x09]) + b"echo.Echo"  # {file_containing_symbol: "echo.Echo"}
+    responses = list(info(iter([list_services, by_symbol]), timeout=CALL_TIMEOUT))
+    assert len(responses) == 2, responses
+
+    listed = dict(_fields(responses[0]))
+    assert listed[2] == list_services, "original_request is echoed"
+    names = {dict(_fields(service))[1].decode() for number, service in _fields(listed[6]) if number == 1}
+    assert {ECHO_SERVICE, "grpc.health.v1.Health", f"grpc.reflection.{version}.ServerReflection"} <= names, names
+
+    error = dict(_fields(dict(_fields(responses[1]))[7]))
+    assert error[1] == 5 and b"descriptor" in error[2], error

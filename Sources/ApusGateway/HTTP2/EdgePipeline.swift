@@ -182,6 +182,8 @@ final class EdgeStreamRouter: ChannelInboundHandler, RemovableChannelHandler {
                 let path = headers.headers.first(name: ":path") ?? ""
                 if path.hasPrefix("/\(GRPCHealthStream.service)/") {
                     try operations.addHandler(GRPCHealthStream(shared: shared), position: .after(self))
+                } else if GRPCReflectionStream.services.contains(where: { path.hasPrefix("/\($0)/") }) {
+                    try operations.addHandler(GRPCReflectionStream(shared: shared), position: .after(self))
                 } else {
                     try operations.addHandler(GRPCEdgeStream(shared: shared, peer: peer), position: .after(self))
                 }

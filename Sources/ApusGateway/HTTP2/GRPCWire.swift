@@ -10,6 +10,7 @@ enum GRPCWire {
     static let statusCancelled = 1
     static let statusDeadlineExceeded = 4
     static let statusNotFound = 5
+    static let statusResourceExhausted = 8
     static let statusUnimplemented = 12
     static let statusInternal = 13
     static let statusUnavailable = 14
