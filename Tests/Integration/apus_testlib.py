@@ -497,3 +497,18 @@ class Apusd:
 
     def get(self, path: str, **kw) -> Response:
         return self.gw("GET", path, **kw)
+
+
+def wait_for_log(apusd, name: str, needle: str, timeout: float = 15.0):
+    """Poll `apus logs NAME` until a line containing needle shows up; returns that line parsed by LOG_LINE_RE."""
+    deadline = time.monotonic() + timeout
+    out = ""
+    while time.monotonic() < deadline:
+        out = apusd.cli_ok("logs", name)
+        for line in out.splitlines():
+            if needle in line:
+                m = LOG_LINE_RE.match(line)
+                assert m, f"log line not in the `<ts> v<N> <instance> <stream>| text` format: {line!r}"
+                return m
+        time.sleep(0.3)
+    raise AssertionError(f"{needle!r} never showed up in `apus logs {name}` within {timeout:.0f}s:\n{out[-3000:]}")

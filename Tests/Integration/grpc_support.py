@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from pathlib import Path
 
 import grpc
 
-from apus_testlib import EXAMPLES_DIR, LOG_LINE_RE
+from apus_testlib import EXAMPLES_DIR, wait_for_log  # noqa: F401 (re-exported for the gRPC tests)
 
 ECHO_DIR = EXAMPLES_DIR / "echo-python-grpc"
 ECHO_FUNCTION = "echo-python-grpc"
@@ -65,20 +64,6 @@ def metadata_dict(metadata) -> dict:
     """grpc metadata (sequence of (key, value)) as a dict; repeated keys keep the last value."""
     return {m[0]: m[1] for m in (metadata or ())}
 
-
-def wait_for_log(apusd, name: str, needle: str, timeout: float = 15.0):
-    """Poll `apus logs NAME` until a line containing needle shows up; returns the parsed line."""
-    deadline = time.monotonic() + timeout
-    out = ""
-    while time.monotonic() < deadline:
-        out = apusd.cli_ok("logs", name)
-        for line in out.splitlines():
-            if needle in line:
-                m = LOG_LINE_RE.match(line)
-                assert m, f"log line not in the `<ts> v<N> <instance> <stream>| text` format: {line!r}"
-                return m
-        time.sleep(0.3)
-    raise AssertionError(f"{needle!r} never showed up in `apus logs {name}` within {timeout:.0f}s:\n{out[-3000:]}")
 
 
 def connections_to(port: int) -> int:

@@ -31,7 +31,6 @@ from thrift_support import (
     BootstrapInstance,
     Calculator,
     Greeter,
-    RawConnection,
     all_types_value,
     calc_types,
     call_bytes,

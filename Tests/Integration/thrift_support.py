@@ -26,7 +26,7 @@ from thrift.Thrift import TApplicationException, TMessageType, TType
 from thrift.transport import TSocket, TTransport
 from thrift.transport.THeaderTransport import THeaderClientType, THeaderSubprotocolID
 
-from apus_testlib import EXAMPLES_DIR, LOG_LINE_RE, REPO_ROOT
+from apus_testlib import EXAMPLES_DIR, REPO_ROOT, wait_for_log  # noqa: F401 (re-exported for the Thrift tests)
 
 CALCULATOR_DIR = EXAMPLES_DIR / "calculator-python-thrift"
 GREETER_DIR = EXAMPLES_DIR / "greeter-python-thrift"
@@ -511,20 +511,6 @@ def random_garbage(n: int = 64, seed: int = 7) -> bytes:
 # --------------------------------------------------------------------------------------------------------------
 # Logs and ports
 
-
-def wait_for_log(apusd, name: str, needle: str, timeout: float = 15.0):
-    """Poll `apus logs NAME` until a line containing needle shows up; returns the parsed line."""
-    deadline = time.monotonic() + timeout
-    out = ""
-    while time.monotonic() < deadline:
-        out = apusd.cli_ok("logs", name)
-        for line in out.splitlines():
-            if needle in line:
-                m = LOG_LINE_RE.match(line)
-                assert m, f"log line not in the `<ts> v<N> <instance> <stream>| text` format: {line!r}"
-                return m
-        time.sleep(0.3)
-    raise AssertionError(f"{needle!r} never showed up in `apus logs {name}` within {timeout:.0f}s:\n{out[-3000:]}")
 
 
 def free_port() -> int:
