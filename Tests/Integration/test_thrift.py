@@ -17,6 +17,7 @@ without the gateway by test_thrift_runtime.py.
 from __future__ import annotations
 
 import random
+import shutil
 import socket
 import struct
 import threading
@@ -39,6 +40,7 @@ from thrift_support import (
     TT_TO_SERVICE,
     TTHEADER_MAGIC,
     Calculator,
+    GREETER_DIR,
     Greeter,
     RawConnection,
     ThriftClient,
@@ -291,3 +293,45 @@ def test_malformed_input_closes_only_that_connection(thrift_fns):
         assert healthy.add(3, 4) == 7  # the connection opened before is unaffected
     with gw_client(apusd, "framed", "binary", multiplexed=CALCULATOR_SERVICE) as fresh:
         assert fresh.add(5, 6) == 11
+
+
+# ---- runtime: command ---------------------------------------------------------------------------------------------
+
+COMMAND_SERVER = """\
+# A plain Thrift server (no Apus bootstrap): TSimpleServer, buffered transport, binary protocol, on $APUS_PORT.
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "gen"))
+from greeter import Greeter  # noqa: E402
+from thrift.protocol import TBinaryProtocol  # noqa: E402
+from thrift.server import TServer  # noqa: E402
+from thrift.transport import TSocket, TTransport  # noqa: E402
+
+
+class Handler:
+    def greet(self, name):
+        return "command server greets " + name
+
+
+server = TServer.TSimpleServer(
+    Greeter.Processor(Handler()), TSocket.TServerSocket(host="127.0.0.1", port=int(os.environ["APUS_PORT"])),
+    TTransport.TBufferedTransportFactory(), TBinaryProtocol.TBinaryProtocolFactory())
+print("serving", flush=True)
+server.serve()
+"""
+
+
+def test_command_runtime_thrift_server_behind_a_framing_conversion(thrift_fns, deployed):
+    """runtime: command runs any Thrift server; here an unframed (buffered) one, called by a framed client."""
+    fn = deployed.scratch / "greeter-command-thrift"
+    fn.mkdir()
+    shutil.copytree(GREETER_DIR / "gen", fn / "gen")
+    (fn / "server.py").write_text(COMMAND_SERVER)
+    (fn / "apus.yaml").write_text(
+        "name: greeter-command-thrift\nruntime: command\ncommand: [/usr/bin/python3, server.py]\n"
+        "protocol: thrift\nthrift: {service: GreeterCommand, transport: buffered, protocol: binary}\n")
+    deployed(fn)
+    with gw_client(thrift_fns, "framed", "binary", multiplexed="GreeterCommand", module=Greeter) as client:
+        assert client.greet("ada") == "command server greets ada"
+        assert client.greet("grace") == "command server greets grace"
