@@ -160,6 +160,16 @@ let package = Package(
             path: "Examples/echo-swift/Sources/EchoServer",
             swiftSettings: swiftSettings
         ),
+        // Thrift load client for Scripts/bench-thrift: Calculator.add over framed strict binary, encoded by hand.
+        .executableTarget(
+            name: "apus-bench-thrift",
+            dependencies: [
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+            ],
+            path: "Benchmarks/thrift/LoadClient",
+            swiftSettings: swiftSettings
+        ),
         .testTarget(
             name: "ApusCoreTests",
             dependencies: ["ApusCore"],
