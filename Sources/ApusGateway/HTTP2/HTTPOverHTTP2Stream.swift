@@ -339,7 +339,7 @@ final class HTTPOverHTTP2Stream: ChannelInboundHandler, LoopSlotTarget {
 /// Lives on its event loop.
 final class InstanceHTTP1Pool: @unchecked Sendable {
     let eventLoop: any EventLoop
-    private var idle: [String: [InstanceHTTP1Connection]] = [:]
+    private let idle = IdleConnections<InstanceHTTP1Connection>(maxPerInstance: 64)
 
     init(eventLoop: any EventLoop) {
         self.eventLoop = eventLoop
@@ -347,11 +347,9 @@ final class InstanceHTTP1Pool: @unchecked Sendable {
 
     func connection(instanceID: String, port: Int, _ completion: @escaping (Result<InstanceHTTP1Connection, any Error>) -> Void) {
         eventLoop.assertInEventLoop()
-        while let connection = idle[instanceID]?.popLast() {
-            if connection.channel.isActive, connection.port == port {
-                completion(.success(connection))
-                return
-            }
+        if let connection = idle.take(instanceID: instanceID, port: port) {
+            completion(.success(connection))
+            return
         }
         let handler = InstanceHTTP1Handler()
         let bound = NIOLoopBound(handler, eventLoop: eventLoop)
@@ -379,23 +377,19 @@ final class InstanceHTTP1Pool: @unchecked Sendable {
     }
 
     func release(_ connection: InstanceHTTP1Connection) {
-        guard connection.channel.isActive, (idle[connection.instanceID]?.count ?? 0) < 64 else {
-            connection.channel.close(promise: nil)
-            return
-        }
-        idle[connection.instanceID, default: []].append(connection)
+        idle.put(connection)
     }
 
     func closeAll() {
-        for list in idle.values { for connection in list { connection.channel.close(promise: nil) } }
-        idle.removeAll()
+        idle.closeAll()
     }
 }
 
-final class InstanceHTTP1Connection {
+final class InstanceHTTP1Connection: PooledInstanceConnection {
     let channel: any Channel
     let instanceID: String
     let port: Int
+    var watchedWhileIdle = false
     /// False once the instance asked to close (Connection: close, HTTP/1.0).
     fileprivate(set) var keepAlive = true
     fileprivate weak var exchange: HTTPOverHTTP2Stream?

@@ -78,6 +78,7 @@ final class InstanceHTTP2Pool: @unchecked Sendable {
                         stream.close()
                     }
                     try channel.pipeline.syncOperations.addHandler(InstanceConnectionWatcher(bound.value))
+                    channel.closeFuture.assumeIsolated().whenComplete { _ in pool.value.forget(bound.value) }
                     bound.value.multiplexer = multiplexer
                 }
             }

@@ -394,7 +394,7 @@ extension ThriftTransport {
 /// Pooled connections from one event loop to Thrift instances: one call at a time per connection.
 final class InstanceThriftPool: @unchecked Sendable {
     let eventLoop: any EventLoop
-    private var idle: [String: [InstanceThriftConnection]] = [:]
+    private let idle = IdleConnections<InstanceThriftConnection>(maxPerInstance: 64)
 
     init(eventLoop: any EventLoop) {
         self.eventLoop = eventLoop
@@ -405,12 +405,9 @@ final class InstanceThriftPool: @unchecked Sendable {
         _ completion: @escaping (Result<InstanceThriftConnection, any Error>) -> Void
     ) {
         eventLoop.assertInEventLoop()
-        while let connection = idle[instanceID]?.popLast() {
-            if connection.channel.isActive, connection.port == port, connection.transport == transport {
-                completion(.success(connection))
-                return
-            }
-            connection.channel.close(promise: nil)
+        if let connection = idle.take(instanceID: instanceID, port: port, fits: { $0.transport == transport }) {
+            completion(.success(connection))
+            return
         }
         let handler = InstanceThriftHandler()
         let bound = NIOLoopBound(handler, eventLoop: eventLoop)
@@ -441,23 +438,19 @@ final class InstanceThriftPool: @unchecked Sendable {
     func release(_ connection: InstanceThriftConnection) {
         connection.call = nil
         connection.owner = nil
-        guard connection.channel.isActive, (idle[connection.instanceID]?.count ?? 0) < 64 else {
-            connection.channel.close(promise: nil)
-            return
-        }
-        idle[connection.instanceID, default: []].append(connection)
+        idle.put(connection)
     }
 
     func closeAll() {
-        for list in idle.values { for connection in list { connection.channel.close(promise: nil) } }
-        idle.removeAll()
+        idle.closeAll()
     }
 }
 
-final class InstanceThriftConnection {
+final class InstanceThriftConnection: PooledInstanceConnection {
     let channel: any Channel
     let instanceID: String
     let port: Int
+    var watchedWhileIdle = false
     let transport: ThriftTransport
     /// The call waiting for a reply on this connection, and the client connection it belongs to.
     var call: ThriftEdgeConnection.Call?
