@@ -335,3 +335,19 @@ def test_command_runtime_thrift_server_behind_a_framing_conversion(thrift_fns, d
     with gw_client(thrift_fns, "framed", "binary", multiplexed="GreeterCommand", module=Greeter) as client:
         assert client.greet("ada") == "command server greets ada"
         assert client.greet("grace") == "command server greets grace"
+
+
+def test_thrift_service_and_method_names_belong_to_one_function(thrift_fns, deployed):
+    """A second function declaring a Thrift service, or a plain method, another function owns is refused."""
+    same_service = copy_function(GREETER_DIR, deployed.scratch / "greeter-twin", name="greeter-twin")
+    rc, out, err = thrift_fns.cli("deploy", same_service)
+    assert rc != 0 and GREETER_SERVICE in out + err and GREETER_FUNCTION in out + err, out + err
+
+    same_method = copy_function(GREETER_DIR, deployed.scratch / "greeter-methods", name="greeter-methods", subs=[
+        (r"^  service: Greeter$", "  service: GreeterMethods"),
+        (r"^  methods: .*$", "  methods: [add]"),
+    ])
+    rc, out, err = thrift_fns.cli("deploy", same_method)
+    assert rc != 0 and "method add" in out + err and CALCULATOR_FUNCTION in out + err, out + err
+    for name in ("greeter-twin", "greeter-methods"):
+        assert thrift_fns.api_call("GET", f"/v1/functions/{name}").status == 404
