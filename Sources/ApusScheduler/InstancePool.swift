@@ -155,6 +155,28 @@ public final class InstancePool: Sendable {
         })
     }
 
+    /// What the autoscaler samples each second.
+    struct Load {
+        var inFlight: Int
+        var queued: Int
+        var ready: Int
+        var admitted: Int
+    }
+
+    func sampleLoad() -> Load {
+        state.withLock { state in
+            Load(inFlight: state.machine.inFlight, queued: state.machine.queueDepth, ready: state.machine.readyCount,
+                 admitted: state.machine.takeAdmitted())
+        }
+    }
+
+    /// Applies the autoscaler's decision.
+    func setDesired(_ count: Int) {
+        perform(state.withLock { state in
+            state.machine.desiredInstances == count ? [] : state.machine.setDesired(count, now: now)
+        })
+    }
+
     func ensureMinimum() {
         perform(state.withLock { $0.machine.ensureMinimum(now: now) })
     }

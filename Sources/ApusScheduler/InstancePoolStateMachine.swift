@@ -67,6 +67,10 @@ public struct InstancePoolStateMachine: Sendable {
     private var waiters: [Waiter] = []
     /// Once closed (version retired or shutting down) nothing new is started or admitted.
     public private(set) var isClosed = false
+    /// The autoscaler's wish: at least this many instances (bounded by `maxInstances`); 0 leaves scaling to demand.
+    public private(set) var desiredInstances = 0
+    /// Requests admitted since `takeAdmitted()` was last called (the autoscaler's request rate).
+    private var admitted = 0
     private var consecutiveStartFailures = 0
     private var startBlockedUntil: Instant?
     private let makeInstanceID: @Sendable () -> String
@@ -77,6 +81,16 @@ public struct InstancePoolStateMachine: Sendable {
     }
 
     public var queueDepth: Int { waiters.count }
+    public var readyCount: Int { instances.values.filter { $0.state == .ready }.count }
+
+    /// The number of instances kept whatever the demand: `scale.min`, or more while the autoscaler asks for more.
+    var instanceFloor: Int { min(configuration.maxInstances, max(configuration.minInstances, desiredInstances)) }
+
+    /// Requests admitted since the last call.
+    public mutating func takeAdmitted() -> Int {
+        defer { admitted = 0 }
+        return admitted
+    }
     public var inFlight: Int { instances.values.reduce(0) { $0 + $1.inFlight } }
 
     // MARK: inputs
@@ -89,6 +103,7 @@ public struct InstancePoolStateMachine: Sendable {
         if deadline <= now {
             return [.fail(requestID: requestID, ApusError(.deadlineExceeded, "deadline passed before the request was queued"))]
         }
+        admitted += 1
         if waiters.isEmpty, let instanceID = leastLoadedReadyInstance() {
             instances[instanceID]!.inFlight += 1
             instances[instanceID]!.lastActive = now
@@ -105,6 +120,7 @@ public struct InstancePoolStateMachine: Sendable {
     /// Returns nil when the request has to go through `request` (no free slot, queue not empty, closed).
     public mutating func takeFreeSlot(now: Instant) -> String? {
         guard !isClosed, waiters.isEmpty, let instanceID = leastLoadedReadyInstance() else { return nil }
+        admitted += 1
         instances[instanceID]!.inFlight += 1
         instances[instanceID]!.lastActive = now
         return instanceID
@@ -199,7 +215,7 @@ public struct InstancePoolStateMachine: Sendable {
         let idle = instances.values
             .filter { $0.state == .ready && $0.inFlight == 0 && now - $0.lastActive >= configuration.idleTimeout }
             .sorted { $0.lastActive < $1.lastActive }
-        for instance in idle where serving > configuration.minInstances && waiters.isEmpty {
+        for instance in idle where serving > instanceFloor && waiters.isEmpty {
             instances[instance.id] = nil
             serving -= 1
             actions.append(.stopInstance(instanceID: instance.id))
@@ -213,12 +229,18 @@ public struct InstancePoolStateMachine: Sendable {
         return ensureMinimum(now: now) + dispatchWaiters(now: now)
     }
 
-    /// Makes sure `minInstances` instances exist (called when the version starts receiving traffic).
+    /// The autoscaler's decision: keep at least `count` instances (starting them now if needed).
+    public mutating func setDesired(_ count: Int, now: Instant) -> [Action] {
+        desiredInstances = max(0, count)
+        return ensureMinimum(now: now)
+    }
+
+    /// Makes sure `scale.min` (or the autoscaler's larger wish) instances exist.
     public mutating func ensureMinimum(now: Instant) -> [Action] {
         guard !isClosed, !isStartBlocked(now: now) else { return [] }
         var actions: [Action] = []
         var serving = instances.values.filter { $0.state != .draining }.count
-        while serving < configuration.minInstances {
+        while serving < instanceFloor {
             actions.append(startInstance(now: now))
             serving += 1
         }

@@ -97,6 +97,11 @@ public final class Scheduler: Service {
         }
     }
 
+    /// Every pool that exists now.
+    var allPools: [InstancePool] {
+        pools.withLock { Array($0.values) }
+    }
+
     public func instances(of function: String) -> [InstancePool.InstanceInfo] {
         let matching = pools.withLock { $0.filter { $0.key.function == function }.sorted { $0.key.version < $1.key.version }.map(\.value) }
         return matching.flatMap { $0.instances() }

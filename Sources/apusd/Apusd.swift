@@ -62,6 +62,15 @@ struct Apusd: AsyncParsableCommand {
     @Option(help: "Stop an instance above scale.min after it has been idle this long.")
     var idleTimeout = "60s"
 
+    @Option(help: "Autoscaler stable window: demand is averaged over this long (the panic window is a tenth of it).")
+    var autoscaleWindow = "60s"
+
+    @Option(help: "Autoscaler: how long the stable window must be empty before the last instance may go.")
+    var scaleToZeroGrace = "30s"
+
+    @Option(help: "Autoscaler: share of a function's concurrency each instance is sized for (0.1 to 1).")
+    var targetUtilisation = 0.7
+
     @Option(help: "How long an instance has to become ready.")
     var startTimeout = "10s"
 
@@ -103,6 +112,7 @@ struct Apusd: AsyncParsableCommand {
         if tlsPort == nil, tlsCert != nil || tlsKey != nil {
             throw ValidationError("--tls-cert and --tls-key need --tls-port")
         }
+        guard (0.1...1).contains(targetUtilisation) else { throw ValidationError("--target-utilisation: must be 0.1...1 (got \(targetUtilisation))") }
         guard (1...100_000).contains(h2MaxStreams) else { throw ValidationError("--h2-max-streams: must be 1...100000 (got \(h2MaxStreams))") }
         guard (65_535...(1 << 31) - 1).contains(h2Window) else { throw ValidationError("--h2-window: must be 65535...2147483647 (got \(h2Window))") }
         guard (1024...(1 << 30)).contains(thriftMaxFrame) else { throw ValidationError("--thrift-max-frame: must be 1024...1073741824 (got \(thriftMaxFrame))") }
@@ -152,6 +162,11 @@ struct Apusd: AsyncParsableCommand {
             catalog: catalog, launcher: launcher,
             codeDirectory: { version throws(ApusError) in try code.unpacked(version.codeDigest) },
             logger: Logger(label: "apus.scheduler"))
+        let autoscaler = Autoscaler(
+            scheduler: scheduler,
+            settings: .init(targetUtilisation: targetUtilisation, stableWindow: try parseDuration(autoscaleWindow, "autoscale-window"),
+                            scaleToZeroGrace: try parseDuration(scaleToZeroGrace, "scale-to-zero-grace")),
+            logger: Logger(label: "apus.autoscaler"))
         let control = ControlPlane(store: store, code: code, scheduler: scheduler, logs: logs, logger: Logger(label: "apus.control"))
         try control.loadCatalog()
 
@@ -187,6 +202,7 @@ struct Apusd: AsyncParsableCommand {
         let group = ServiceGroup(configuration: .init(
             services: [
                 .init(service: scheduler, serviceName: "scheduler"),
+                .init(service: autoscaler, serviceName: "autoscaler"),
                 .init(service: apiApp, serviceName: "api"),
                 .init(service: FlagOnShutdown(flag: stopping), serviceName: "log-streams"),
                 .init(service: gateway, serviceName: "gateway"),

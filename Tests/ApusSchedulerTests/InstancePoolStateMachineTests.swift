@@ -163,6 +163,24 @@ struct InstancePoolStateMachineTests {
         #expect(m.release(instanceID: "i1", now: clock.now).isEmpty)
     }
 
+    @Test func theAutoscalersFloorStartsInstancesAndKeepsThemFromIdling() {
+        var clock = TestClock()
+        var m = Self.makeMachine(concurrency: 1, min: 0, max: 3, idle: .seconds(1))
+        #expect(started(m.setDesired(2, now: clock.now)) == ["i1", "i2"])
+        _ = m.instanceReady("i1", now: clock.now)
+        _ = m.instanceReady("i2", now: clock.now)
+        clock.advance(.seconds(5))
+        #expect(stopped(m.tick(now: clock.now)).isEmpty, "idle, but the autoscaler wants two")
+        #expect(started(m.setDesired(10, now: clock.now)) == ["i3"], "never beyond scale.max")
+        _ = m.instanceReady("i3", now: clock.now)
+        _ = m.setDesired(0, now: clock.now)
+        clock.advance(.seconds(5))
+        #expect(stopped(m.tick(now: clock.now)).count == 3, "with the floor at zero idleness stops them")
+        #expect(m.takeAdmitted() == 0)
+        _ = m.request("r1", deadline: clock.now.advanced(by: .seconds(5)), now: clock.now)
+        #expect(m.takeAdmitted() == 1 && m.takeAdmitted() == 0)
+    }
+
     @Test func crashBelowMinimumIsReplacedWithoutDemand() {
         var clock = TestClock()
         var m = Self.makeMachine(min: 1)

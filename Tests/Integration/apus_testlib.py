@@ -5,6 +5,7 @@ Only the standard library is used here (no requests); fixtures live in conftest.
 
 from __future__ import annotations
 
+import functools
 import http.client
 import io
 import json
@@ -231,6 +232,7 @@ def make_self_signed_cert(dst: Path) -> tuple[Path, Path]:
 
 
 @lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=None)
 def apusd_has_option(option: str) -> bool:
     """Whether the apusd binary under test lists `option` (e.g. "--thrift-port") in its --help."""
     try:
@@ -341,6 +343,10 @@ class Apusd:
         self.runs += 1
         cmd = [str(APUSD), "--data-dir", str(self.data_dir), "--api-port", "0", "--http-port", "0",
                "--idle-timeout", IDLE_TIMEOUT, *self.extra_args]
+        if "--autoscale-window" not in self.extra_args and apusd_has_option("--autoscale-window"):
+            # Short autoscaler windows, so that instances of these tests still go idle within IDLE_TIMEOUT
+            # after their traffic (the autoscaler's own behaviour has its own tests).
+            cmd += ["--autoscale-window", "2s", "--scale-to-zero-grace", "0s"]
         if "--thrift-port" not in self.extra_args and apusd_has_option("--thrift-port"):
             # Every daemon gets a Thrift port too (a free one) once apusd has the listener.
             cmd += ["--thrift-port", "0"]

@@ -1,0 +1,98 @@
+import ApusCore
+import Logging
+import ServiceLifecycle
+import Synchronization
+
+/// The autoscaler as a swift-service-lifecycle `Service`: once a second it samples every pool's load (requests in
+/// flight plus waiting, ready instances, admitted requests), feeds it to that pool's `KPAScaler` and applies the
+/// decision as the pool's instance floor. Demand above the floor is still met at once by the pools themselves
+/// (instances start for queued requests); the floor keeps capacity through the stable window after a burst and
+/// prewarms when the panic window sees a surge. Every change of decision is logged with its inputs.
+public final class Autoscaler: Service {
+    public struct Settings: Sendable {
+        /// Share of `concurrency` each instance is sized for.
+        public var targetUtilisation: Double
+        public var stableWindow: Duration
+        /// Idle time after the stable window empties before the last instance may go.
+        public var scaleToZeroGrace: Duration
+        public var interval: Duration
+
+        public init(targetUtilisation: Double = 0.7, stableWindow: Duration = .seconds(60),
+                    scaleToZeroGrace: Duration = .seconds(30), interval: Duration = .seconds(1)) {
+            self.targetUtilisation = targetUtilisation
+            self.stableWindow = stableWindow
+            self.scaleToZeroGrace = scaleToZeroGrace
+            self.interval = interval
+        }
+
+        /// Knative's ratio: the panic window is a tenth of the stable window (at least one sample interval).
+        var panicWindow: Duration { max(interval, stableWindow / 10) }
+    }
+
+    private let scheduler: Scheduler
+    private let settings: Settings
+    private let logger: Logger
+    private let scalers = Mutex<[ObjectIdentifier: KPAScaler]>([:])
+
+    public init(scheduler: Scheduler, settings: Settings, logger: Logger) {
+        self.scheduler = scheduler
+        self.settings = settings
+        self.logger = logger
+    }
+
+    public func run() async throws {
+        await cancelWhenGracefulShutdown {
+            while !Task.isCancelled {
+                self.tick(now: .now)
+                try? await Task.sleep(for: self.settings.interval)
+            }
+        }
+    }
+
+    /// One round over all pools.
+    func tick(now: ContinuousClock.Instant) {
+        let pools = scheduler.allPools
+        let live = Set(pools.map { ObjectIdentifier($0) })
+        for pool in pools {
+            let load = pool.sampleLoad()
+            let poolConfiguration = pool.configuration
+            var configuration = KPAScaler.Configuration(
+                concurrency: poolConfiguration.concurrency, minInstances: poolConfiguration.minInstances,
+                maxInstances: poolConfiguration.maxInstances)
+            configuration.targetUtilisation = settings.targetUtilisation
+            configuration.stableWindow = settings.stableWindow
+            configuration.panicWindow = settings.panicWindow
+            configuration.scaleToZeroGrace = settings.scaleToZeroGrace
+            let id = ObjectIdentifier(pool)
+            let (decision, previous) = scalers.withLock { scalers in
+                var scaler = scalers[id] ?? KPAScaler(configuration: configuration, now: now)
+                let previous = scaler.lastDecision?.desired
+                scaler.reconfigure(configuration)
+                scaler.record(concurrency: Double(load.inFlight + load.queued), now: now)
+                let decision = scaler.decide(ready: load.ready, now: now)
+                scalers[id] = scaler
+                return (decision, previous)
+            }
+            pool.setDesired(decision.desired)
+            if decision.desired != previous ?? 0 || decision.panicking {
+                logger.log(level: decision.desired != previous ?? 0 ? .info : .debug, "autoscaler decision", metadata: [
+                    "function": "\(pool.version.function)", "version": "\(pool.version.number)",
+                    "desired": "\(decision.desired)", "wanted": "\(decision.wanted)", "ready": "\(decision.ready)",
+                    "stableConcurrency": "\(decision.stableConcurrency)", "panicConcurrency": "\(decision.panicConcurrency)",
+                    "panicking": "\(decision.panicking)", "limitedBy": "\(decision.limitedBy ?? "-")",
+                    "inFlight": "\(load.inFlight)", "queued": "\(load.queued)",
+                    "requestsPerSecond": "\(Double(load.admitted) / max(0.001, Double(settings.interval.milliseconds) / 1000))",
+                ])
+            }
+        }
+        scalers.withLock { scalers in scalers = scalers.filter { live.contains($0.key) } }
+    }
+
+    /// The last decision for a function's versions (for status displays).
+    public func lastDecisions(function: String) -> [(version: Int, decision: KPAScaler.Decision)] {
+        let pools = scheduler.allPools.filter { $0.version.function == function }
+        return scalers.withLock { scalers in
+            pools.compactMap { pool in scalers[ObjectIdentifier(pool)]?.lastDecision.map { (pool.version.number, $0) } }
+        }
+    }
+}
