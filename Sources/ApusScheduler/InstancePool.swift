@@ -11,6 +11,14 @@ public final class InstancePool: Sendable {
     public struct Lease: Sendable {
         public let instanceID: String
         public let port: Int
+        /// When the slot was handed out (service time is measured from here).
+        public let since: ContinuousClock.Instant
+
+        init(instanceID: String, port: Int, since: ContinuousClock.Instant = .now) {
+            self.instanceID = instanceID
+            self.port = port
+            self.since = since
+        }
     }
 
     public struct InstanceInfo: Sendable, Codable {
@@ -75,7 +83,7 @@ public final class InstancePool: Sendable {
         let actions = state.withLock { state -> [InstancePoolStateMachine.Action] in
             let now = self.now
             if let instanceID = state.machine.takeFreeSlot(now: now), let handle = state.handles[instanceID] {
-                outcome = .leased(Lease(instanceID: instanceID, port: handle.port))
+                outcome = .leased(Lease(instanceID: instanceID, port: handle.port, since: now))
                 return []
             }
             var rest: [InstancePoolStateMachine.Action] = []
@@ -135,7 +143,8 @@ public final class InstancePool: Sendable {
     }
 
     public func release(_ lease: Lease) {
-        perform(state.withLock { $0.machine.release(instanceID: lease.instanceID, now: now) })
+        let now = self.now
+        perform(state.withLock { $0.machine.release(instanceID: lease.instanceID, serviceTime: now - lease.since, now: now) })
     }
 
     /// The lease's instance could not be reached: it is taken out of service (and stopped) at once, so the caller

@@ -14,13 +14,28 @@ public struct InstancePoolStateMachine: Sendable {
         public var queueLength: Int
         /// A ready instance above `minInstances` idle this long is stopped.
         public var idleTimeout: Duration
+        /// CoDel-style shedding: when queued requests have waited longer than `target` for a whole `interval`,
+        /// requests that would have to queue are refused at once. Nil: off.
+        public var shedding: Shedding?
 
-        public init(concurrency: Int, minInstances: Int, maxInstances: Int, queueLength: Int, idleTimeout: Duration) {
+        public struct Shedding: Sendable, Equatable {
+            public var target: Duration
+            public var interval: Duration
+
+            public init(target: Duration, interval: Duration) {
+                self.target = target
+                self.interval = interval
+            }
+        }
+
+        public init(concurrency: Int, minInstances: Int, maxInstances: Int, queueLength: Int, idleTimeout: Duration,
+                    shedding: Shedding? = nil) {
             self.concurrency = concurrency
             self.minInstances = minInstances
             self.maxInstances = maxInstances
             self.queueLength = queueLength
             self.idleTimeout = idleTimeout
+            self.shedding = shedding
         }
     }
 
@@ -60,7 +75,14 @@ public struct InstancePoolStateMachine: Sendable {
     private struct Waiter {
         var requestID: String
         var deadline: Instant
+        var enqueuedAt: Instant
     }
+
+    /// Smoothed time a request holds its slot (from release reports); nil until the first one.
+    public private(set) var averageServiceTime: Duration?
+    /// CoDel state: when the queue delay first stayed above target, plus the interval; and whether shedding is on.
+    private var aboveTargetUntil: Instant?
+    public private(set) var isShedding = false
 
     public private(set) var configuration: Configuration
     public private(set) var instances: [String: Instance] = [:]
@@ -112,7 +134,13 @@ public struct InstancePoolStateMachine: Sendable {
         guard waiters.count < configuration.queueLength else {
             return [.fail(requestID: requestID, ApusError(.overloaded, "queue full (\(configuration.queueLength) waiting); retry later"))]
         }
-        waiters.append(Waiter(requestID: requestID, deadline: deadline))
+        if isShedding {
+            return [.fail(requestID: requestID, ApusError(.overloaded, "queue delay has stayed above its target; shedding load, retry later"))]
+        }
+        if let done = expectedCompletion(position: waiters.count), now.advanced(by: done) > deadline {
+            return [.fail(requestID: requestID, ApusError(.overloaded, "cannot be served before its deadline: it would finish in about \(done.milliseconds)ms; retry later"))]
+        }
+        waiters.append(Waiter(requestID: requestID, deadline: deadline, enqueuedAt: now))
         return scaleUpForQueue(now: now)
     }
 
@@ -124,6 +152,16 @@ public struct InstancePoolStateMachine: Sendable {
         instances[instanceID]!.inFlight += 1
         instances[instanceID]!.lastActive = now
         return instanceID
+    }
+
+    /// A dispatched request finished with its slot after holding it `serviceTime` (feeds the queue-wait estimate).
+    public mutating func release(instanceID: String, serviceTime: Duration, now: Instant) -> [Action] {
+        if let average = averageServiceTime {
+            averageServiceTime = average * 0.8 + serviceTime * 0.2
+        } else {
+            averageServiceTime = serviceTime
+        }
+        return release(instanceID: instanceID, now: now)
     }
 
     /// A dispatched request finished with its slot.
@@ -205,6 +243,10 @@ public struct InstancePoolStateMachine: Sendable {
     /// Periodic housekeeping: expire overdue waiters, stop idle instances above the minimum, keep the minimum.
     public mutating func tick(now: Instant) -> [Action] {
         var actions: [Action] = []
+        if waiters.isEmpty {
+            aboveTargetUntil = nil
+            isShedding = false
+        }
         let overdue = waiters.filter { $0.deadline <= now }
         if !overdue.isEmpty {
             waiters.removeAll { $0.deadline <= now }
@@ -279,6 +321,7 @@ public struct InstancePoolStateMachine: Sendable {
         var actions: [Action] = []
         while !waiters.isEmpty, let instanceID = leastLoadedReadyInstance() {
             let waiter = waiters.removeFirst()
+            noteQueueDelay(now - waiter.enqueuedAt, now: now)
             if waiter.deadline <= now {
                 actions.append(.fail(requestID: waiter.requestID, ApusError(.deadlineExceeded, "no instance slot before the deadline")))
                 continue
@@ -302,6 +345,30 @@ public struct InstancePoolStateMachine: Sendable {
             startingCapacity += configuration.concurrency
         }
         return actions
+    }
+
+    /// How soon a request queued at `position` can expect to be done at best: the requests in the slots and ahead
+    /// of it, spread over the slots of `scale.max` instances (the queue makes the pool scale out), each holding a
+    /// slot for the average service time, then its own. Nil while nothing is known (no ready instance — a cold
+    /// start is waited for, not shed — or no service time yet).
+    public func expectedCompletion(position: Int) -> Duration? {
+        guard let average = averageServiceTime, readyCount > 0 else { return nil }
+        let slots = max(readyCount, configuration.maxInstances) * configuration.concurrency
+        return average * Double(position / slots + 2)
+    }
+
+    /// CoDel: shedding starts when every queue delay seen for a whole interval was above target, and stops at the
+    /// first delay below it (or when the queue empties).
+    private mutating func noteQueueDelay(_ delay: Duration, now: Instant) {
+        guard let shedding = configuration.shedding else { return }
+        if delay < shedding.target {
+            aboveTargetUntil = nil
+            isShedding = false
+        } else if let until = aboveTargetUntil {
+            if now >= until { isShedding = true }
+        } else {
+            aboveTargetUntil = now.advanced(by: shedding.interval)
+        }
     }
 
     private func isStartBlocked(now: Instant) -> Bool {

@@ -52,7 +52,8 @@ public final class Scheduler: Service {
             minInstances: active ? manifest.scale.min : 0,
             maxInstances: manifest.scale.max,
             queueLength: configuration.queueLength,
-            idleTimeout: configuration.idleTimeout)
+            idleTimeout: configuration.idleTimeout,
+            shedding: manifest.shedding.map { .init(target: $0.target, interval: $0.interval) })
     }
 
     private func isActive(_ version: FunctionVersion) -> Bool {

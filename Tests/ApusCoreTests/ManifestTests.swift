@@ -55,6 +55,8 @@ struct ManifestTests {
         ("name: a\nruntime: python3\nhandler: main\n", "handler: must be module.function"),
         ("name: a\nruntime: python3\nenv: {APUS_PORT: 1}\n", "env.APUS_PORT: APUS_ variables are set by the platform"),
         ("name: a\nruntime: python3\nprotocol: thrift\n", "thrift.service: is required for protocol: thrift"),
+        ("name: a\nruntime: python3\nshedding: {interval: 1s}\n", "shedding.target: is required"),
+        ("name: a\nruntime: python3\ntimeout: 1s\nshedding: {target: 5s}\n", "shedding.target: must be a duration between 1ms and the function's timeout"),
         ("name: a\nruntime: python3\nthrift: {service: S}\n", "thrift: is only for protocol: thrift"),
         ("name: a\nruntime: python3\nprotocol: thrift\nthrift: {service: S, transport: http}\n", "thrift.transport: must be one of framed, buffered, header (got \"http\")"),
         ("name: a\nruntime: python3\nprotocol: thrift\nthrift: {service: S, protocol: json}\n", "thrift.protocol: must be one of binary, compact (got \"json\")"),
@@ -96,6 +98,13 @@ struct ManifestTests {
         #expect(m.handler == "main.processor")
         let defaults = try FunctionManifest.parse(yaml: "name: calc\nruntime: command\ncommand: [./s]\nprotocol: thrift\nthrift: {service: Calculator}\n")
         #expect(defaults.thrift?.transport == .framed && defaults.thrift?.protocol == .binary)
+        let data = try JSONEncoder().encode(m)
+        #expect(try JSONDecoder().decode(FunctionManifest.self, from: data) == m)
+    }
+
+    @Test func sheddingManifest() throws {
+        let m = try FunctionManifest.parse(yaml: "name: a\nruntime: python3\nshedding: {target: 50ms}\n")
+        #expect(m.shedding == .init(target: .milliseconds(50), interval: .milliseconds(500)))
         let data = try JSONEncoder().encode(m)
         #expect(try JSONDecoder().decode(FunctionManifest.self, from: data) == m)
     }

@@ -181,6 +181,51 @@ struct InstancePoolStateMachineTests {
         #expect(m.takeAdmitted() == 1 && m.takeAdmitted() == 0)
     }
 
+    @Test func aRequestThatCannotMakeItsDeadlineIsRefusedAtOnce() {
+        var clock = TestClock()
+        var m = Self.makeMachine(concurrency: 1, max: 1)
+        _ = m.request("r1", deadline: clock.now.advanced(by: .seconds(60)), now: clock.now)
+        _ = m.instanceReady("i1", now: clock.now)
+        clock.advance(.seconds(2))
+        _ = m.release(instanceID: "i1", serviceTime: .seconds(2), now: clock.now)  // requests take ~2 s
+        _ = m.request("r2", deadline: clock.now.advanced(by: .seconds(60)), now: clock.now)  // takes the slot
+        // Done in about two requests' time (the one in the slot, then its own): 5 s is enough, 3 s is not.
+        #expect(m.request("r3", deadline: clock.now.advanced(by: .seconds(5)), now: clock.now).isEmpty, "queued")
+        let refused = m.request("r4", deadline: clock.now.advanced(by: .seconds(3)), now: clock.now)
+        #expect(failures(refused) == ["r4": .overloaded])
+        #expect(m.queueDepth == 1)
+    }
+
+    @Test func coldStartsAreWaitedForNotShed() {
+        let clock = TestClock()
+        var m = Self.makeMachine(concurrency: 1, max: 1)
+        #expect(m.expectedCompletion(position: 5) == nil, "nothing known yet")
+        #expect(failures(m.request("r1", deadline: clock.now.advanced(by: .milliseconds(50)), now: clock.now)).isEmpty)
+    }
+
+    @Test func codelShedsWhileQueueDelayStaysAboveTarget() {
+        var clock = TestClock()
+        var m = Machine(configuration: .init(concurrency: 1, minInstances: 0, maxInstances: 1, queueLength: 100, idleTimeout: .seconds(60),
+                                             shedding: .init(target: .milliseconds(100), interval: .milliseconds(500))))
+        _ = m.request("r0", deadline: clock.now.advanced(by: .seconds(60)), now: clock.now)
+        let first = m.instances.keys.first!
+        _ = m.instanceReady(first, now: clock.now)
+        // Each request waits 300 ms in the queue before it gets the slot: above target.
+        for i in 1...4 {
+            _ = m.request("r\(i)", deadline: clock.now.advanced(by: .seconds(60)), now: clock.now)
+            clock.advance(.milliseconds(300))
+            _ = m.release(instanceID: first, now: clock.now)
+        }
+        #expect(m.isShedding, "delays above target for longer than the interval")
+        _ = m.request("busy", deadline: clock.now.advanced(by: .seconds(60)), now: clock.now)
+        #expect(failures(m.request("shed", deadline: clock.now.advanced(by: .seconds(60)), now: clock.now)) == ["shed": .overloaded])
+        // Once the queue has drained, shedding ends.
+        clock.advance(.milliseconds(10))
+        _ = m.release(instanceID: first, now: clock.now)
+        _ = m.tick(now: clock.now)
+        #expect(!m.isShedding)
+    }
+
     @Test func crashBelowMinimumIsReplacedWithoutDemand() {
         var clock = TestClock()
         var m = Self.makeMachine(min: 1)

@@ -60,3 +60,39 @@ def test_burst_capacity_is_kept_through_the_window_then_released(tmp_path):
         assert time.monotonic() - burst_over >= 10, "released before the stable window emptied"
     finally:
         daemon.teardown()
+
+
+@pytest.mark.timeout(120)
+def test_overload_is_refused_early_and_admitted_requests_meet_their_deadline(apusd, tmp_path):
+    """One instance, one slot, 0.3 s per request and a 2 s timeout: of 24 simultaneous requests only those that can
+    finish in time are queued; the rest get 429 (overloaded) at once instead of a 504 after the deadline."""
+    from apus_testlib import copy_function
+
+    fn = copy_function(FUNCTIONS_DIR / "sleeper", tmp_path / "narrow", name="narrow",
+                       subs=[(r"^timeout:.*$", "timeout: 2s\nconcurrency: 1\nscale: {min: 1, max: 1}")])
+    apusd.deploy(fn)
+    for _ in range(3):  # teach the pool how long a request takes
+        assert apusd.get("/narrow/?sleep=0.3").status == 200
+
+    outcomes = []
+    lock = threading.Lock()
+
+    def call():
+        start = time.monotonic()
+        r = apusd.get("/narrow/?sleep=0.3", timeout=30)
+        with lock:
+            outcomes.append((r.status, time.monotonic() - start))
+
+    threads = [threading.Thread(target=call) for _ in range(24)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    statuses = sorted(status for status, _ in outcomes)
+    assert len(outcomes) == 24 and set(statuses) <= {200, 429}, f"expected only 200 and 429: {statuses}"
+    served = [elapsed for status, elapsed in outcomes if status == 200]
+    refused = sorted(elapsed for status, elapsed in outcomes if status == 429)
+    assert served and refused, statuses
+    assert all(elapsed < 2.5 for elapsed in served), f"admitted requests should finish within their 2 s deadline: {served}"
+    # Refusals come at once, not at the deadline (bound kept loose: tests never judge speed closely).
+    assert refused[int(len(refused) * 0.99)] < 1.0, f"refusals took {refused}"

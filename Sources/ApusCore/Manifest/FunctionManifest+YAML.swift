@@ -19,7 +19,7 @@ extension FunctionManifest {
         }
         let reader = ManifestReader(mapping: mapping, path: "")
         try reader.rejectUnknownKeys(allowed: ["name", "runtime", "handler", "command", "protocol", "concurrency",
-                                               "scale", "timeout", "memory", "env", "grpc", "thrift"])
+                                               "scale", "timeout", "memory", "env", "grpc", "thrift", "shedding"])
 
         let name = try reader.requiredString("name")
         try validateName(name, key: "name")
@@ -165,6 +165,24 @@ extension FunctionManifest {
                 throw ManifestReader.failure("memory", "must be at least 16Mi (got \(memoryText))")
             }
             manifest.memory = memory
+        }
+
+        if let sheddingMapping = try reader.optionalMapping("shedding") {
+            let shedding = ManifestReader(mapping: sheddingMapping, path: "shedding")
+            try shedding.rejectUnknownKeys(allowed: ["target", "interval"])
+            func duration(_ key: String, default fallback: Duration?) throws(ApusError) -> Duration {
+                guard let text = try shedding.optionalString(key) else {
+                    guard let fallback else { throw ManifestReader.failure("shedding.\(key)", "is required, e.g. 50ms") }
+                    return fallback
+                }
+                guard let value = Duration(humanReadable: text), value >= .milliseconds(1), value <= manifest.timeout else {
+                    throw ManifestReader.failure("shedding.\(key)", "must be a duration between 1ms and the function's timeout (got \"\(text)\")")
+                }
+                return value
+            }
+            let target = try duration("target", default: nil)
+            let interval = try duration("interval", default: min(.milliseconds(500), manifest.timeout))
+            manifest.shedding = Shedding(target: target, interval: interval)
         }
 
         if let envMapping = try reader.optionalMapping("env") {

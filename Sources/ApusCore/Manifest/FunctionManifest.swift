@@ -63,6 +63,36 @@ public struct FunctionManifest: Codable, Hashable, Sendable {
         }
     }
 
+    /// CoDel-style load shedding: refuse new requests early while queued ones wait longer than `target` for a
+    /// whole `interval`.
+    public struct Shedding: Codable, Hashable, Sendable {
+        public var target: Duration
+        public var interval: Duration
+
+        public init(target: Duration, interval: Duration) {
+            self.target = target
+            self.interval = interval
+        }
+
+        enum CodingKeys: String, CodingKey { case target, interval }
+
+        public init(from decoder: any Decoder) throws {
+            let c = try decoder.container(keyedBy: CodingKeys.self)
+            guard let target = Duration(humanReadable: try c.decode(String.self, forKey: .target)),
+                  let interval = Duration(humanReadable: try c.decode(String.self, forKey: .interval)) else {
+                throw DecodingError.dataCorruptedError(forKey: .target, in: c, debugDescription: "bad shedding durations")
+            }
+            self.target = target
+            self.interval = interval
+        }
+
+        public func encode(to encoder: any Encoder) throws {
+            var c = encoder.container(keyedBy: CodingKeys.self)
+            try c.encode(target.humanReadable, forKey: .target)
+            try c.encode(interval.humanReadable, forKey: .interval)
+        }
+    }
+
     public var name: String
     public var runtime: Runtime
     /// Python: `module.function`.
@@ -82,6 +112,8 @@ public struct FunctionManifest: Codable, Hashable, Sendable {
     public var grpc: GRPCSettings?
     /// Set exactly when `protocol` is `thrift`.
     public var thrift: ThriftSettings?
+    /// Off unless set.
+    public var shedding: Shedding?
 
     public init(
         name: String,
@@ -95,7 +127,8 @@ public struct FunctionManifest: Codable, Hashable, Sendable {
         memory: Int64 = 256 * 1024 * 1024,
         env: [String: String] = [:],
         grpc: GRPCSettings? = nil,
-        thrift: ThriftSettings? = nil
+        thrift: ThriftSettings? = nil,
+        shedding: Shedding? = nil
     ) {
         self.name = name
         self.runtime = runtime
@@ -109,10 +142,11 @@ public struct FunctionManifest: Codable, Hashable, Sendable {
         self.env = env
         self.grpc = grpc
         self.thrift = thrift
+        self.shedding = shedding
     }
 
     enum CodingKeys: String, CodingKey {
-        case name, runtime, handler, command, `protocol`, concurrency, scale, timeout, memory, env, grpc, thrift
+        case name, runtime, handler, command, `protocol`, concurrency, scale, timeout, memory, env, grpc, thrift, shedding
     }
 
     // Durations and sizes are stored in their human form so stored versions read like the manifest.
@@ -138,6 +172,7 @@ public struct FunctionManifest: Codable, Hashable, Sendable {
         env = try c.decode([String: String].self, forKey: .env)
         grpc = try c.decodeIfPresent(GRPCSettings.self, forKey: .grpc)
         thrift = try c.decodeIfPresent(ThriftSettings.self, forKey: .thrift)
+        shedding = try c.decodeIfPresent(Shedding.self, forKey: .shedding)
     }
 
     public func encode(to encoder: any Encoder) throws {
@@ -154,5 +189,6 @@ public struct FunctionManifest: Codable, Hashable, Sendable {
         try c.encode(env, forKey: .env)
         try c.encodeIfPresent(grpc, forKey: .grpc)
         try c.encodeIfPresent(thrift, forKey: .thrift)
+        try c.encodeIfPresent(shedding, forKey: .shedding)
     }
 }
