@@ -96,3 +96,62 @@ def test_overload_is_refused_early_and_admitted_requests_meet_their_deadline(apu
     assert all(elapsed < 2.5 for elapsed in served), f"admitted requests should finish within their 2 s deadline: {served}"
     # Refusals come at once, not at the deadline (bound kept loose: tests never judge speed closely).
     assert refused[int(len(refused) * 0.99)] < 1.0, f"refusals took {refused}"
+
+
+@pytest.mark.timeout(180)
+def test_rolling_release_and_scale_down_under_steady_load_fail_nothing(tmp_path):
+    """Steady traffic while version 2 is deployed, canaried at 50%, released at 100%, and while load then drops and
+    instances are scaled down: every request succeeds, and version 1's instances are gone at the end."""
+    from apus_testlib import KeepAliveClient, copy_function
+
+    daemon = Apusd(tmp_path / "apusd", extra_args=(
+        "--idle-timeout", "1s", "--autoscale-window", "2s", "--scale-to-zero-grace", "0s"))
+    try:
+        daemon.start()
+        v1 = copy_function(FUNCTIONS_DIR / "versioned", tmp_path / "v1", subs=[(r"^env:", "concurrency: 2\nscale: {min: 0, max: 4}\nenv:")])
+        v2 = copy_function(v1, tmp_path / "v2", subs=[(r"MARKER: v1", "MARKER: v2")])
+        daemon.deploy(v1)
+        stop = threading.Event()
+        light = threading.Event()
+        failures, served = [], {"v1": 0, "v2": 0}
+        lock = threading.Lock()
+
+        def worker(index):
+            client = KeepAliveClient(daemon.gateway)
+            while not stop.is_set():
+                if light.is_set() and index > 0:
+                    time.sleep(0.05)
+                    continue
+                try:
+                    r = client.request("GET", "/versioned/")
+                    with lock:
+                        if r.status == 200:
+                            served[r.json()["marker"]] += 1
+                        else:
+                            failures.append((r.status, r.body[:200]))
+                except Exception as exc:  # noqa: BLE001 — any failure counts
+                    with lock:
+                        failures.append(repr(exc))
+
+        threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(6)]
+        for t in threads:
+            t.start()
+        time.sleep(2)
+        daemon.deploy(v2, release=False)
+        daemon.cli_ok("release", "versioned", "1=50", "2=50")
+        time.sleep(2)
+        daemon.cli_ok("release", "versioned", "2=100")
+        time.sleep(2)
+        light.set()  # load drops to one client: instances above what it needs are scaled down
+        time.sleep(4)
+        stop.set()
+        for t in threads:
+            t.join(30)
+
+        assert not failures, f"{len(failures)} failed requests, e.g. {failures[:5]}"
+        assert served["v1"] > 0 and served["v2"] > 0, served
+        instances = daemon.api_json("GET", "/v1/functions/versioned/instances")["instances"]
+        assert all(i["version"] == 2 for i in instances), f"version 1 still has instances: {instances}"
+        assert len(instances) < 4, f"no scale-down after the load dropped: {instances}"
+    finally:
+        daemon.teardown()
