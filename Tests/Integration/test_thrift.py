@@ -10,6 +10,7 @@ function does not speak; deadlines from THeader client_timeout and TTHeader RPCT
 function; 50 pipelined calls matched by seqid; 50 concurrent callers; and malformed input (random bytes, a 2 GB
 length prefix, a truncated frame, a frame above the size limit), each closing only its own connection.
 
+Scripts/test runs this module under Debian's python3, so the clients are Debian's python3-thrift (0.17).
 Skipped until apusd has the Thrift listener (`--thrift-port` in `apusd --help`). The function side is covered
 without the gateway by test_thrift_runtime.py.
 """
