@@ -153,12 +153,15 @@ public struct ControlAPI: Sendable {
                 var function: String
                 var queueDepth: Int
                 var instances: [InstancePool.InstanceInfo]
+                /// The autoscaler's latest decision per version.
+                var autoscaler: [Scheduler.ScalerStatus]
             }
             let function = try name(context)
             _ = try control.requireFunction(function)
             return try Self.json(Listing(
                 function: function, queueDepth: control.scheduler.queueDepth(of: function),
-                instances: control.scheduler.instances(of: function)))
+                instances: control.scheduler.instances(of: function),
+                autoscaler: control.scheduler.scalerStatus(of: function)))
         }
 
         router.get("/v1/functions/:name/logs") { request, context in

@@ -39,6 +39,7 @@ public final class InstancePool: Sendable {
         var handles: [String: any InstanceHandle] = [:]
         var launching = 0
         var stopping = 0
+        var lastDecision: KPAScaler.Decision?
     }
 
     public let version: FunctionVersion
@@ -179,11 +180,17 @@ public final class InstancePool: Sendable {
         }
     }
 
-    /// Applies the autoscaler's decision.
-    func setDesired(_ count: Int) {
+    /// Applies the autoscaler's decision (and keeps it for status displays).
+    func apply(_ decision: KPAScaler.Decision) {
         perform(state.withLock { state in
-            state.machine.desiredInstances == count ? [] : state.machine.setDesired(count, now: now)
+            state.lastDecision = decision
+            return state.machine.desiredInstances == decision.desired ? [] : state.machine.setDesired(decision.desired, now: now)
         })
+    }
+
+    /// The autoscaler's latest decision for this version, if it made one.
+    public var lastDecision: KPAScaler.Decision? {
+        state.withLock { $0.lastDecision }
     }
 
     func ensureMinimum() {

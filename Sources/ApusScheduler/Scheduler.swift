@@ -108,6 +108,31 @@ public final class Scheduler: Service {
         return matching.flatMap { $0.instances() }
     }
 
+    /// What the autoscaler last decided for each of the function's versions, as shown by status displays.
+    public struct ScalerStatus: Sendable, Codable {
+        public var version: Int
+        public var desired: Int
+        public var wanted: Int
+        public var ready: Int
+        public var stableConcurrency: Double
+        public var panicConcurrency: Double
+        public var panicking: Bool
+        public var limitedBy: String?
+        public var ageSeconds: Double
+    }
+
+    public func scalerStatus(of function: String) -> [ScalerStatus] {
+        let matching = pools.withLock { $0.filter { $0.key.function == function }.sorted { $0.key.version < $1.key.version }.map(\.value) }
+        let now = ContinuousClock.now
+        return matching.compactMap { pool in
+            pool.lastDecision.map { decision in
+                ScalerStatus(version: pool.version.number, desired: decision.desired, wanted: decision.wanted, ready: decision.ready,
+                             stableConcurrency: decision.stableConcurrency, panicConcurrency: decision.panicConcurrency,
+                             panicking: decision.panicking, limitedBy: decision.limitedBy, ageSeconds: (now - decision.at).seconds)
+            }
+        }
+    }
+
     public func queueDepth(of function: String) -> Int {
         pools.withLock { $0.filter { $0.key.function == function }.map(\.value) }.reduce(0) { $0 + $1.queueDepth }
     }

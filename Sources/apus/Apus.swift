@@ -9,7 +9,7 @@ struct Apus: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "apus",
         abstract: "Deploy, release, invoke and inspect functions on an Apus platform.",
-        subcommands: [Deploy.self, List.self, Get.self, Versions.self, Release.self, Delete.self, Invoke.self, Logs.self, Instances.self])
+        subcommands: [Deploy.self, List.self, Get.self, Versions.self, Release.self, Delete.self, Invoke.self, Logs.self, Instances.self, Status.self])
 
     /// Global options may come before the subcommand (`apus --api URL list`): move them after it.
     static func main() async {
@@ -295,15 +295,53 @@ struct Instances: AsyncParsableCommand {
         try await Apus.guarded {
             let data = try await global.client.call(.GET, "/v1/functions/\(name)/instances")
             if global.json { return global.printJSON(data) }
-            struct Instance: Decodable { var id: String; var version: Int; var state: String; var port: Int?; var pid: Int32?; var inFlight: Int; var ageSeconds: Double }
-            struct Listing: Decodable { var queueDepth: Int; var instances: [Instance] }
-            let listing = try global.client.decode(Listing.self, data)
-            var table = Table("INSTANCE", "VERSION", "STATE", "IN-FLIGHT", "PORT", "PID", "AGE")
-            for i in listing.instances {
-                table.add(i.id, "v\(i.version)", i.state, "\(i.inFlight)", i.port.map(String.init) ?? "-", i.pid.map { String($0) } ?? "-", "\(Int(i.ageSeconds))s")
-            }
-            out(listing.instances.isEmpty ? "no instances (scaled to zero)" : table.render())
-            out("queue: \(listing.queueDepth)")
+            out(try InstanceListing.render(global.client.decode(InstanceListing.self, data), withScaler: false))
         }
+    }
+}
+
+struct Status: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Show a function's instances (state, in-flight, age), its queue and the autoscaler's last decision.")
+    @OptionGroup var global: GlobalOptions
+    @Argument var name: String
+
+    func run() async throws {
+        try await Apus.guarded {
+            let data = try await global.client.call(.GET, "/v1/functions/\(name)/instances")
+            if global.json { return global.printJSON(data) }
+            out(try InstanceListing.render(global.client.decode(InstanceListing.self, data), withScaler: true))
+        }
+    }
+}
+
+/// `GET /v1/functions/{name}/instances` as the CLI shows it.
+struct InstanceListing: Decodable {
+    struct Instance: Decodable { var id: String; var version: Int; var state: String; var port: Int?; var pid: Int32?; var inFlight: Int; var ageSeconds: Double }
+    struct Scaler: Decodable {
+        var version: Int; var desired: Int; var wanted: Int; var ready: Int
+        var stableConcurrency: Double; var panicConcurrency: Double; var panicking: Bool; var limitedBy: String?; var ageSeconds: Double
+    }
+    var queueDepth: Int
+    var instances: [Instance]
+    var autoscaler: [Scaler]?
+
+    static func render(_ listing: InstanceListing, withScaler: Bool) -> String {
+        var table = Table("INSTANCE", "VERSION", "STATE", "IN-FLIGHT", "PORT", "PID", "AGE")
+        for i in listing.instances {
+            table.add(i.id, "v\(i.version)", i.state, "\(i.inFlight)", i.port.map(String.init) ?? "-", i.pid.map { String($0) } ?? "-", "\(Int(i.ageSeconds))s")
+        }
+        var lines = [listing.instances.isEmpty ? "no instances (scaled to zero)" : table.render(), "queue: \(listing.queueDepth)"]
+        if withScaler {
+            let decisions = listing.autoscaler ?? []
+            if decisions.isEmpty { lines.append("autoscaler: no decision yet") }
+            for d in decisions {
+                let average = { (value: Double) in String(format: "%.2f", value) }
+                lines.append("autoscaler v\(d.version): desired \(d.desired) (wanted \(d.wanted)\(d.limitedBy.map { ", limited by \($0)" } ?? "")), "
+                    + "ready \(d.ready), concurrency \(average(d.stableConcurrency)) stable / \(average(d.panicConcurrency)) panic"
+                    + "\(d.panicking ? ", PANIC" : ""), \(Int(d.ageSeconds))s ago")
+            }
+        }
+        return lines.joined(separator: "\n")
     }
 }

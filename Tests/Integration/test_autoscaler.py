@@ -52,6 +52,13 @@ def test_burst_capacity_is_kept_through_the_window_then_released(tmp_path):
         assert decisions, f"no autoscaler decision was logged:\n{log}"
         assert all(key in decisions[0] for key in ("desired=", "ready=", "stableConcurrency=", "inFlight=")), decisions[0]
 
+        # The decision is visible through the API and `apus status`.
+        listing = daemon.api_json("GET", "/v1/functions/counter/instances")
+        assert listing["autoscaler"] and listing["autoscaler"][0]["version"] == 1, listing
+        assert listing["autoscaler"][0]["desired"] >= 2, listing["autoscaler"]
+        status = daemon.cli_ok("status", "counter")
+        assert "autoscaler v1: desired" in status and "queue:" in status, status
+
         # Once the window has emptied (10 s) and the grace passed (4 s), the function goes to zero.
         deadline = burst_over + 60
         while live_instances(daemon, "counter"):

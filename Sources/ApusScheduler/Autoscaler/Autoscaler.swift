@@ -73,7 +73,7 @@ public final class Autoscaler: Service {
                 scalers[id] = scaler
                 return (decision, previous)
             }
-            pool.setDesired(decision.desired)
+            pool.apply(decision)
             if decision.desired != previous ?? 0 || decision.panicking {
                 logger.log(level: decision.desired != previous ?? 0 ? .info : .debug, "autoscaler decision", metadata: [
                     "function": "\(pool.version.function)", "version": "\(pool.version.number)",
@@ -88,11 +88,4 @@ public final class Autoscaler: Service {
         scalers.withLock { scalers in scalers = scalers.filter { live.contains($0.key) } }
     }
 
-    /// The last decision for a function's versions (for status displays).
-    public func lastDecisions(function: String) -> [(version: Int, decision: KPAScaler.Decision)] {
-        let pools = scheduler.allPools.filter { $0.version.function == function }
-        return scalers.withLock { scalers in
-            pools.compactMap { pool in scalers[ObjectIdentifier(pool)]?.lastDecision.map { (pool.version.number, $0) } }
-        }
-    }
 }
