@@ -141,7 +141,9 @@ public final class ProcessLauncher: InstanceLauncher {
         var outcome: Result<Void, ApusError> = await withCheckedContinuation { continuation in
             Thread.detachNewThread {
                 var lastProblem = "did not listen on its port"
-                var pause: UInt32 = 10_000
+                // Probe often at first (a native server is ready within a few ms, Python within ~50 ms) and back
+                // off gently: 1 ms, growing by a quarter per probe, at most 20 ms between probes.
+                var pause: UInt32 = 1_000
                 while true {
                     if let exit = instance.exit {
                         continuation.resume(returning: .failure(ApusError(.unavailable, "instance \(exit) before it was ready")))
@@ -166,7 +168,7 @@ public final class ProcessLauncher: InstanceLauncher {
                         return
                     }
                     usleep(pause)
-                    pause = min(pause * 2, 100_000)
+                    pause = min(pause + pause / 4, 20_000)
                 }
             }
         }
