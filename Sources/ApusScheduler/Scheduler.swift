@@ -56,7 +56,7 @@ public final class Scheduler: Service {
             shedding: manifest.shedding.map { .init(target: $0.target, interval: $0.interval) })
     }
 
-    private func isActive(_ version: FunctionVersion) -> Bool {
+    func isActive(_ version: FunctionVersion) -> Bool {
         catalog.entry(version.function)?.record.release.activeVersions.contains(version.number) ?? false
     }
 

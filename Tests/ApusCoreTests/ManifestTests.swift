@@ -56,6 +56,10 @@ struct ManifestTests {
         ("name: a\nruntime: python3\nenv: {APUS_PORT: 1}\n", "env.APUS_PORT: APUS_ variables are set by the platform"),
         ("name: a\nruntime: python3\nprotocol: thrift\n", "thrift.service: is required for protocol: thrift"),
         ("name: a\nruntime: python3\nshedding: {interval: 1s}\n", "shedding.target: is required"),
+        ("name: a\nruntime: python3\nscale: {max: 3, schedule: [{days: [mo], from: \"08:00\", to: \"20:00\", min: 1}]}\n", "scale.schedule[0].days: must name days"),
+        ("name: a\nruntime: python3\nscale: {max: 3, schedule: [{from: \"8am\", to: \"20:00\", min: 1}]}\n", "scale.schedule[0].from: must be a UTC time"),
+        ("name: a\nruntime: python3\nscale: {max: 3, schedule: [{from: \"08:00\", to: \"20:00\", min: 4}]}\n", "scale.schedule[0].min: is required"),
+        ("name: a\nruntime: python3\nscale: {max: 3, schedule: [{from: \"08:00\", to: \"20:00\", min: 1, at: 2}]}\n", "scale.schedule[0].at: unknown key"),
         ("name: a\nruntime: python3\ntimeout: 1s\nshedding: {target: 5s}\n", "shedding.target: must be a duration between 1ms and the function's timeout"),
         ("name: a\nruntime: python3\nthrift: {service: S}\n", "thrift: is only for protocol: thrift"),
         ("name: a\nruntime: python3\nprotocol: thrift\nthrift: {service: S, transport: http}\n", "thrift.transport: must be one of framed, buffered, header (got \"http\")"),
@@ -100,6 +104,15 @@ struct ManifestTests {
         #expect(defaults.thrift?.transport == .framed && defaults.thrift?.protocol == .binary)
         let data = try JSONEncoder().encode(m)
         #expect(try JSONDecoder().decode(FunctionManifest.self, from: data) == m)
+    }
+
+    @Test func scheduledMinimums() throws {
+        let m = try FunctionManifest.parse(yaml: "name: a\nruntime: python3\nscale:\n  max: 5\n  schedule:\n    - {days: [Mon, fri], from: \"08:00\", to: \"20:30\", min: 3}\n    - {from: \"22:00\", to: \"02:00\", min: 1}\n")
+        #expect(m.scale.schedule == [.init(days: ["mon", "fri"], from: 480, to: 1230, min: 3), .init(days: [], from: 1320, to: 120, min: 1)])
+        let data = try JSONEncoder().encode(m)
+        #expect(try JSONDecoder().decode(FunctionManifest.self, from: data) == m)
+        let plain = try JSONEncoder().encode(try FunctionManifest.parse(yaml: "name: a\nruntime: python3\n"))
+        #expect(!String(decoding: plain, as: UTF8.self).contains("schedule"), "stored manifests without schedules are unchanged")
     }
 
     @Test func sheddingManifest() throws {

@@ -1,4 +1,5 @@
 import ApusCore
+import Foundation
 import Testing
 
 @testable import ApusScheduler
@@ -106,5 +107,15 @@ struct KPAScalerTests {
         #expect(!friday.covers(weekday: 5, minute: 30), "but Thursday night is not Friday's")
         #expect(ScheduledMinimum.minimum([weekdays, nights], weekday: 2, minute: 10 * 60) == 3)
         #expect(ScheduledMinimum.minimum([weekdays, nights], weekday: 6, minute: 10 * 60) == 0)
+    }
+
+    @Test func manifestWindowsAndTheWallClock() throws {
+        let window = ScheduledMinimum(FunctionManifest.Scale.Window(days: ["mon", "sun"], from: 60, to: 120, min: 2))
+        #expect(window.days == [1, 7] && window.start == 60 && window.end == 120 && window.min == 2)
+        // 2026-11-27 was a Friday; 07:20 UTC is minute 440.
+        let friday = try #require(ISO8601DateFormatter().date(from: "2026-11-27T07:20:00Z"))
+        #expect(Autoscaler.weekdayAndMinute(friday) == (5, 440))
+        let sunday = try #require(ISO8601DateFormatter().date(from: "2026-11-29T23:59:00Z"))
+        #expect(Autoscaler.weekdayAndMinute(sunday) == (7, 1439))
     }
 }

@@ -162,3 +162,22 @@ def test_rolling_release_and_scale_down_under_steady_load_fail_nothing(tmp_path)
         assert len(instances) < 4, f"no scale-down after the load dropped: {instances}"
     finally:
         daemon.teardown()
+
+
+@pytest.mark.timeout(120)
+def test_scheduled_minimum_keeps_instances_without_traffic(apusd, tmp_path):
+    """scale.schedule: a window covering the whole day keeps two instances up with no request at all."""
+    from apus_testlib import copy_function
+
+    fn = copy_function(FUNCTIONS_DIR / "warm", tmp_path / "tidal", name="tidal", subs=[
+        (r"^scale:.*$", 'scale:\n  min: 0\n  max: 3\n  schedule:\n    - {from: "00:00", to: "24:00", min: 2}'),
+    ])
+    apusd.deploy(fn)
+    deadline = time.monotonic() + 30
+    while len([i for i in live_instances(apusd, "tidal") if i["state"] == "ready"]) < 2:
+        assert time.monotonic() < deadline, f"the scheduled minimum of 2 never came up: {live_instances(apusd, 'tidal')}"
+        time.sleep(0.3)
+    time.sleep(4)  # longer than the idle timeout (3 s here): they stay
+    assert len(live_instances(apusd, "tidal")) == 2
+    status = apusd.cli_ok("status", "tidal")
+    assert "scheduled minimum" in status, status

@@ -135,7 +135,7 @@ extension FunctionManifest {
 
         if let scaleMapping = try reader.optionalMapping("scale") {
             let scale = ManifestReader(mapping: scaleMapping, path: "scale")
-            try scale.rejectUnknownKeys(allowed: ["min", "max"])
+            try scale.rejectUnknownKeys(allowed: ["min", "max", "schedule"])
             let min = try scale.optionalInt("min") ?? manifest.scale.min
             let max = try scale.optionalInt("max") ?? Swift.max(manifest.scale.max, min)
             guard min >= 0 else { throw ManifestReader.failure("scale.min", "must be ≥ 0 (got \(min))") }
@@ -145,6 +145,9 @@ extension FunctionManifest {
             }
             guard max <= 1000 else { throw ManifestReader.failure("scale.max", "must be ≤ 1000 (got \(max))") }
             manifest.scale = Scale(min: min, max: max)
+            for (index, window) in (try scale.optionalMappingList("schedule") ?? []).enumerated() {
+                manifest.scale.schedule.append(try Self.scheduleWindow(window, index: index, max: max))
+            }
         }
 
         if let timeoutText = try reader.optionalString("timeout") {
@@ -205,6 +208,37 @@ extension FunctionManifest {
             manifest.env = env
         }
         return manifest
+    }
+
+    static let weekdays = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+
+    /// `{days: [mon, …], from: "08:00", to: "20:00", min: 3}` (UTC; `to` before `from` spans midnight; no `days`:
+    /// every day).
+    static func scheduleWindow(_ reader: ManifestReader, index: Int, max: Int) throws(ApusError) -> Scale.Window {
+        let key = "scale.schedule[\(index)]"
+        try reader.rejectUnknownKeys(allowed: ["days", "from", "to", "min"])
+        var days: [String] = []
+        for day in try reader.optionalStringList("days") ?? [] {
+            guard weekdays.contains(day.lowercased()) else {
+                throw ManifestReader.failure("\(key).days", "must name days as mon, tue, wed, thu, fri, sat, sun (got \"\(day)\")")
+            }
+            days.append(day.lowercased())
+        }
+        func minute(_ field: String) throws(ApusError) -> Int {
+            let text = try reader.requiredString(field)
+            let parts = text.split(separator: ":")
+            guard parts.count == 2, let h = Int(parts[0]), let m = Int(parts[1]), (0...24).contains(h), (0...59).contains(m), h * 60 + m <= 1440 else {
+                throw ManifestReader.failure("\(key).\(field)", "must be a UTC time such as \"08:00\" (got \"\(text)\")")
+            }
+            return h * 60 + m
+        }
+        let from = try minute("from")
+        let to = try minute("to")
+        guard from != to else { throw ManifestReader.failure(key, "from and to are the same time") }
+        guard let min = try reader.optionalInt("min"), (1...max).contains(min) else {
+            throw ManifestReader.failure("\(key).min", "is required: the instances to keep in the window, 1...scale.max (\(max))")
+        }
+        return Scale.Window(days: days, from: from, to: to, min: min)
     }
 
     /// A Thrift identifier: letters, digits, '_' and '.', not starting with a digit.
@@ -324,6 +358,22 @@ struct ManifestReader {
             items.append(s.string)
         }
         return items
+    }
+
+    /// A list of mappings, each with its own reader (key path `key[i]`).
+    func optionalMappingList(_ key: String) throws(ApusError) -> [ManifestReader]? {
+        guard let node = value(key), !isNull(node) else { return nil }
+        guard case .sequence(let seq) = node else {
+            throw Self.failure(fullKey(key), "must be a list")
+        }
+        var readers: [ManifestReader] = []
+        for (i, item) in seq.enumerated() {
+            guard case .mapping(let m) = item else {
+                throw Self.failure("\(fullKey(key))[\(i)]", "must be a mapping")
+            }
+            readers.append(ManifestReader(mapping: m, path: "\(fullKey(key))[\(i)]"))
+        }
+        return readers
     }
 
     func optionalMapping(_ key: String) throws(ApusError) -> Node.Mapping? {

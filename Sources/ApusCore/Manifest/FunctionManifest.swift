@@ -15,10 +15,45 @@ public struct FunctionManifest: Codable, Hashable, Sendable {
     public struct Scale: Codable, Hashable, Sendable {
         public var min: Int
         public var max: Int
+        /// Higher minimums for windows of the week (tidal traffic).
+        public var schedule: [Window]
 
-        public init(min: Int = 0, max: Int = 5) {
+        /// At least `min` instances on `days` (mon…sun; empty: every day) between `from` and `to`, minutes after
+        /// midnight UTC; `to` before `from` spans midnight.
+        public struct Window: Codable, Hashable, Sendable {
+            public var days: [String]
+            public var from: Int
+            public var to: Int
+            public var min: Int
+
+            public init(days: [String], from: Int, to: Int, min: Int) {
+                self.days = days
+                self.from = from
+                self.to = to
+                self.min = min
+            }
+        }
+
+        public init(min: Int = 0, max: Int = 5, schedule: [Window] = []) {
             self.min = min
             self.max = max
+            self.schedule = schedule
+        }
+
+        enum CodingKeys: String, CodingKey { case min, max, schedule }
+
+        public init(from decoder: any Decoder) throws {
+            let c = try decoder.container(keyedBy: CodingKeys.self)
+            min = try c.decode(Int.self, forKey: .min)
+            max = try c.decode(Int.self, forKey: .max)
+            schedule = try c.decodeIfPresent([Window].self, forKey: .schedule) ?? []
+        }
+
+        public func encode(to encoder: any Encoder) throws {
+            var c = encoder.container(keyedBy: CodingKeys.self)
+            try c.encode(min, forKey: .min)
+            try c.encode(max, forKey: .max)
+            if !schedule.isEmpty { try c.encode(schedule, forKey: .schedule) }
         }
     }
 

@@ -1,4 +1,5 @@
 import ApusCore
+import Foundation
 import Logging
 import ServiceLifecycle
 import Synchronization
@@ -50,10 +51,14 @@ public final class Autoscaler: Service {
     }
 
     /// One round over all pools.
-    func tick(now: ContinuousClock.Instant) {
+    func tick(now: ContinuousClock.Instant, wallClock: Date = Date()) {
         let pools = scheduler.allPools
         let live = Set(pools.map { ObjectIdentifier($0) })
+        let (weekday, minute) = Self.weekdayAndMinute(wallClock)
         for pool in pools {
+            // Scheduled minimums apply to versions the release routes to.
+            let schedule = scheduler.isActive(pool.version) ? pool.version.manifest.scale.schedule : []
+            let scheduledMinimum = ScheduledMinimum.minimum(schedule.map(ScheduledMinimum.init), weekday: weekday, minute: minute)
             let load = pool.sampleLoad()
             let poolConfiguration = pool.configuration
             var configuration = KPAScaler.Configuration(
@@ -69,7 +74,7 @@ public final class Autoscaler: Service {
                 let previous = scaler.lastDecision?.desired
                 scaler.reconfigure(configuration)
                 scaler.record(concurrency: Double(load.inFlight + load.queued), now: now)
-                let decision = scaler.decide(ready: load.ready, now: now)
+                let decision = scaler.decide(ready: load.ready, scheduledMinimum: scheduledMinimum, now: now)
                 scalers[id] = scaler
                 return (decision, previous)
             }
@@ -86,6 +91,15 @@ public final class Autoscaler: Service {
             }
         }
         scalers.withLock { scalers in scalers = scalers.filter { live.contains($0.key) } }
+    }
+
+    /// ISO weekday (1 = Monday … 7 = Sunday) and minute of the day, in UTC.
+    static func weekdayAndMinute(_ date: Date) -> (Int, Int) {
+        var calendar = Calendar(identifier: .gregorian)
+        calendar.timeZone = TimeZone(identifier: "UTC")!
+        let parts = calendar.dateComponents([.weekday, .hour, .minute], from: date)
+        let weekday = ((parts.weekday ?? 1) + 5) % 7 + 1  // Calendar: 1 = Sunday
+        return (weekday, (parts.hour ?? 0) * 60 + (parts.minute ?? 0))
     }
 
 }

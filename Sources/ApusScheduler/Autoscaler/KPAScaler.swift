@@ -176,6 +176,12 @@ public struct ScheduledMinimum: Codable, Hashable, Sendable {
         self.min = min
     }
 
+    /// The manifest's form (`scale.schedule` entries, days named mon…sun).
+    public init(_ window: FunctionManifest.Scale.Window) {
+        let names = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+        self.init(days: Set(window.days.compactMap { names.firstIndex(of: $0).map { $0 + 1 } }), start: window.from, end: window.to, min: window.min)
+    }
+
     /// Whether the window covers `minuteOfWeek`-style inputs: ISO weekday (1–7) and minute of the day.
     public func covers(weekday: Int, minute: Int) -> Bool {
         if start <= end {
