@@ -40,6 +40,7 @@ public final class InstancePool: Sendable {
         var launching = 0
         var stopping = 0
         var lastDecision: KPAScaler.Decision?
+        var score = ScalerScore()
     }
 
     public let version: FunctionVersion
@@ -191,6 +192,15 @@ public final class InstancePool: Sendable {
     /// The autoscaler's latest decision for this version, if it made one.
     public var lastDecision: KPAScaler.Decision? {
         state.withLock { $0.lastDecision }
+    }
+
+    /// How the autoscaler's decisions turned out, second by second.
+    public var score: ScalerScore {
+        state.withLock { $0.score }
+    }
+
+    func recordScore(_ load: Load) {
+        state.withLock { $0.score.record(load, concurrency: $0.machine.configuration.concurrency) }
     }
 
     func ensureMinimum() {

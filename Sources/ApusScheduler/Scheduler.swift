@@ -119,6 +119,8 @@ public final class Scheduler: Service {
         public var panicking: Bool
         public var limitedBy: String?
         public var ageSeconds: Double
+        /// Seconds the version was short of capacity, idle, or right-sized, as judged after the fact.
+        public var score: ScalerScore
     }
 
     public func scalerStatus(of function: String) -> [ScalerStatus] {
@@ -128,7 +130,8 @@ public final class Scheduler: Service {
             pool.lastDecision.map { decision in
                 ScalerStatus(version: pool.version.number, desired: decision.desired, wanted: decision.wanted, ready: decision.ready,
                              stableConcurrency: decision.stableConcurrency, panicConcurrency: decision.panicConcurrency,
-                             panicking: decision.panicking, limitedBy: decision.limitedBy, ageSeconds: (now - decision.at).seconds)
+                             panicking: decision.panicking, limitedBy: decision.limitedBy, ageSeconds: (now - decision.at).seconds,
+                             score: pool.score)
             }
         }
     }

@@ -321,6 +321,8 @@ struct InstanceListing: Decodable {
     struct Scaler: Decodable {
         var version: Int; var desired: Int; var wanted: Int; var ready: Int
         var stableConcurrency: Double; var panicConcurrency: Double; var panicking: Bool; var limitedBy: String?; var ageSeconds: Double
+        struct Score: Decodable { var shortSeconds: Int; var idleSeconds: Int; var rightSeconds: Int }
+        var score: Score?
     }
     var queueDepth: Int
     var instances: [Instance]
@@ -340,6 +342,11 @@ struct InstanceListing: Decodable {
                 lines.append("autoscaler v\(d.version): desired \(d.desired) (wanted \(d.wanted)\(d.limitedBy.map { ", limited by \($0)" } ?? "")), "
                     + "ready \(d.ready), concurrency \(average(d.stableConcurrency)) stable / \(average(d.panicConcurrency)) panic"
                     + "\(d.panicking ? ", PANIC" : ""), \(Int(d.ageSeconds))s ago")
+                if let score = d.score {
+                    let total = score.shortSeconds + score.idleSeconds + score.rightSeconds
+                    let share = total == 0 ? 100 : score.rightSeconds * 100 / total
+                    lines.append("  score v\(d.version): \(share)% of \(total)s right-sized (short \(score.shortSeconds)s, idle \(score.idleSeconds)s)")
+                }
             }
         }
         return lines.joined(separator: "\n")

@@ -118,4 +118,14 @@ struct KPAScalerTests {
         let sunday = try #require(ISO8601DateFormatter().date(from: "2026-11-29T23:59:00Z"))
         #expect(Autoscaler.weekdayAndMinute(sunday) == (7, 1439))
     }
+
+    @Test func decisionsAreScoredAfterTheFact() {
+        var score = ScalerScore()
+        score.record(.init(inFlight: 0, queued: 0, ready: 0, admitted: 0), concurrency: 10)  // nothing there: not counted
+        score.record(.init(inFlight: 10, queued: 3, ready: 1, admitted: 13), concurrency: 10)  // waited: short
+        score.record(.init(inFlight: 2, queued: 0, ready: 5, admitted: 2), concurrency: 10)  // 50 slots for 2: idle
+        score.record(.init(inFlight: 12, queued: 0, ready: 2, admitted: 12), concurrency: 10)  // right
+        #expect(score == { var s = ScalerScore(); s.shortSeconds = 1; s.idleSeconds = 1; s.rightSeconds = 1; return s }())
+        #expect(abs(score.rightShare - 1.0 / 3) < 0.001)
+    }
 }

@@ -58,6 +58,9 @@ def test_burst_capacity_is_kept_through_the_window_then_released(tmp_path):
         assert listing["autoscaler"][0]["desired"] >= 2, listing["autoscaler"]
         status = daemon.cli_ok("status", "counter")
         assert "autoscaler v1: desired" in status and "queue:" in status, status
+        assert "score v1:" in status and "right-sized" in status, status
+        score = listing["autoscaler"][0]["score"]
+        assert score["shortSeconds"] + score["idleSeconds"] + score["rightSeconds"] > 0, score
 
         # Once the window has emptied (10 s) and the grace passed (4 s), the function goes to zero.
         deadline = burst_over + 60

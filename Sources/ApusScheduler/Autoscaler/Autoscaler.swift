@@ -79,6 +79,7 @@ public final class Autoscaler: Service {
                 return (decision, previous)
             }
             pool.apply(decision)
+            pool.recordScore(load)
             if decision.desired != previous ?? 0 || decision.panicking {
                 logger.log(level: decision.desired != previous ?? 0 ? .info : .debug, "autoscaler decision", metadata: [
                     "function": "\(pool.version.function)", "version": "\(pool.version.number)",
@@ -102,4 +103,33 @@ public final class Autoscaler: Service {
         return (weekday, (parts.hour ?? 0) * 60 + (parts.minute ?? 0))
     }
 
+}
+
+/// Scores the autoscaler after the fact, one sample per second: *short* when requests had to wait for a slot
+/// (capacity came too late), *idle* when ready capacity was more than twice the demand plus one instance (capacity
+/// kept for nothing), *right* otherwise. Seconds with neither demand nor instances are not counted.
+public struct ScalerScore: Sendable, Codable, Equatable {
+    public var shortSeconds = 0
+    public var idleSeconds = 0
+    public var rightSeconds = 0
+
+    public init() {}
+
+    /// Share of counted seconds that were right-sized (1 when nothing was counted yet).
+    public var rightShare: Double {
+        let total = shortSeconds + idleSeconds + rightSeconds
+        return total == 0 ? 1 : Double(rightSeconds) / Double(total)
+    }
+
+    mutating func record(_ load: InstancePool.Load, concurrency: Int) {
+        let demand = load.inFlight + load.queued
+        guard demand > 0 || load.ready > 0 else { return }
+        if load.queued > 0 {
+            shortSeconds += 1
+        } else if load.ready * concurrency > 2 * demand + concurrency {
+            idleSeconds += 1
+        } else {
+            rightSeconds += 1
+        }
+    }
 }
