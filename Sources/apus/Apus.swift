@@ -292,11 +292,7 @@ struct Instances: AsyncParsableCommand {
     @Argument var name: String
 
     func run() async throws {
-        try await Apus.guarded {
-            let data = try await global.client.call(.GET, "/v1/functions/\(name)/instances")
-            if global.json { return global.printJSON(data) }
-            out(try InstanceListing.render(global.client.decode(InstanceListing.self, data), withScaler: false))
-        }
+        try await InstanceListing.show(name, global: global, withScaler: false)
     }
 }
 
@@ -307,11 +303,7 @@ struct Status: AsyncParsableCommand {
     @Argument var name: String
 
     func run() async throws {
-        try await Apus.guarded {
-            let data = try await global.client.call(.GET, "/v1/functions/\(name)/instances")
-            if global.json { return global.printJSON(data) }
-            out(try InstanceListing.render(global.client.decode(InstanceListing.self, data), withScaler: true))
-        }
+        try await InstanceListing.show(name, global: global, withScaler: true)
     }
 }
 
@@ -327,6 +319,14 @@ struct InstanceListing: Decodable {
     var queueDepth: Int
     var instances: [Instance]
     var autoscaler: [Scaler]?
+
+    static func show(_ name: String, global: GlobalOptions, withScaler: Bool) async throws {
+        try await Apus.guarded {
+            let data = try await global.client.call(.GET, "/v1/functions/\(name)/instances")
+            if global.json { return global.printJSON(data) }
+            out(render(try global.client.decode(InstanceListing.self, data), withScaler: withScaler))
+        }
+    }
 
     static func render(_ listing: InstanceListing, withScaler: Bool) -> String {
         var table = Table("INSTANCE", "VERSION", "STATE", "IN-FLIGHT", "PORT", "PID", "AGE")
