@@ -1,4 +1,5 @@
 import NIOCore
+import NIOPosix
 
 /// A connection to an instance that can wait in a per-instance idle list between calls.
 protocol PooledInstanceConnection: AnyObject {
@@ -55,4 +56,18 @@ final class IdleConnections<Connection: PooledInstanceConnection> {
         for list in idle.values { for connection in list { connection.channel.close(promise: nil) } }
         idle.removeAll()
     }
+}
+
+/// A TCP connection from `loop` to an instance on loopback, made the way every instance pool makes one (no Nagle
+/// delay, 2 s connect timeout); `configure` sets up its pipeline.
+func connectToInstance(
+    port: Int, on loop: any EventLoop, configure: @escaping @Sendable (any Channel) throws -> Void
+) -> EventLoopFuture<any Channel> {
+    ClientBootstrap(group: loop)
+        .channelOption(.socketOption(.tcp_nodelay), value: 1)
+        .connectTimeout(.seconds(2))
+        .channelInitializer { channel in
+            channel.eventLoop.makeCompletedFuture { try configure(channel) }
+        }
+        .connect(host: "127.0.0.1", port: port)
 }

@@ -250,15 +250,9 @@ final class UpstreamPool: @unchecked Sendable {
         eventLoop.assertInEventLoop()
         let connection = UpstreamConnection(instanceID: instanceID, port: port)
         let bound = NIOLoopBound(connection, eventLoop: eventLoop)
-        let future = ClientBootstrap(group: eventLoop)
-            .channelOption(.socketOption(.tcp_nodelay), value: 1)
-            .connectTimeout(.seconds(2))
-            .channelInitializer { channel in
-                channel.eventLoop.makeCompletedFuture {
-                    try channel.pipeline.syncOperations.addHandler(bound.value)
-                }
-            }
-            .connect(host: "127.0.0.1", port: port)
+        let future = connectToInstance(port: port, on: eventLoop) { channel in
+            try channel.pipeline.syncOperations.addHandler(bound.value)
+        }
         future.assumeIsolated().whenComplete { result in
             switch result {
             case .success: completion(.success(connection))

@@ -29,9 +29,7 @@ final class GRPCEdgeStream: ChannelInboundHandler, LoopSlotTarget {
     private var requestID = ""
     private var rpcPath = ""
     private var version: FunctionVersion?
-    private var pool: InstancePool?
-    private var lease: InstancePool.Lease?
-    private var queued = false
+    private var slot = CallSlot()
     private var retried = false
     private var deadline = ContinuousClock.now
     private var budgetDescription = ""
@@ -188,7 +186,7 @@ final class GRPCEdgeStream: ChannelInboundHandler, LoopSlotTarget {
 
         // Until the instance stream is open, client frames wait here (bounded by the stream's flow-control window).
         context.channel.setReading(false)
-        pool = shared.scheduler.pool(for: version)
+        slot.pool = shared.scheduler.pool(for: version)
         acquireSlot()
     }
 
@@ -202,39 +200,27 @@ final class GRPCEdgeStream: ChannelInboundHandler, LoopSlotTarget {
     }
 
     private func acquireSlot() {
-        guard let pool else { return }
         if slotWaiter == nil { slotWaiter = LoopSlotWaiter(NIOLoopBound<any LoopSlotTarget>(self, eventLoop: context.eventLoop)) }
-        switch pool.acquire(requestID: requestID, deadline: deadline, waiter: slotWaiter!) {
-        case .leased(let lease):
-            self.lease = lease
-            openUpstream()
-        case .failed(let error):
-            fail(error)
-        case .queued:
-            queued = true
-            phase = .waitingForSlot
-        }
+        proceed(slot.acquire(requestID: requestID, deadline: deadline, waiter: slotWaiter!))
     }
 
     func slotDecided(requestID: String, _ result: Result<InstancePool.Lease, ApusError>) {
-        guard phase == .waitingForSlot, requestID == self.requestID else {
-            if case .success(let lease) = result { pool?.release(lease) }
-            return
-        }
-        queued = false
-        switch result {
-        case .success(let lease):
-            self.lease = lease
-            openUpstream()
-        case .failure(let error):
-            fail(error)
+        proceed(slot.decided(result, stillWaiting: phase == .waitingForSlot && requestID == self.requestID))
+    }
+
+    private func proceed(_ outcome: CallSlot.Outcome?) {
+        switch outcome {
+        case .leased: openUpstream()
+        case .failed(let error): fail(error)
+        case .waiting: phase = .waitingForSlot
+        case nil: break
         }
     }
 
     // MARK: instance side
 
     private func openUpstream() {
-        guard let lease else { return }
+        guard let lease = slot.lease else { return }
         phase = .connecting
         let relay = InstanceStreamRelay(edge: self)
         upstreamRelay = relay
@@ -254,8 +240,7 @@ final class GRPCEdgeStream: ChannelInboundHandler, LoopSlotTarget {
                     upstreamRelay = nil
                     if case .connectFailed = error {
                         // Nobody listens there: take the instance out of service and try another once.
-                        pool?.reportUnreachable(lease)
-                        self.lease = nil
+                        slot.reportUnreachable()
                         if retried {
                             fail(ApusError(.unavailable, "cannot connect to instance \(lease.instanceID): \(error)"))
                         } else {
@@ -347,7 +332,7 @@ final class GRPCEdgeStream: ChannelInboundHandler, LoopSlotTarget {
     fileprivate func upstreamClosed() {
         guard phase == .relaying else { return }
         upstream = nil
-        fail(ApusError(.instanceError, "instance \(lease?.instanceID ?? "?") ended the stream without a status"))
+        fail(ApusError(.instanceError, "instance \(slot.lease?.instanceID ?? "?") ended the stream without a status"))
     }
 
     // MARK: endings
@@ -379,18 +364,11 @@ final class GRPCEdgeStream: ChannelInboundHandler, LoopSlotTarget {
     /// Gives back everything the call holds. A request side the client has not finished is reset.
     private func finish() {
         guard phase != .finished else { return }
-        let wasQueued = queued
         phase = .finished
         deadlineTask?.cancel()
         deadlineTask = nil
         pending = []
-        if let lease {
-            pool?.release(lease)
-            self.lease = nil
-        } else if wasQueued, let pool, !pool.cancel(requestID: requestID) {
-            // The decision is already on its way: `slotDecided` will hand the slot back.
-        }
-        queued = false
+        slot.giveBack(requestID: requestID)
         upstreamRelay?.edge = nil
         upstreamRelay = nil
         if let upstream {

@@ -127,36 +127,8 @@ final class GRPCHealthStream: ChannelInboundHandler {
 
     /// HealthCheckRequest { string service = 1; }: reads field 1, skips any other field.
     static func decodeServiceName(_ message: [UInt8]) throws(ApusError) -> String {
-        var index = 0
-        var service = ""
-        func varint() throws(ApusError) -> UInt64 {
-            var value: UInt64 = 0
-            var shift: UInt64 = 0
-            while index < message.count, shift < 64 {
-                let byte = message[index]
-                index += 1
-                value |= UInt64(byte & 0x7F) << shift
-                if byte & 0x80 == 0 { return value }
-                shift += 7
-            }
-            throw ApusError(.badRequest, "malformed HealthCheckRequest")
-        }
-        while index < message.count {
-            let key = try varint()
-            switch key & 7 {
-            case 0: _ = try varint()
-            case 1: index += 8
-            case 5: index += 4
-            case 2:
-                let length = Int(try varint())
-                guard length >= 0, index + length <= message.count else { throw ApusError(.badRequest, "malformed HealthCheckRequest") }
-                if key >> 3 == 1 { service = String(decoding: message[index..<index + length], as: UTF8.self) }
-                index += length
-            default:
-                throw ApusError(.badRequest, "malformed HealthCheckRequest")
-            }
-        }
-        guard index == message.count else { throw ApusError(.badRequest, "malformed HealthCheckRequest") }
-        return service
+        let (fields, complete) = ProtobufWriter.parse(message)
+        guard complete else { throw ApusError(.badRequest, "malformed HealthCheckRequest") }
+        return fields.last { $0.number == 1 }?.bytes.map { String(decoding: $0, as: UTF8.self) } ?? ""
     }
 }

@@ -125,6 +125,11 @@ struct ProtobufWriter {
 
     /// The top-level fields of a message; parsing stops at the first malformed byte.
     static func topLevelFields(_ message: [UInt8]) -> [Field] {
+        parse(message).fields
+    }
+
+    /// The top-level fields, and whether the whole message parsed (false: malformed from some byte on).
+    static func parse(_ message: [UInt8]) -> (fields: [Field], complete: Bool) {
         var fields: [Field] = []
         var index = 0
         func varint() -> UInt64? {
@@ -139,22 +144,26 @@ struct ProtobufWriter {
             }
             return nil
         }
-        while index < message.count, let key = varint() {
+        while index < message.count {
+            guard let key = varint() else { return (fields, false) }
             let number = Int(key >> 3)
             switch key & 7 {
             case 0:
-                guard varint() != nil else { return fields }
+                guard varint() != nil else { return (fields, false) }
                 fields.append(Field(number: number, bytes: nil))
-            case 1: index += 8; fields.append(Field(number: number, bytes: nil))
-            case 5: index += 4; fields.append(Field(number: number, bytes: nil))
+            case 1, 5:
+                let width = key & 7 == 1 ? 8 : 4
+                guard index + width <= message.count else { return (fields, false) }
+                index += width
+                fields.append(Field(number: number, bytes: nil))
             case 2:
-                guard let length = varint(), index + Int(length) <= message.count else { return fields }
+                guard let length = varint(), index + Int(length) <= message.count else { return (fields, false) }
                 fields.append(Field(number: number, bytes: Array(message[index..<index + Int(length)])))
                 index += Int(length)
             default:
-                return fields
+                return (fields, false)
             }
         }
-        return fields
+        return (fields, true)
     }
 }

@@ -29,9 +29,7 @@ final class HTTPOverHTTP2Stream: ChannelInboundHandler, LoopSlotTarget {
     private var phase = Phase.idle
     private var requestID = ""
     private var version: FunctionVersion?
-    private var pool: InstancePool?
-    private var lease: InstancePool.Lease?
-    private var queued = false
+    private var slot = CallSlot()
     private var retried = false
     private var deadline = ContinuousClock.now
     private var deadlineTask: Scheduled<Void>?
@@ -136,7 +134,7 @@ final class HTTPOverHTTP2Stream: ChannelInboundHandler, LoopSlotTarget {
         }
         upstreamHead = makeUpstreamHead(head, route: route, version: version)
         context.channel.setReading(false)
-        pool = shared.scheduler.pool(for: version)
+        slot.pool = shared.scheduler.pool(for: version)
         acquireSlot()
     }
 
@@ -168,39 +166,27 @@ final class HTTPOverHTTP2Stream: ChannelInboundHandler, LoopSlotTarget {
     }
 
     private func acquireSlot() {
-        guard let pool else { return }
         if slotWaiter == nil { slotWaiter = LoopSlotWaiter(NIOLoopBound<any LoopSlotTarget>(self, eventLoop: context.eventLoop)) }
-        switch pool.acquire(requestID: requestID, deadline: deadline, waiter: slotWaiter!) {
-        case .leased(let lease):
-            self.lease = lease
-            connect()
-        case .failed(let error):
-            fail(error)
-        case .queued:
-            queued = true
-            phase = .waitingForSlot
-        }
+        proceed(slot.acquire(requestID: requestID, deadline: deadline, waiter: slotWaiter!))
     }
 
     func slotDecided(requestID: String, _ result: Result<InstancePool.Lease, ApusError>) {
-        guard phase == .waitingForSlot, requestID == self.requestID else {
-            if case .success(let lease) = result { pool?.release(lease) }
-            return
-        }
-        queued = false
-        switch result {
-        case .success(let lease):
-            self.lease = lease
-            connect()
-        case .failure(let error):
-            fail(error)
+        proceed(slot.decided(result, stillWaiting: phase == .waitingForSlot && requestID == self.requestID))
+    }
+
+    private func proceed(_ outcome: CallSlot.Outcome?) {
+        switch outcome {
+        case .leased: connect()
+        case .failed(let error): fail(error)
+        case .waiting: phase = .waitingForSlot
+        case nil: break
         }
     }
 
     // MARK: instance side
 
     private func connect() {
-        guard let lease else { return }
+        guard let lease = slot.lease else { return }
         phase = .connecting
         let requestID = self.requestID
         shared.instanceHTTP1Pool(for: context.eventLoop).connection(instanceID: lease.instanceID, port: lease.port) { [self] result in
@@ -212,8 +198,7 @@ final class HTTPOverHTTP2Stream: ChannelInboundHandler, LoopSlotTarget {
             case .success(let connection):
                 relay(on: connection)
             case .failure(let error):
-                pool?.reportUnreachable(lease)
-                self.lease = nil
+                slot.reportUnreachable()
                 if retried {
                     fail(ApusError(.instanceError, "cannot connect to instance \(lease.instanceID): \(error)"))
                 } else {
@@ -311,18 +296,11 @@ final class HTTPOverHTTP2Stream: ChannelInboundHandler, LoopSlotTarget {
 
     private func finish(upstreamReusable: Bool) {
         guard phase != .finished else { return }
-        let wasQueued = queued
         phase = .finished
         deadlineTask?.cancel()
         deadlineTask = nil
         pending = []
-        if let lease {
-            pool?.release(lease)
-            self.lease = nil
-        } else if wasQueued, let pool {
-            _ = pool.cancel(requestID: requestID)
-        }
-        queued = false
+        slot.giveBack(requestID: requestID)
         if let upstream {
             upstream.exchange = nil
             self.upstream = nil
@@ -353,16 +331,10 @@ final class InstanceHTTP1Pool: @unchecked Sendable {
         }
         let handler = InstanceHTTP1Handler()
         let bound = NIOLoopBound(handler, eventLoop: eventLoop)
-        ClientBootstrap(group: eventLoop)
-            .channelOption(.socketOption(.tcp_nodelay), value: 1)
-            .connectTimeout(.seconds(2))
-            .channelInitializer { channel in
-                channel.eventLoop.makeCompletedFuture {
-                    try channel.pipeline.syncOperations.addHTTPClientHandlers()
-                    try channel.pipeline.syncOperations.addHandler(bound.value)
-                }
-            }
-            .connect(host: "127.0.0.1", port: port)
+        connectToInstance(port: port, on: eventLoop) { channel in
+            try channel.pipeline.syncOperations.addHTTPClientHandlers()
+            try channel.pipeline.syncOperations.addHandler(bound.value)
+        }
             .assumeIsolated()
             .whenComplete { result in
                 switch result {

@@ -65,24 +65,18 @@ final class InstanceHTTP2Pool: @unchecked Sendable {
         let loop = eventLoop
         let bound = NIOLoopBound(connection, eventLoop: loop)
         let pool = NIOLoopBound(self, eventLoop: loop)
-        ClientBootstrap(group: loop)
-            .channelOption(.socketOption(.tcp_nodelay), value: 1)
-            .connectTimeout(.seconds(2))
-            .channelInitializer { channel in
-                channel.eventLoop.makeCompletedFuture {
-                    let multiplexer = try channel.pipeline.syncOperations.configureHTTP2Pipeline(
-                        mode: .client, connectionConfiguration: connectionSettings,
-                        streamConfiguration: streamConfiguration
-                    ) { stream in
-                        // Instances never push or open streams towards the gateway.
-                        stream.close()
-                    }
-                    try channel.pipeline.syncOperations.addHandler(InstanceConnectionWatcher(bound.value))
-                    channel.closeFuture.assumeIsolated().whenComplete { _ in pool.value.forget(bound.value) }
-                    bound.value.multiplexer = multiplexer
-                }
+        connectToInstance(port: connection.port, on: loop) { channel in
+            let multiplexer = try channel.pipeline.syncOperations.configureHTTP2Pipeline(
+                mode: .client, connectionConfiguration: connectionSettings,
+                streamConfiguration: streamConfiguration
+            ) { stream in
+                // Instances never push or open streams towards the gateway.
+                stream.close()
             }
-            .connect(host: "127.0.0.1", port: connection.port)
+            try channel.pipeline.syncOperations.addHandler(InstanceConnectionWatcher(bound.value))
+            channel.closeFuture.assumeIsolated().whenComplete { _ in pool.value.forget(bound.value) }
+            bound.value.multiplexer = multiplexer
+        }
             .assumeIsolated()
             .whenComplete { result in
                 let connection = bound.value

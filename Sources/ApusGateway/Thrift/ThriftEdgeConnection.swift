@@ -411,17 +411,11 @@ final class InstanceThriftPool: @unchecked Sendable {
         }
         let handler = InstanceThriftHandler()
         let bound = NIOLoopBound(handler, eventLoop: eventLoop)
-        ClientBootstrap(group: eventLoop)
-            .channelOption(.socketOption(.tcp_nodelay), value: 1)
-            .connectTimeout(.seconds(2))
-            .channelInitializer { channel in
-                channel.eventLoop.makeCompletedFuture {
-                    try channel.pipeline.syncOperations.addHandler(
-                        ByteToMessageHandler(ThriftFrameDecoder(maxFrameSize: maxFrameSize, expected: transport)))
-                    try channel.pipeline.syncOperations.addHandler(bound.value)
-                }
-            }
-            .connect(host: "127.0.0.1", port: port)
+        connectToInstance(port: port, on: eventLoop) { channel in
+            try channel.pipeline.syncOperations.addHandler(
+                ByteToMessageHandler(ThriftFrameDecoder(maxFrameSize: maxFrameSize, expected: transport)))
+            try channel.pipeline.syncOperations.addHandler(bound.value)
+        }
             .assumeIsolated()
             .whenComplete { result in
                 switch result {
