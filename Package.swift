@@ -32,6 +32,8 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-http-types.git", from: "1.8.0"),
         .package(url: "https://github.com/apple/swift-nio-http2.git", from: "1.46.0"),
         .package(url: "https://github.com/apple/swift-nio-ssl.git", from: "2.37.6"),
+        .package(url: "https://github.com/apple/swift-metrics.git", from: "2.13.0"),
+        .package(url: "https://github.com/swift-server/swift-prometheus.git", from: "2.4.1"),
         // Only for the Swift gRPC example function (Examples/echo-swift).
         .package(url: "https://github.com/grpc/grpc-swift-2.git", from: "2.4.3"),
         .package(url: "https://github.com/grpc/grpc-swift-nio-transport.git", from: "2.9.2"),
@@ -78,6 +80,7 @@ let package = Package(
         .target(
             name: "ApusScheduler",
             dependencies: [
+                .product(name: "Metrics", package: "swift-metrics"),
                 "ApusCore",
                 "ApusRuntime",
                 .product(name: "Logging", package: "swift-log"),
@@ -91,6 +94,7 @@ let package = Package(
         .target(
             name: "ApusGateway",
             dependencies: [
+                .product(name: "Metrics", package: "swift-metrics"),
                 "ApusCore",
                 "ApusScheduler",
                 .product(name: "NIOCore", package: "swift-nio"),
@@ -110,12 +114,14 @@ let package = Package(
         .target(
             name: "ApusControl",
             dependencies: [
+                .product(name: "Metrics", package: "swift-metrics"),
                 "ApusCore",
                 "ApusStore",
                 "ApusScheduler",
                 "ApusRuntime",
                 .product(name: "Hummingbird", package: "hummingbird"),
                 .product(name: "HTTPTypes", package: "swift-http-types"),
+                .product(name: "Prometheus", package: "swift-prometheus"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),
             ],
@@ -126,6 +132,8 @@ let package = Package(
             name: "apusd",
             dependencies: [
                 "ApusCore", "ApusStore", "ApusRuntime", "ApusScheduler", "ApusGateway", "ApusControl",
+                .product(name: "Metrics", package: "swift-metrics"),
+                .product(name: "Prometheus", package: "swift-prometheus"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Hummingbird", package: "hummingbird"),
                 .product(name: "NIOPosix", package: "swift-nio"),
