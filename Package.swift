@@ -71,6 +71,7 @@ let package = Package(
                 "ApusCore",
                 "CApusShims",
                 .product(name: "Logging", package: "swift-log"),
+                .product(name: "Metrics", package: "swift-metrics"),
             ],
             exclude: ["README.md"],
             resources: [.copy("Bootstrap")],

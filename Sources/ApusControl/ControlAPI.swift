@@ -6,6 +6,7 @@ import HTTPTypes
 import Hummingbird
 import Logging
 import NIOCore
+import Prometheus
 import Synchronization
 
 /// The REST/JSON control API (see IDL/apus-api.openapi.yaml).
@@ -47,12 +48,18 @@ public struct ControlAPI: Sendable {
     public let info: @Sendable () -> Info
     /// Set once shutdown begins so open `logs?follow=true` streams end and the API can drain.
     public let stopping: ShutdownFlag
+    /// Where the daemon's swift-metrics land; served as Prometheus text on `GET /metrics` (none: 404).
+    public let metrics: PrometheusCollectorRegistry?
     private let logger: Logger
 
-    public init(control: ControlPlane, info: @escaping @Sendable () -> Info, stopping: ShutdownFlag, logger: Logger) {
+    public init(
+        control: ControlPlane, info: @escaping @Sendable () -> Info, stopping: ShutdownFlag,
+        metrics: PrometheusCollectorRegistry? = nil, logger: Logger
+    ) {
         self.control = control
         self.info = info
         self.stopping = stopping
+        self.metrics = metrics
         self.logger = logger
     }
 
@@ -86,6 +93,16 @@ public struct ControlAPI: Sendable {
         let control = self.control
 
         router.get("/v1/info") { _, _ in try Self.json(info()) }
+
+        if let registry = metrics {
+            // Prometheus text exposition format 0.0.4; gauges are brought up to date first.
+            router.get("/metrics") { _, _ in
+                control.scheduler.refreshMetrics()
+                return Response(
+                    status: .ok, headers: [.contentType: "text/plain; version=0.0.4; charset=utf-8"],
+                    body: .init(byteBuffer: ByteBuffer(bytes: registry.emitToBuffer())))
+            }
+        }
 
         router.post("/v1/functions") { request, _ in
             var request = request

@@ -136,6 +136,11 @@ public final class Scheduler: Service {
         }
     }
 
+    /// Brings every pool's gauges up to date (before a metrics scrape).
+    public func refreshMetrics() {
+        for pool in allPools { pool.refreshGauges() }
+    }
+
     public func queueDepth(of function: String) -> Int {
         pools.withLock { $0.filter { $0.key.function == function }.map(\.value) }.reduce(0) { $0 + $1.queueDepth }
     }
@@ -156,6 +161,7 @@ public final class Scheduler: Service {
                 group.addTask { await pool.close(reason: ApusError(.unavailable, "the platform is shutting down")) }
             }
         }
+        await launcher.shutdown()
         logger.info("all instances stopped")
     }
 }

@@ -10,7 +10,9 @@ import ArgumentParser
 import Foundation
 import Hummingbird
 import Logging
+import Metrics
 import NIOPosix
+import Prometheus
 import ServiceLifecycle
 import Synchronization
 
@@ -86,6 +88,9 @@ struct Apusd: AsyncParsableCommand {
     @Option(help: "Python interpreter for runtime: python3.")
     var python: String?
 
+    @Option(help: "Keep COUNT generic runtime processes started and waiting, specialised with a function's code on a cold start: RUNTIME=COUNT (repeatable; prewarmable: python3).")
+    var prewarm: [String] = []
+
     @Option(help: "Directory holding the bundled runtime files (bootstrap.py); default: the copy beside the binary.")
     var runtimeDir: String?
 
@@ -112,6 +117,7 @@ struct Apusd: AsyncParsableCommand {
         if tlsPort == nil, tlsCert != nil || tlsKey != nil {
             throw ValidationError("--tls-cert and --tls-key need --tls-port")
         }
+        do { _ = try PrewarmSettings.parseCounts(prewarm) } catch { throw ValidationError(error.message) }
         guard (0.1...1).contains(targetUtilisation) else { throw ValidationError("--target-utilisation: must be 0.1...1 (got \(targetUtilisation))") }
         guard (1...100_000).contains(h2MaxStreams) else { throw ValidationError("--h2-max-streams: must be 1...100000 (got \(h2MaxStreams))") }
         guard (65_535...(1 << 31) - 1).contains(h2Window) else { throw ValidationError("--h2-window: must be 65535...2147483647 (got \(h2Window))") }
@@ -127,6 +133,15 @@ struct Apusd: AsyncParsableCommand {
             return handler
         }
         let logger = Logger(label: "apusd")
+        let metricsRegistry = PrometheusCollectorRegistry()
+        var metricsFactory = PrometheusMetricsFactory(registry: metricsRegistry)
+        // Gateway times are sub-millisecond to minutes: buckets from 250 µs up.
+        metricsFactory.defaultDurationHistogramBuckets = [
+            .microseconds(250), .microseconds(500), .milliseconds(1), .milliseconds(2), .milliseconds(5), .milliseconds(10),
+            .milliseconds(25), .milliseconds(50), .milliseconds(100), .milliseconds(250), .milliseconds(500), .seconds(1),
+            .seconds(2), .seconds(5), .seconds(10), .seconds(30), .seconds(60),
+        ]
+        MetricsSystem.bootstrap(metricsFactory)
         let idle = try parseDuration(idleTimeout, "idle-timeout")
         let start = try parseDuration(startTimeout, "start-timeout")
         let grace = try parseDuration(stopGrace, "stop-grace")
@@ -138,12 +153,14 @@ struct Apusd: AsyncParsableCommand {
         let logs = try FunctionLogs(directory: dataURL.appendingPathComponent("logs"))
 
         let sandbox = Sandbox.detect(disabled: noSandbox, logger: logger)
+        let prewarmCounts = try PrewarmSettings.parseCounts(prewarm)
         let launcher = ProcessLauncher(
             configuration: .init(
                 python: python ?? ProcessLauncher.Configuration.defaultPython(),
                 startTimeout: start,
                 runtimeDirectory: runtimeDir.map { URL(fileURLWithPath: $0, isDirectory: true) }
-                    ?? ProcessLauncher.Configuration.bundledRuntimeDirectory),
+                    ?? ProcessLauncher.Configuration.bundledRuntimeDirectory,
+                prewarm: PrewarmSettings(python3: prewarmCounts["python3"] ?? 0, directory: dataURL.appendingPathComponent("prewarm"))),
             sandbox: sandbox, logs: logs, logger: Logger(label: "apus.runtime"))
 
         var http2Limits = GatewayServer.HTTP2Limits()
@@ -184,7 +201,7 @@ struct Apusd: AsyncParsableCommand {
                 ControlAPI.Info(
                     version: "0.1.0", gateway: .init(http: ports.gatewayURL), domain: domain, sandbox: sandbox.mode.rawValue)
             },
-            stopping: stopping, logger: Logger(label: "apus.api"))
+            stopping: stopping, metrics: metricsRegistry, logger: Logger(label: "apus.api"))
         let apiApp = Application(
             router: api.makeRouter(),
             configuration: .init(address: .hostname(host, port: apiPort), serverName: "apus-api"),

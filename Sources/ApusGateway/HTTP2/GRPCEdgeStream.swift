@@ -46,6 +46,9 @@ final class GRPCEdgeStream: ChannelInboundHandler, LoopSlotTarget {
     private var upstream: (any Channel)?
     private var upstreamRelay: InstanceStreamRelay?
     private var slotWaiter: LoopSlotWaiter?
+    private var arrivedAt = ContinuousClock.now
+    /// The call's grpc-status as the client sees it, once known (metrics); a call ending without one was cancelled.
+    private var finalStatus: String?
 
     init(shared: GatewayShared, peer: String) {
         self.shared = shared
@@ -125,6 +128,7 @@ final class GRPCEdgeStream: ChannelInboundHandler, LoopSlotTarget {
     // MARK: routing
 
     private func start(_ headers: HPACKHeaders) {
+        arrivedAt = .now
         requestID = shared.requestIDs.next()
         rpcPath = headers.first(name: ":path") ?? ""
         requestHeaders = headers
@@ -289,6 +293,7 @@ final class GRPCEdgeStream: ChannelInboundHandler, LoopSlotTarget {
             if headers.endStream {
                 responseEnding = true
                 instanceEnded = true
+                finalStatus = headers.headers.first(name: "grpc-status") ?? GRPCWire.statusCodeLabel(GRPCWire.statusInternal)
             }
             if !responseStarted {
                 responseStarted = true
@@ -354,6 +359,7 @@ final class GRPCEdgeStream: ChannelInboundHandler, LoopSlotTarget {
             ? GRPCWire.trailers(status: status, message: message)
             : GRPCWire.trailersOnly(status: status, message: message)
         var withID = headers
+        finalStatus = GRPCWire.statusCodeLabel(status)
         if !responseStarted, !requestID.isEmpty { withID.add(name: "apus-request-id", value: requestID, indexing: .nonIndexable) }
         responseStarted = true
         responseEnding = true
@@ -365,6 +371,7 @@ final class GRPCEdgeStream: ChannelInboundHandler, LoopSlotTarget {
     private func finish() {
         guard phase != .finished else { return }
         phase = .finished
+        slot.pool?.metrics.recordRequest(protocol: "grpc", code: finalStatus ?? GRPCWire.statusCodeLabel(GRPCWire.statusCancelled), since: arrivedAt)
         deadlineTask?.cancel()
         deadlineTask = nil
         pending = []

@@ -41,6 +41,9 @@ final class HTTPOverHTTP2Stream: ChannelInboundHandler, LoopSlotTarget {
     private var responseEnding = false
     private var upstream: InstanceHTTP1Connection?
     private var slotWaiter: LoopSlotWaiter?
+    private var arrivedAt = ContinuousClock.now
+    /// The status the client got (metrics); 0 while none was sent.
+    private var status = 0
 
     init(shared: GatewayShared, peer: String, scheme: String) {
         self.shared = shared
@@ -104,6 +107,7 @@ final class HTTPOverHTTP2Stream: ChannelInboundHandler, LoopSlotTarget {
     // MARK: routing
 
     private func start(_ head: HTTPRequestHead) {
+        arrivedAt = .now
         requestID = shared.requestIDs.next()
         let host = head.headers.first(name: "host")
         let route: GatewayRoute
@@ -235,6 +239,7 @@ final class HTTPOverHTTP2Stream: ChannelInboundHandler, LoopSlotTarget {
         switch part {
         case .head(var head):
             responseStarted = true
+            status = Int(head.status.code)
             for name in Self.hopByHop { head.headers.remove(name: name) }
             head.headers.add(name: "x-apus-version", value: String(version.number))
             head.headers.add(name: "x-apus-request-id", value: requestID)
@@ -288,6 +293,7 @@ final class HTTPOverHTTP2Stream: ChannelInboundHandler, LoopSlotTarget {
         if let version { headers.add(name: "x-apus-version", value: String(version.number)) }
         if error.code == .overloaded || error.code == .unavailable { headers.add(name: "retry-after", value: "1") }
         responseStarted = true
+        status = error.code.httpStatus
         context.write(wrapOutboundOut(.head(HTTPResponseHead(version: .http2, status: .init(statusCode: error.code.httpStatus), headers: headers))), promise: nil)
         context.write(wrapOutboundOut(.body(.byteBuffer(context.channel.allocator.buffer(string: body)))), promise: nil)
         context.writeAndFlush(wrapOutboundOut(.end(nil)), promise: nil)
@@ -297,6 +303,9 @@ final class HTTPOverHTTP2Stream: ChannelInboundHandler, LoopSlotTarget {
     private func finish(upstreamReusable: Bool) {
         guard phase != .finished else { return }
         phase = .finished
+        // Ended before its end was sent (client reset, instance failure mid-response): the client's own code, or 499.
+        let code = responseEnding && status != 0 ? GatewayConnectionHandler.statusCode(status) : GatewayConnectionHandler.clientClosedCode
+        slot.pool?.metrics.recordRequest(protocol: "http", code: code, since: arrivedAt)
         deadlineTask?.cancel()
         deadlineTask = nil
         pending = []
