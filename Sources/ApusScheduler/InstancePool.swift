@@ -83,16 +83,16 @@ public final class InstancePool: Sendable {
 
     /// Takes a slot without waiting when one is free (the hot path: no task, no continuation, no allocation);
     /// otherwise queues the request until `deadline` and tells `waiter`, from any thread.
-    public func acquire(requestID: String, deadline: ContinuousClock.Instant, waiter: any SlotWaiter) -> AcquireOutcome {
+    public func acquire(requestID: String, deadline: ContinuousClock.Instant, waiter: any SlotWaiter, shard: UInt64? = nil) -> AcquireOutcome {
         var outcome = AcquireOutcome.queued
         let actions = state.withLock { state -> [InstancePoolStateMachine.Action] in
             let now = self.now
-            if let instanceID = state.machine.takeFreeSlot(now: now), let handle = state.handles[instanceID] {
+            if let instanceID = state.machine.takeFreeSlot(now: now, shard: shard), let handle = state.handles[instanceID] {
                 outcome = .leased(Lease(instanceID: instanceID, port: handle.port, since: now))
                 return []
             }
             var rest: [InstancePoolStateMachine.Action] = []
-            for action in state.machine.request(requestID, deadline: deadline, now: now) {
+            for action in state.machine.request(requestID, deadline: deadline, now: now, shard: shard) {
                 switch action {
                 case .dispatch(let id, let instanceID) where id == requestID:
                     // A ready instance always has its handle: both change under this lock.

@@ -97,6 +97,9 @@ struct Apusd: AsyncParsableCommand {
     @Flag(help: "Run instances without bubblewrap even where it works (rlimits only).")
     var noSandbox = false
 
+    @Option(help: "Shard size: with more ready instances than this, each gateway worker sends a version's requests to its consistent-hash subset of this many instances, spilling to the rest only when those are busy (0: off).")
+    var shardSize = 0
+
     @Option(help: "Event-loop threads of the gateway (default: one per core).")
     var gatewayThreads: Int?
 
@@ -118,6 +121,7 @@ struct Apusd: AsyncParsableCommand {
             throw ValidationError("--tls-cert and --tls-key need --tls-port")
         }
         do { _ = try PrewarmSettings.parseCounts(prewarm) } catch { throw ValidationError(error.message) }
+        guard (0...1000).contains(shardSize) else { throw ValidationError("--shard-size: must be 0...1000 (got \(shardSize))") }
         guard (0.1...1).contains(targetUtilisation) else { throw ValidationError("--target-utilisation: must be 0.1...1 (got \(targetUtilisation))") }
         guard (1...100_000).contains(h2MaxStreams) else { throw ValidationError("--h2-max-streams: must be 1...100000 (got \(h2MaxStreams))") }
         guard (65_535...(1 << 31) - 1).contains(h2Window) else { throw ValidationError("--h2-window: must be 65535...2147483647 (got \(h2Window))") }
@@ -175,7 +179,7 @@ struct Apusd: AsyncParsableCommand {
 
         let catalog = FunctionCatalog()
         let scheduler = Scheduler(
-            configuration: .init(queueLength: queueLength, idleTimeout: idle, stopGrace: grace),
+            configuration: .init(queueLength: queueLength, idleTimeout: idle, stopGrace: grace, shardSize: shardSize),
             catalog: catalog, launcher: launcher,
             codeDirectory: { version throws(ApusError) in try code.unpacked(version.codeDigest) },
             logger: Logger(label: "apus.scheduler"))

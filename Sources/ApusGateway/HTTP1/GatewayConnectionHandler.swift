@@ -69,6 +69,8 @@ final class GatewayConnectionHandler: ChannelInboundHandler, RemovableChannelHan
     private var peer = "unknown"
     /// Hears slot decisions for this connection's queued requests and brings them back onto its event loop.
     private var slotWaiter: LoopSlotWaiter!
+    /// This connection's event loop's shard key (see `GatewayShared.shardKey(for:)`).
+    private var shardKey: UInt64 = 0
     private var headScratch: ByteBuffer?
 
     static let maxHead = 64 << 10
@@ -89,6 +91,7 @@ final class GatewayConnectionHandler: ChannelInboundHandler, RemovableChannelHan
         self.context = context
         self.upstreams = shared.upstreamPool(for: context.eventLoop)
         self.slotWaiter = LoopSlotWaiter(NIOLoopBound<any LoopSlotTarget>(self, eventLoop: context.eventLoop))
+        self.shardKey = shared.shardKey(for: context.eventLoop)
         if context.channel.isActive { becameActive(context: context) }
     }
 
@@ -249,7 +252,9 @@ final class GatewayConnectionHandler: ChannelInboundHandler, RemovableChannelHan
     }
 
     private func acquireSlot(_ current: Exchange) {
-        switch current.pool.acquire(requestID: current.invocation.requestID, deadline: current.invocation.deadline!, waiter: slotWaiter) {
+        switch current.pool.acquire(
+            requestID: current.invocation.requestID, deadline: current.invocation.deadline!, waiter: slotWaiter,
+            shard: shardKey) {
         case .leased(let lease):
             phase = .connecting
             current.lease = lease

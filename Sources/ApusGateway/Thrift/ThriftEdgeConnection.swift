@@ -193,7 +193,7 @@ final class ThriftEdgeConnection: ChannelInboundHandler, LoopSlotTarget, Drainab
 
     private func acquireSlot(_ call: Call) {
         guard let pool = call.pool else { return }
-        switch pool.acquire(requestID: call.requestID, deadline: call.deadline, waiter: slotWaiter!) {
+        switch pool.acquire(requestID: call.requestID, deadline: call.deadline, waiter: slotWaiter!, shard: shared.shardKey(for: context.eventLoop)) {
         case .leased(let lease):
             call.lease = lease
             send(call)
