@@ -64,6 +64,15 @@ let package = Package(
         ),
         // C shims for GNU-only process APIs (pipe2, posix_spawn chdir).
         .target(name: "CApusShims"),
+        // Service mesh: the registry protocol and model, the embedded registry, its HTTP client, and etcd.
+        .target(
+            name: "ApusMesh",
+            dependencies: [
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            exclude: ["README.md"],
+            swiftSettings: swiftSettings
+        ),
         // Node agent: launches function instances as (sandboxed) child processes per the runtime contract.
         .target(
             name: "ApusRuntime",

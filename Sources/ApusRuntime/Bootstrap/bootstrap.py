@@ -47,6 +47,7 @@ import http.server
 import json
 import signal
 import socket
+import socketserver
 import time
 import traceback
 import uuid
@@ -598,6 +599,12 @@ class Server(http.server.ThreadingHTTPServer):
     allow_reuse_address = True
     daemon_threads = True
     request_queue_size = 128
+
+    def server_bind(self):
+        # HTTPServer.server_bind resolves the host's FQDN (a name lookup costing about a millisecond of every start);
+        # the instance only ever listens on loopback.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
 
     def handle_error(self, request, client_address):
         exc = sys.exc_info()[1]

@@ -101,9 +101,11 @@ final class PrewarmPool: Sendable {
             let index = state.idle.firstIndex { $0.isPrewarmReady } ?? 0
             return state.idle.remove(at: index)
         }
-        if taken != nil {
-            Task { self.replenish() }
+        if taken == nil {
+            Task { self.replenish() }  // any that died while waiting
         }
+        // A taken process is replaced once its instance is ready (`ProcessLauncher.launch`), so the replacement's
+        // interpreter start does not compete with the specialisation for the CPU.
         return taken
     }
 

@@ -150,7 +150,12 @@ public final class ProcessLauncher: InstanceLauncher {
             logs.event(function: function, version: version, instance: spec.instanceID, "starting (pid \(process.pid), port \(port), sandbox \(sandbox.mode.rawValue))")
         }
 
-        var outcome = await waitUntilReady(process, port: port, protocol: spec.manifest.protocol, deadline: started.advanced(by: configuration.startTimeout))
+        var outcome = await waitUntilReady(
+            process, port: port, protocol: spec.manifest.protocol, deadline: started.advanced(by: configuration.startTimeout),
+            firstPause: prewarmed ? 200 : 1_000)
+        if prewarmed, let pool = prewarmPool {
+            Task { pool.replenish() }
+        }
         if case .success = outcome, let exit = process.markLaunched() {
             outcome = .failure(ApusError(.unavailable, "instance \(exit) right after it became ready"))
         }
@@ -222,8 +227,11 @@ public final class ProcessLauncher: InstanceLauncher {
     }
 
     /// Probes the instance's port until it is ready, the process ends, or `deadline` passes.
+    /// `firstPause` (µs) is the wait after the first probe: 1 ms for a new process, less for a prewarmed one, which
+    /// is listening within a few milliseconds.
     private func waitUntilReady(
-        _ process: ManagedProcess, port: Int, protocol: FunctionManifest.WireProtocol, deadline: ContinuousClock.Instant
+        _ process: ManagedProcess, port: Int, protocol: FunctionManifest.WireProtocol, deadline: ContinuousClock.Instant,
+        firstPause: UInt32
     ) async -> Result<Void, ApusError> {
         let startTimeout = configuration.startTimeout
         let probe: ReadinessProbe.Kind = switch `protocol` {
@@ -236,8 +244,8 @@ public final class ProcessLauncher: InstanceLauncher {
             Thread.detachNewThread {
                 var lastProblem = "did not listen on its port"
                 // Probe often at first (a native server is ready within a few ms, Python within ~50 ms) and back
-                // off gently: 1 ms, growing by a quarter per probe, at most 20 ms between probes.
-                var pause: UInt32 = 1_000
+                // off gently: `firstPause`, growing by a quarter per probe, at most 20 ms between probes.
+                var pause = firstPause
                 while true {
                     if let exit = process.exit {
                         continuation.resume(returning: .failure(ApusError(.unavailable, "instance \(exit) before it was ready")))
