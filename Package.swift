@@ -69,6 +69,11 @@ let package = Package(
             name: "ApusMesh",
             dependencies: [
                 .product(name: "Logging", package: "swift-log"),
+                .product(name: "Metrics", package: "swift-metrics"),
+                .product(name: "AsyncHTTPClient", package: "async-http-client"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+                .product(name: "NIOFoundationCompat", package: "swift-nio"),
             ],
             exclude: ["README.md"],
             swiftSettings: swiftSettings
@@ -129,6 +134,7 @@ let package = Package(
                 "ApusStore",
                 "ApusScheduler",
                 "ApusRuntime",
+                "ApusMesh",
                 .product(name: "Hummingbird", package: "hummingbird"),
                 .product(name: "HTTPTypes", package: "swift-http-types"),
                 .product(name: "Prometheus", package: "swift-prometheus"),
@@ -141,7 +147,7 @@ let package = Package(
         .executableTarget(
             name: "apusd",
             dependencies: [
-                "ApusCore", "ApusStore", "ApusRuntime", "ApusScheduler", "ApusGateway", "ApusControl",
+                "ApusCore", "ApusStore", "ApusRuntime", "ApusScheduler", "ApusGateway", "ApusControl", "ApusMesh",
                 .product(name: "Metrics", package: "swift-metrics"),
                 .product(name: "Prometheus", package: "swift-prometheus"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
@@ -156,6 +162,7 @@ let package = Package(
             name: "apus",
             dependencies: [
                 "ApusCore",
+                "ApusMesh",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "AsyncHTTPClient", package: "async-http-client"),
                 .product(name: "NIOCore", package: "swift-nio"),
@@ -208,6 +215,11 @@ let package = Package(
                 .product(name: "NIOHTTP2", package: "swift-nio-http2"),
                 .product(name: "NIOHPACK", package: "swift-nio-http2"),
             ],
+            swiftSettings: swiftSettings
+        ),
+        .testTarget(
+            name: "ApusMeshTests",
+            dependencies: ["ApusMesh", .product(name: "Logging", package: "swift-log")],
             swiftSettings: swiftSettings
         ),
         .testTarget(

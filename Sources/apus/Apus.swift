@@ -9,7 +9,7 @@ struct Apus: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "apus",
         abstract: "Deploy, release, invoke and inspect functions on an Apus platform.",
-        subcommands: [Deploy.self, List.self, Get.self, Versions.self, Release.self, Delete.self, Invoke.self, Logs.self, Instances.self, Status.self, Scale.self])
+        subcommands: [Deploy.self, List.self, Get.self, Versions.self, Release.self, Delete.self, Invoke.self, Logs.self, Instances.self, Status.self, Scale.self, Services.self])
 
     /// Global options may come before the subcommand (`apus --api URL list`): move them after it.
     static func main() async {

@@ -3,6 +3,7 @@
 import ApusControl
 import ApusCore
 import ApusGateway
+import ApusMesh
 import ApusRuntime
 import ApusScheduler
 import ApusStore
@@ -106,6 +107,15 @@ struct Apusd: AsyncParsableCommand {
     @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
     var logLevel = "info"
 
+    @Option(help: "Service registry: embedded (in this process, served on the API port) or etcd://host:port (etcd v3).")
+    var registry = "embedded"
+
+    @Option(help: "The apus-sidecar started beside instances of mesh.sidecar functions (default: apus-sidecar beside apusd).")
+    var sidecarBinary: String?
+
+    @Option(help: "Address functions are registered in the mesh with (default: --host).")
+    var advertiseAddress: String?
+
     func parseDuration(_ text: String, _ option: String) throws -> Duration {
         guard let duration = Duration(humanReadable: text) else {
             throw ValidationError("--\(option): not a duration (\(text)); use e.g. 500ms, 30s, 5m")
@@ -127,6 +137,12 @@ struct Apusd: AsyncParsableCommand {
         guard (65_535...(1 << 31) - 1).contains(h2Window) else { throw ValidationError("--h2-window: must be 65535...2147483647 (got \(h2Window))") }
         guard (1024...(1 << 30)).contains(thriftMaxFrame) else { throw ValidationError("--thrift-max-frame: must be 1024...1073741824 (got \(thriftMaxFrame))") }
         guard (1024...(16 << 20)).contains(h2MaxHeaderList) else { throw ValidationError("--h2-max-header-list: must be 1024...16777216 (got \(h2MaxHeaderList))") }
+        if registry != "embedded" {
+            guard registry.hasPrefix("etcd://") || registry.hasPrefix("etcd+https://") else {
+                throw ValidationError("--registry: must be embedded or etcd://host:port (got \(registry))")
+            }
+            do { _ = try makeSnapshottingServiceRegistry(url: registry, logger: Logger(label: "apus.registry")) } catch { throw ValidationError("--registry: \(error)") }
+        }
     }
 
     func run() async throws {
@@ -158,13 +174,16 @@ struct Apusd: AsyncParsableCommand {
 
         let sandbox = Sandbox.detect(disabled: noSandbox, logger: logger)
         let prewarmCounts = try PrewarmSettings.parseCounts(prewarm)
+        let ports = BoundPorts(host: host, file: dataURL.appendingPathComponent("ports.json"))
+        let mesh = try MeshSetup(registry: registry, host: host, advertiseAddress: advertiseAddress, ports: ports)
         let launcher = ProcessLauncher(
             configuration: .init(
                 python: python ?? ProcessLauncher.Configuration.defaultPython(),
                 startTimeout: start,
                 runtimeDirectory: runtimeDir.map { URL(fileURLWithPath: $0, isDirectory: true) }
                     ?? ProcessLauncher.Configuration.bundledRuntimeDirectory,
-                prewarm: PrewarmSettings(python3: prewarmCounts["python3"] ?? 0, directory: dataURL.appendingPathComponent("prewarm"))),
+                prewarm: PrewarmSettings(python3: prewarmCounts["python3"] ?? 0, directory: dataURL.appendingPathComponent("prewarm")),
+                sidecar: SidecarSettings(binary: sidecarBinary ?? SidecarSettings.defaultBinary, registryURL: mesh.sidecarRegistryURL)),
             sandbox: sandbox, logs: logs, logger: Logger(label: "apus.runtime"))
 
         var http2Limits = GatewayServer.HTTP2Limits()
@@ -197,7 +216,6 @@ struct Apusd: AsyncParsableCommand {
             FileHandle.standardOutput.write(Data("apusd: \(result.created ? "deployed" : "unchanged") \(result.function) version \(result.version.number) from \(directory)\n".utf8))
         }
 
-        let ports = BoundPorts(host: host, file: dataURL.appendingPathComponent("ports.json"))
         let stopping = ShutdownFlag()
         let api = ControlAPI(
             control: control,
@@ -206,8 +224,10 @@ struct Apusd: AsyncParsableCommand {
                     version: "0.1.0", gateway: .init(http: ports.gatewayURL), domain: domain, sandbox: sandbox.mode.rawValue)
             },
             stopping: stopping, metrics: metricsRegistry, logger: Logger(label: "apus.api"))
+        let router = api.makeRouter()
+        RegistryAPI(registry: mesh.registry, stopping: stopping).addRoutes(to: router)
         let apiApp = Application(
-            router: api.makeRouter(),
+            router: router,
             configuration: .init(address: .hostname(host, port: apiPort), serverName: "apus-api"),
             onServerRunning: { channel in ports.bound(api: channel.localAddress?.port ?? 0) },
             logger: Logger(label: "apus.api"))
@@ -225,6 +245,8 @@ struct Apusd: AsyncParsableCommand {
                 .init(service: scheduler, serviceName: "scheduler"),
                 .init(service: autoscaler, serviceName: "autoscaler"),
                 .init(service: apiApp, serviceName: "api"),
+                .init(service: mesh.registryService, serviceName: "registry"),
+                .init(service: mesh.publisherService(catalog: catalog), serviceName: "mesh-publisher"),
                 .init(service: FlagOnShutdown(flag: stopping), serviceName: "log-streams"),
                 .init(service: gateway, serviceName: "gateway"),
             ],
@@ -259,6 +281,10 @@ final class BoundPorts: Sendable {
     var gatewayURL: String? {
         state.withLock { $0.http }.map { "http://\(host):\($0)" }
     }
+
+    /// The bound API, gateway HTTP and Thrift ports (nil until bound).
+    var apiPort: Int? { state.withLock { $0.api } }
+    var gatewayPorts: (http: Int, thrift: Int?)? { state.withLock { s in s.http.map { ($0, s.thrift) } } }
 
     func bound(api: Int? = nil, http: Int? = nil, tls: Int? = nil, thrift: Int? = nil) {
         let all = state.withLock { state -> (Int, Int, Int?, Int?)? in

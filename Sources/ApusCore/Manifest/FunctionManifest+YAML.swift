@@ -19,7 +19,7 @@ extension FunctionManifest {
         }
         let reader = ManifestReader(mapping: mapping, path: "")
         try reader.rejectUnknownKeys(allowed: ["name", "runtime", "handler", "command", "protocol", "concurrency",
-                                               "scale", "timeout", "memory", "env", "grpc", "thrift", "shedding"])
+                                               "scale", "timeout", "memory", "env", "grpc", "thrift", "shedding", "mesh"])
 
         let name = try reader.requiredString("name")
         try validateName(name, key: "name")
@@ -209,6 +209,7 @@ extension FunctionManifest {
             }
             manifest.env = env
         }
+        manifest.mesh = try parseMesh(reader)
         return manifest
     }
 

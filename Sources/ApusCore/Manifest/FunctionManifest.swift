@@ -152,6 +152,8 @@ public struct FunctionManifest: Codable, Hashable, Sendable {
     public var thrift: ThriftSettings?
     /// Off unless set.
     public var shedding: Shedding?
+    /// Service-mesh membership (`mesh: {service, sidecar}`); nil: not in discovery.
+    public var mesh: MeshSettings?
 
     public init(
         name: String,
@@ -166,7 +168,8 @@ public struct FunctionManifest: Codable, Hashable, Sendable {
         env: [String: String] = [:],
         grpc: GRPCSettings? = nil,
         thrift: ThriftSettings? = nil,
-        shedding: Shedding? = nil
+        shedding: Shedding? = nil,
+        mesh: MeshSettings? = nil
     ) {
         self.name = name
         self.runtime = runtime
@@ -181,10 +184,11 @@ public struct FunctionManifest: Codable, Hashable, Sendable {
         self.grpc = grpc
         self.thrift = thrift
         self.shedding = shedding
+        self.mesh = mesh
     }
 
     enum CodingKeys: String, CodingKey {
-        case name, runtime, handler, command, `protocol`, concurrency, scale, timeout, memory, env, grpc, thrift, shedding
+        case name, runtime, handler, command, `protocol`, concurrency, scale, timeout, memory, env, grpc, thrift, shedding, mesh
     }
 
     // Durations and sizes are stored in their human form so stored versions read like the manifest.
@@ -211,6 +215,7 @@ public struct FunctionManifest: Codable, Hashable, Sendable {
         grpc = try c.decodeIfPresent(GRPCSettings.self, forKey: .grpc)
         thrift = try c.decodeIfPresent(ThriftSettings.self, forKey: .thrift)
         shedding = try c.decodeIfPresent(Shedding.self, forKey: .shedding)
+        mesh = try c.decodeIfPresent(MeshSettings.self, forKey: .mesh)
     }
 
     public func encode(to encoder: any Encoder) throws {
@@ -228,5 +233,6 @@ public struct FunctionManifest: Codable, Hashable, Sendable {
         try c.encodeIfPresent(grpc, forKey: .grpc)
         try c.encodeIfPresent(thrift, forKey: .thrift)
         try c.encodeIfPresent(shedding, forKey: .shedding)
+        try c.encodeIfPresent(mesh, forKey: .mesh)
     }
 }

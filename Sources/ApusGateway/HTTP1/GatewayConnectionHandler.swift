@@ -214,7 +214,7 @@ final class GatewayConnectionHandler: ChannelInboundHandler, RemovableChannelHan
         var invocation: Invocation
         let route: GatewayRoute
         do throws(ApusError) {
-            route = try GatewayRoute.resolve(host: head.host, uri: head.target, domain: shared.configuration.domain)
+            route = try GatewayRoute.resolve(host: head.host, uri: head.target, domain: shared.configuration.domain, catalog: shared.scheduler.catalog)
             var pinned: Int?
             if let text = head.pinnedVersion {
                 guard let number = Int(text), number > 0 else {

@@ -113,7 +113,7 @@ final class HTTPOverHTTP2Stream: ChannelInboundHandler, LoopSlotTarget {
         let route: GatewayRoute
         let version: FunctionVersion
         do throws(ApusError) {
-            route = try GatewayRoute.resolve(host: host, uri: head.uri, domain: shared.configuration.domain)
+            route = try GatewayRoute.resolve(host: host, uri: head.uri, domain: shared.configuration.domain, catalog: shared.scheduler.catalog)
             var pinned: Int?
             if let text = head.headers.first(name: "x-apus-version") {
                 guard let number = Int(text), number > 0 else {

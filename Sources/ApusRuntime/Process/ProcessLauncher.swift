@@ -20,12 +20,16 @@ public final class ProcessLauncher: InstanceLauncher {
 
         /// Prewarmed runtime processes to keep waiting (nil: none).
         public var prewarm: PrewarmSettings?
+        /// The sidecar started beside instances of `mesh.sidecar: true` functions (nil: such functions fail to start).
+        public var sidecar: SidecarSettings?
 
-        public init(python: String, startTimeout: Duration, runtimeDirectory: URL, prewarm: PrewarmSettings? = nil) {
+        public init(python: String, startTimeout: Duration, runtimeDirectory: URL, prewarm: PrewarmSettings? = nil,
+                    sidecar: SidecarSettings? = nil) {
             self.python = python
             self.startTimeout = startTimeout
             self.runtimeDirectory = runtimeDirectory
             self.prewarm = prewarm
+            self.sidecar = sidecar
         }
 
         /// The bundled runtime files shipped with this module.
@@ -122,16 +126,23 @@ public final class ProcessLauncher: InstanceLauncher {
         logger[metadataKey: "version"] = "\(version)"
         logger[metadataKey: "instance"] = "\(spec.instanceID)"
 
+        // mesh.sidecar: the sidecar starts first, so the instance finds $APUS_SIDECAR listening.
+        let sidecar = try await startSidecar(for: spec, appPort: port)
+        var instanceEnvironment = environment(for: spec, port: port)
+        if let sidecar { instanceEnvironment["APUS_SIDECAR"] = sidecar.outboundURL }
+        let instanceOnExit = sidecar?.stoppingOnExit(onExit) ?? onExit
+
         let process: ManagedProcess
         let prewarmed: Bool
         if let warm = prewarmPool?.take(for: spec) {
             // A generic runtime process is already up with its interpreter loaded: give it this function's code
             // and identity, and it imports the handler and listens.
             do throws(ApusError) {
-                try warm.specialise(spec: spec, port: port, environment: environment(for: spec, port: port), owner: owner, onExit: onExit)
+                try warm.specialise(spec: spec, port: port, environment: instanceEnvironment, owner: owner, onExit: instanceOnExit)
             } catch {
                 logger.warning("prewarmed process could not be specialised, starting a new one", metadata: ["reason": "\(error.message)"])
                 await warm.stop(grace: .milliseconds(200))
+                await sidecar?.stop(grace: .milliseconds(200))
                 return try await launch(spec, onExit: onExit)
             }
             process = warm
@@ -143,8 +154,13 @@ public final class ProcessLauncher: InstanceLauncher {
                 codeDirectory: spec.codeDirectory,
                 runtimeDirectory: spec.manifest.runtime == .python3 ? configuration.runtimeDirectory : nil,
                 memoryLimit: spec.manifest.memory)
-            process = try spawn(argv: argv, environment: environment(for: spec, port: port),
-                                workingDirectory: spec.codeDirectory.path, owner: owner, onExit: onExit)
+            do throws(ApusError) {
+                process = try spawn(argv: argv, environment: instanceEnvironment,
+                                    workingDirectory: spec.codeDirectory.path, owner: owner, onExit: instanceOnExit)
+            } catch {
+                await sidecar?.stop(grace: .milliseconds(200))
+                throw error
+            }
             prewarmed = false
             logger.debug("instance spawned", metadata: ["pid": "\(process.pid)", "port": "\(port)", "argv": "\(argv.joined(separator: " "))"])
             logs.event(function: function, version: version, instance: spec.instanceID, "starting (pid \(process.pid), port \(port), sandbox \(sandbox.mode.rawValue))")
@@ -165,12 +181,13 @@ public final class ProcessLauncher: InstanceLauncher {
             logs.event(function: function, version: version, instance: spec.instanceID, "ready in \(elapsed.milliseconds)ms\(prewarmed ? " (prewarmed)" : "")")
             logger.info("instance ready", metadata: ["coldStartMs": "\(elapsed.milliseconds)", "port": "\(port)", "prewarmed": "\(prewarmed)"])
             RuntimeMetrics.coldStart(function: function, runtime: spec.manifest.runtime.rawValue, prewarmed: prewarmed, duration: elapsed)
-            return ProcessInstance(instanceID: spec.instanceID, port: port, process: process)
+            return ProcessInstance(instanceID: spec.instanceID, port: port, process: process, sidecar: sidecar)
         case .failure(let error):
             logs.event(function: function, version: version, instance: spec.instanceID, "failed to start: \(error.message)")
             logger.warning("instance failed to start", metadata: ["reason": "\(error.message)"])
             RuntimeMetrics.startFailed(function: function, runtime: spec.manifest.runtime.rawValue)
             await process.stop(grace: .milliseconds(500))
+            await sidecar?.stop(grace: .milliseconds(500))
             let tail = logs.tail(function: function, count: 3).filter { $0.contains(spec.instanceID) && $0.contains("stderr|") }.last
             let detail = tail.map { "; last stderr: " + ($0.components(separatedBy: "stderr| ").last ?? "") } ?? ""
             throw ApusError(error.code, error.message + detail)
@@ -277,11 +294,14 @@ struct ProcessInstance: InstanceHandle {
     let instanceID: String
     let port: Int
     let process: ManagedProcess
+    /// The instance's `apus-sidecar` (mesh.sidecar), stopped after the instance so its calls in flight finish.
+    var sidecar: SidecarProcess? = nil
 
     var pid: Int32 { process.pid }
 
     func stop(grace: Duration) async {
         await process.stop(grace: grace)
+        await sidecar?.stop(grace: grace)
     }
 }
 
