@@ -64,6 +64,8 @@ public actor RegistrationKeeper {
     private func keep() async {
         var backoff: Duration = .milliseconds(200)
         let cap = max(heartbeatInterval, .milliseconds(200))
+        // After `startAndWait` registered, the first heartbeat is due a third of the TTL later.
+        if lease != nil { try? await Task.sleep(for: heartbeatInterval) }
         while !Task.isCancelled {
             do {
                 if let lease {

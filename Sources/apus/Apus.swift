@@ -23,7 +23,10 @@ struct Apus: AsyncParsableCommand {
             }
         }
         if let subcommand = rest.first {
-            await main([subcommand] + leading + rest.dropFirst())
+            // Nested subcommands (`services resolve`) take the options after their own name.
+            let nested = rest.count > 1 && Services.configuration.subcommands.contains { $0.configuration.commandName == rest[1] } && subcommand == "services"
+            let head = Array(rest.prefix(nested ? 2 : 1))
+            await main(head + leading + rest.dropFirst(head.count))
         } else {
             await main(leading)
         }

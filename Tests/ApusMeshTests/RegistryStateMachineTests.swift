@@ -91,7 +91,7 @@ struct RegistryStateMachineTests {
     @Test func invalidRegistrationsNameTheField() {
         var machine = RegistryStateMachine(leasePrefix: "t")
         func failure(_ service: String, _ endpoint: ServiceEndpoint, ttl: Int = 10) -> String {
-            do {
+            do throws(RegistryError) {
                 _ = try machine.register(service: service, endpoint: endpoint, ttlSeconds: ttl, now: t0)
                 return "accepted"
             } catch {

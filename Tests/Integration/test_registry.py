@@ -104,7 +104,7 @@ def test_bad_registrations_are_refused_naming_the_field(daemon):
     cases = [
         ("Bad_Service", "a", good, "service:"),
         ("10.0.0.1", "a", good, "service:"),
-        ("reg.bad", "a b", good, "endpoint.id:"),
+        ("reg.bad", "a%20b", good, "endpoint.id:"),
         ("reg.bad", "a", {**good, "port": 0}, "endpoint.port:"),
         ("reg.bad", "a", {**good, "port": "80"}, "port: must be a whole number"),
         ("reg.bad", "a", {**good, "protocol": "smtp"}, "endpoint.protocol:"),
