@@ -218,6 +218,16 @@ let package = Package(
             swiftSettings: swiftSettings
         ),
         .testTarget(
+            name: "ApusControlTests",
+            dependencies: [
+                "ApusControl", "ApusMesh",
+                .product(name: "Hummingbird", package: "hummingbird"),
+                .product(name: "HummingbirdTesting", package: "hummingbird"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            swiftSettings: swiftSettings
+        ),
+        .testTarget(
             name: "ApusMeshTests",
             dependencies: ["ApusMesh", .product(name: "Logging", package: "swift-log")],
             swiftSettings: swiftSettings

@@ -126,17 +126,17 @@ public struct RegistryAPI: Sendable {
         }
     }
 
-    /// Adds the `/v1/registry` routes to the control API's router (after `ControlAPI.makeRouter()`, so its error
-    /// middleware covers them).
+    /// Adds the `/v1/registry` routes to a router (the control API's), with the JSON error envelope.
     public func addRoutes(to router: Router<BasicRequestContext>) {
         let registry = self.registry
+        let router = router.group("/v1/registry").add(middleware: ErrorMiddleware())
 
-        router.get("/v1/registry/services") { _, _ in
+        router.get("services") { _, _ in
             struct Listing: Codable { var services: [ServiceSnapshot] }
             return try ControlAPI.json(Listing(services: try await Self.mapped { try await registry.snapshots() }))
         }
 
-        router.get("/v1/registry/services/:service") { request, context in
+        router.get("services/:service") { request, context in
             let service = try parameter(context, "service")
             try Self.validate(service)
             let query = request.uri.queryParameters
@@ -157,7 +157,7 @@ public struct RegistryAPI: Sendable {
             return try Self.snapshotResponse(try await Self.mapped { try await longPoll(service, index: index, wait: wait) })
         }
 
-        router.put("/v1/registry/services/:service/endpoints/:id") { request, context in
+        router.put("services/:service/endpoints/:id") { request, context in
             let service = try parameter(context, "service")
             let id = try parameter(context, "id")
             var request = request
@@ -167,7 +167,7 @@ public struct RegistryAPI: Sendable {
             return try ControlAPI.json(lease)
         }
 
-        router.delete("/v1/registry/services/:service/endpoints/:id") { request, context in
+        router.delete("services/:service/endpoints/:id") { request, context in
             let service = try parameter(context, "service")
             let id = try parameter(context, "id")
             let lease = request.uri.queryParameters["lease"].map(String.init)
@@ -183,7 +183,7 @@ public struct RegistryAPI: Sendable {
             return Response(status: .noContent)
         }
 
-        router.post("/v1/registry/leases/:lease/heartbeat") { _, context in
+        router.post("leases/:lease/heartbeat") { _, context in
             let leaseID = try parameter(context, "lease")
             let lease = try await Self.mapped { () async throws -> RegistrationLease in
                 if let embedded = registry as? EmbeddedRegistry { return try embedded.renew(leaseID: leaseID) }
@@ -194,7 +194,7 @@ public struct RegistryAPI: Sendable {
             return try ControlAPI.json(lease)
         }
 
-        router.put("/v1/registry/leases/:lease/health") { request, context in
+        router.put("leases/:lease/health") { request, context in
             let leaseID = try parameter(context, "lease")
             var request = request
             let body = try await request.collectBody(upTo: 64 << 10)
