@@ -95,13 +95,15 @@ public actor MeshPublisher {
         }
     }
 
-    /// Deregisters every function (apusd stopping).
+    /// Deregisters every function (apusd stopping), even from a cancelled task.
     public func stopAll() async {
         let all = keepers
         keepers = [:]
         generation = nil
-        await withTaskGroup(of: Void.self) { group in
-            for (_, entry) in all { group.addTask { await entry.keeper.stop() } }
-        }
+        await Task {
+            await withTaskGroup(of: Void.self) { group in
+                for (_, entry) in all { group.addTask { await entry.keeper.stop() } }
+            }
+        }.value
     }
 }

@@ -110,17 +110,19 @@ public actor RegistrationKeeper {
 
     public var isHealthy: Bool { endpoint.healthy }
 
-    /// Stops heartbeating and deregisters (the entry goes at once instead of at its TTL).
+    /// Stops heartbeating and deregisters (the entry goes at once instead of at its TTL). The deregistration runs
+    /// even when the caller's task is already cancelled (a stopping process).
     public func stop() async {
         loop?.cancel()
         await loop?.value
         loop = nil
         guard let lease else { return }
         self.lease = nil
-        do {
-            try await registry.deregister(lease)
-            logger.info("deregistered")
-        } catch {
+        let registry = self.registry
+        let result = await Task { try await registry.deregister(lease) }.result
+        switch result {
+        case .success: logger.info("deregistered")
+        case .failure(let error):
             logger.warning("deregistration failed; the entry expires with its lease", metadata: ["error": "\(error)"])
         }
     }

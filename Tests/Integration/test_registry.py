@@ -237,3 +237,18 @@ def test_apusd_restart_registers_functions_again(tmp_path):
         assert call_http_endpoint(after, "restart.svc").status == 200
     finally:
         d.teardown()
+
+
+def test_thrift_function_registered_on_the_thrift_port(daemon, tmp_path):
+    from apus_testlib import EXAMPLES_DIR, copy_function
+    from thrift_support import calculator_client
+    fn = copy_function(EXAMPLES_DIR / "calculator-python-thrift", tmp_path / "calc", name="mesh-calc")
+    with open(fn / "apus.yaml", "a") as f:
+        f.write("mesh: {service: calc.mesh}\n")
+    daemon.deploy(fn)
+    ep = wait_until(lambda: resolve(daemon, "calc.mesh")["endpoints"], 10, "Thrift function not registered")[0]
+    assert (ep["address"], ep["port"], ep["protocol"], ep["metadata"]) == \
+        ("127.0.0.1", daemon.thrift_port, "thrift", {"function": "mesh-calc"}), ep
+    # An upstream calls it at the resolved endpoint in Thrift, multiplexed by the service name.
+    with calculator_client(ep["address"], ep["port"], multiplexed="Calculator") as calc:
+        assert calc.add(20, 22) == 42

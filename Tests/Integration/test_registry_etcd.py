@@ -149,3 +149,12 @@ def test_function_resolved_from_etcd_and_kept_through_an_etcd_restart(daemon, et
     # Deleting the function removes its key.
     daemon.cli_ok("delete", "etcd-http")
     wait_until(lambda: etcd.service("pay.refund") == {}, 10, "key outlived the function")
+
+    # apusd stopping deregisters its functions at once; started again, it registers them again.
+    assert daemon.stop() == 0
+    assert etcd.service("pay.echo") == {}
+    daemon.start()
+    again = wait_until(lambda: etcd.service("pay.echo"), 10, "not registered again after the apusd restart")
+    (grpc_again, _), = again.values()
+    assert grpc_again["port"] == daemon.http_port
+    assert call_grpc_endpoint(grpc_again, "after restart") == "after restart"

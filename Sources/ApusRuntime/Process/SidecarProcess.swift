@@ -23,8 +23,9 @@ public struct SidecarSettings: Sendable {
 
     /// `apus-sidecar` beside the running executable (apusd).
     public static var defaultBinary: String {
-        URL(fileURLWithPath: CommandLine.arguments[0]).resolvingSymlinksInPath().deletingLastPathComponent()
-            .appendingPathComponent("apus-sidecar").path
+        let executable = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe"))
+            ?? URL(fileURLWithPath: CommandLine.arguments[0]).resolvingSymlinksInPath().path
+        return URL(fileURLWithPath: executable).deletingLastPathComponent().appendingPathComponent("apus-sidecar").path
     }
 
     /// The sidecar's command line (the contract with `apus-sidecar`): it proxies the instance's outbound calls on
