@@ -1,7 +1,6 @@
 """The data plane: per-instance concurrency slots and max scale, deadlines, crashed instances."""
 
 import socket
-import threading
 import time
 
 import pytest
