@@ -35,7 +35,7 @@ IDLE_TIMEOUT = "3s"
 # `2026-11-27T03:40:00.123Z v1 i-3f2a stdout| text`
 LOG_LINE_RE = re.compile(
     r"^(?P<ts>\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?Z) v(?P<version>\d+) (?P<instance>\S+) "
-    r"(?P<stream>stdout|stderr)\| (?P<text>.*)$"
+    r"(?P<stream>stdout|stderr|apus)\| (?P<text>.*)$"
 )
 
 

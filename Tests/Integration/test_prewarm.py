@@ -24,6 +24,7 @@ from apus_testlib import (
     Apusd,
     assert_error,
     copy_function,
+    wait_for_log,
     write_headecho,
 )
 
@@ -119,24 +120,6 @@ def prewarmed_flags(apusd, name) -> list[str]:
     return flags
 
 
-# `apus logs` lines; the platform's own events about an instance are on the stream "apus".
-EVENT_LINE_RE = re.compile(r"^(?P<ts>\S+Z) v(?P<version>\d+) (?P<instance>\S+) (?P<stream>stdout|stderr|apus)\| (?P<text>.*)$")
-
-
-def wait_for_event(apusd, name, needle, timeout=10.0):
-    """Poll `apus logs NAME` for a line containing needle; returns it parsed by EVENT_LINE_RE."""
-    deadline = time.monotonic() + timeout
-    while True:
-        out = apusd.cli_ok("logs", name)
-        for line in out.splitlines():
-            if needle in line:
-                m = EVENT_LINE_RE.match(line)
-                assert m, f"log line not in the `<ts> v<N> <instance> <stream>| text` format: {line!r}"
-                return m
-        assert time.monotonic() < deadline, f"{needle!r} never showed up in `apus logs {name}`:\n{out[-3000:]}"
-        time.sleep(0.2)
-
-
 def wait_for_ready_lines(apusd, name, count=1, timeout=10.0) -> list[str]:
     deadline = time.monotonic() + timeout
     while len(flags := prewarmed_flags(apusd, name)) < count:
@@ -225,9 +208,9 @@ def test_prewarmed_instance_gets_the_functions_env_code_and_memory(warm, once):
     # The API lists the instance that answered; `apus logs` tells it came from a prewarmed process.
     listed = {i["id"] for i in live_instances(warm, "prewarmcheck")}
     assert doc["instance"] in listed, (doc["instance"], listed)
-    started = wait_for_event(warm, "prewarmcheck", "starting from prewarmed process (pid ")
+    started = wait_for_log(warm, "prewarmcheck", "starting from prewarmed process (pid ")
     assert started.group("instance") == doc["instance"], started.group(0)
-    ready = wait_for_event(warm, "prewarmcheck", "(prewarmed)")
+    ready = wait_for_log(warm, "prewarmcheck", "(prewarmed)")
     assert ready.group("stream") == "apus" and ready.group("instance") == doc["instance"], ready.group(0)
     assert re.search(r"ready in \d+ms \(prewarmed\)", ready.group("text")), ready.group(0)
 
@@ -385,7 +368,7 @@ def test_grpc_function_is_served_from_the_pool(warm):
         channel.close()
     assert wait_for_ready_lines(warm, ECHO_FUNCTION) == ["true"], ready_lines(warm, ECHO_FUNCTION)
     assert r.instance in {i["id"] for i in live_instances(warm, ECHO_FUNCTION)}
-    started = wait_for_event(warm, ECHO_FUNCTION, "starting from prewarmed process")
+    started = wait_for_log(warm, ECHO_FUNCTION, "starting from prewarmed process")
     assert started.group("instance") == r.instance
 
 
