@@ -78,6 +78,16 @@ let package = Package(
             exclude: ["README.md"],
             swiftSettings: swiftSettings
         ),
+        // Metrics export: swift-metrics as Prometheus text with a help line per family.
+        .target(
+            name: "ApusTelemetry",
+            dependencies: [
+                .product(name: "Metrics", package: "swift-metrics"),
+                .product(name: "Prometheus", package: "swift-prometheus"),
+            ],
+            exclude: ["README.md"],
+            swiftSettings: swiftSettings
+        ),
         // Node agent: launches function instances as (sandboxed) child processes per the runtime contract.
         .target(
             name: "ApusRuntime",
@@ -137,7 +147,7 @@ let package = Package(
                 "ApusMesh",
                 .product(name: "Hummingbird", package: "hummingbird"),
                 .product(name: "HTTPTypes", package: "swift-http-types"),
-                .product(name: "Prometheus", package: "swift-prometheus"),
+                "ApusTelemetry",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),
             ],
@@ -147,9 +157,7 @@ let package = Package(
         .executableTarget(
             name: "apusd",
             dependencies: [
-                "ApusCore", "ApusStore", "ApusRuntime", "ApusScheduler", "ApusGateway", "ApusControl", "ApusMesh",
-                .product(name: "Metrics", package: "swift-metrics"),
-                .product(name: "Prometheus", package: "swift-prometheus"),
+                "ApusCore", "ApusStore", "ApusRuntime", "ApusScheduler", "ApusGateway", "ApusControl", "ApusTelemetry", "ApusMesh",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Hummingbird", package: "hummingbird"),
                 .product(name: "NIOPosix", package: "swift-nio"),

@@ -7,13 +7,12 @@ import ApusMesh
 import ApusRuntime
 import ApusScheduler
 import ApusStore
+import ApusTelemetry
 import ArgumentParser
 import Foundation
 import Hummingbird
 import Logging
-import Metrics
 import NIOPosix
-import Prometheus
 import ServiceLifecycle
 import Synchronization
 
@@ -153,15 +152,8 @@ struct Apusd: AsyncParsableCommand {
             return handler
         }
         let logger = Logger(label: "apusd")
-        let metricsRegistry = PrometheusCollectorRegistry()
-        var metricsFactory = PrometheusMetricsFactory(registry: metricsRegistry)
-        // Gateway times are sub-millisecond to minutes: buckets from 250 µs up.
-        metricsFactory.defaultDurationHistogramBuckets = [
-            .microseconds(250), .microseconds(500), .milliseconds(1), .milliseconds(2), .milliseconds(5), .milliseconds(10),
-            .milliseconds(25), .milliseconds(50), .milliseconds(100), .milliseconds(250), .milliseconds(500), .seconds(1),
-            .seconds(2), .seconds(5), .seconds(10), .seconds(30), .seconds(60),
-        ]
-        MetricsSystem.bootstrap(metricsFactory)
+        let metrics = PrometheusExport()
+        metrics.bootstrap()
         let idle = try parseDuration(idleTimeout, "idle-timeout")
         let start = try parseDuration(startTimeout, "start-timeout")
         let grace = try parseDuration(stopGrace, "stop-grace")
@@ -223,7 +215,7 @@ struct Apusd: AsyncParsableCommand {
                 ControlAPI.Info(
                     version: "0.1.0", gateway: .init(http: ports.gatewayURL), domain: domain, sandbox: sandbox.mode.rawValue)
             },
-            stopping: stopping, metrics: metricsRegistry, logger: Logger(label: "apus.api"))
+            stopping: stopping, metrics: metrics, logger: Logger(label: "apus.api"))
         let router = api.makeRouter()
         RegistryAPI(registry: mesh.registry, stopping: stopping).addRoutes(to: router)
         let apiApp = Application(
