@@ -7,7 +7,7 @@ extension GatewayRoute {
     /// `payments.refund` from the registry reaches the function through the gateway. Otherwise as
     /// `resolve(host:uri:domain:)`. One atomic load when no function is in the mesh.
     static func resolve(host: String?, uri: String, domain: String, catalog: FunctionCatalog) throws(ApusError) -> GatewayRoute {
-        if let host, let name = meshName(host), let function = catalog.function(servingMeshService: name) {
+        if catalog.anyMeshServices, let host, let name = meshName(host), let function = catalog.function(servingMeshService: name) {
             return GatewayRoute(function: function, instancePath: uri.isEmpty ? "/" : uri, forwardedPrefix: nil)
         }
         return try resolve(host: host, uri: uri, domain: domain)

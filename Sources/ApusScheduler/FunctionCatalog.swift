@@ -74,7 +74,8 @@ public final class FunctionCatalog: Sendable {
         state.withLock { Array($0.entries.keys) }
     }
 
-    var anyMeshServices: Bool { hasMeshServices.load(ordering: .relaxed) }
+    /// Whether any function is in the mesh (one atomic load: the gateway asks before looking at hosts).
+    public var anyMeshServices: Bool { hasMeshServices.load(ordering: .relaxed) }
 
     func meshFunction(_ service: String) -> String? { state.withLock { $0.meshServices[service] } }
 
