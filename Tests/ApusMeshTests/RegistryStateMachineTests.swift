@@ -88,15 +88,18 @@ struct RegistryStateMachineTests {
         #expect(machine.nextExpiry == t0.advanced(by: .seconds(11)))
     }
 
+    /// What registering answers: "accepted" or the error's text.
+    func outcome(_ machine: inout RegistryStateMachine, _ service: String, _ endpoint: ServiceEndpoint, ttl: Int = 10) -> String {
+        switch Result(catching: { () throws(RegistryError) in try machine.register(service: service, endpoint: endpoint, ttlSeconds: ttl, now: t0) }) {
+        case .success: "accepted"
+        case .failure(let error): error.description
+        }
+    }
+
     @Test func invalidRegistrationsNameTheField() {
         var machine = RegistryStateMachine(leasePrefix: "t")
         func failure(_ service: String, _ endpoint: ServiceEndpoint, ttl: Int = 10) -> String {
-            do throws(RegistryError) {
-                _ = try machine.register(service: service, endpoint: endpoint, ttlSeconds: ttl, now: t0)
-                return "accepted"
-            } catch {
-                return "\(error)"
-            }
+            outcome(&machine, service, endpoint, ttl: ttl)
         }
         #expect(failure("Bad_Name", endpoint("a")).hasPrefix("service:"))
         #expect(failure("127.0.0.1", endpoint("a")).hasPrefix("service:"))
