@@ -227,6 +227,7 @@ public struct RegistryAPI: Sendable {
 
     /// The registration holding a lease, for registries whose calls need the service and endpoint id too.
     static func findLease(_ leaseID: String, in registry: any SnapshottingServiceRegistry) async throws -> RegistrationLease {
+        if let etcd = registry as? EtcdRegistry { return try await etcd.registration(holding: leaseID) }
         for snapshot in try await registry.snapshots() {
             if let entry = snapshot.endpoints.first(where: { $0.leaseID == leaseID }) {
                 return RegistrationLease(service: snapshot.name, endpointID: entry.endpoint.id, leaseID: leaseID, ttlSeconds: entry.ttlSeconds ?? 0)

@@ -97,7 +97,9 @@ def test_entries_written_to_etcd_show_through_the_api_and_its_watch(daemon, etcd
     # The entry is the registrant's (its lease); the API can renew and remove it like any other.
     ep = resolve(daemon, "etcd.watch")["endpoints"][0]
     assert ep["leaseID"] == lease
-    assert heartbeat(daemon, {"leaseID": lease}).status == 200
+    renewed = heartbeat(daemon, {"leaseID": lease})
+    assert renewed.status == 200 and renewed.json() == {"service": "etcd.watch", "endpointID": "ext-1", "leaseID": lease,
+                                                          "ttlSeconds": 30}, renewed
     gone = {}
     t = threading.Thread(target=lambda: gone.setdefault("r", long_poll(daemon, "etcd.watch", changed["index"])))
     t.start()

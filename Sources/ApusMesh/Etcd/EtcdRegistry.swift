@@ -179,6 +179,16 @@ public struct EtcdRegistry: SnapshottingServiceRegistry {
         }
     }
 
+    /// The registration a lease holds (one read of the prefix and one lease lookup): what the API needs to renew
+    /// or flag an entry by lease id alone.
+    public func registration(holding leaseID: String) async throws -> RegistrationLease {
+        guard let stored = try await read(nil).entries.first(where: { $0.leaseID == leaseID }) else {
+            throw RegistryError.leaseNotFound(leaseID)
+        }
+        let granted = await leaseTimes([leaseID])[leaseID]?.granted ?? 0
+        return RegistrationLease(service: stored.service, endpointID: stored.endpoint.id, leaseID: leaseID, ttlSeconds: Int(granted))
+    }
+
     public func resolve(_ service: String) async throws -> [ServiceEndpoint] {
         try RegistryValidation.validateService(service)
         return try await read(service).entries.map(\.endpoint).sorted { $0.id < $1.id }
