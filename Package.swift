@@ -110,6 +110,26 @@ let package = Package(
             exclude: ["README.md"],
             swiftSettings: hotPathSettings
         ),
+        // Asynchronous long tasks: durable store (own SQLite file, group commit), state machine, dispatcher.
+        .target(
+            name: "ApusTasks",
+            dependencies: [
+                "ApusCore",
+                "ApusScheduler",
+                .product(name: "GRDB", package: "GRDB.swift"),
+                .product(name: "Metrics", package: "swift-metrics"),
+                .product(name: "AsyncHTTPClient", package: "async-http-client"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+                .product(name: "NIOHTTP2", package: "swift-nio-http2"),
+                .product(name: "NIOHPACK", package: "swift-nio-http2"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            ],
+            exclude: ["README.md"],
+            swiftSettings: swiftSettings
+        ),
         // Control plane: REST/JSON API for deploy, versions, releases, logs.
         .target(
             name: "ApusControl",
@@ -119,6 +139,7 @@ let package = Package(
                 "ApusStore",
                 "ApusScheduler",
                 "ApusRuntime",
+                "ApusTasks",
                 .product(name: "Hummingbird", package: "hummingbird"),
                 .product(name: "HTTPTypes", package: "swift-http-types"),
                 .product(name: "Prometheus", package: "swift-prometheus"),
@@ -131,7 +152,7 @@ let package = Package(
         .executableTarget(
             name: "apusd",
             dependencies: [
-                "ApusCore", "ApusStore", "ApusRuntime", "ApusScheduler", "ApusGateway", "ApusControl",
+                "ApusCore", "ApusStore", "ApusRuntime", "ApusScheduler", "ApusGateway", "ApusControl", "ApusTasks",
                 .product(name: "Metrics", package: "swift-metrics"),
                 .product(name: "Prometheus", package: "swift-prometheus"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
@@ -198,6 +219,11 @@ let package = Package(
                 .product(name: "NIOHTTP2", package: "swift-nio-http2"),
                 .product(name: "NIOHPACK", package: "swift-nio-http2"),
             ],
+            swiftSettings: swiftSettings
+        ),
+        .testTarget(
+            name: "ApusTasksTests",
+            dependencies: ["ApusTasks", "ApusCore", "ApusScheduler"],
             swiftSettings: swiftSettings
         ),
         .testTarget(

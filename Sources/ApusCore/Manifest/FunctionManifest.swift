@@ -149,6 +149,8 @@ public struct FunctionManifest: Codable, Hashable, Sendable {
     public var thrift: ThriftSettings?
     /// Off unless set.
     public var shedding: Shedding?
+    /// Asynchronous task settings (`async:`); nil: the defaults apply to tasks, and Thrift oneway calls stay calls.
+    public var async: AsyncSettings?
 
     public init(
         name: String,
@@ -163,7 +165,8 @@ public struct FunctionManifest: Codable, Hashable, Sendable {
         env: [String: String] = [:],
         grpc: GRPCSettings? = nil,
         thrift: ThriftSettings? = nil,
-        shedding: Shedding? = nil
+        shedding: Shedding? = nil,
+        async: AsyncSettings? = nil
     ) {
         self.name = name
         self.runtime = runtime
@@ -178,10 +181,11 @@ public struct FunctionManifest: Codable, Hashable, Sendable {
         self.grpc = grpc
         self.thrift = thrift
         self.shedding = shedding
+        self.async = async
     }
 
     enum CodingKeys: String, CodingKey {
-        case name, runtime, handler, command, `protocol`, concurrency, scale, timeout, memory, env, grpc, thrift, shedding
+        case name, runtime, handler, command, `protocol`, concurrency, scale, timeout, memory, env, grpc, thrift, shedding, async
     }
 
     // Durations and sizes are stored in their human form so stored versions read like the manifest.
@@ -208,6 +212,7 @@ public struct FunctionManifest: Codable, Hashable, Sendable {
         grpc = try c.decodeIfPresent(GRPCSettings.self, forKey: .grpc)
         thrift = try c.decodeIfPresent(ThriftSettings.self, forKey: .thrift)
         shedding = try c.decodeIfPresent(Shedding.self, forKey: .shedding)
+        self.async = try c.decodeIfPresent(AsyncSettings.self, forKey: .async)
     }
 
     public func encode(to encoder: any Encoder) throws {
@@ -225,5 +230,6 @@ public struct FunctionManifest: Codable, Hashable, Sendable {
         try c.encodeIfPresent(grpc, forKey: .grpc)
         try c.encodeIfPresent(thrift, forKey: .thrift)
         try c.encodeIfPresent(shedding, forKey: .shedding)
+        try c.encodeIfPresent(async, forKey: .async)
     }
 }
