@@ -1,6 +1,7 @@
 import ApusCore
 import ApusRuntime
 import ApusScheduler
+import ApusTasks
 import Foundation
 import HTTPTypes
 import Hummingbird
@@ -47,6 +48,8 @@ public struct ControlAPI: Sendable {
     public let info: @Sendable () -> Info
     /// Set once shutdown begins so open `logs?follow=true` streams end and the API can drain.
     public let stopping: ShutdownFlag
+    /// The asynchronous task manager; its routes are served when set.
+    public var tasks: TaskManager?
     private let logger: Logger
 
     public init(control: ControlPlane, info: @escaping @Sendable () -> Info, stopping: ShutdownFlag, logger: Logger) {
@@ -189,6 +192,7 @@ public struct ControlAPI: Sendable {
                 try await writer.finish(nil)
             })
         }
+        if let tasks { addTaskRoutes(to: router, tasks: tasks) }
         return router
     }
 }

@@ -117,6 +117,18 @@ public final class TaskManager: Service, AsyncTaskSubmitter {
         return entry.versions[number]?.manifest
     }
 
+    /// How tasks reach the function, from its protocol.
+    public func kind(for function: String) throws(ApusError) -> TaskSubmission.Kind {
+        guard let manifest = Self.manifest(for: function, catalog: scheduler.catalog) else {
+            throw ApusError(.notFound, "no function named \(function)")
+        }
+        switch manifest.protocol {
+        case .http: return .http
+        case .grpc: return .grpc
+        case .thrift: return .thrift
+        }
+    }
+
     func statusURL(_ id: String) -> String { (apiBase() ?? "") + "/v1/tasks/\(id)" }
 
     // MARK: submitting

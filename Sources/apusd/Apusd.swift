@@ -6,6 +6,7 @@ import ApusGateway
 import ApusRuntime
 import ApusScheduler
 import ApusStore
+import ApusTasks
 import ArgumentParser
 import Foundation
 import Hummingbird
@@ -95,6 +96,18 @@ struct Apusd: AsyncParsableCommand {
     @Option(help: "Event-loop threads of the gateway (default: one per core).")
     var gatewayThreads: Int?
 
+    @Option(help: "Tasks: largest result kept (e.g. 1Mi); a larger result fails the task.")
+    var taskResultLimit = "1Mi"
+
+    @Option(help: "Tasks: largest payload accepted (e.g. 6Mi).")
+    var taskMaxPayload = "6Mi"
+
+    @Option(help: "Tasks: how long finished tasks are kept (e.g. 168h).")
+    var taskRetention = "168h"
+
+    @Option(help: "Tasks: how long a running task asked to cancel gets before it is torn down and its instance replaced.")
+    var taskCancelGrace = "5s"
+
     @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
     var logLevel = "info"
 
@@ -177,14 +190,28 @@ struct Apusd: AsyncParsableCommand {
         }
 
         let ports = BoundPorts(host: host, file: dataURL.appendingPathComponent("ports.json"))
+        guard let resultLimit = ByteSize.parse(taskResultLimit), resultLimit >= 0, resultLimit <= 1 << 30 else {
+            throw ValidationError("--task-result-limit: must be a size up to 1Gi such as 256Ki or 1Mi (got \(taskResultLimit))")
+        }
+        guard let maxPayload = ByteSize.parse(taskMaxPayload), maxPayload >= 1, maxPayload <= 1 << 30 else {
+            throw ValidationError("--task-max-payload: must be a size up to 1Gi such as 6Mi (got \(taskMaxPayload))")
+        }
+        let tasks = try TaskManager(
+            configuration: .init(maxPayloadBytes: Int(maxPayload), resultLimit: Int(resultLimit),
+                                 retention: try parseDuration(taskRetention, "task-retention"),
+                                 cancelGrace: try parseDuration(taskCancelGrace, "task-cancel-grace")),
+            store: try TaskStore(path: dataURL.appendingPathComponent("tasks.sqlite").path),
+            scheduler: scheduler, invoker: InstanceTaskInvoker(),
+            apiBase: { ports.apiURL }, logger: Logger(label: "apus.tasks"))
         let stopping = ShutdownFlag()
-        let api = ControlAPI(
+        var api = ControlAPI(
             control: control,
             info: {
                 ControlAPI.Info(
                     version: "0.1.0", gateway: .init(http: ports.gatewayURL), domain: domain, sandbox: sandbox.mode.rawValue)
             },
             stopping: stopping, logger: Logger(label: "apus.api"))
+        api.tasks = tasks
         let apiApp = Application(
             router: api.makeRouter(),
             configuration: .init(address: .hostname(host, port: apiPort), serverName: "apus-api"),
@@ -192,7 +219,7 @@ struct Apusd: AsyncParsableCommand {
             logger: Logger(label: "apus.api"))
         let gateway = GatewayServer(
             configuration: .init(host: host, port: httpPort, domain: domain, http2: http2Limits, tls: tls,
-                                 thriftPort: thriftPort, thriftMaxFrameBytes: thriftMaxFrame),
+                                 thriftPort: thriftPort, thriftMaxFrameBytes: thriftMaxFrame, tasks: tasks),
             scheduler: scheduler, logger: Logger(label: "apus.gateway"),
             group: gatewayThreads.map { MultiThreadedEventLoopGroup(numberOfThreads: max(1, $0)) } ?? MultiThreadedEventLoopGroup.singleton,
             onRunning: { bound in ports.bound(http: bound.http, tls: bound.tls, thrift: bound.thrift) })
@@ -203,6 +230,7 @@ struct Apusd: AsyncParsableCommand {
             services: [
                 .init(service: scheduler, serviceName: "scheduler"),
                 .init(service: autoscaler, serviceName: "autoscaler"),
+                .init(service: tasks, serviceName: "tasks"),
                 .init(service: apiApp, serviceName: "api"),
                 .init(service: FlagOnShutdown(flag: stopping), serviceName: "log-streams"),
                 .init(service: gateway, serviceName: "gateway"),
@@ -233,6 +261,10 @@ final class BoundPorts: Sendable {
     init(host: String, file: URL) {
         self.host = host
         self.file = file
+    }
+
+    var apiURL: String? {
+        state.withLock { $0.api }.map { "http://\(host):\($0)" }
     }
 
     var gatewayURL: String? {
