@@ -9,7 +9,8 @@ struct Apus: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "apus",
         abstract: "Deploy, release, invoke and inspect functions on an Apus platform.",
-        subcommands: [Deploy.self, List.self, Get.self, Versions.self, Release.self, Delete.self, Invoke.self, Logs.self, Instances.self, Status.self])
+        subcommands: [Deploy.self, List.self, Get.self, Versions.self, Release.self, Delete.self, Invoke.self, Logs.self, Instances.self, Status.self,
+                      Submit.self, Tasks.self])
 
     /// Global options may come before the subcommand (`apus --api URL list`): move them after it.
     static func main() async {
@@ -23,7 +24,13 @@ struct Apus: AsyncParsableCommand {
             }
         }
         if let subcommand = rest.first {
-            await main([subcommand] + leading + rest.dropFirst())
+            var path = [subcommand]
+            var tail = Array(rest.dropFirst())
+            // Nested commands (`apus tasks get ID`): the options go after the whole command path.
+            if subcommand == "tasks", let next = tail.first, Tasks.configuration.subcommands.contains(where: { $0.configuration.commandName == next }) {
+                path.append(tail.removeFirst())
+            }
+            await main(path + leading + tail)
         } else {
             await main(leading)
         }
