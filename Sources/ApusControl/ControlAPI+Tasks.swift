@@ -89,6 +89,9 @@ extension ControlAPI {
         // Raw body: the payload as the function will get it.
         router.post("/v1/functions/:name/tasks") { request, context in
             let function = try name(context)
+            if let length = request.headers[.contentLength].flatMap({ Int($0) }), length > limit {
+                throw ApusError(.tooLarge, "task payload of \(length) bytes exceeds the limit of \(limit) bytes")
+            }
             var request = request
             let body: ByteBuffer
             do {
