@@ -4,6 +4,7 @@ callbacks; result limits; bad submissions."""
 
 from __future__ import annotations
 
+import base64
 import json
 import socket
 import threading
@@ -392,3 +393,45 @@ def test_kill9_with_500_queued_and_10_running_all_finish(fresh_apusd, tmp_path):
     for task_id in short_ids:
         assert tasks[task_id]["attempts"] == 1
         assert json.loads(tasks[task_id]["result"])["task"] == task_id
+
+
+def task_result_bytes(task) -> bytes:
+    if task.get("resultBase64") is not None:
+        return base64.b64decode(task["resultBase64"])
+    return (task.get("result") or "").encode("utf-8")
+
+
+def test_grpc_metadata_submit_and_api_submit(apusd, deployed):
+    import grpc
+    from grpc_support import ECHO_FUNCTION, echo_pb2, echo_pb2_grpc
+
+    deployed.example(ECHO_FUNCTION)
+    key = f"grpc-{time.time_ns()}"
+    with grpc.insecure_channel(f"127.0.0.1:{apusd.http_port}") as channel:
+        stub = echo_pb2_grpc.EchoStub(channel)
+        metadata = [("apus-invocation", "async"), ("apus-idempotency-key", key)]
+        response, call = stub.Get.with_call(echo_pb2.EchoRequest(text="later"), metadata=metadata, timeout=10)
+        assert response == echo_pb2.EchoResponse(), "an async call answers with an empty message"
+        initial = dict(call.initial_metadata())
+        task_id = initial["apus-task-id"]
+        assert initial["apus-task-status-url"] == f"{apusd.api}/v1/tasks/{task_id}"
+        assert initial["apus-task-created"] == "true"
+        _, again = stub.Get.with_call(echo_pb2.EchoRequest(text="again"), metadata=metadata, timeout=10)
+        assert dict(again.initial_metadata())["apus-task-id"] == task_id
+        assert dict(again.initial_metadata())["apus-task-created"] == "false"
+        with pytest.raises(grpc.RpcError) as bad:
+            stub.Get(echo_pb2.EchoRequest(text="x"), metadata=[("apus-invocation", "async"), ("apus-idempotency-key", "no spaces")], timeout=10)
+        assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "idempotency key" in bad.value.details()
+    task = wait_task(apusd, task_id)
+    assert task["state"] == "succeeded" and task["kind"] == "grpc" and task["method"] == "/echo.Echo/Get", task
+    assert echo_pb2.EchoResponse.FromString(task_result_bytes(task)).text == "later"
+
+    # The control API takes the serialized request message as the body and the method as a parameter.
+    body = echo_pb2.EchoRequest(text="via-api").SerializeToString()
+    r = apusd.api_call("POST", f"/v1/functions/{ECHO_FUNCTION}/tasks?method=/echo.Echo/Get", body=body)
+    assert r.status == 202, r
+    task = wait_task(apusd, r.json()["id"])
+    assert echo_pb2.EchoResponse.FromString(task_result_bytes(task)).text == "via-api"
+    r = apusd.api_call("POST", f"/v1/functions/{ECHO_FUNCTION}/tasks?method=/other.Service/Get", body=body)
+    assert_error(r, 400, "bad_request")
+    assert "/<service>/<method>" in r.json()["error"]["message"]
