@@ -159,7 +159,7 @@ public final class TaskManager: Service, AsyncTaskSubmitter {
             state.seq += 1
             return state.seq
         }
-        let record = TaskRecord(id: Identifier.make(prefix: "t-", length: 20), submission: submission, seq: seq, now: now)
+        let record = TaskRecord(id: Self.makeID(), submission: submission, seq: seq, now: now)
         let (stored, created) = try await store.insert(record, payload: submission.payload)
         if created {
             submitted.increment()
@@ -177,6 +177,25 @@ public final class TaskManager: Service, AsyncTaskSubmitter {
             await perform(actions)
         }
         return TaskReceipt(id: stored.id, created: created, statusPath: "/v1/tasks/\(stored.id)", statusURL: statusURL(stored.id))
+    }
+
+    /// `t-` and 20 characters of [0-9a-z] from two 64-bit random draws (about 103 bits).
+    static func makeID() -> String {
+        let alphabet = Array("0123456789abcdefghijklmnopqrstuvwxyz".utf8)
+        var generator = SystemRandomNumberGenerator()
+        var words = (generator.next() as UInt64, generator.next() as UInt64)
+        var bytes: [UInt8] = [UInt8(ascii: "t"), UInt8(ascii: "-")]
+        bytes.reserveCapacity(22)
+        for i in 0..<20 {
+            if i < 10 {
+                bytes.append(alphabet[Int(words.0 % 36)])
+                words.0 /= 36
+            } else {
+                bytes.append(alphabet[Int(words.1 % 36)])
+                words.1 /= 36
+            }
+        }
+        return String(decoding: bytes, as: UTF8.self)
     }
 
     // MARK: queries and control

@@ -98,6 +98,8 @@ public struct TaskView: Codable, Sendable {
     public var finishedAt: Date?
     public var nextAttemptAt: Date?
     public var durationSeconds: Double?
+    /// Seconds from submission to the start of the latest attempt.
+    public var queueSeconds: Double?
     public var statusCode: Int?
     /// The result as text when it is UTF-8, else in `resultBase64`.
     public var result: String?
@@ -133,6 +135,7 @@ public struct TaskView: Codable, Sendable {
             nextAttemptAt = Date(timeIntervalSince1970: record.notBefore)
         }
         durationSeconds = record.duration
+        queueSeconds = record.startedAt.map { max(0, $0 - record.createdAt) }
         statusCode = record.statusCode
         if let bytes = record.result {
             if let text = String(validating: bytes, as: UTF8.self) {

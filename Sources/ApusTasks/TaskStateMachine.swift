@@ -137,12 +137,18 @@ public struct TaskStateMachine: Sendable {
         var running = 0
         /// Queued ids in dispatch order (priority high to low, then seq).
         var order: [String] = []
+        /// Queued tasks per priority. Within a priority the first in `order` is the oldest (submission order), so
+        /// the oldest queued task is found without walking the queue.
+        var levels: [Int: Int] = [:]
         var tokens = 0.0
         var refilledAt: Double?
     }
 
     private var entries: [String: Entry] = [:]
     private var queues: [String: Queue] = [:]
+    /// Ids of running entries (timeouts and heartbeats are checked on every tick).
+    private var runningIDs: Set<String> = []
+    private var lastExpiryScan = -Double.infinity
 
     public init() {}
 
@@ -161,7 +167,14 @@ public struct TaskStateMachine: Sendable {
     public func load() -> [String: FunctionLoad] {
         var result: [String: FunctionLoad] = [:]
         for (name, queue) in queues {
-            let oldest = queue.order.compactMap { entries[$0]?.createdAt }.min()
+            var oldest: Double?
+            var index = 0
+            for priority in queue.levels.keys.sorted(by: >) {
+                if index < queue.order.count, let created = entries[queue.order[index]]?.createdAt {
+                    oldest = min(oldest ?? created, created)
+                }
+                index += queue.levels[priority]!
+            }
             result[name] = FunctionLoad(queued: queue.order.count, running: queue.running, oldestQueuedAt: oldest)
         }
         return result
@@ -184,10 +197,20 @@ public struct TaskStateMachine: Sendable {
         entry.lastHeartbeat = nil
         entry.aborting = nil
         entries[entry.id] = entry
-        insert(entry, into: &queues[entry.function, default: Queue()])
+        // Taken out of the dictionary while it changes, so its order array stays uniquely referenced (no copy).
+        var queue = queues.removeValue(forKey: entry.function) ?? Queue()
+        insert(entry, into: &queue)
+        queues[entry.function] = queue
     }
 
     private func insert(_ entry: Entry, into queue: inout Queue) {
+        queue.levels[entry.priority, default: 0] += 1
+        // Most arrivals go last (same priority, newest): no search.
+        if let lastID = queue.order.last, let last = entries[lastID],
+           last.priority > entry.priority || (last.priority == entry.priority && last.seq < entry.seq) {
+            queue.order.append(entry.id)
+            return
+        }
         // Binary search for the first position that sorts after this entry.
         var low = 0
         var high = queue.order.count
@@ -206,24 +229,30 @@ public struct TaskStateMachine: Sendable {
     // MARK: time
 
     /// Expires queued tasks past their maximum age, stops running ones past their timeout or heartbeat, and starts
-    /// what the budgets allow.
+    /// what the budgets allow. Running tasks are checked on every tick; queued ones for expiry at most once a second
+    /// (a maximum age is at least a second), so a tick stays cheap with a long queue.
     public mutating func tick(now: Double) -> [Action] {
         var actions: [Action] = []
-        for id in entries.keys.sorted() {
-            guard let entry = entries[id] else { continue }
+        for id in runningIDs.sorted() {
+            guard let entry = entries[id], entry.aborting == nil else { continue }
             let settings = self.settings(of: entry.function)
-            if entry.running {
-                guard entry.aborting == nil else { continue }
-                if let deadline = entry.deadline, now >= deadline {
-                    entries[id]!.aborting = .timeout
-                    actions.append(.abort(id: id, reason: .timeout))
-                } else if let heartbeat = settings.heartbeat, let last = entry.lastHeartbeat, now - last > heartbeat {
-                    entries[id]!.aborting = .heartbeatLost
-                    actions.append(.abort(id: id, reason: .heartbeatLost))
+            if let deadline = entry.deadline, now >= deadline {
+                entries[id]!.aborting = .timeout
+                actions.append(.abort(id: id, reason: .timeout))
+            } else if let heartbeat = settings.heartbeat, let last = entry.lastHeartbeat, now - last > heartbeat {
+                entries[id]!.aborting = .heartbeatLost
+                actions.append(.abort(id: id, reason: .heartbeatLost))
+            }
+        }
+        if now - lastExpiryScan >= 1 || now < lastExpiryScan {
+            lastExpiryScan = now
+            for function in queues.keys.sorted() {
+                let maxAge = queues[function]!.settings.maxAge
+                for id in queues[function]!.order {
+                    guard let entry = entries[id], now - entry.createdAt > maxAge else { continue }
+                    remove(id)
+                    actions.append(.finish(id: id, state: .expired, error: "expired: not run within async.max_age of \(Self.format(maxAge)) after submission"))
                 }
-            } else if now - entry.createdAt > settings.maxAge {
-                remove(id)
-                actions.append(.finish(id: id, state: .expired, error: "expired: not run within async.max_age of \(Self.format(settings.maxAge)) after submission"))
             }
         }
         actions += dispatchable(now: now)
@@ -234,7 +263,7 @@ public struct TaskStateMachine: Sendable {
     public mutating func dispatchable(now: Double) -> [Action] {
         var actions: [Action] = []
         for function in queues.keys.sorted() {
-            var queue = queues[function]!
+            var queue = queues.removeValue(forKey: function)!
             defer { queues[function] = queue }
             if let rate = queue.settings.rate {
                 let burst = max(1, rate)
@@ -257,8 +286,10 @@ public struct TaskStateMachine: Sendable {
                     queue.tokens -= 1
                 }
                 queue.order.remove(at: index)
+                Self.leave(entry.priority, &queue)
                 queue.running += 1
                 entry.running = true
+                runningIDs.insert(id)
                 entry.attempt += 1
                 entry.startedAt = now
                 entry.deadline = now + queue.settings.timeout
@@ -270,28 +301,12 @@ public struct TaskStateMachine: Sendable {
         return actions
     }
 
-    /// The earliest time something may change without an outside event (a backoff ending, a token, a deadline).
-    public func nextWakeup(now: Double) -> Double? {
-        var earliest: Double?
-        func consider(_ t: Double) { earliest = min(earliest ?? t, t) }
-        for entry in entries.values {
-            let settings = self.settings(of: entry.function)
-            if entry.running {
-                if let deadline = entry.deadline { consider(deadline) }
-                if let heartbeat = settings.heartbeat, let last = entry.lastHeartbeat { consider(last + heartbeat) }
-            } else {
-                consider(max(entry.notBefore, now))
-                consider(entry.createdAt + settings.maxAge)
-            }
-        }
-        return earliest
-    }
-
     // MARK: events
 
     /// A running attempt ended.
     public mutating func completed(_ id: String, outcome: Outcome, now: Double) -> [Action] {
         guard var entry = entries[id], entry.running else { return [] }
+        runningIDs.remove(id)
         var queue = queues[entry.function] ?? Queue()
         queue.running = max(0, queue.running - 1)
         queues[entry.function] = queue
@@ -379,10 +394,19 @@ public struct TaskStateMachine: Sendable {
 
     private mutating func remove(_ id: String) {
         guard let entry = entries.removeValue(forKey: id) else { return }
-        if var queue = queues[entry.function] {
-            if !entry.running, let index = queue.order.firstIndex(of: id) { queue.order.remove(at: index) }
+        runningIDs.remove(id)
+        if !entry.running, var queue = queues.removeValue(forKey: entry.function) {
+            if let index = queue.order.firstIndex(of: id) {
+                queue.order.remove(at: index)
+                Self.leave(entry.priority, &queue)
+            }
             queues[entry.function] = queue
         }
+    }
+
+    private static func leave(_ priority: Int, _ queue: inout Queue) {
+        let left = (queue.levels[priority] ?? 1) - 1
+        queue.levels[priority] = left > 0 ? left : nil
     }
 
     static func format(_ seconds: Double) -> String {

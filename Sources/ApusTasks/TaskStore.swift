@@ -12,13 +12,22 @@ public final class TaskStore: Sendable {
     private let writer: GroupCommitWriter
     public let path: String
 
-    public init(path: String) throws(ApusError) {
+    /// How commits reach the disk. `full` (the default) fsyncs the WAL on every commit: a task survives power loss
+    /// once it is acknowledged. `normal` leaves the fsync to checkpoints: a task survives the process being killed
+    /// (its commit is in the OS's cache) but not a power failure.
+    public enum Durability: String, Sendable, CaseIterable {
+        case full
+        case normal
+    }
+
+    public init(path: String, durability: Durability = .full) throws(ApusError) {
         self.path = path
         do {
             var configuration = Configuration()
             configuration.busyMode = .timeout(10)
+            let synchronous = durability == .full ? "FULL" : "NORMAL"
             configuration.prepareDatabase { db in
-                try db.execute(sql: "PRAGMA synchronous = FULL")
+                try db.execute(sql: "PRAGMA synchronous = \(synchronous)")
             }
             database = try DatabasePool(path: path, configuration: configuration)
             try Self.migrator.migrate(database)
@@ -125,16 +134,17 @@ public final class TaskStore: Sendable {
     public func insert(_ record: TaskRecord, payload: [UInt8]) async throws(ApusError) -> (record: TaskRecord, created: Bool) {
         try await writer.perform { db in
             if let key = record.idempotencyKey,
-               let row = try Row.fetchOne(db, sql: "SELECT \(Self.columns) FROM tasks WHERE function = ? AND idempotency_key = ?",
+               let row = try Row.fetchOne(db.cachedStatement(sql: "SELECT \(Self.columns) FROM tasks WHERE function = ? AND idempotency_key = ?"),
                                           arguments: [record.function, key]) {
                 return (Self.record(row), false)
             }
-            try db.execute(
+            let statement = try db.cachedStatement(
                 sql: """
                     INSERT INTO tasks (id, function, pinned_version, kind, method, path, content_type, idempotency_key, callback_url,
                         priority, seq, request_id, payload, payload_bytes, state, attempt, throttles, created_at, updated_at, not_before)
                     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'queued', 0, 0, ?, ?, 0)
-                    """,
+                    """)
+            try statement.execute(
                 arguments: [record.id, record.function, record.pinnedVersion, record.kind.rawValue, record.method, record.path,
                             record.contentType, record.idempotencyKey, record.callbackURL, record.priority, record.seq,
                             record.requestID, Data(payload), payload.count, record.createdAt, record.updatedAt])
@@ -309,8 +319,9 @@ final class ResultBox<T>: @unchecked Sendable {
 }
 
 /// Runs write jobs on one dedicated thread (SQLite writes block; they stay off the cooperative pool), putting every
-/// job queued while a transaction commits into the next transaction. Each job runs in a savepoint, so one job's
-/// failure does not undo the others; callers hear after the commit.
+/// job queued while a transaction commits into the next transaction; callers hear after the commit. A job that
+/// throws does not undo the others: its jobs are single statements or independent updates, and SQLite undoes a
+/// failed statement by itself.
 final class GroupCommitWriter: @unchecked Sendable {
     private struct Job {
         var body: (Database) throws -> Void
@@ -384,10 +395,7 @@ final class GroupCommitWriter: @unchecked Sendable {
                     try db.inTransaction(.immediate) {
                         for (index, job) in batch.enumerated() {
                             do {
-                                try db.inSavepoint {
-                                    try job.body(db)
-                                    return .commit
-                                }
+                                try job.body(db)
                             } catch {
                                 outcomes[index] = .failure(error)
                             }

@@ -105,6 +105,9 @@ struct Apusd: AsyncParsableCommand {
     @Option(help: "Tasks: how long finished tasks are kept (e.g. 168h).")
     var taskRetention = "168h"
 
+    @Option(help: "Tasks: full (fsync every commit: acknowledged tasks survive power loss) or normal (survive a killed process, not a power loss).")
+    var taskDurability = "full"
+
     @Option(help: "Tasks: how long a running task asked to cancel gets before it is torn down and its instance replaced.")
     var taskCancelGrace = "5s"
 
@@ -196,11 +199,14 @@ struct Apusd: AsyncParsableCommand {
         guard let maxPayload = ByteSize.parse(taskMaxPayload), maxPayload >= 1, maxPayload <= 1 << 30 else {
             throw ValidationError("--task-max-payload: must be a size up to 1Gi such as 6Mi (got \(taskMaxPayload))")
         }
+        guard let durability = TaskStore.Durability(rawValue: taskDurability) else {
+            throw ValidationError("--task-durability: must be full or normal (got \(taskDurability))")
+        }
         let tasks = try TaskManager(
             configuration: .init(maxPayloadBytes: Int(maxPayload), resultLimit: Int(resultLimit),
                                  retention: try parseDuration(taskRetention, "task-retention"),
                                  cancelGrace: try parseDuration(taskCancelGrace, "task-cancel-grace")),
-            store: try TaskStore(path: dataURL.appendingPathComponent("tasks.sqlite").path),
+            store: try TaskStore(path: dataURL.appendingPathComponent("tasks.sqlite").path, durability: durability),
             scheduler: scheduler, invoker: InstanceTaskInvoker(),
             apiBase: { ports.apiURL }, logger: Logger(label: "apus.tasks"))
         let stopping = ShutdownFlag()
