@@ -435,3 +435,51 @@ def test_grpc_metadata_submit_and_api_submit(apusd, deployed):
     r = apusd.api_call("POST", f"/v1/functions/{ECHO_FUNCTION}/tasks?method=/other.Service/Get", body=body)
     assert_error(r, 400, "bad_request")
     assert "/<service>/<method>" in r.json()["error"]["message"]
+
+
+def test_http2_submit(apusd, deployed, tmp_path):
+    import subprocess
+
+    name = deployed.fixture("tasker")
+    head_file = tmp_path / "head"
+    p = subprocess.run(["curl", "-sS", "--max-time", "30", "--http2-prior-knowledge", "-D", str(head_file),
+                        "-H", "X-Apus-Invocation: async", "--data-binary", "over-h2", f"{apusd.gateway}/{name}/echo"],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    head = head_file.read_text()
+    assert head.startswith("HTTP/2 202"), head
+    receipt = json.loads(p.stdout)
+    assert f"location: {receipt['status_url']}" in head.lower().replace("\r", "")
+    assert json.loads(wait_task(apusd, receipt["id"])["result"])["payload"] == "over-h2"
+    p = subprocess.run(["curl", "-sS", "--max-time", "30", "--http2-prior-knowledge", "-o", "/dev/null", "-w", "%{http_code}",
+                        "--data-binary", "x", f"{apusd.gateway}/async/no-such-function/"], capture_output=True, text=True, timeout=60)
+    assert p.stdout == "404", p
+
+
+def test_timeouts_and_lost_heartbeats_are_retried_then_final(apusd, tmp_path):
+    slow = deploy_tasker(apusd, tmp_path, "tasker-timeout", subs=[(r"timeout: 2m", "timeout: 1s"), (r"retries: 2", "retries: 1")])
+    silent = deploy_tasker(apusd, tmp_path, "tasker-silent", subs=[(r"retries: 2", "retries: 1\n  heartbeat: 2s")])
+    timed = submit(apusd, slow, path="/sleep?s=5").json()["id"]
+    lost = submit(apusd, silent, path="/ignore").json()["id"]
+    beating = submit(apusd, silent, path="/sleep?s=3").json()["id"]  # reports progress every second
+
+    done = wait_task(apusd, timed, timeout=30)
+    assert done["state"] == "timed_out" and done["attempts"] == 2, done
+    assert "timed out after async.timeout of 1s" in done["error"] and done["deadLetter"] is True
+    done = wait_task(apusd, lost, timeout=30)
+    assert done["state"] == "failed" and done["attempts"] == 2, done
+    assert "lost: no progress report" in done["error"]
+    done = wait_task(apusd, beating, timeout=30)
+    assert done["state"] == "succeeded" and done["attempts"] == 1, done
+
+
+def test_openapi_document_is_valid():
+    validator = pytest.importorskip("openapi_spec_validator")
+    import yaml
+
+    from apus_testlib import REPO_ROOT
+
+    spec = yaml.safe_load((REPO_ROOT / "IDL" / "apus-api.openapi.yaml").read_text())
+    validator.validate(spec)
+    for path in ["/v1/tasks", "/v1/tasks/{id}", "/v1/tasks/dead-letter", "/v1/functions/{name}/tasks", "/v1/tasks/{id}/progress"]:
+        assert path in spec["paths"], path
