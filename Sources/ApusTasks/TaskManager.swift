@@ -451,7 +451,10 @@ public final class TaskManager: Service, AsyncTaskSubmitter {
                 return
             }
             logger.info("task attempt started", metadata: ["instance": "\(lease.instanceID)"])
-            try? await store.apply([.placed(id: id, instanceID: lease.instanceID, version: version.number)])
+            // Where it runs is for display: recorded without holding up the invocation.
+            let store = self.store
+            let placed = TaskStore.Update.placed(id: id, instanceID: lease.instanceID, version: version.number)
+            Task { try? await store.apply([placed]) }
             let invocation = TaskInvocation(
                 task: record, payload: payload, attempt: dispatch.attempt, version: version, instanceID: lease.instanceID,
                 port: lease.port, timeout: max(0.01, dispatch.deadline - clock()), progressURL: statusURL(id) + "/progress",
