@@ -43,8 +43,15 @@ public final class InstanceTaskInvoker: TaskInvoker {
 
     private static func failure(_ error: any Error, _ what: String) -> InvocationResult {
         if Task.isCancelled { return InvocationResult(outcome: .aborted) }
-        let refused = "\(error)".contains("connectTimeout") || "\(error)".contains("connection refused") || "\(error)".contains("Connection refused")
-        return InvocationResult(outcome: .failed("\(what): \(error)", retryable: true), unreachable: refused)
+        let text = "\(error)"
+        let refused = text.contains("connectTimeout") || text.contains("connection refused") || text.contains("Connection refused")
+        var reason = text
+        if text.contains("remoteConnectionClosed") || text.contains("ioOnClosedChannel") || text.contains("Connection reset") {
+            reason = "the instance closed the connection before answering (did it crash?)"
+        } else if refused {
+            reason = "the instance refused the connection"
+        }
+        return InvocationResult(outcome: .failed("\(what): \(reason)", retryable: true), unreachable: refused)
     }
 
     // MARK: HTTP

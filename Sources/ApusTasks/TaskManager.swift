@@ -75,7 +75,6 @@ public final class TaskManager: Service, AsyncTaskSubmitter {
     private let state: Mutex<State>
     private let logger: Logger
     private let clock: @Sendable () -> Double
-    private let submitted = Counter(label: "apus_tasks_submitted_total")
 
     public var maxPayloadBytes: Int { configuration.maxPayloadBytes }
 
@@ -162,7 +161,8 @@ public final class TaskManager: Service, AsyncTaskSubmitter {
         let record = TaskRecord(id: Self.makeID(), submission: submission, seq: seq, now: now)
         let (stored, created) = try await store.insert(record, payload: submission.payload)
         if created {
-            submitted.increment()
+            // Made on use: the metrics backend may be bootstrapped after this manager is created.
+            Counter(label: "apus_tasks_submitted_total", dimensions: [("function", stored.function)]).increment()
             let settings = TaskStateMachine.Settings(version.manifest.asyncSettings)
             let actions = state.withLock { state -> [TaskStateMachine.Action] in
                 state.functionsSeen.insert(stored.function)

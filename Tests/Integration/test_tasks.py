@@ -288,7 +288,8 @@ def test_crashing_function_exhausts_retries_into_dead_letter(apusd, tmp_path):
     done = wait_task(apusd, task_id, timeout=60)
     assert done["state"] == "failed", done
     assert done["attempts"] == 3, "retries: 2 → three attempts"
-    assert "retries exhausted" in done["error"] and done["deadLetter"] is True
+    assert "retries exhausted" in done["error"] and "closed the connection before answering" in done["error"]
+    assert done["deadLetter"] is True
     dead = apusd.api_json("GET", f"/v1/tasks/dead-letter?function={name}")["tasks"]
     assert [t["id"] for t in dead] == [task_id]
     assert apusd.api_json("GET", f"/v1/tasks?function={name}&state=dead")["tasks"][0]["id"] == task_id
@@ -367,7 +368,8 @@ def test_callback_receives_the_outcome_with_retries(apusd, deployed):
 def test_kill9_with_500_queued_and_10_running_all_finish(fresh_apusd, tmp_path):
     d = fresh_apusd
     name = deploy_tasker(d, tmp_path, "tasker-durable")
-    long_ids = [submit(d, name, path="/sleep?s=4", body=f"long-{i}".encode()).json()["id"] for i in range(10)]
+    # The long tasks run long enough that none finishes while the 500 are submitted.
+    long_ids = [submit(d, name, path="/sleep?s=8", body=f"long-{i}".encode()).json()["id"] for i in range(10)]
     wait_counts(d, name, lambda c: c.get("running", 0) == 10, timeout=30, what="10 running")
     client = KeepAliveClient(d.gateway)
     short_ids = []
