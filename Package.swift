@@ -64,6 +64,25 @@ let package = Package(
         ),
         // C shims for GNU-only process APIs (pipe2, posix_spawn chdir).
         .target(name: "CApusShims"),
+        // Service mesh: the registry protocol and model, the embedded registry, its HTTP client, and etcd.
+        .target(
+            name: "ApusMesh",
+            dependencies: [
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            exclude: ["README.md"],
+            swiftSettings: swiftSettings
+        ),
+        // Metrics export: swift-metrics as Prometheus text with a help line per family.
+        .target(
+            name: "ApusTelemetry",
+            dependencies: [
+                .product(name: "Metrics", package: "swift-metrics"),
+                .product(name: "Prometheus", package: "swift-prometheus"),
+            ],
+            exclude: ["README.md"],
+            swiftSettings: swiftSettings
+        ),
         // Node agent: launches function instances as (sandboxed) child processes per the runtime contract.
         .target(
             name: "ApusRuntime",
@@ -71,6 +90,7 @@ let package = Package(
                 "ApusCore",
                 "CApusShims",
                 .product(name: "Logging", package: "swift-log"),
+                .product(name: "Metrics", package: "swift-metrics"),
             ],
             exclude: ["README.md"],
             resources: [.copy("Bootstrap")],
@@ -142,7 +162,7 @@ let package = Package(
                 "ApusTasks",
                 .product(name: "Hummingbird", package: "hummingbird"),
                 .product(name: "HTTPTypes", package: "swift-http-types"),
-                .product(name: "Prometheus", package: "swift-prometheus"),
+                "ApusTelemetry",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),
             ],
@@ -152,9 +172,7 @@ let package = Package(
         .executableTarget(
             name: "apusd",
             dependencies: [
-                "ApusCore", "ApusStore", "ApusRuntime", "ApusScheduler", "ApusGateway", "ApusControl", "ApusTasks",
-                .product(name: "Metrics", package: "swift-metrics"),
-                .product(name: "Prometheus", package: "swift-prometheus"),
+                "ApusCore", "ApusStore", "ApusRuntime", "ApusScheduler", "ApusGateway", "ApusControl", "ApusTelemetry", "ApusTasks",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Hummingbird", package: "hummingbird"),
                 .product(name: "NIOPosix", package: "swift-nio"),

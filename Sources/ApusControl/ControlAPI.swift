@@ -7,6 +7,7 @@ import HTTPTypes
 import Hummingbird
 import Logging
 import NIOCore
+import ApusTelemetry
 import Synchronization
 
 /// The REST/JSON control API (see IDL/apus-api.openapi.yaml).
@@ -50,12 +51,18 @@ public struct ControlAPI: Sendable {
     public let stopping: ShutdownFlag
     /// The asynchronous task manager; its routes are served when set.
     public var tasks: TaskManager?
+    /// Where the daemon's swift-metrics land; served as Prometheus text on `GET /metrics` (none: 404).
+    public let metrics: PrometheusExport?
     private let logger: Logger
 
-    public init(control: ControlPlane, info: @escaping @Sendable () -> Info, stopping: ShutdownFlag, logger: Logger) {
+    public init(
+        control: ControlPlane, info: @escaping @Sendable () -> Info, stopping: ShutdownFlag,
+        metrics: PrometheusExport? = nil, logger: Logger
+    ) {
         self.control = control
         self.info = info
         self.stopping = stopping
+        self.metrics = metrics
         self.logger = logger
     }
 
@@ -78,6 +85,65 @@ public struct ControlAPI: Sendable {
             body: .init(byteBuffer: ByteBuffer(string: error.jsonBody + "\n")))
     }
 
+    /// A function's instance bounds: the `apus scale` override and what each released version ends up with.
+    struct ScaleStatus: Codable {
+        struct VersionBounds: Codable {
+            var version: Int
+            var min: Int
+            var max: Int
+        }
+
+        var function: String
+        var override: ScaleOverride?
+        var versions: [VersionBounds]
+
+        private enum CodingKeys: String, CodingKey { case function, override, versions }
+
+        /// `override` is null rather than absent when the manifests decide.
+        func encode(to encoder: any Encoder) throws {
+            var container = encoder.container(keyedBy: CodingKeys.self)
+            try container.encode(function, forKey: .function)
+            try container.encode(override, forKey: .override)
+            try container.encode(versions, forKey: .versions)
+        }
+    }
+
+    func scaleStatus(_ record: FunctionRecord) -> ScaleStatus {
+        let entry = control.catalog.entry(record.name)
+        let versions = record.release.activeVersions.sorted().compactMap { number in
+            entry?.versions[number].map { version in
+                let bounds = control.scheduler.scaleBounds(of: version)
+                return ScaleStatus.VersionBounds(version: number, min: bounds.min, max: bounds.max)
+            }
+        }
+        return ScaleStatus(function: record.name, override: record.scale, versions: versions)
+    }
+
+    /// `{"min": N, "max": M}`, either may be left out; anything else is refused with what was wrong.
+    static func parseScale(_ body: Data) throws(ApusError) -> ScaleOverride {
+        guard let object = (try? JSONSerialization.jsonObject(with: body)) as? [String: Any] else {
+            throw ApusError(.badRequest, "scale body must be a JSON object such as {\"min\": 1, \"max\": 10}")
+        }
+        if let unknown = object.keys.sorted().first(where: { $0 != "min" && $0 != "max" }) {
+            throw ApusError(.badRequest, "scale.\(unknown): unknown key (allowed: min, max)")
+        }
+        struct Bounds: Decodable { var min: Int?; var max: Int? }
+        for key in ["min", "max"] {
+            struct One: Decodable { var value: Int? }
+            guard let value = object[key] else { continue }
+            let wrapped = (try? JSONSerialization.data(withJSONObject: ["value": value])) ?? Data()
+            guard (try? JSONDecoder().decode(One.self, from: wrapped)) != nil else {
+                throw ApusError(.badRequest, "scale.\(key): must be a whole number or null (got \(value))")
+            }
+        }
+        do {
+            let bounds = try JSONDecoder().decode(Bounds.self, from: body)
+            return ScaleOverride(min: bounds.min, max: bounds.max)
+        } catch {
+            throw ApusError(.badRequest, "scale body: \(error)")
+        }
+    }
+
     func name(_ context: BasicRequestContext) throws(ApusError) -> String {
         guard let name = context.parameters.get("name") else { throw ApusError(.badRequest, "missing function name") }
         return name
@@ -89,6 +155,16 @@ public struct ControlAPI: Sendable {
         let control = self.control
 
         router.get("/v1/info") { _, _ in try Self.json(info()) }
+
+        if let export = metrics {
+            // Prometheus text exposition format 0.0.4; gauges are brought up to date first.
+            router.get("/metrics") { _, _ in
+                control.scheduler.refreshMetrics()
+                return Response(
+                    status: .ok, headers: [.contentType: "text/plain; version=0.0.4; charset=utf-8"],
+                    body: .init(byteBuffer: ByteBuffer(bytes: export.render())))
+            }
+        }
 
         router.post("/v1/functions") { request, _ in
             var request = request
@@ -158,13 +234,27 @@ public struct ControlAPI: Sendable {
                 var instances: [InstancePool.InstanceInfo]
                 /// The autoscaler's latest decision per version.
                 var autoscaler: [Scheduler.ScalerStatus]
+                var scale: ScaleStatus
             }
             let function = try name(context)
-            _ = try control.requireFunction(function)
+            let record = try control.requireFunction(function)
             return try Self.json(Listing(
                 function: function, queueDepth: control.scheduler.queueDepth(of: function),
                 instances: control.scheduler.instances(of: function),
-                autoscaler: control.scheduler.scalerStatus(of: function)))
+                autoscaler: control.scheduler.scalerStatus(of: function),
+                scale: scaleStatus(record)))
+        }
+
+        router.put("/v1/functions/:name/scale") { request, context in
+            let function = try name(context)
+            var request = request
+            let body = try await request.collectBody(upTo: 64 << 10)
+            let record = try control.setScale(function: function, scale: try Self.parseScale(Data(buffer: body)))
+            return try Self.json(scaleStatus(record))
+        }
+
+        router.delete("/v1/functions/:name/scale") { _, context in
+            try Self.json(scaleStatus(try control.setScale(function: try name(context), scale: nil)))
         }
 
         router.get("/v1/functions/:name/logs") { request, context in

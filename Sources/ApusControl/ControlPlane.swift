@@ -108,6 +108,21 @@ public final class ControlPlane: Sendable {
         return release
     }
 
+    /// Sets or clears the function's instance bounds without a deploy; pools follow at once.
+    public func setScale(function: String, scale: ScaleOverride?) throws(ApusError) -> FunctionRecord {
+        let record = try requireFunction(function)
+        if let scale {
+            try scale.validate(against: try store.version(record.latestVersion, of: function)?.manifest.scale)
+        }
+        let updated = try store.setScale(of: function, scale: scale, now: Date())
+        try refresh(function)
+        scheduler.reconcile(function: function)
+        logger.info("scale override \(scale == nil ? "cleared" : "set")", metadata: [
+            "function": "\(function)", "min": "\(scale?.min.map(String.init) ?? "-")", "max": "\(scale?.max.map(String.init) ?? "-")",
+        ])
+        return updated
+    }
+
     public func delete(function: String) async throws(ApusError) {
         try store.deleteFunction(named: function)
         catalog.remove(function)

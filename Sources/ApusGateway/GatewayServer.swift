@@ -23,6 +23,9 @@ final class GatewayShared: Sendable {
     private let http2Pools: [ObjectIdentifier: InstanceHTTP2Pool]
     private let http1Pools: [ObjectIdentifier: InstanceHTTP1Pool]
     private let thriftPools: [ObjectIdentifier: InstanceThriftPool]
+    /// Each event loop's place on the instances' consistent-hash ring (its shard when a version has more ready
+    /// instances than the scheduler's shard size).
+    private let shardKeys: [ObjectIdentifier: UInt64]
     private let connections = Mutex<[ObjectIdentifier: NIOLoopBound<any DrainableConnection>]>([:])
     private let draining = Atomic<Bool>(false)
 
@@ -34,7 +37,9 @@ final class GatewayShared: Sendable {
         var http2Pools: [ObjectIdentifier: InstanceHTTP2Pool] = [:]
         var http1Pools: [ObjectIdentifier: InstanceHTTP1Pool] = [:]
         var thriftPools: [ObjectIdentifier: InstanceThriftPool] = [:]
-        for loop in group.makeIterator() {
+        var shardKeys: [ObjectIdentifier: UInt64] = [:]
+        for (index, loop) in group.makeIterator().enumerated() {
+            shardKeys[ObjectIdentifier(loop)] = ConsistentHashRing.hash("\(configuration.nodeName)/worker-\(index)")
             thriftPools[ObjectIdentifier(loop)] = InstanceThriftPool(eventLoop: loop)
             pools[ObjectIdentifier(loop)] = UpstreamPool(eventLoop: loop)
             http2Pools[ObjectIdentifier(loop)] = InstanceHTTP2Pool(eventLoop: loop, limits: configuration.http2)
@@ -44,6 +49,12 @@ final class GatewayShared: Sendable {
         self.http2Pools = http2Pools
         self.http1Pools = http1Pools
         self.thriftPools = thriftPools
+        self.shardKeys = shardKeys
+    }
+
+    /// The shard key of requests arriving on `loop`.
+    func shardKey(for loop: any EventLoop) -> UInt64 {
+        shardKeys[ObjectIdentifier(loop)] ?? 0
     }
 
     /// Connections to Thrift instances from this loop.
@@ -146,6 +157,8 @@ public final class GatewayServer: Service {
         public var thriftMaxFrameBytes: Int
         /// Turns asynchronous invocations into tasks (nil: `X-Apus-Invocation: async` is refused).
         public var tasks: (any AsyncTaskSubmitter)?
+        /// This gateway's name on the instances' hash ring (distinct per gateway node once there are several).
+        public var nodeName: String = "gateway"
 
         public init(host: String = "127.0.0.1", port: Int = 8080, domain: String = "apus.localhost",
                     maxRequestBytes: Int = 32 << 20, drainTimeout: Duration = .seconds(60),

@@ -44,9 +44,9 @@ struct CallSlot {
     private(set) var lease: InstancePool.Lease?
     private(set) var queued = false
 
-    mutating func acquire(requestID: String, deadline: ContinuousClock.Instant, waiter: any SlotWaiter) -> Outcome {
+    mutating func acquire(requestID: String, deadline: ContinuousClock.Instant, waiter: any SlotWaiter, shard: UInt64) -> Outcome {
         guard let pool else { return .failed(ApusError(.internal, "no pool for the call")) }
-        switch pool.acquire(requestID: requestID, deadline: deadline, waiter: waiter) {
+        switch pool.acquire(requestID: requestID, deadline: deadline, waiter: waiter, shard: shard) {
         case .leased(let lease):
             self.lease = lease
             return .leased(lease)

@@ -47,4 +47,10 @@ public protocol InstanceHandle: Sendable {
 /// `onExit` fires once when the instance ends, whether asked to or not (not if `launch` throws).
 public protocol InstanceLauncher: Sendable {
     func launch(_ spec: InstanceSpec, onExit: @escaping @Sendable (InstanceExit) -> Void) async throws(ApusError) -> any InstanceHandle
+    /// Releases what the launcher keeps besides instances (prewarmed processes); called once all instances stopped.
+    func shutdown() async
+}
+
+extension InstanceLauncher {
+    public func shutdown() async {}
 }

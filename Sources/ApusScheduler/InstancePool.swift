@@ -44,6 +44,8 @@ public final class InstancePool: Sendable {
     }
 
     public let version: FunctionVersion
+    /// This version's request, queue, instance and scaler metrics.
+    public let metrics: VersionMetrics
     private let state: Mutex<State>
     private let launcher: any InstanceLauncher
     private let codeDirectory: @Sendable (FunctionVersion) throws(ApusError) -> URL
@@ -56,6 +58,7 @@ public final class InstancePool: Sendable {
         stopGrace: Duration, logger: Logger
     ) {
         self.version = version
+        self.metrics = VersionMetrics(function: version.function, version: version.number)
         self.state = Mutex(State(machine: InstancePoolStateMachine(configuration: configuration)))
         self.launcher = launcher
         self.codeDirectory = codeDirectory
@@ -80,21 +83,22 @@ public final class InstancePool: Sendable {
 
     /// Takes a slot without waiting when one is free (the hot path: no task, no continuation, no allocation);
     /// otherwise queues the request until `deadline` and tells `waiter`, from any thread.
-    public func acquire(requestID: String, deadline: ContinuousClock.Instant, waiter: any SlotWaiter) -> AcquireOutcome {
+    public func acquire(requestID: String, deadline: ContinuousClock.Instant, waiter: any SlotWaiter, shard: UInt64? = nil) -> AcquireOutcome {
         var outcome = AcquireOutcome.queued
         let actions = state.withLock { state -> [InstancePoolStateMachine.Action] in
             let now = self.now
-            if let instanceID = state.machine.takeFreeSlot(now: now), let handle = state.handles[instanceID] {
+            if let instanceID = state.machine.takeFreeSlot(now: now, shard: shard), let handle = state.handles[instanceID] {
                 outcome = .leased(Lease(instanceID: instanceID, port: handle.port, since: now))
                 return []
             }
             var rest: [InstancePoolStateMachine.Action] = []
-            for action in state.machine.request(requestID, deadline: deadline, now: now) {
+            for action in state.machine.request(requestID, deadline: deadline, now: now, shard: shard) {
                 switch action {
                 case .dispatch(let id, let instanceID) where id == requestID:
                     // A ready instance always has its handle: both change under this lock.
                     outcome = .leased(Lease(instanceID: instanceID, port: state.handles[instanceID]!.port))
                 case .fail(let id, let error) where id == requestID:
+                    metrics.recordRejection(error.code.name)
                     outcome = .failed(error)
                 default:
                     rest.append(action)
@@ -158,6 +162,17 @@ public final class InstancePool: Sendable {
 
     func tick() {
         perform(state.withLock { $0.machine.tick(now: now) })
+        refreshGauges()
+    }
+
+    /// Sets the queue, in-flight and instance gauges from the pool's current state.
+    func refreshGauges() {
+        let (queued, inFlight, byState) = state.withLock { state in
+            var byState: [InstancePoolStateMachine.InstanceState: Int] = [:]
+            for instance in state.machine.instances.values { byState[instance.state, default: 0] += 1 }
+            return (state.machine.queueDepth, state.machine.inFlight, byState)
+        }
+        metrics.recordLoad(queued: queued, inFlight: inFlight, instancesByState: byState)
     }
 
     func reconfigure(_ configuration: InstancePoolStateMachine.Configuration) {
@@ -184,6 +199,7 @@ public final class InstancePool: Sendable {
     /// Applies the autoscaler's decision (and keeps it for status displays).
     func apply(_ decision: KPAScaler.Decision) {
         perform(state.withLock { state in
+            metrics.recordDecision(desired: decision.desired, previous: state.lastDecision?.desired, panicking: decision.panicking)
             state.lastDecision = decision
             return state.machine.desiredInstances == decision.desired ? [] : state.machine.setDesired(decision.desired, now: now)
         })
@@ -217,6 +233,7 @@ public final class InstancePool: Sendable {
         while state.withLock({ $0.launching > 0 || $0.stopping > 0 || !$0.machine.instances.isEmpty }) {
             try? await Task.sleep(for: .milliseconds(20))
         }
+        metrics.destroy()
     }
 
     public func instances() -> [InstanceInfo] {
@@ -258,6 +275,7 @@ public final class InstancePool: Sendable {
                     (state.waiting.removeValue(forKey: requestID), state.timers.removeValue(forKey: requestID))
                 }
                 timer?.cancel()
+                metrics.recordRejection(error.code.name)
                 continuation?.slotDecided(requestID: requestID, .failure(error))
 
             case .startInstance(let instanceID):

@@ -17,6 +17,10 @@ public struct InstancePoolStateMachine: Sendable {
         /// CoDel-style shedding: when queued requests have waited longer than `target` for a whole `interval`,
         /// requests that would have to queue are refused at once. Nil: off.
         public var shedding: Shedding?
+        /// With more ready instances than this, a request carrying a shard key (its gateway worker) goes to the
+        /// `shardSize` instances the consistent-hash ring gives that key, and only spills to the others when all of
+        /// those are busy. 0: no sharding.
+        public var shardSize: Int
 
         public struct Shedding: Sendable, Equatable {
             public var target: Duration
@@ -29,13 +33,14 @@ public struct InstancePoolStateMachine: Sendable {
         }
 
         public init(concurrency: Int, minInstances: Int, maxInstances: Int, queueLength: Int, idleTimeout: Duration,
-                    shedding: Shedding? = nil) {
+                    shedding: Shedding? = nil, shardSize: Int = 0) {
             self.concurrency = concurrency
             self.minInstances = minInstances
             self.maxInstances = maxInstances
             self.queueLength = queueLength
             self.idleTimeout = idleTimeout
             self.shedding = shedding
+            self.shardSize = shardSize
         }
     }
 
@@ -96,6 +101,12 @@ public struct InstancePoolStateMachine: Sendable {
     private var consecutiveStartFailures = 0
     private var startBlockedUntil: Instant?
     private let makeInstanceID: @Sendable () -> String
+    /// Bumped whenever the set of ready instances may have changed; the caches below are rebuilt lazily from it.
+    private var membershipGeneration = 0
+    private var readyCache: (generation: Int, ids: [String]) = (-1, [])
+    private var ringCache: (generation: Int, ring: ConsistentHashRing?) = (-1, nil)
+    private var shardCache: [UInt64: [String]] = [:]
+    private var random = SplitMix64(seed: 0x5EED_0F_A9A5)
 
     public init(configuration: Configuration, makeInstanceID: @escaping @Sendable () -> String = { Identifier.make(prefix: "i-", length: 8) }) {
         self.configuration = configuration
@@ -118,7 +129,7 @@ public struct InstancePoolStateMachine: Sendable {
     // MARK: inputs
 
     /// A request wants a slot.
-    public mutating func request(_ requestID: String, deadline: Instant, now: Instant) -> [Action] {
+    public mutating func request(_ requestID: String, deadline: Instant, now: Instant, shard: UInt64? = nil) -> [Action] {
         if isClosed {
             return [.fail(requestID: requestID, ApusError(.unavailable, "this version is no longer served"))]
         }
@@ -126,7 +137,7 @@ public struct InstancePoolStateMachine: Sendable {
             return [.fail(requestID: requestID, ApusError(.deadlineExceeded, "deadline passed before the request was queued"))]
         }
         admitted += 1
-        if waiters.isEmpty, let instanceID = leastLoadedReadyInstance() {
+        if waiters.isEmpty, let instanceID = pickInstance(shard: shard) {
             instances[instanceID]!.inFlight += 1
             instances[instanceID]!.lastActive = now
             return [.dispatch(requestID: requestID, instanceID: instanceID)]
@@ -146,8 +157,8 @@ public struct InstancePoolStateMachine: Sendable {
 
     /// The hot path of `request`: takes a free slot when nobody is queued, without building actions.
     /// Returns nil when the request has to go through `request` (no free slot, queue not empty, closed).
-    public mutating func takeFreeSlot(now: Instant) -> String? {
-        guard !isClosed, waiters.isEmpty, let instanceID = leastLoadedReadyInstance() else { return nil }
+    public mutating func takeFreeSlot(now: Instant, shard: UInt64? = nil) -> String? {
+        guard !isClosed, waiters.isEmpty, let instanceID = pickInstance(shard: shard) else { return nil }
         admitted += 1
         instances[instanceID]!.inFlight += 1
         instances[instanceID]!.lastActive = now
@@ -173,6 +184,7 @@ public struct InstancePoolStateMachine: Sendable {
         if instance.state == .draining {
             if instance.inFlight == 0 {
                 instances[instanceID] = nil
+                membershipGeneration += 1
                 return [.stopInstance(instanceID: instanceID)]
             }
             return []
@@ -190,6 +202,7 @@ public struct InstancePoolStateMachine: Sendable {
         instance.lastActive = now
         instance.readyAt = now
         instances[instanceID] = instance
+        membershipGeneration += 1
         consecutiveStartFailures = 0
         startBlockedUntil = nil
         return dispatchWaiters(now: now)
@@ -197,6 +210,7 @@ public struct InstancePoolStateMachine: Sendable {
 
     public mutating func instanceFailedToStart(_ instanceID: String, error: ApusError, now: Instant) -> [Action] {
         guard instances.removeValue(forKey: instanceID) != nil else { return [] }
+        membershipGeneration += 1
         noteStartFailure(error, now: now)
         // Without any other instance on the way, waiting requests would wait in vain: fail them now.
         if !instances.values.contains(where: { $0.state != .draining }) {
@@ -211,6 +225,7 @@ public struct InstancePoolStateMachine: Sendable {
     /// connections; it is replaced when there is demand or `minInstances` requires it.
     public mutating func instanceExited(_ instanceID: String, now: Instant) -> [Action] {
         guard let instance = instances.removeValue(forKey: instanceID) else { return [] }
+        membershipGeneration += 1
         guard !isClosed else { return [] }
         if let readyAt = instance.readyAt, now - readyAt < Self.crashLoopWindow {
             noteStartFailure(ApusError(.unavailable, "instance exited \((now - readyAt).milliseconds)ms after becoming ready"), now: now)
@@ -259,6 +274,7 @@ public struct InstancePoolStateMachine: Sendable {
             .sorted { $0.lastActive < $1.lastActive }
         for instance in idle where serving > instanceFloor && waiters.isEmpty {
             instances[instance.id] = nil
+            membershipGeneration += 1
             serving -= 1
             actions.append(.stopInstance(instanceID: instance.id))
         }
@@ -301,25 +317,79 @@ public struct InstancePoolStateMachine: Sendable {
             } else {
                 instances[id]!.state = .draining
             }
+            membershipGeneration += 1
         }
         return actions
     }
 
     // MARK: internals
 
-    private func leastLoadedReadyInstance() -> String? {
-        var best: Instance?
-        for instance in instances.values where instance.state == .ready && instance.inFlight < configuration.concurrency {
-            if best == nil || instance.inFlight < best!.inFlight || (instance.inFlight == best!.inFlight && instance.id < best!.id) {
-                best = instance
+    /// Above this many candidates the least-loaded choice samples two at random (power of two choices) instead of
+    /// scanning them all.
+    static let powerOfTwoThreshold = 16
+
+    /// The instance for the next request: among the shard's instances when sharding applies (spilling to all ready
+    /// instances when those are busy), the least loaded with a free slot; nil when every slot is taken.
+    private mutating func pickInstance(shard: UInt64?) -> String? {
+        let ready = readyInstanceIDs()
+        if let shard, configuration.shardSize > 0, ready.count > configuration.shardSize,
+           let id = leastLoaded(among: shardMembers(shard)) {
+            return id
+        }
+        return leastLoaded(among: ready)
+    }
+
+    /// Ready instance ids in a stable order, rebuilt only when membership changed.
+    private mutating func readyInstanceIDs() -> [String] {
+        if readyCache.generation != membershipGeneration {
+            readyCache = (membershipGeneration, instances.values.filter { $0.state == .ready }.map(\.id).sorted())
+        }
+        return readyCache.ids
+    }
+
+    /// The `shardSize` ready instances the ring assigns to `shard`.
+    private mutating func shardMembers(_ shard: UInt64) -> [String] {
+        if ringCache.generation != membershipGeneration {
+            ringCache = (membershipGeneration, ConsistentHashRing(members: readyInstanceIDs()))
+            shardCache.removeAll(keepingCapacity: true)
+        }
+        if let members = shardCache[shard] { return members }
+        let members = ringCache.ring?.members(forKey: shard, count: configuration.shardSize) ?? []
+        shardCache[shard] = members
+        return members
+    }
+
+    /// The id's instance if it is ready with a free slot, with its load.
+    private func freeLoad(_ id: String) -> Int? {
+        guard let instance = instances[id], instance.state == .ready, instance.inFlight < configuration.concurrency else { return nil }
+        return instance.inFlight
+    }
+
+    /// Least outstanding requests among `ids`: every candidate when there are few, else the better of two random
+    /// ones (falling back to a full scan when both are full).
+    private mutating func leastLoaded(among ids: [String]) -> String? {
+        if ids.count > Self.powerOfTwoThreshold {
+            let first = random.next(below: ids.count)
+            var second = random.next(below: ids.count - 1)
+            if second >= first { second += 1 }
+            switch (freeLoad(ids[first]), freeLoad(ids[second])) {
+            case (let a?, let b?): return a <= b ? ids[first] : ids[second]
+            case (.some, nil): return ids[first]
+            case (nil, .some): return ids[second]
+            case (nil, nil): break
             }
+        }
+        var best: (id: String, load: Int)?
+        for id in ids {
+            guard let load = freeLoad(id) else { continue }
+            if best == nil || load < best!.load { best = (id, load) }
         }
         return best?.id
     }
 
     private mutating func dispatchWaiters(now: Instant) -> [Action] {
         var actions: [Action] = []
-        while !waiters.isEmpty, let instanceID = leastLoadedReadyInstance() {
+        while !waiters.isEmpty, let instanceID = pickInstance(shard: nil) {
             let waiter = waiters.removeFirst()
             noteQueueDelay(now - waiter.enqueuedAt, now: now)
             if waiter.deadline <= now {

@@ -13,8 +13,13 @@ public final class Scheduler: Service {
         public var idleTimeout: Duration
         public var stopGrace: Duration
         public var tickInterval: Duration
+        /// Ready instances per version above which each gateway worker keeps to its consistent-hash shard of this
+        /// many instances (0: no sharding).
+        public var shardSize: Int
 
-        public init(queueLength: Int = 1000, idleTimeout: Duration = .seconds(60), stopGrace: Duration = .seconds(5), tickInterval: Duration = .milliseconds(250)) {
+        public init(queueLength: Int = 1000, idleTimeout: Duration = .seconds(60), stopGrace: Duration = .seconds(5),
+                    tickInterval: Duration = .milliseconds(250), shardSize: Int = 0) {
+            self.shardSize = shardSize
             self.queueLength = queueLength
             self.idleTimeout = idleTimeout
             self.stopGrace = stopGrace
@@ -47,13 +52,21 @@ public final class Scheduler: Service {
 
     private func poolConfiguration(_ version: FunctionVersion, active: Bool) -> InstancePoolStateMachine.Configuration {
         let manifest = version.manifest
+        let bounds = scaleBounds(of: version)
         return .init(
             concurrency: manifest.concurrency,
-            minInstances: active ? manifest.scale.min : 0,
-            maxInstances: manifest.scale.max,
+            minInstances: active ? bounds.min : 0,
+            maxInstances: bounds.max,
             queueLength: configuration.queueLength,
             idleTimeout: configuration.idleTimeout,
-            shedding: manifest.shedding.map { .init(target: $0.target, interval: $0.interval) })
+            shedding: manifest.shedding.map { .init(target: $0.target, interval: $0.interval) },
+            shardSize: configuration.shardSize)
+    }
+
+    /// The version's instance bounds: its manifest's `scale`, under the function's `apus scale` override if any.
+    public func scaleBounds(of version: FunctionVersion) -> (min: Int, max: Int) {
+        let override = catalog.entry(version.function)?.record.scale
+        return override?.apply(to: version.manifest.scale) ?? (version.manifest.scale.min, version.manifest.scale.max)
     }
 
     func isActive(_ version: FunctionVersion) -> Bool {
@@ -136,6 +149,11 @@ public final class Scheduler: Service {
         }
     }
 
+    /// Brings every pool's gauges up to date (before a metrics scrape).
+    public func refreshMetrics() {
+        for pool in allPools { pool.refreshGauges() }
+    }
+
     public func queueDepth(of function: String) -> Int {
         pools.withLock { $0.filter { $0.key.function == function }.map(\.value) }.reduce(0) { $0 + $1.queueDepth }
     }
@@ -156,6 +174,7 @@ public final class Scheduler: Service {
                 group.addTask { await pool.close(reason: ApusError(.unavailable, "the platform is shutting down")) }
             }
         }
+        await launcher.shutdown()
         logger.info("all instances stopped")
     }
 }

@@ -49,6 +49,18 @@ public final class MemoryStore: Store {
         state.withLock { $0.versions[name]?.first { $0.number == number } }
     }
 
+    public func setScale(of name: String, scale: ScaleOverride?, now: Date) throws(ApusError) -> FunctionRecord {
+        try state.withLock { (state) throws(ApusError) -> FunctionRecord in
+            guard var record = state.functions[name] else {
+                throw ApusError(.notFound, "function \(name) does not exist")
+            }
+            record.scale = scale
+            record.updatedAt = now
+            state.functions[name] = record
+            return record
+        }
+    }
+
     public func setRelease(of name: String, weights: [Release.Weight], now: Date) throws(ApusError) -> Release {
         try state.withLock { (state) throws(ApusError) -> Release in
             guard var record = state.functions[name] else {

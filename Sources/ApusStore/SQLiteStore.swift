@@ -43,6 +43,9 @@ public final class SQLiteStore: Store {
                 );
                 """)
         }
+        migrator.registerMigration("v2-scale-override") { db in
+            try db.execute(sql: "ALTER TABLE functions ADD COLUMN scale_json TEXT")
+        }
         return migrator
     }
 
@@ -80,7 +83,8 @@ public final class SQLiteStore: Store {
             latestVersion: row["latest_version"],
             release: try decode(Release.self, row["release_json"]),
             createdAt: Date(timeIntervalSince1970: row["created_at"]),
-            updatedAt: Date(timeIntervalSince1970: row["updated_at"]))
+            updatedAt: Date(timeIntervalSince1970: row["updated_at"]),
+            scale: try (row["scale_json"] as String?).map { try decode(ScaleOverride.self, $0) })
     }
 
     private static func version(from row: Row) throws -> FunctionVersion {
@@ -157,6 +161,20 @@ public final class SQLiteStore: Store {
                 sql: "UPDATE functions SET release_json = ?, updated_at = ? WHERE name = ?",
                 arguments: [try Self.json(release), now.timeIntervalSince1970, name])
             return release
+        }
+    }
+
+    public func setScale(of name: String, scale: ScaleOverride?, now: Date) throws(ApusError) -> FunctionRecord {
+        try write { db in
+            try db.execute(
+                sql: "UPDATE functions SET scale_json = ?, updated_at = ? WHERE name = ?",
+                arguments: [try scale.map { try Self.json($0) }, now.timeIntervalSince1970, name])
+            guard db.changesCount > 0,
+                  let record = try Row.fetchOne(db, sql: "SELECT * FROM functions WHERE name = ?", arguments: [name]).map(Self.record(from:))
+            else {
+                throw ApusError(.notFound, "function \(name) does not exist")
+            }
+            return record
         }
     }
 

@@ -11,6 +11,8 @@ public protocol Store: Sendable {
     func versions(of name: String) throws(ApusError) -> [FunctionVersion]
     func version(_ number: Int, of name: String) throws(ApusError) -> FunctionVersion?
     func setRelease(of name: String, weights: [Release.Weight], now: Date) throws(ApusError) -> Release
+    /// Sets (or, with nil, clears) the function's instance-bound override; returns the updated record.
+    func setScale(of name: String, scale: ScaleOverride?, now: Date) throws(ApusError) -> FunctionRecord
     func deleteFunction(named name: String) throws(ApusError)
 }
 

@@ -9,7 +9,7 @@ struct Apus: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "apus",
         abstract: "Deploy, release, invoke and inspect functions on an Apus platform.",
-        subcommands: [Deploy.self, List.self, Get.self, Versions.self, Release.self, Delete.self, Invoke.self, Logs.self, Instances.self, Status.self,
+        subcommands: [Deploy.self, List.self, Get.self, Versions.self, Release.self, Delete.self, Invoke.self, Logs.self, Instances.self, Status.self, Scale.self,
                       Submit.self, Tasks.self])
 
     /// Global options may come before the subcommand (`apus --api URL list`): move them after it.
@@ -314,6 +314,38 @@ struct Status: AsyncParsableCommand {
     }
 }
 
+struct Scale: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Set a function's instance bounds without deploying (overrides scale.min/scale.max of every version).",
+        discussion: "apus scale NAME --min 2 --max 10   keep 2 warm, allow 10\napus scale NAME --reset           back to the manifests' scale")
+    @OptionGroup var global: GlobalOptions
+    @Argument var name: String
+    @Option(help: "Instances kept ready while the function is released (0 allows scale to zero).") var min: Int?
+    @Option(help: "Most instances per version.") var max: Int?
+    @Flag(help: "Remove the override: each version's manifest decides again.") var reset = false
+
+    func validate() throws {
+        if reset, min != nil || max != nil { throw ValidationError("--reset cannot be combined with --min or --max") }
+        if !reset, min == nil, max == nil { throw ValidationError("give --min, --max or both (or --reset)") }
+    }
+
+    func run() async throws {
+        try await Apus.guarded {
+            let data: Data
+            if reset {
+                data = try await global.client.call(.DELETE, "/v1/functions/\(name)/scale")
+            } else {
+                var body: [String: Int] = [:]
+                body["min"] = min
+                body["max"] = max
+                data = try await global.client.call(.PUT, "/v1/functions/\(name)/scale", body: try JSONEncoder().encode(body))
+            }
+            if global.json { return global.printJSON(data) }
+            out(InstanceListing.ScaleStatus.render(try global.client.decode(InstanceListing.ScaleStatus.self, data)))
+        }
+    }
+}
+
 /// `GET /v1/functions/{name}/instances` as the CLI shows it.
 struct InstanceListing: Decodable {
     struct Instance: Decodable { var id: String; var version: Int; var state: String; var port: Int?; var pid: Int32?; var inFlight: Int; var ageSeconds: Double }
@@ -326,6 +358,26 @@ struct InstanceListing: Decodable {
     var queueDepth: Int
     var instances: [Instance]
     var autoscaler: [Scaler]?
+    var scale: ScaleStatus?
+
+    struct ScaleStatus: Decodable {
+        struct Bounds: Decodable { var version: Int; var min: Int; var max: Int }
+        struct Override: Decodable { var min: Int?; var max: Int? }
+        var function: String
+        var override: Override?
+        var versions: [Bounds]
+
+        static func render(_ status: ScaleStatus) -> String {
+            let source: String
+            if let o = status.override {
+                source = "override: " + [o.min.map { "min \($0)" }, o.max.map { "max \($0)" }].compactMap { $0 }.joined(separator: ", ")
+            } else {
+                source = "from the manifests"
+            }
+            let bounds = status.versions.map { "v\($0.version) min \($0.min) max \($0.max)" }.joined(separator: "; ")
+            return "scale \(status.function): \(bounds.isEmpty ? "no released version" : bounds) (\(source))"
+        }
+    }
 
     static func show(_ name: String, global: GlobalOptions, withScaler: Bool) async throws {
         try await Apus.guarded {
@@ -341,6 +393,9 @@ struct InstanceListing: Decodable {
             table.add(i.id, "v\(i.version)", i.state, "\(i.inFlight)", i.port.map(String.init) ?? "-", i.pid.map { String($0) } ?? "-", "\(Int(i.ageSeconds))s")
         }
         var lines = [listing.instances.isEmpty ? "no instances (scaled to zero)" : table.render(), "queue: \(listing.queueDepth)"]
+        if withScaler, let scale = listing.scale {
+            lines.append(ScaleStatus.render(scale))
+        }
         if withScaler {
             let decisions = listing.autoscaler ?? []
             if decisions.isEmpty { lines.append("autoscaler: no decision yet") }

@@ -7,6 +7,7 @@ import ApusRuntime
 import ApusScheduler
 import ApusStore
 import ApusTasks
+import ApusTelemetry
 import ArgumentParser
 import Foundation
 import Hummingbird
@@ -87,11 +88,17 @@ struct Apusd: AsyncParsableCommand {
     @Option(help: "Python interpreter for runtime: python3.")
     var python: String?
 
+    @Option(help: "Keep COUNT generic runtime processes started and waiting, specialised with a function's code on a cold start: RUNTIME=COUNT (repeatable; prewarmable: python3).")
+    var prewarm: [String] = []
+
     @Option(help: "Directory holding the bundled runtime files (bootstrap.py); default: the copy beside the binary.")
     var runtimeDir: String?
 
     @Flag(help: "Run instances without bubblewrap even where it works (rlimits only).")
     var noSandbox = false
+
+    @Option(help: "Shard size: with more ready instances than this, each gateway worker sends a version's requests to its consistent-hash subset of this many instances, spilling to the rest only when those are busy (0: off).")
+    var shardSize = 0
 
     @Option(help: "Event-loop threads of the gateway (default: one per core).")
     var gatewayThreads: Int?
@@ -128,6 +135,8 @@ struct Apusd: AsyncParsableCommand {
         if tlsPort == nil, tlsCert != nil || tlsKey != nil {
             throw ValidationError("--tls-cert and --tls-key need --tls-port")
         }
+        do { _ = try PrewarmSettings.parseCounts(prewarm) } catch { throw ValidationError(error.message) }
+        guard (0...1000).contains(shardSize) else { throw ValidationError("--shard-size: must be 0...1000 (got \(shardSize))") }
         guard (0.1...1).contains(targetUtilisation) else { throw ValidationError("--target-utilisation: must be 0.1...1 (got \(targetUtilisation))") }
         guard (1...100_000).contains(h2MaxStreams) else { throw ValidationError("--h2-max-streams: must be 1...100000 (got \(h2MaxStreams))") }
         guard (65_535...(1 << 31) - 1).contains(h2Window) else { throw ValidationError("--h2-window: must be 65535...2147483647 (got \(h2Window))") }
@@ -143,6 +152,8 @@ struct Apusd: AsyncParsableCommand {
             return handler
         }
         let logger = Logger(label: "apusd")
+        let metrics = PrometheusExport(help: TaskMetrics.help)
+        metrics.bootstrap()
         let idle = try parseDuration(idleTimeout, "idle-timeout")
         let start = try parseDuration(startTimeout, "start-timeout")
         let grace = try parseDuration(stopGrace, "stop-grace")
@@ -154,12 +165,14 @@ struct Apusd: AsyncParsableCommand {
         let logs = try FunctionLogs(directory: dataURL.appendingPathComponent("logs"))
 
         let sandbox = Sandbox.detect(disabled: noSandbox, logger: logger)
+        let prewarmCounts = try PrewarmSettings.parseCounts(prewarm)
         let launcher = ProcessLauncher(
             configuration: .init(
                 python: python ?? ProcessLauncher.Configuration.defaultPython(),
                 startTimeout: start,
                 runtimeDirectory: runtimeDir.map { URL(fileURLWithPath: $0, isDirectory: true) }
-                    ?? ProcessLauncher.Configuration.bundledRuntimeDirectory),
+                    ?? ProcessLauncher.Configuration.bundledRuntimeDirectory,
+                prewarm: PrewarmSettings(python3: prewarmCounts["python3"] ?? 0, directory: dataURL.appendingPathComponent("prewarm"))),
             sandbox: sandbox, logs: logs, logger: Logger(label: "apus.runtime"))
 
         var http2Limits = GatewayServer.HTTP2Limits()
@@ -174,7 +187,7 @@ struct Apusd: AsyncParsableCommand {
 
         let catalog = FunctionCatalog()
         let scheduler = Scheduler(
-            configuration: .init(queueLength: queueLength, idleTimeout: idle, stopGrace: grace),
+            configuration: .init(queueLength: queueLength, idleTimeout: idle, stopGrace: grace, shardSize: shardSize),
             catalog: catalog, launcher: launcher,
             codeDirectory: { version throws(ApusError) in try code.unpacked(version.codeDigest) },
             logger: Logger(label: "apus.scheduler"))
@@ -216,7 +229,7 @@ struct Apusd: AsyncParsableCommand {
                 ControlAPI.Info(
                     version: "0.1.0", gateway: .init(http: ports.gatewayURL), domain: domain, sandbox: sandbox.mode.rawValue)
             },
-            stopping: stopping, logger: Logger(label: "apus.api"))
+            stopping: stopping, metrics: metrics, logger: Logger(label: "apus.api"))
         api.tasks = tasks
         let apiApp = Application(
             router: api.makeRouter(),

@@ -159,3 +159,37 @@ struct UnitParsingTests {
 }
 
 import Foundation
+
+@Suite("scale override")
+struct ScaleOverrideTests {
+    @Test func boundsLeftOutKeepTheManifestsAndMinIsCappedByMax() {
+        let scale = FunctionManifest.Scale(min: 1, max: 5)
+        #expect(ScaleOverride(min: 3, max: nil).apply(to: scale) == (3, 5))
+        #expect(ScaleOverride(min: nil, max: 10).apply(to: scale) == (1, 10))
+        #expect(ScaleOverride(min: 4, max: 2).apply(to: scale) == (2, 2))
+    }
+
+    @Test func badBoundsAreRefusedWithTheField() {
+        let scale = FunctionManifest.Scale(min: 0, max: 3)
+        #expect(throws: ApusError.self) { try ScaleOverride(min: nil, max: nil).validate(against: scale) }
+        do {
+            try ScaleOverride(min: 9, max: nil).validate(against: scale)
+            Issue.record("min above the manifest's max was accepted")
+        } catch {
+            #expect(error.message.contains("min 9 is above max 3"))
+        }
+        do {
+            try ScaleOverride(min: -1, max: nil).validate(against: scale)
+            Issue.record("negative min was accepted")
+        } catch {
+            #expect(error.message.hasPrefix("scale.min"))
+        }
+        do {
+            try ScaleOverride(min: nil, max: 5000).validate(against: scale)
+            Issue.record("max above the limit was accepted")
+        } catch {
+            #expect(error.message.hasPrefix("scale.max"))
+        }
+        #expect(throws: Never.self) { try ScaleOverride(min: 2, max: 8).validate(against: scale) }
+    }
+}

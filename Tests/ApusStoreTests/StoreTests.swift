@@ -24,6 +24,24 @@ struct StoreTests {
     }
 
     @Test(arguments: Kind.allCases)
+    func scaleOverrideIsKeptAndCleared(kind: Kind) throws {
+        let (store, dir) = try Self.makeStore(kind)
+        let now = Date(timeIntervalSince1970: 1_800_000_000)
+        _ = try store.createVersion(manifest: manifest("f"), codeDigest: "sha256:aa", release: true, now: now)
+        #expect(try store.function(named: "f")?.scale == nil)
+        let updated = try store.setScale(of: "f", scale: ScaleOverride(min: 2, max: nil), now: now)
+        #expect(updated.scale == ScaleOverride(min: 2, max: nil))
+        #expect(try store.function(named: "f")?.scale == ScaleOverride(min: 2, max: nil))
+        if let dir {
+            // A new store on the same file (a restart) still has it.
+            let reopened = try SQLiteStore(path: dir.appendingPathComponent("apus.db").path)
+            #expect(try reopened.function(named: "f")?.scale == ScaleOverride(min: 2, max: nil))
+        }
+        #expect(try store.setScale(of: "f", scale: nil, now: now).scale == nil)
+        #expect(throws: ApusError.self) { try store.setScale(of: "missing", scale: ScaleOverride(min: 1, max: 2), now: now) }
+    }
+
+    @Test(arguments: Kind.allCases)
     func versionsAreNumberedAndReleased(kind: Kind) throws {
         let (store, _) = try Self.makeStore(kind)
         let now = Date(timeIntervalSince1970: 1_800_000_000)

@@ -485,3 +485,23 @@ def test_openapi_document_is_valid():
     validator.validate(spec)
     for path in ["/v1/tasks", "/v1/tasks/{id}", "/v1/tasks/dead-letter", "/v1/functions/{name}/tasks", "/v1/tasks/{id}/progress"]:
         assert path in spec["paths"], path
+
+
+def test_task_metrics_on_the_prometheus_endpoint(apusd, deployed):
+    name = deployed.fixture("tasker")
+    wait_task(apusd, submit(apusd, name).json()["id"])
+    deadline = time.monotonic() + 10
+    text = ""
+    while time.monotonic() < deadline:
+        r = apusd.api_call("GET", "/metrics")
+        if r.status == 404:
+            pytest.skip("this apusd has no /metrics endpoint")
+        text = r.text
+        if f'apus_tasks_queued{{function="{name}"}}' in text:
+            break
+        time.sleep(0.2)
+    for family in ["apus_tasks_submitted_total", "apus_tasks_completed_total", "apus_tasks_queued", "apus_tasks_running",
+                   "apus_tasks_oldest_queued_age_seconds"]:
+        assert f"# HELP {family} " in text, f"{family} missing from /metrics"
+    assert f'apus_tasks_completed_total{{function="{name}",outcome="succeeded"}}' in text
+    assert f'apus_tasks_queued{{function="{name}"}}' in text

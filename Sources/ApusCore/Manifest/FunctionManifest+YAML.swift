@@ -143,7 +143,9 @@ extension FunctionManifest {
             guard max >= min else {
                 throw ManifestReader.failure("scale.max", "must be ≥ scale.min (got max \(max), min \(min))")
             }
-            guard max <= 1000 else { throw ManifestReader.failure("scale.max", "must be ≤ 1000 (got \(max))") }
+            guard max <= FunctionManifest.maxInstancesLimit else {
+                throw ManifestReader.failure("scale.max", "must be ≤ \(FunctionManifest.maxInstancesLimit) (got \(max))")
+            }
             manifest.scale = Scale(min: min, max: max)
             for (index, window) in (try scale.optionalMappingList("schedule") ?? []).enumerated() {
                 manifest.scale.schedule.append(try Self.scheduleWindow(window, index: index, max: max))

@@ -12,6 +12,9 @@ public struct FunctionManifest: Codable, Hashable, Sendable {
         case thrift
     }
 
+    /// The most instances one function version may have (`scale.max`).
+    public static let maxInstancesLimit = 1000
+
     public struct Scale: Codable, Hashable, Sendable {
         public var min: Int
         public var max: Int

@@ -42,6 +42,9 @@ final class GatewayConnectionHandler: ChannelInboundHandler, RemovableChannelHan
         var retried = false
         /// Waiting in the pool's queue: leaving means cancelling there.
         var queued = false
+        /// The instance's status, once its response head arrived.
+        var status = 0
+        let arrivedAt = ContinuousClock.now
 
         init(invocation: Invocation, version: FunctionVersion, pool: InstancePool, head: RequestHead,
              upstreamHead: ByteBuffer, bodyFraming: BodyFraming, bodyDone: Bool, closeAfter: Bool, deadline: NIODeadline) {
@@ -70,6 +73,8 @@ final class GatewayConnectionHandler: ChannelInboundHandler, RemovableChannelHan
     var peer = "unknown"
     /// Hears slot decisions for this connection's queued requests and brings them back onto its event loop.
     private var slotWaiter: LoopSlotWaiter!
+    /// This connection's event loop's shard key (see `GatewayShared.shardKey(for:)`).
+    private var shardKey: UInt64 = 0
     private var headScratch: ByteBuffer?
 
     /// The asynchronous submission being read or stored.
@@ -93,6 +98,7 @@ final class GatewayConnectionHandler: ChannelInboundHandler, RemovableChannelHan
         self.context = context
         self.upstreams = shared.upstreamPool(for: context.eventLoop)
         self.slotWaiter = LoopSlotWaiter(NIOLoopBound<any LoopSlotTarget>(self, eventLoop: context.eventLoop))
+        self.shardKey = shared.shardKey(for: context.eventLoop)
         if context.channel.isActive { becameActive(context: context) }
     }
 
@@ -121,6 +127,7 @@ final class GatewayConnectionHandler: ChannelInboundHandler, RemovableChannelHan
         if let current = exchange {
             // The client went away mid-exchange: give back what the exchange holds.
             releaseResources(of: current)
+            current.pool.metrics.recordRequest(protocol: "http", code: Self.clientClosedCode, since: current.arrivedAt)
             exchange = nil
         }
         shared.unregister(id: ObjectIdentifier(self))
@@ -257,7 +264,9 @@ final class GatewayConnectionHandler: ChannelInboundHandler, RemovableChannelHan
     }
 
     private func acquireSlot(_ current: Exchange) {
-        switch current.pool.acquire(requestID: current.invocation.requestID, deadline: current.invocation.deadline!, waiter: slotWaiter) {
+        switch current.pool.acquire(
+            requestID: current.invocation.requestID, deadline: current.invocation.deadline!, waiter: slotWaiter,
+            shard: shardKey) {
         case .leased(let lease):
             phase = .connecting
             current.lease = lease
@@ -457,6 +466,7 @@ final class GatewayConnectionHandler: ChannelInboundHandler, RemovableChannelHan
     func upstreamHead(_ out: inout ByteBuffer, status: Int, closeDelimited: Bool) {
         guard let current = exchange else { return }
         current.responseStarted = true
+        current.status = status
         if closeDelimited || !current.bodyDone { current.closeAfter = true }
         out.writeStatic("X-Apus-Version: ")
         out.writeString(String(current.version.number))
@@ -482,6 +492,7 @@ final class GatewayConnectionHandler: ChannelInboundHandler, RemovableChannelHan
     func upstreamComplete(reusable: Bool) {
         guard let current = exchange else { return }
         if let lease = current.lease { current.pool.release(lease) }
+        current.pool.metrics.recordRequest(protocol: "http", code: Self.statusCode(current.status), since: current.arrivedAt)
         if let upstream = current.upstream {
             if reusable && current.bodyDone { upstreams.release(upstream) } else { upstream.close() }
         }
@@ -546,6 +557,10 @@ final class GatewayConnectionHandler: ChannelInboundHandler, RemovableChannelHan
         guard let current = exchange else { return }
         releaseResources(of: current)
         exchange = nil
+        // A response already under way ends cut short: the client sees the instance's status on a broken body.
+        current.pool.metrics.recordRequest(
+            protocol: "http", code: current.responseStarted ? Self.statusCode(current.status) : Self.statusCode(error.code.httpStatus),
+            since: current.arrivedAt)
         shared.logger.info("request failed", metadata: [
             "requestID": "\(current.invocation.requestID)", "function": "\(current.version.function)",
             "version": "\(current.version.number)", "code": "\(error.code)", "reason": "\(error.message)",
@@ -595,6 +610,16 @@ final class GatewayConnectionHandler: ChannelInboundHandler, RemovableChannelHan
         guard phase != .closed else { return }
         phase = .closed
         context.close(promise: nil)
+    }
+
+    /// The metrics code of a client that left before its response was complete (nginx's convention).
+    static let clientClosedCode = "499"
+
+    /// Status codes as metric labels, without formatting one per request.
+    static let statusCodes: [String] = (0..<600).map { String($0) }
+
+    static func statusCode(_ status: Int) -> String {
+        status >= 0 && status < statusCodes.count ? statusCodes[status] : String(status)
     }
 
     static func reason(_ status: Int) -> String {

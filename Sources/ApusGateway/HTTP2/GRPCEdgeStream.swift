@@ -53,6 +53,9 @@ final class GRPCEdgeStream: ChannelInboundHandler, LoopSlotTarget {
     /// An asynchronous call's submission while its request is read, and the payload limit.
     var asyncSubmission: TaskSubmission?
     var asyncLimit = 0
+    private var arrivedAt = ContinuousClock.now
+    /// The call's grpc-status as the client sees it, once known (metrics); a call ending without one was cancelled.
+    private var finalStatus: String?
 
     init(shared: GatewayShared, peer: String) {
         self.shared = shared
@@ -133,6 +136,7 @@ final class GRPCEdgeStream: ChannelInboundHandler, LoopSlotTarget {
     // MARK: routing
 
     private func start(_ headers: HPACKHeaders) {
+        arrivedAt = .now
         requestID = shared.requestIDs.next()
         rpcPath = headers.first(name: ":path") ?? ""
         requestHeaders = headers
@@ -217,7 +221,7 @@ final class GRPCEdgeStream: ChannelInboundHandler, LoopSlotTarget {
 
     private func acquireSlot() {
         if slotWaiter == nil { slotWaiter = LoopSlotWaiter(NIOLoopBound<any LoopSlotTarget>(self, eventLoop: context.eventLoop)) }
-        proceed(slot.acquire(requestID: requestID, deadline: deadline, waiter: slotWaiter!))
+        proceed(slot.acquire(requestID: requestID, deadline: deadline, waiter: slotWaiter!, shard: shared.shardKey(for: context.eventLoop)))
     }
 
     func slotDecided(requestID: String, _ result: Result<InstancePool.Lease, ApusError>) {
@@ -305,6 +309,7 @@ final class GRPCEdgeStream: ChannelInboundHandler, LoopSlotTarget {
             if headers.endStream {
                 responseEnding = true
                 instanceEnded = true
+                finalStatus = headers.headers.first(name: "grpc-status") ?? GRPCWire.statusCodeLabel(GRPCWire.statusInternal)
             }
             if !responseStarted {
                 responseStarted = true
@@ -370,6 +375,7 @@ final class GRPCEdgeStream: ChannelInboundHandler, LoopSlotTarget {
             ? GRPCWire.trailers(status: status, message: message)
             : GRPCWire.trailersOnly(status: status, message: message)
         var withID = headers
+        finalStatus = GRPCWire.statusCodeLabel(status)
         if !responseStarted, !requestID.isEmpty { withID.add(name: "apus-request-id", value: requestID, indexing: .nonIndexable) }
         responseStarted = true
         responseEnding = true
@@ -381,6 +387,7 @@ final class GRPCEdgeStream: ChannelInboundHandler, LoopSlotTarget {
     func finish() {
         guard phase != .finished else { return }
         phase = .finished
+        slot.pool?.metrics.recordRequest(protocol: "grpc", code: finalStatus ?? GRPCWire.statusCodeLabel(GRPCWire.statusCancelled), since: arrivedAt)
         deadlineTask?.cancel()
         deadlineTask = nil
         pending = []

@@ -16,6 +16,13 @@ enum GRPCWire {
     static let statusInternal = 13
     static let statusUnavailable = 14
 
+    /// gRPC status codes 0...16 as metric labels.
+    private static let statusLabels: [String] = (0...16).map { String($0) }
+
+    static func statusCodeLabel(_ status: Int) -> String {
+        statusLabels.indices.contains(status) ? statusLabels[status] : String(status)
+    }
+
     /// Parses `grpc-timeout`: at most 8 ASCII digits and a unit (H, M, S, m, u, n).
     static func parseTimeout(_ text: String) -> Duration? {
         let bytes = Array(text.utf8)

@@ -48,6 +48,9 @@ final class HTTPOverHTTP2Stream: ChannelInboundHandler, LoopSlotTarget {
     /// An asynchronous submission while its body is read, and the payload limit.
     var asyncSubmission: TaskSubmission?
     var asyncLimit = 0
+    private var arrivedAt = ContinuousClock.now
+    /// The status the client got (metrics); 0 while none was sent.
+    private var status = 0
 
     init(shared: GatewayShared, peer: String, scheme: String) {
         self.shared = shared
@@ -113,6 +116,7 @@ final class HTTPOverHTTP2Stream: ChannelInboundHandler, LoopSlotTarget {
     // MARK: routing
 
     private func start(_ head: HTTPRequestHead) {
+        arrivedAt = .now
         requestID = shared.requestIDs.next()
         if head.uri.hasPrefix("/async/") || head.headers.first(name: "x-apus-invocation")?.lowercased() == "async" {
             startAsync(head)
@@ -180,7 +184,7 @@ final class HTTPOverHTTP2Stream: ChannelInboundHandler, LoopSlotTarget {
 
     private func acquireSlot() {
         if slotWaiter == nil { slotWaiter = LoopSlotWaiter(NIOLoopBound<any LoopSlotTarget>(self, eventLoop: context.eventLoop)) }
-        proceed(slot.acquire(requestID: requestID, deadline: deadline, waiter: slotWaiter!))
+        proceed(slot.acquire(requestID: requestID, deadline: deadline, waiter: slotWaiter!, shard: shared.shardKey(for: context.eventLoop)))
     }
 
     func slotDecided(requestID: String, _ result: Result<InstancePool.Lease, ApusError>) {
@@ -248,6 +252,7 @@ final class HTTPOverHTTP2Stream: ChannelInboundHandler, LoopSlotTarget {
         switch part {
         case .head(var head):
             responseStarted = true
+            status = Int(head.status.code)
             for name in Self.hopByHop { head.headers.remove(name: name) }
             head.headers.add(name: "x-apus-version", value: String(version.number))
             head.headers.add(name: "x-apus-request-id", value: requestID)
@@ -301,6 +306,7 @@ final class HTTPOverHTTP2Stream: ChannelInboundHandler, LoopSlotTarget {
         if let version { headers.add(name: "x-apus-version", value: String(version.number)) }
         if error.code == .overloaded || error.code == .unavailable { headers.add(name: "retry-after", value: "1") }
         responseStarted = true
+        status = error.code.httpStatus
         context.write(wrapOutboundOut(.head(HTTPResponseHead(version: .http2, status: .init(statusCode: error.code.httpStatus), headers: headers))), promise: nil)
         context.write(wrapOutboundOut(.body(.byteBuffer(context.channel.allocator.buffer(string: body)))), promise: nil)
         context.writeAndFlush(wrapOutboundOut(.end(nil)), promise: nil)
@@ -310,6 +316,9 @@ final class HTTPOverHTTP2Stream: ChannelInboundHandler, LoopSlotTarget {
     func finish(upstreamReusable: Bool) {
         guard phase != .finished else { return }
         phase = .finished
+        // Ended before its end was sent (client reset, instance failure mid-response): the client's own code, or 499.
+        let code = responseEnding && status != 0 ? GatewayConnectionHandler.statusCode(status) : GatewayConnectionHandler.clientClosedCode
+        slot.pool?.metrics.recordRequest(protocol: "http", code: code, since: arrivedAt)
         deadlineTask?.cancel()
         deadlineTask = nil
         pending = []

@@ -32,6 +32,9 @@ final class ThriftEdgeConnection: ChannelInboundHandler, LoopSlotTarget, Drainab
         /// The reply to write, in the client's framing, once known.
         var reply: ByteBuffer?
         var done = false
+        let arrivedAt = ContinuousClock.now
+        /// How the call ended, for metrics: `reply`, `exception` (the instance's), `oneway`, or an error name.
+        var outcome: String?
 
         init(frame: ThriftFrame, requestID: String) {
             self.frame = frame
@@ -219,7 +222,7 @@ final class ThriftEdgeConnection: ChannelInboundHandler, LoopSlotTarget, Drainab
 
     private func acquireSlot(_ call: Call) {
         guard let pool = call.pool else { return }
-        switch pool.acquire(requestID: call.requestID, deadline: call.deadline, waiter: slotWaiter!) {
+        switch pool.acquire(requestID: call.requestID, deadline: call.deadline, waiter: slotWaiter!, shard: shared.shardKey(for: context.eventLoop)) {
         case .leased(let lease):
             call.lease = lease
             send(call)
@@ -284,8 +287,10 @@ final class ThriftEdgeConnection: ChannelInboundHandler, LoopSlotTarget, Drainab
                     connection.call = nil
                     connection.channel.writeAndFlush(framed).assumeIsolated().whenComplete { [self] result in
                         if case .success = result {
+                            call.outcome = "oneway"
                             shared.instanceThriftPool(for: context.eventLoop).release(connection)
                         } else {
+                            call.outcome = ApusError.Code.instanceError.name
                             connection.channel.close(promise: nil)
                             log(call, code: "instance_error", reason: "oneway call could not be delivered to the instance")
                         }
@@ -317,6 +322,7 @@ final class ThriftEdgeConnection: ChannelInboundHandler, LoopSlotTarget, Drainab
         }
         connection.call = nil
         call.upstream = nil
+        call.outcome = frame.envelope.type == .exception ? "exception" : "reply"
         shared.instanceThriftPool(for: context.eventLoop).release(connection)
         var message = frame.message
         if frame.envelope.name != call.frame.envelope.name {
@@ -336,6 +342,7 @@ final class ThriftEdgeConnection: ChannelInboundHandler, LoopSlotTarget, Drainab
 
     private func fail(_ call: Call, _ type: ThriftWire.ApplicationError, _ error: ApusError) {
         guard !call.done else { return }
+        call.outcome = error.code.name
         log(call, code: error.code.name, reason: error.message)
         if call.isOneway {
             finish(call)  // oneway calls never get a reply, not even an error
@@ -379,6 +386,7 @@ final class ThriftEdgeConnection: ChannelInboundHandler, LoopSlotTarget, Drainab
     private func finish(_ call: Call) {
         guard !call.done else { return }
         call.done = true
+        call.pool?.metrics.recordRequest(protocol: "thrift", code: call.outcome ?? "client_closed", since: call.arrivedAt)
         call.deadlineTask?.cancel()
         call.deadlineTask = nil
         if let lease = call.lease {

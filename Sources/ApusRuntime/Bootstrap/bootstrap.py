@@ -47,6 +47,7 @@ import http.server
 import json
 import signal
 import socket
+import socketserver
 import time
 import traceback
 import uuid
@@ -103,13 +104,22 @@ def _fatal(message, code=1):
 # Configuration from the environment.
 # --------------------------------------------------------------------------
 
-FUNCTION_NAME = os.environ.get("APUS_FUNCTION", "")
-FUNCTION_VERSION = os.environ.get("APUS_VERSION", "")
-INSTANCE_ID = os.environ.get("APUS_INSTANCE", "")
-PROTOCOL = (os.environ.get("APUS_PROTOCOL", "") or "http").strip().lower()
 DEFAULT_HANDLERS = {"grpc": "main.register", "thrift": "main.processor"}
-HANDLER_SPEC = os.environ.get("APUS_HANDLER", "") or DEFAULT_HANDLERS.get(PROTOCOL, "main.handler")
 HOST = "127.0.0.1"
+
+
+def _read_instance_configuration():
+    """(Re)reads the instance's identity from the environment: at start, or once a prewarmed process is given
+    its function (see _wait_for_function)."""
+    global FUNCTION_NAME, FUNCTION_VERSION, INSTANCE_ID, PROTOCOL, HANDLER_SPEC
+    FUNCTION_NAME = os.environ.get("APUS_FUNCTION", "")
+    FUNCTION_VERSION = os.environ.get("APUS_VERSION", "")
+    INSTANCE_ID = os.environ.get("APUS_INSTANCE", "")
+    PROTOCOL = (os.environ.get("APUS_PROTOCOL", "") or "http").strip().lower()
+    HANDLER_SPEC = os.environ.get("APUS_HANDLER", "") or DEFAULT_HANDLERS.get(PROTOCOL, "main.handler")
+
+
+_read_instance_configuration()
 
 # gRPC mode: largest message accepted or sent (APUS_GRPC_MAX_MESSAGE_BYTES overrides), worker threads
 # beyond APUS_CONCURRENCY, and how long in-flight calls get to finish after SIGTERM (below apusd's
@@ -627,6 +637,12 @@ class Server(http.server.ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 128
 
+    def server_bind(self):
+        # HTTPServer.server_bind resolves the host's FQDN (a name lookup costing about a millisecond of every start);
+        # the instance only ever listens on loopback.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
+
     def handle_error(self, request, client_address):
         exc = sys.exc_info()[1]
         if isinstance(exc, (ConnectionError, TimeoutError, socket.timeout)):
@@ -1051,7 +1067,58 @@ def _serve_thrift(port):
 # --------------------------------------------------------------------------
 
 
+# --------------------------------------------------------------------------
+# Prewarmed mode (APUS_PREWARM=1): the node agent starts this bootstrap before it knows the function, in the
+# sandbox an instance gets, with an empty code folder. It loads the libraries instances commonly need, says so,
+# and waits on stdin for one JSON line: {"port": N, "env": {...}, "memory": BYTES}. By then the agent has put the
+# function's code in the code folder; the process takes the environment, lowers its memory limit and continues
+# exactly as a cold-started instance would.
+# --------------------------------------------------------------------------
+
+PREWARM_READY_LINE = "apus-prewarm: ready"
+
+
+def _preload_libraries():
+    """Import what gRPC and Thrift instances need, when installed, so specialising costs the user's code only."""
+    for name in ("concurrent.futures", "asyncio", "grpc", "thrift.Thrift", "thrift.protocol.TBinaryProtocol",
+                 "thrift.protocol.TCompactProtocol", "thrift.transport.TTransport", "thrift.TMultiplexedProcessor"):
+        try:
+            __import__(name)
+        except Exception:  # absent or broken optional library: the instance reports it if it needs it
+            pass
+
+
+def _wait_for_function():
+    _preload_libraries()
+    sys.stdout.write(PREWARM_READY_LINE + "\n")
+    sys.stdout.flush()
+    line = sys.stdin.readline()
+    if not line.strip():
+        os._exit(0)  # the agent closed our stdin without a function: it is shutting down
+    try:
+        settings = json.loads(line)
+        env = settings["env"]
+        port = int(settings["port"])
+        memory = int(settings.get("memory") or 0)
+    except (ValueError, KeyError, TypeError) as exc:
+        _fatal("apus-bootstrap: unreadable instance settings from the node agent: %s" % exc, 2)
+    os.environ.pop("APUS_PREWARM", None)
+    os.environ.update({str(k): str(v) for k, v in env.items()})
+    os.environ["APUS_PORT"] = str(port)
+    if memory > 0:
+        try:
+            import resource
+            resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
+        except (ImportError, ValueError, OSError) as exc:
+            _log_err("apus-bootstrap: cannot lower the memory limit to %d bytes: %s" % (memory, exc))
+    _read_instance_configuration()
+    import importlib
+    importlib.invalidate_caches()  # the code folder was filled after the interpreter started
+
+
 def main():
+    if os.environ.get("APUS_PREWARM") == "1":
+        _wait_for_function()
     port = _port_from_env()
     if PROTOCOL == "grpc":
         _serve_grpc(port)

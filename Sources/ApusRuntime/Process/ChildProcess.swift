@@ -13,19 +13,27 @@ struct ChildProcess: Sendable {
     let pid: pid_t
     let stdoutFD: Int32
     let stderrFD: Int32
+    /// The write end of the child's stdin when spawned with `stdinPipe: true` (prewarmed processes read their
+    /// function there); nil when stdin is /dev/null.
+    let stdinFD: Int32?
 
-    static func spawn(argv: [String], environment: [String: String], workingDirectory: String) throws(ApusError) -> ChildProcess {
+    static func spawn(argv: [String], environment: [String: String], workingDirectory: String, stdinPipe: Bool = false) throws(ApusError) -> ChildProcess {
         precondition(!argv.isEmpty)
         var outPipe: [Int32] = [0, 0]
         var errPipe: [Int32] = [0, 0]
-        guard apus_pipe_cloexec(&outPipe) == 0, apus_pipe_cloexec(&errPipe) == 0 else {
+        var inPipe: [Int32] = [-1, -1]
+        guard apus_pipe_cloexec(&outPipe) == 0, apus_pipe_cloexec(&errPipe) == 0, !stdinPipe || apus_pipe_cloexec(&inPipe) == 0 else {
             throw ApusError(.internal, "pipe2 failed: \(String(cString: strerror(errno)))")
         }
 
         var actions = posix_spawn_file_actions_t()
         posix_spawn_file_actions_init(&actions)
         defer { posix_spawn_file_actions_destroy(&actions) }
-        posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
+        if stdinPipe {
+            posix_spawn_file_actions_adddup2(&actions, inPipe[0], 0)
+        } else {
+            posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
+        }
         posix_spawn_file_actions_adddup2(&actions, outPipe[1], 1)
         posix_spawn_file_actions_adddup2(&actions, errPipe[1], 2)
         apus_spawn_file_actions_addchdir(&actions, workingDirectory)
@@ -54,12 +62,14 @@ struct ChildProcess: Sendable {
         }
         close(outPipe[1])
         close(errPipe[1])
+        if stdinPipe { close(inPipe[0]) }
         guard result == 0 else {
             close(outPipe[0])
             close(errPipe[0])
+            if stdinPipe { close(inPipe[1]) }
             throw ApusError(.unavailable, "cannot start \(argv[0]): \(String(cString: strerror(result)))")
         }
-        return ChildProcess(pid: pid, stdoutFD: outPipe[0], stderrFD: errPipe[0])
+        return ChildProcess(pid: pid, stdoutFD: outPipe[0], stderrFD: errPipe[0], stdinFD: stdinPipe ? inPipe[1] : nil)
     }
 
     /// Signals the whole process group (the instance and anything it started).

@@ -18,10 +18,14 @@ public final class ProcessLauncher: InstanceLauncher {
         /// Directory holding `bootstrap.py`.
         public var runtimeDirectory: URL
 
-        public init(python: String, startTimeout: Duration, runtimeDirectory: URL) {
+        /// Prewarmed runtime processes to keep waiting (nil: none).
+        public var prewarm: PrewarmSettings?
+
+        public init(python: String, startTimeout: Duration, runtimeDirectory: URL, prewarm: PrewarmSettings? = nil) {
             self.python = python
             self.startTimeout = startTimeout
             self.runtimeDirectory = runtimeDirectory
+            self.prewarm = prewarm
         }
 
         /// The bundled runtime files shipped with this module.
@@ -37,13 +41,21 @@ public final class ProcessLauncher: InstanceLauncher {
     public let configuration: Configuration
     public let sandbox: Sandbox
     public let logs: FunctionLogs
-    private let logger: Logger
+    let logger: Logger
+    /// Generic runtime processes waiting to be given a function (nil when `--prewarm` asks for none).
+    private let prewarmPool: PrewarmPool?
 
     public init(configuration: Configuration, sandbox: Sandbox, logs: FunctionLogs, logger: Logger) {
         self.configuration = configuration
         self.sandbox = sandbox
         self.logs = logs
         self.logger = logger
+        if let prewarm = configuration.prewarm, prewarm.python3 > 0 {
+            self.prewarmPool = PrewarmPool(settings: prewarm, logger: logger)
+        } else {
+            self.prewarmPool = nil
+        }
+        prewarmPool?.attach(self)
     }
 
     /// The argv of the function's own process, with paths as the instance sees them.
@@ -67,9 +79,10 @@ public final class ProcessLauncher: InstanceLauncher {
         }
     }
 
-    func environment(for spec: InstanceSpec, port: Int) -> [String: String] {
+    /// What every runtime process gets, before any function's settings.
+    func baseEnvironment() -> [String: String] {
         let host = ProcessInfo.processInfo.environment
-        var env: [String: String] = [
+        return [
             "PATH": sandbox.mode == .bubblewrap ? "/usr/local/bin:/usr/bin:/bin" : (host["PATH"] ?? "/usr/local/bin:/usr/bin:/bin"),
             "HOME": "/tmp",
             "LANG": "C.UTF-8",
@@ -78,6 +91,10 @@ public final class ProcessLauncher: InstanceLauncher {
             // glibc reserves 64 MiB of address space per malloc arena; keep RLIMIT_AS meaningful.
             "MALLOC_ARENA_MAX": "2",
         ]
+    }
+
+    func environment(for spec: InstanceSpec, port: Int) -> [String: String] {
+        var env = baseEnvironment()
         for (key, value) in spec.manifest.env { env[key] = value }
         env["APUS_PORT"] = String(port)
         env["APUS_FUNCTION"] = spec.version.function
@@ -98,61 +115,141 @@ public final class ProcessLauncher: InstanceLauncher {
         let port = try FreePort.pick()
         let function = spec.version.function
         let version = spec.version.number
-        let argv = sandbox.wrap(
-            command: command(for: spec),
-            codeDirectory: spec.codeDirectory,
-            runtimeDirectory: spec.manifest.runtime == .python3 ? configuration.runtimeDirectory : nil,
-            memoryLimit: spec.manifest.memory)
+        let owner = ManagedProcess.Owner(instanceID: spec.instanceID, function: function, version: version)
         let started = ContinuousClock.now
-        let child = try ChildProcess.spawn(argv: argv, environment: environment(for: spec, port: port), workingDirectory: spec.codeDirectory.path)
-        let instance = ProcessInstance(instanceID: spec.instanceID, port: port, child: child)
         var logger = self.logger
         logger[metadataKey: "function"] = "\(function)"
         logger[metadataKey: "version"] = "\(version)"
         logger[metadataKey: "instance"] = "\(spec.instanceID)"
-        logger.debug("instance spawned", metadata: ["pid": "\(child.pid)", "port": "\(port)", "argv": "\(argv.joined(separator: " "))"])
-        logs.event(function: function, version: version, instance: spec.instanceID, "starting (pid \(child.pid), port \(port), sandbox \(sandbox.mode.rawValue))")
 
+        let process: ManagedProcess
+        let prewarmed: Bool
+        if let warm = prewarmPool?.take(for: spec) {
+            // A generic runtime process is already up with its interpreter loaded: give it this function's code
+            // and identity, and it imports the handler and listens.
+            do throws(ApusError) {
+                try warm.specialise(spec: spec, port: port, environment: environment(for: spec, port: port), owner: owner, onExit: onExit)
+            } catch {
+                logger.warning("prewarmed process could not be specialised, starting a new one", metadata: ["reason": "\(error.message)"])
+                await warm.stop(grace: .milliseconds(200))
+                return try await launch(spec, onExit: onExit)
+            }
+            process = warm
+            prewarmed = true
+            logs.event(function: function, version: version, instance: spec.instanceID, "starting from prewarmed process (pid \(warm.pid), port \(port), sandbox \(sandbox.mode.rawValue))")
+        } else {
+            let argv = sandbox.wrap(
+                command: command(for: spec),
+                codeDirectory: spec.codeDirectory,
+                runtimeDirectory: spec.manifest.runtime == .python3 ? configuration.runtimeDirectory : nil,
+                memoryLimit: spec.manifest.memory)
+            process = try spawn(argv: argv, environment: environment(for: spec, port: port),
+                                workingDirectory: spec.codeDirectory.path, owner: owner, onExit: onExit)
+            prewarmed = false
+            logger.debug("instance spawned", metadata: ["pid": "\(process.pid)", "port": "\(port)", "argv": "\(argv.joined(separator: " "))"])
+            logs.event(function: function, version: version, instance: spec.instanceID, "starting (pid \(process.pid), port \(port), sandbox \(sandbox.mode.rawValue))")
+        }
+
+        var outcome = await waitUntilReady(
+            process, port: port, protocol: spec.manifest.protocol, deadline: started.advanced(by: configuration.startTimeout),
+            firstPause: prewarmed ? 200 : 1_000)
+        if prewarmed, let pool = prewarmPool {
+            Task { pool.replenish() }
+        }
+        if case .success = outcome, let exit = process.markLaunched() {
+            outcome = .failure(ApusError(.unavailable, "instance \(exit) right after it became ready"))
+        }
+        switch outcome {
+        case .success:
+            let elapsed = ContinuousClock.now - started
+            logs.event(function: function, version: version, instance: spec.instanceID, "ready in \(elapsed.milliseconds)ms\(prewarmed ? " (prewarmed)" : "")")
+            logger.info("instance ready", metadata: ["coldStartMs": "\(elapsed.milliseconds)", "port": "\(port)", "prewarmed": "\(prewarmed)"])
+            RuntimeMetrics.coldStart(function: function, runtime: spec.manifest.runtime.rawValue, prewarmed: prewarmed, duration: elapsed)
+            return ProcessInstance(instanceID: spec.instanceID, port: port, process: process)
+        case .failure(let error):
+            logs.event(function: function, version: version, instance: spec.instanceID, "failed to start: \(error.message)")
+            logger.warning("instance failed to start", metadata: ["reason": "\(error.message)"])
+            RuntimeMetrics.startFailed(function: function, runtime: spec.manifest.runtime.rawValue)
+            await process.stop(grace: .milliseconds(500))
+            let tail = logs.tail(function: function, count: 3).filter { $0.contains(spec.instanceID) && $0.contains("stderr|") }.last
+            let detail = tail.map { "; last stderr: " + ($0.components(separatedBy: "stderr| ").last ?? "") } ?? ""
+            throw ApusError(error.code, error.message + detail)
+        }
+    }
+
+    /// Stops the prewarmed processes (instances are stopped by their pools).
+    public func shutdown() async {
+        await prewarmPool?.shutdown()
+    }
+
+    /// Spawns a child and starts the threads that carry its output to the function's log and notice its exit.
+    func spawn(
+        argv: [String], environment: [String: String], workingDirectory: String, owner: ManagedProcess.Owner?,
+        onExit: (@Sendable (InstanceExit) -> Void)?, stdinPipe: Bool = false, slot: URL? = nil
+    ) throws(ApusError) -> ManagedProcess {
+        let child = try ChildProcess.spawn(argv: argv, environment: environment, workingDirectory: workingDirectory, stdinPipe: stdinPipe)
+        let process = ManagedProcess(child: child, owner: owner, onExit: onExit, slot: slot)
         let logs = self.logs
+        let logger = self.logger
         for (fd, stream) in [(child.stdoutFD, "stdout"), (child.stderrFD, "stderr")] {
             Thread.detachNewThread {
                 LineReader.forEachLine(fd: fd) { line in
-                    logs.append(function: function, version: version, instance: spec.instanceID, stream: stream, line: line)
+                    if let owner = process.owner {
+                        logs.append(function: owner.function, version: owner.version, instance: owner.instanceID, stream: stream, line: line)
+                    } else if line == ManagedProcess.prewarmReadyLine {
+                        process.markPrewarmReady()
+                    } else {
+                        logger.debug("prewarmed process output", metadata: ["pid": "\(child.pid)", "stream": "\(stream)", "line": "\(line)"])
+                    }
                 }
             }
         }
-        let exitLogger = logger
         Thread.detachNewThread {
             let exit = child.waitForExit()
             child.signalGroup(SIGKILL)  // leftovers in the group
-            let (wasStopping, wasLaunched) = instance.markExited(exit)
-            logs.event(function: function, version: version, instance: spec.instanceID, "\(exit)\(wasStopping ? " (stopped)" : "")")
-            if wasStopping {
-                exitLogger.debug("instance stopped", metadata: ["exit": "\(exit)"])
-            } else if wasLaunched {
-                exitLogger.warning("instance ended unexpectedly", metadata: ["exit": "\(exit)"])
+            let ended = process.markExited(exit)
+            if let slot { try? FileManager.default.removeItem(at: slot) }
+            guard let owner = ended.owner else {
+                if !ended.stopping { logger.warning("prewarmed process ended before it was used", metadata: ["pid": "\(child.pid)", "exit": "\(exit)"]) }
+                return
+            }
+            logs.event(function: owner.function, version: owner.version, instance: owner.instanceID, "\(exit)\(ended.stopping ? " (stopped)" : "")")
+            let meta: Logger.Metadata = ["function": "\(owner.function)", "version": "\(owner.version)", "instance": "\(owner.instanceID)", "exit": "\(exit)"]
+            if ended.stopping {
+                logger.debug("instance stopped", metadata: meta)
+            } else if ended.launched {
+                logger.warning("instance ended unexpectedly", metadata: meta)
             }
             // Before readiness the failure is reported by `launch` throwing, not through `onExit`.
-            if wasLaunched { onExit(exit) }
+            if ended.launched { ended.onExit?(exit) }
         }
+        return process
+    }
 
-        // Wait for readiness off the cooperative pool: the probe blocks on a socket.
-        let deadline = started.advanced(by: configuration.startTimeout)
-        var outcome: Result<Void, ApusError> = await withCheckedContinuation { continuation in
+    /// Probes the instance's port until it is ready, the process ends, or `deadline` passes.
+    /// `firstPause` (µs) is the wait after the first probe: 1 ms for a new process, less for a prewarmed one, which
+    /// is listening within a few milliseconds.
+    private func waitUntilReady(
+        _ process: ManagedProcess, port: Int, protocol: FunctionManifest.WireProtocol, deadline: ContinuousClock.Instant,
+        firstPause: UInt32
+    ) async -> Result<Void, ApusError> {
+        let startTimeout = configuration.startTimeout
+        let probe: ReadinessProbe.Kind = switch `protocol` {
+        case .http: .http
+        case .grpc: .http2
+        case .thrift: .tcp
+        }
+        // Off the cooperative pool: the probe blocks on a socket.
+        return await withCheckedContinuation { continuation in
             Thread.detachNewThread {
                 var lastProblem = "did not listen on its port"
                 // Probe often at first (a native server is ready within a few ms, Python within ~50 ms) and back
-                // off gently: 1 ms, growing by a quarter per probe, at most 20 ms between probes.
-                var pause: UInt32 = 1_000
+                // off gently: `firstPause`, growing by a quarter per probe, at most 20 ms between probes.
+                var pause = firstPause
                 while true {
-                    if let exit = instance.exit {
+                    if let exit = process.exit {
                         continuation.resume(returning: .failure(ApusError(.unavailable, "instance \(exit) before it was ready")))
                         return
-                    }
-                    let probe: ReadinessProbe.Kind = switch spec.manifest.protocol {
-                    case .http: .http
-                    case .grpc: .http2
-                    case .thrift: .tcp
                     }
                     switch ReadinessProbe.check(port: port, kind: probe) {
                     case .ready:
@@ -164,7 +261,7 @@ public final class ProcessLauncher: InstanceLauncher {
                         lastProblem = reason
                     }
                     if ContinuousClock.now >= deadline {
-                        continuation.resume(returning: .failure(ApusError(.unavailable, "instance not ready within \(self.configuration.startTimeout.humanReadable): \(lastProblem)")))
+                        continuation.resume(returning: .failure(ApusError(.unavailable, "instance not ready within \(startTimeout.humanReadable): \(lastProblem)")))
                         return
                     }
                     usleep(pause)
@@ -172,48 +269,79 @@ public final class ProcessLauncher: InstanceLauncher {
                 }
             }
         }
-        if case .success = outcome, let exit = instance.markLaunched() {
-            outcome = .failure(ApusError(.unavailable, "instance \(exit) right after it became ready"))
-        }
-        switch outcome {
-        case .success:
-            let elapsed = ContinuousClock.now - started
-            logs.event(function: function, version: version, instance: spec.instanceID, "ready in \(elapsed.milliseconds)ms")
-            logger.info("instance ready", metadata: ["coldStartMs": "\(elapsed.milliseconds)", "port": "\(port)"])
-            return instance
-        case .failure(let error):
-            logs.event(function: function, version: version, instance: spec.instanceID, "failed to start: \(error.message)")
-            logger.warning("instance failed to start", metadata: ["reason": "\(error.message)"])
-            await instance.stop(grace: .milliseconds(500))
-            let tail = logs.tail(function: function, count: 3).filter { $0.contains(spec.instanceID) && $0.contains("stderr|") }.last
-            let detail = tail.map { "; last stderr: " + ($0.components(separatedBy: "stderr| ").last ?? "") } ?? ""
-            throw ApusError(error.code, error.message + detail)
-        }
     }
 }
 
-/// A running child process serving one instance.
-final class ProcessInstance: InstanceHandle {
+/// A ready instance handed to a pool: its identity and port never change, its process does the work.
+struct ProcessInstance: InstanceHandle {
     let instanceID: String
     let port: Int
-    let child: ChildProcess
-    private let state = Mutex<(exit: InstanceExit?, stopping: Bool, launched: Bool)>((nil, false, false))
+    let process: ManagedProcess
 
-    var pid: Int32 { child.pid }
+    var pid: Int32 { process.pid }
 
-    init(instanceID: String, port: Int, child: ChildProcess) {
-        self.instanceID = instanceID
-        self.port = port
-        self.child = child
+    func stop(grace: Duration) async {
+        await process.stop(grace: grace)
+    }
+}
+
+/// One child process and what is known of it. A prewarmed process starts without an owner (its output goes to the
+/// daemon's log) and gets one when it is specialised for an instance.
+final class ManagedProcess: Sendable {
+    struct Owner: Sendable {
+        var instanceID: String
+        var function: String
+        var version: Int
     }
 
-    var exit: InstanceExit? { state.withLock { $0.exit } }
+    /// What a prewarmed bootstrap prints once its interpreter and libraries are loaded.
+    static let prewarmReadyLine = "apus-prewarm: ready"
 
-    /// Records the exit; returns whether a stop had been asked for and whether the instance had been handed out.
-    func markExited(_ exit: InstanceExit) -> (stopping: Bool, launched: Bool) {
+    private struct State {
+        var owner: Owner?
+        var onExit: (@Sendable (InstanceExit) -> Void)?
+        var exit: InstanceExit?
+        var stopping = false
+        var launched = false
+        var prewarmReady = false
+    }
+
+    let child: ChildProcess
+    /// The code folder a prewarmed process sees as its code (removed when the process ends).
+    let slot: URL?
+    private let state: Mutex<State>
+
+    init(child: ChildProcess, owner: Owner?, onExit: (@Sendable (InstanceExit) -> Void)?, slot: URL?) {
+        self.child = child
+        self.slot = slot
+        self.state = Mutex(State(owner: owner, onExit: onExit))
+    }
+
+    var pid: Int32 { child.pid }
+    var owner: Owner? { state.withLock { $0.owner } }
+    var exit: InstanceExit? { state.withLock { $0.exit } }
+    var isPrewarmReady: Bool { state.withLock { $0.prewarmReady } }
+
+    func markPrewarmReady() {
+        state.withLock { $0.prewarmReady = true }
+    }
+
+    /// Gives a prewarmed process its instance: from now on its output and exit belong to that instance.
+    /// Returns false if the process already ended.
+    func assign(_ owner: Owner, onExit: @escaping @Sendable (InstanceExit) -> Void) -> Bool {
+        state.withLock { state in
+            guard state.exit == nil else { return false }
+            state.owner = owner
+            state.onExit = onExit
+            return true
+        }
+    }
+
+    /// Records the exit; returns what the exit thread needs to report it.
+    func markExited(_ exit: InstanceExit) -> (owner: Owner?, onExit: (@Sendable (InstanceExit) -> Void)?, stopping: Bool, launched: Bool) {
         state.withLock { state in
             state.exit = exit
-            return (state.stopping, state.launched)
+            return (state.owner, state.onExit, state.stopping, state.launched)
         }
     }
 

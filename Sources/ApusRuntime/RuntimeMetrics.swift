@@ -1,0 +1,18 @@
+import Metrics
+
+/// The runtime's metrics (swift-metrics; exported by whichever backend the daemon bootstraps).
+enum RuntimeMetrics {
+    /// An instance became ready: counted in `apus_cold_starts_total` and timed in
+    /// `apus_cold_start_duration_seconds`, labelled by function, runtime and whether a prewarmed process was used.
+    static func coldStart(function: String, runtime: String, prewarmed: Bool, duration: Duration) {
+        let dimensions = [("function", function), ("runtime", runtime), ("prewarmed", prewarmed ? "true" : "false")]
+        Counter(label: "apus_cold_starts_total", dimensions: dimensions).increment()
+        Timer(label: "apus_cold_start_duration_seconds", dimensions: dimensions).recordNanoseconds(
+            duration.components.seconds * 1_000_000_000 + duration.components.attoseconds / 1_000_000_000)
+    }
+
+    /// An instance never became ready.
+    static func startFailed(function: String, runtime: String) {
+        Counter(label: "apus_instance_start_failures_total", dimensions: [("function", function), ("runtime", runtime)]).increment()
+    }
+}
