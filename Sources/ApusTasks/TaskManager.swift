@@ -174,7 +174,8 @@ public final class TaskManager: Service, AsyncTaskSubmitter {
             }
             logger.debug("task submitted", metadata: ["task": "\(stored.id)", "function": "\(stored.function)",
                                                       "requestID": "\(submission.requestID ?? "-")"])
-            await perform(actions)
+            // The task is durable: the caller need not wait for its first attempt to be recorded and started.
+            if !actions.isEmpty { Task { await self.perform(actions) } }
         }
         return TaskReceipt(id: stored.id, created: created, statusPath: "/v1/tasks/\(stored.id)", statusURL: statusURL(stored.id))
     }
