@@ -505,3 +505,25 @@ def test_task_metrics_on_the_prometheus_endpoint(apusd, deployed):
         assert f"# HELP {family} " in text, f"{family} missing from /metrics"
     assert f'apus_tasks_completed_total{{function="{name}",outcome="succeeded"}}' in text
     assert f'apus_tasks_queued{{function="{name}"}}' in text
+
+
+def test_priority_order_and_max_age_expiry(apusd, tmp_path):
+    name = deploy_tasker(apusd, tmp_path, "tasker-order", subs=[(r"concurrency: 10", "concurrency: 1")])
+    blocker = submit(apusd, name, path="/sleep?s=2").json()["id"]
+    wait_task(apusd, blocker, states={"running"})
+    low = submit(apusd, name, body=b"low").json()["id"]
+    high = submit(apusd, name, body=b"high", headers={"X-Apus-Priority": "5"}).json()["id"]
+    later_low = submit(apusd, name, body=b"low-2").json()["id"]
+    tasks = {t: wait_task(apusd, t) for t in (blocker, low, high, later_low)}
+    assert all(t["state"] == "succeeded" for t in tasks.values()), tasks
+    started = sorted((low, high, later_low), key=lambda t: (tasks[t]["startedAt"], tasks[t]["queueSeconds"]))
+    assert tasks[high]["startedAt"] <= tasks[low]["startedAt"] <= tasks[later_low]["startedAt"], started
+    assert tasks[high]["queueSeconds"] < tasks[low]["queueSeconds"], "the higher priority started first"
+    assert tasks[high]["priority"] == 5
+
+    short = deploy_tasker(apusd, tmp_path, "tasker-expiry", subs=[(r"concurrency: 10", "concurrency: 1\n  max_age: 1s")])
+    submit(apusd, short, path="/sleep?s=4")
+    waiting = submit(apusd, short).json()["id"]
+    done = wait_task(apusd, waiting, timeout=15)
+    assert done["state"] == "expired" and done["attempts"] == 0 and done["deadLetter"] is True, done
+    assert "async.max_age of 1s" in done["error"]
