@@ -236,6 +236,10 @@ def test_long_task_beside_synchronous_calls(apusd, deployed):
     assert done["state"] == "succeeded", done
     assert done["durationSeconds"] >= 29
     assert sync_ok >= 50
+
+    via_module = wait_task(apusd, submit(apusd, name, path="/module").json()["id"])
+    assert json.loads(via_module["result"]) == {"continue": True}
+    assert via_module["progress"] == 0.25 and via_module["progressMessage"] == "via the apus module"
     assert progress_seen is not None and 0 < progress_seen["progress"] <= 1 and progress_seen["progressMessage"].startswith("slept")
 
 

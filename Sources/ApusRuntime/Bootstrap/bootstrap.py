@@ -277,6 +277,11 @@ def report_progress(progress_url, progress=None, message=None, timeout=5.0):
         return True
 
 
+# Function code may `import apus` for the runtime helpers, e.g. apus.report_progress(url, progress, message) in a
+# gRPC servicer (the URL is the call's `apus-progress-url` metadata).
+sys.modules.setdefault("apus", sys.modules[__name__])
+
+
 # --------------------------------------------------------------------------
 # Mapping handler results to HTTP responses.
 # --------------------------------------------------------------------------

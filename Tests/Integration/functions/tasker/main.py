@@ -7,6 +7,7 @@
 /crash          kills its instance (os._exit) before answering
 /big?bytes=N    answers N bytes
 /fail-once      fails (500) on attempt 1, succeeds after
+/module         reports progress through `import apus` (the bootstrap's helper module)
 """
 
 import json
@@ -38,6 +39,10 @@ def handler(event, context):
         os._exit(3)
     if path == "/big":
         return {"statusCode": 200, "headers": {"Content-Type": "text/plain"}, "body": "x" * int(query.get("bytes", "10"))}
+    if path == "/module":
+        import apus
+
+        return {"continue": apus.report_progress(context.progress_url, 0.25, "via the apus module")}
     if path == "/fail-once":
         if context.attempt == 1:
             raise RuntimeError("first attempt fails")
