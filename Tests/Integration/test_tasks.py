@@ -531,3 +531,16 @@ def test_priority_order_and_max_age_expiry(apusd, tmp_path):
     done = wait_task(apusd, waiting, timeout=15)
     assert done["state"] == "expired" and done["attempts"] == 0 and done["deadLetter"] is True, done
     assert "async.max_age of 1s" in done["error"]
+
+
+def test_graceful_restart_interrupts_and_reruns_running_tasks(fresh_apusd, tmp_path):
+    d = fresh_apusd
+    name = deploy_tasker(d, tmp_path, "tasker-restart")
+    running = submit(d, name, path="/sleep?s=3").json()["id"]
+    wait_task(d, running, states={"running"})
+    rc = d.restart()
+    assert rc == 0, f"apusd exited {rc} after SIGTERM"
+    assert get_task(d, running)["state"] in ("queued", "running"), "an interrupted attempt is not an outcome"
+    done = wait_task(d, running, timeout=30)
+    assert done["state"] == "succeeded" and done["attempts"] == 2, done
+    assert json.loads(done["result"])["attempt"] == 2
