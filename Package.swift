@@ -135,6 +135,26 @@ let package = Package(
             exclude: ["README.md"],
             swiftSettings: hotPathSettings
         ),
+        // Asynchronous long tasks: durable store (own SQLite file, group commit), state machine, dispatcher.
+        .target(
+            name: "ApusTasks",
+            dependencies: [
+                "ApusCore",
+                "ApusScheduler",
+                .product(name: "GRDB", package: "GRDB.swift"),
+                .product(name: "Metrics", package: "swift-metrics"),
+                .product(name: "AsyncHTTPClient", package: "async-http-client"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+                .product(name: "NIOHTTP2", package: "swift-nio-http2"),
+                .product(name: "NIOHPACK", package: "swift-nio-http2"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            ],
+            exclude: ["README.md"],
+            swiftSettings: swiftSettings
+        ),
         // Control plane: REST/JSON API for deploy, versions, releases, logs.
         .target(
             name: "ApusControl",
@@ -145,6 +165,7 @@ let package = Package(
                 "ApusScheduler",
                 "ApusRuntime",
                 "ApusMesh",
+                "ApusTasks",
                 .product(name: "Hummingbird", package: "hummingbird"),
                 .product(name: "HTTPTypes", package: "swift-http-types"),
                 "ApusTelemetry",
@@ -158,6 +179,7 @@ let package = Package(
             name: "apusd",
             dependencies: [
                 "ApusCore", "ApusStore", "ApusRuntime", "ApusScheduler", "ApusGateway", "ApusControl", "ApusTelemetry", "ApusMesh",
+                "ApusTasks",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Hummingbird", package: "hummingbird"),
                 .product(name: "NIOPosix", package: "swift-nio"),
@@ -238,6 +260,11 @@ let package = Package(
         .testTarget(
             name: "ApusMeshTests",
             dependencies: ["ApusMesh", .product(name: "Logging", package: "swift-log")],
+            swiftSettings: swiftSettings
+        ),
+        .testTarget(
+            name: "ApusTasksTests",
+            dependencies: ["ApusTasks", "ApusCore", "ApusScheduler"],
             swiftSettings: swiftSettings
         ),
         .testTarget(

@@ -1,6 +1,7 @@
 import ApusCore
 import ApusRuntime
 import ApusScheduler
+import ApusTasks
 import Foundation
 import HTTPTypes
 import Hummingbird
@@ -48,6 +49,8 @@ public struct ControlAPI: Sendable {
     public let info: @Sendable () -> Info
     /// Set once shutdown begins so open `logs?follow=true` streams end and the API can drain.
     public let stopping: ShutdownFlag
+    /// The asynchronous task manager; its routes are served when set.
+    public var tasks: TaskManager?
     /// Where the daemon's swift-metrics land; served as Prometheus text on `GET /metrics` (none: 404).
     public let metrics: PrometheusExport?
     private let logger: Logger
@@ -279,6 +282,7 @@ public struct ControlAPI: Sendable {
                 try await writer.finish(nil)
             })
         }
+        if let tasks { addTaskRoutes(to: router, tasks: tasks) }
         return router
     }
 }

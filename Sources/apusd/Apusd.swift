@@ -7,6 +7,7 @@ import ApusMesh
 import ApusRuntime
 import ApusScheduler
 import ApusStore
+import ApusTasks
 import ApusTelemetry
 import ArgumentParser
 import Foundation
@@ -103,6 +104,21 @@ struct Apusd: AsyncParsableCommand {
     @Option(help: "Event-loop threads of the gateway (default: one per core).")
     var gatewayThreads: Int?
 
+    @Option(help: "Tasks: largest result kept (e.g. 1Mi); a larger result fails the task.")
+    var taskResultLimit = "1Mi"
+
+    @Option(help: "Tasks: largest payload accepted (e.g. 6Mi).")
+    var taskMaxPayload = "6Mi"
+
+    @Option(help: "Tasks: how long finished tasks are kept (e.g. 168h).")
+    var taskRetention = "168h"
+
+    @Option(help: "Tasks: full (fsync every commit: acknowledged tasks survive power loss) or normal (survive a killed process, not a power loss).")
+    var taskDurability = "full"
+
+    @Option(help: "Tasks: how long a running task asked to cancel gets before it is torn down and its instance replaced.")
+    var taskCancelGrace = "5s"
+
     @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
     var logLevel = "info"
 
@@ -152,7 +168,7 @@ struct Apusd: AsyncParsableCommand {
             return handler
         }
         let logger = Logger(label: "apusd")
-        let metrics = PrometheusExport()
+        let metrics = PrometheusExport(help: TaskMetrics.help)
         metrics.bootstrap()
         let idle = try parseDuration(idleTimeout, "idle-timeout")
         let start = try parseDuration(startTimeout, "start-timeout")
@@ -208,14 +224,31 @@ struct Apusd: AsyncParsableCommand {
             FileHandle.standardOutput.write(Data("apusd: \(result.created ? "deployed" : "unchanged") \(result.function) version \(result.version.number) from \(directory)\n".utf8))
         }
 
+        guard let resultLimit = ByteSize.parse(taskResultLimit), resultLimit >= 0, resultLimit <= 1 << 30 else {
+            throw ValidationError("--task-result-limit: must be a size up to 1Gi such as 256Ki or 1Mi (got \(taskResultLimit))")
+        }
+        guard let maxPayload = ByteSize.parse(taskMaxPayload), maxPayload >= 1, maxPayload <= 1 << 30 else {
+            throw ValidationError("--task-max-payload: must be a size up to 1Gi such as 6Mi (got \(taskMaxPayload))")
+        }
+        guard let durability = TaskStore.Durability(rawValue: taskDurability) else {
+            throw ValidationError("--task-durability: must be full or normal (got \(taskDurability))")
+        }
+        let tasks = try TaskManager(
+            configuration: .init(maxPayloadBytes: Int(maxPayload), resultLimit: Int(resultLimit),
+                                 retention: try parseDuration(taskRetention, "task-retention"),
+                                 cancelGrace: try parseDuration(taskCancelGrace, "task-cancel-grace")),
+            store: try TaskStore(path: dataURL.appendingPathComponent("tasks.sqlite").path, durability: durability),
+            scheduler: scheduler, invoker: InstanceTaskInvoker(),
+            apiBase: { ports.apiURL }, logger: Logger(label: "apus.tasks"))
         let stopping = ShutdownFlag()
-        let api = ControlAPI(
+        var api = ControlAPI(
             control: control,
             info: {
                 ControlAPI.Info(
                     version: "0.1.0", gateway: .init(http: ports.gatewayURL), domain: domain, sandbox: sandbox.mode.rawValue)
             },
             stopping: stopping, metrics: metrics, logger: Logger(label: "apus.api"))
+        api.tasks = tasks
         let router = api.makeRouter()
         RegistryAPI(registry: mesh.registry, stopping: stopping).addRoutes(to: router)
         let apiApp = Application(
@@ -225,7 +258,7 @@ struct Apusd: AsyncParsableCommand {
             logger: Logger(label: "apus.api"))
         let gateway = GatewayServer(
             configuration: .init(host: host, port: httpPort, domain: domain, http2: http2Limits, tls: tls,
-                                 thriftPort: thriftPort, thriftMaxFrameBytes: thriftMaxFrame),
+                                 thriftPort: thriftPort, thriftMaxFrameBytes: thriftMaxFrame, tasks: tasks),
             scheduler: scheduler, logger: Logger(label: "apus.gateway"),
             group: gatewayThreads.map { MultiThreadedEventLoopGroup(numberOfThreads: max(1, $0)) } ?? MultiThreadedEventLoopGroup.singleton,
             onRunning: { bound in ports.bound(http: bound.http, tls: bound.tls, thrift: bound.thrift) })
@@ -236,6 +269,7 @@ struct Apusd: AsyncParsableCommand {
             services: [
                 .init(service: scheduler, serviceName: "scheduler"),
                 .init(service: autoscaler, serviceName: "autoscaler"),
+                .init(service: tasks, serviceName: "tasks"),
                 .init(service: apiApp, serviceName: "api"),
                 .init(service: mesh.registryService, serviceName: "registry"),
                 .init(service: mesh.publisherService(catalog: catalog), serviceName: "mesh-publisher"),
@@ -268,6 +302,10 @@ final class BoundPorts: Sendable {
     init(host: String, file: URL) {
         self.host = host
         self.file = file
+    }
+
+    var apiURL: String? {
+        state.withLock { $0.api }.map { "http://\(host):\($0)" }
     }
 
     var gatewayURL: String? {

@@ -19,7 +19,8 @@ extension FunctionManifest {
         }
         let reader = ManifestReader(mapping: mapping, path: "")
         try reader.rejectUnknownKeys(allowed: ["name", "runtime", "handler", "command", "protocol", "concurrency",
-                                               "scale", "timeout", "memory", "env", "grpc", "thrift", "shedding", "mesh"])
+                                               "scale", "timeout", "memory", "env", "grpc", "thrift", "shedding", "mesh",
+                                               "async"])
 
         let name = try reader.requiredString("name")
         try validateName(name, key: "name")
@@ -189,6 +190,8 @@ extension FunctionManifest {
             let interval = try duration("interval", default: min(.milliseconds(500), manifest.timeout))
             manifest.shedding = Shedding(target: target, interval: interval)
         }
+
+        manifest.async = try asyncSettings(reader)
 
         if let envMapping = try reader.optionalMapping("env") {
             var env: [String: String] = [:]

@@ -154,6 +154,8 @@ public struct FunctionManifest: Codable, Hashable, Sendable {
     public var shedding: Shedding?
     /// Service-mesh membership (`mesh: {service, sidecar}`); nil: not in discovery.
     public var mesh: MeshSettings?
+    /// Asynchronous task settings (`async:`); nil: the defaults apply to tasks, and Thrift oneway calls stay calls.
+    public var async: AsyncSettings?
 
     public init(
         name: String,
@@ -169,7 +171,8 @@ public struct FunctionManifest: Codable, Hashable, Sendable {
         grpc: GRPCSettings? = nil,
         thrift: ThriftSettings? = nil,
         shedding: Shedding? = nil,
-        mesh: MeshSettings? = nil
+        mesh: MeshSettings? = nil,
+        async: AsyncSettings? = nil
     ) {
         self.name = name
         self.runtime = runtime
@@ -185,10 +188,11 @@ public struct FunctionManifest: Codable, Hashable, Sendable {
         self.thrift = thrift
         self.shedding = shedding
         self.mesh = mesh
+        self.async = async
     }
 
     enum CodingKeys: String, CodingKey {
-        case name, runtime, handler, command, `protocol`, concurrency, scale, timeout, memory, env, grpc, thrift, shedding, mesh
+        case name, runtime, handler, command, `protocol`, concurrency, scale, timeout, memory, env, grpc, thrift, shedding, mesh, async
     }
 
     // Durations and sizes are stored in their human form so stored versions read like the manifest.
@@ -216,6 +220,7 @@ public struct FunctionManifest: Codable, Hashable, Sendable {
         thrift = try c.decodeIfPresent(ThriftSettings.self, forKey: .thrift)
         shedding = try c.decodeIfPresent(Shedding.self, forKey: .shedding)
         mesh = try c.decodeIfPresent(MeshSettings.self, forKey: .mesh)
+        self.async = try c.decodeIfPresent(AsyncSettings.self, forKey: .async)
     }
 
     public func encode(to encoder: any Encoder) throws {
@@ -234,5 +239,6 @@ public struct FunctionManifest: Codable, Hashable, Sendable {
         try c.encodeIfPresent(thrift, forKey: .thrift)
         try c.encodeIfPresent(shedding, forKey: .shedding)
         try c.encodeIfPresent(mesh, forKey: .mesh)
+        try c.encodeIfPresent(async, forKey: .async)
     }
 }
