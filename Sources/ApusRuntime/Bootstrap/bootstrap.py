@@ -1081,6 +1081,10 @@ def _serve_thrift(port):
 # --------------------------------------------------------------------------
 
 PREWARM_READY_LINE = "apus-prewarm: ready"
+# Printed by a specialised HTTP instance once it listens with its handler loaded: the agent takes it as the
+# readiness probe's answer (the probe is answered by this bootstrap, not the handler), sparing the probe's polling.
+PREWARM_LISTENING_LINE = "apus-prewarm: listening"
+SPECIALISED = False
 
 
 def _preload_libraries():
@@ -1107,6 +1111,8 @@ def _wait_for_function():
         memory = int(settings.get("memory") or 0)
     except (ValueError, KeyError, TypeError) as exc:
         _fatal("apus-bootstrap: unreadable instance settings from the node agent: %s" % exc, 2)
+    global SPECIALISED
+    SPECIALISED = True
     os.environ.pop("APUS_PREWARM", None)
     os.environ.update({str(k): str(v) for k, v in env.items()})
     os.environ["APUS_PORT"] = str(port)
@@ -1138,6 +1144,9 @@ def main():
         server = Server((HOST, port), RequestHandler)
     except OSError as exc:
         _fatal("cannot listen on %s:%d: %s" % (HOST, port, exc))
+    if SPECIALISED:
+        sys.stdout.write(PREWARM_LISTENING_LINE + "\n")
+        sys.stdout.flush()
 
     def on_signal(signum, frame):
         if DRAIN.draining:

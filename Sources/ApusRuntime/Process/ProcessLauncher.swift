@@ -168,7 +168,7 @@ public final class ProcessLauncher: InstanceLauncher {
 
         var outcome = await waitUntilReady(
             process, port: port, protocol: spec.manifest.protocol, deadline: started.advanced(by: configuration.startTimeout),
-            firstPause: prewarmed ? 200 : 1_000)
+            firstPause: prewarmed ? 200 : 1_000, announcesListening: prewarmed && spec.manifest.protocol == .http)
         if prewarmed, let pool = prewarmPool {
             Task { pool.replenish() }
         }
@@ -212,6 +212,7 @@ public final class ProcessLauncher: InstanceLauncher {
             Thread.detachNewThread {
                 LineReader.forEachLine(fd: fd) { line in
                     if let owner = process.owner {
+                        if line == ManagedProcess.prewarmListeningLine, process.markListening() { return }
                         logs.append(function: owner.function, version: owner.version, instance: owner.instanceID, stream: stream, line: line)
                     } else if line == ManagedProcess.prewarmReadyLine {
                         process.markPrewarmReady()
@@ -248,7 +249,7 @@ public final class ProcessLauncher: InstanceLauncher {
     /// is listening within a few milliseconds.
     private func waitUntilReady(
         _ process: ManagedProcess, port: Int, protocol: FunctionManifest.WireProtocol, deadline: ContinuousClock.Instant,
-        firstPause: UInt32
+        firstPause: UInt32, announcesListening: Bool = false
     ) async -> Result<Void, ApusError> {
         let startTimeout = configuration.startTimeout
         let probe: ReadinessProbe.Kind = switch `protocol` {
@@ -268,6 +269,10 @@ public final class ProcessLauncher: InstanceLauncher {
                         continuation.resume(returning: .failure(ApusError(.unavailable, "instance \(exit) before it was ready")))
                         return
                     }
+                    if announcesListening, process.listening.wait(timeout: .now()) == .success {
+                        continuation.resume(returning: .success(()))
+                        return
+                    }
                     switch ReadinessProbe.check(port: port, kind: probe) {
                     case .ready:
                         continuation.resume(returning: .success(()))
@@ -281,7 +286,15 @@ public final class ProcessLauncher: InstanceLauncher {
                         continuation.resume(returning: .failure(ApusError(.unavailable, "instance not ready within \(startTimeout.humanReadable): \(lastProblem)")))
                         return
                     }
-                    usleep(pause)
+                    if announcesListening {
+                        // Woken by the instance's own announcement, or the next probe after `pause`.
+                        if process.listening.wait(timeout: .now() + .microseconds(Int(pause))) == .success {
+                            continuation.resume(returning: .success(()))
+                            return
+                        }
+                    } else {
+                        usleep(pause)
+                    }
                     pause = min(pause + pause / 4, 20_000)
                 }
             }
@@ -316,6 +329,10 @@ final class ManagedProcess: Sendable {
 
     /// What a prewarmed bootstrap prints once its interpreter and libraries are loaded.
     static let prewarmReadyLine = "apus-prewarm: ready"
+    /// What a specialised HTTP instance prints once it listens with its handler loaded (its readiness).
+    static let prewarmListeningLine = "apus-prewarm: listening"
+    /// Signalled once when `prewarmListeningLine` arrives.
+    let listening = DispatchSemaphore(value: 0)
 
     private struct State {
         var owner: Owner?
@@ -324,6 +341,7 @@ final class ManagedProcess: Sendable {
         var stopping = false
         var launched = false
         var prewarmReady = false
+        var listening = false
     }
 
     let child: ChildProcess
@@ -344,6 +362,16 @@ final class ManagedProcess: Sendable {
 
     func markPrewarmReady() {
         state.withLock { $0.prewarmReady = true }
+    }
+
+    /// Records the listening line; true the first time (the line is then not the function's output).
+    func markListening() -> Bool {
+        let first = state.withLock { state in
+            defer { state.listening = true }
+            return !state.listening
+        }
+        if first { listening.signal() }
+        return first
     }
 
     /// Gives a prewarmed process its instance: from now on its output and exit belong to that instance.
