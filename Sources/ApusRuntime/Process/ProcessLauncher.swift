@@ -170,7 +170,12 @@ public final class ProcessLauncher: InstanceLauncher {
             process, port: port, protocol: spec.manifest.protocol, deadline: started.advanced(by: configuration.startTimeout),
             firstPause: prewarmed ? 200 : 1_000, announcesListening: prewarmed && spec.manifest.protocol == .http)
         if prewarmed, let pool = prewarmPool {
-            Task { pool.replenish() }
+            // The replacement's interpreter start takes tens of milliseconds of CPU: begin it once the new instance
+            // has had time to serve the request that started it.
+            Task {
+                try? await Task.sleep(for: PrewarmPool.replenishDelay)
+                pool.replenish()
+            }
         }
         if case .success = outcome, let exit = process.markLaunched() {
             outcome = .failure(ApusError(.unavailable, "instance \(exit) right after it became ready"))
