@@ -1,0 +1,187 @@
+import Logging
+import NIOCore
+import NIOPosix
+
+/// A raw TCP proxy for Thrift: the per-upstream `thrift_port` (outbound, one endpoint chosen per connection,
+/// connect failures retried on another endpoint and fed to outlier ejection) and the inbound side of Thrift apps
+/// (each connection counts against `inbound.max_concurrency`). Bytes pass through unchanged both ways, so every
+/// Thrift transport (framed, unframed/buffered, THeader) and protocol works.
+enum TCPRelay {
+    static func bind(group: any EventLoopGroup, host: String, port: Int, cluster: UpstreamCluster, shared: SidecarShared, inbound: Bool) async throws -> any Channel {
+        try await ServerBootstrap(group: group)
+            .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+            .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
+            .childChannelOption(.autoRead, value: false)
+            .childChannelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.addHandler(TCPRelayClientSide(cluster: cluster, shared: shared, inbound: inbound))
+                }
+            }
+            .bind(host: host, port: port)
+            .get()
+    }
+}
+
+/// The accepted connection: picks an endpoint, connects, then copies bytes both ways.
+final class TCPRelayClientSide: ChannelInboundHandler, @unchecked Sendable {
+    typealias InboundIn = ByteBuffer
+    typealias OutboundOut = ByteBuffer
+
+    private let cluster: UpstreamCluster
+    private let shared: SidecarShared
+    private let inbound: Bool
+    private var context: ChannelHandlerContext?
+    private var upstream: (any Channel)?
+    private var tried: [String] = []
+    private var endpoint: ServiceEndpointRef?
+    private var startedAt: Nanos = 0
+    private var admitted = false
+    private var admittedInbound = false
+    private var closed = false
+    private var receivedFromUpstream = false
+
+    struct ServiceEndpointRef { var id: String }
+
+    init(cluster: UpstreamCluster, shared: SidecarShared, inbound: Bool) {
+        self.cluster = cluster
+        self.shared = shared
+        self.inbound = inbound
+    }
+
+    func channelActive(context: ChannelHandlerContext) {
+        self.context = context
+        startedAt = SidecarClock.now()
+        if inbound {
+            let caller = context.channel.remoteAddress?.ipAddress ?? "unknown"
+            guard shared.limits.admit(caller: caller, now: startedAt) == .admitted else {
+                context.close(promise: nil)
+                return
+            }
+            admittedInbound = true
+        }
+        if let refusal = cluster.admit(now: startedAt) {
+            shared.logger.info("thrift connection refused", metadata: ["upstream": "\(cluster.name)", "reason": "\(refusal.message)"])
+            context.close(promise: nil)
+            return
+        }
+        admitted = true
+        connect(context: context)
+        context.fireChannelActive()
+    }
+
+    private func connect(context: ChannelHandlerContext) {
+        let now = SidecarClock.now()
+        guard let chosen = cluster.pick(hashKey: nil, tried: tried, now: now) else {
+            finish(.failure, code: 503)
+            context.close(promise: nil)
+            return
+        }
+        tried.append(chosen.id)
+        endpoint = ServiceEndpointRef(id: chosen.id)
+        let client = NIOLoopBound(self, eventLoop: context.eventLoop)
+        ClientBootstrap(group: context.eventLoop)
+            .channelOption(.socketOption(.tcp_nodelay), value: 1)
+            .connectTimeout(HTTP1UpstreamPool.connectTimeout)
+            .channelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.addHandler(TCPRelayUpstreamSide(client: client.value))
+                }
+            }
+            .connect(host: chosen.address, port: chosen.port)
+            .assumeIsolated()
+            .whenComplete { [self] result in
+                switch result {
+                case .success(let channel):
+                    if closed {
+                        channel.close(promise: nil)
+                        return
+                    }
+                    upstream = channel
+                    context.channel.setOption(ChannelOptions.autoRead, value: true).whenFailure { _ in }
+                    context.read()
+                case .failure(let error):
+                    cluster.attemptEnded(chosen.id, .failure, now: SidecarClock.now())
+                    endpoint = nil
+                    if !closed, tried.count < cluster.policy.attempts, cluster.tryRetry(now: SidecarClock.now()) {
+                        connect(context: context)
+                    } else {
+                        shared.logger.warning("thrift connect failed", metadata: ["upstream": "\(cluster.name)", "error": "\(error)"])
+                        finish(.failure, code: 503)
+                        context.close(promise: nil)
+                    }
+                }
+            }
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        upstream?.write(data, promise: nil)
+    }
+
+    func channelReadComplete(context: ChannelHandlerContext) {
+        upstream?.flush()
+    }
+
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        upstream?.setOption(ChannelOptions.autoRead, value: context.channel.isWritable).whenFailure { _ in }
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        closed = true
+        upstream?.close(promise: nil)
+        finish(receivedFromUpstream ? .success : .abandoned, code: 200)
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        context.close(promise: nil)
+    }
+
+    fileprivate func fromUpstream(_ data: NIOAny) {
+        receivedFromUpstream = true
+        context?.write(data, promise: nil)
+    }
+
+    fileprivate func upstreamFlush() { context?.flush() }
+
+    fileprivate func upstreamWritability(_ writable: Bool) {
+        context?.channel.setOption(ChannelOptions.autoRead, value: writable).whenFailure { _ in }
+    }
+
+    fileprivate func upstreamClosed() {
+        if let endpoint {
+            cluster.attemptEnded(endpoint.id, receivedFromUpstream ? .success : .failure, now: SidecarClock.now())
+            self.endpoint = nil
+        }
+        context?.close(promise: nil)
+    }
+
+    private func finish(_ outcome: AttemptOutcome, code: Int) {
+        if let endpoint {
+            cluster.attemptEnded(endpoint.id, outcome, now: SidecarClock.now())
+            self.endpoint = nil
+        }
+        if admitted {
+            admitted = false
+            cluster.requestEnded(outcome, code: code, startedAt: startedAt, now: SidecarClock.now())
+        }
+        if admittedInbound {
+            admittedInbound = false
+            shared.limits.release()
+        }
+    }
+}
+
+final class TCPRelayUpstreamSide: ChannelInboundHandler {
+    typealias InboundIn = ByteBuffer
+
+    private let client: TCPRelayClientSide
+
+    init(client: TCPRelayClientSide) {
+        self.client = client
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) { client.fromUpstream(data) }
+    func channelReadComplete(context: ChannelHandlerContext) { client.upstreamFlush() }
+    func channelWritabilityChanged(context: ChannelHandlerContext) { client.upstreamWritability(context.channel.isWritable) }
+    func channelInactive(context: ChannelHandlerContext) { client.upstreamClosed() }
+    func errorCaught(context: ChannelHandlerContext, error: any Error) { context.close(promise: nil) }
+}
