@@ -5,7 +5,7 @@
 
 HTTP paths: /status/NNN answers NNN; /sleep/MS answers after MS ms; /count?id=X says how many requests carried
 `x-test-id: X`; /healthz answers 200; anything else echoes the request (server name, port, method, path, headers,
-body) as JSON. gRPC Get echoes the call's metadata as JSON in `payload`, honours `sleep_ms` and `fail_code`.
+body) as JSON. gRPC Get echoes the call's metadata (and `time-remaining`) as JSON in `payload`, honours `sleep_ms` and `fail_code`.
 Each prints "ready" once it listens.
 """
 
@@ -101,6 +101,8 @@ def serve_grpc(port: int, name: str) -> None:
             if request.fail_code:
                 context.abort(grpc.StatusCode(_code(request.fail_code)), request.fail_message or "failed as asked")
             metadata = {k: v for k, v in context.invocation_metadata() if isinstance(v, str)}
+            # grpcio consumes grpc-timeout itself: report the deadline the call arrived with as time remaining.
+            metadata["time-remaining"] = context.time_remaining()
             return echo_pb2.EchoResponse(text=request.text, served_by=name, instance=str(port),
                                          payload=json.dumps(metadata).encode())
 

@@ -15,7 +15,7 @@ public enum Refusal: Error, Equatable, Sendable {
         case .breakerOpen(let name): "circuit breaker open for upstream \(name): too many consecutive failures, retry later"
         case .tooManyRequests(let name, let limit): "upstream \(name) has \(limit) requests in flight (max_requests): refused"
         case .noEndpoints(let name): "upstream \(name) has no healthy endpoints"
-        case .unknownUpstream(let name): "no upstream named \(name) in the registry"
+        case .unknownUpstream(let name): "no upstream named \(name) in the registry (no endpoints registered)"
         }
     }
 }
@@ -65,6 +65,11 @@ public final class UpstreamCluster: Sendable {
     }
 
     public var policy: UpstreamPolicy { state.withLock { $0.policy } }
+
+    /// Why `pick` found nothing: no endpoint registered at all, or none healthy and in rotation.
+    public var noEndpointReason: Refusal {
+        state.withLock { $0.endpoints.isEmpty } ? .unknownUpstream(name) : .noEndpoints(name)
+    }
 
     /// Endpoints have been heard from the registry at least once.
     public var isResolved: Bool { state.withLock { $0.resolved } }

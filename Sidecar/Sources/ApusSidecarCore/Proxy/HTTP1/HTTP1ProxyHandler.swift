@@ -320,7 +320,7 @@ final class HTTP1ProxyHandler: ChannelInboundHandler, RemovableChannelHandler, H
     private func attempt(_ current: Exchange) {
         let now = SidecarClock.now()
         guard let endpoint = current.cluster.pick(hashKey: current.hashKey, tried: current.tried, now: now) else {
-            failExchange(current, status: 503, message: Refusal.noEndpoints(current.cluster.name).message, outcome: .failure)
+            failExchange(current, status: 503, message: current.cluster.noEndpointReason.message, outcome: .failure)
             return
         }
         current.attempts += 1

@@ -277,7 +277,7 @@ final class HTTP2StreamProxy: ChannelInboundHandler, HTTP1ResponseSink, @uncheck
         guard let cluster else { return }
         let now = SidecarClock.now()
         guard let chosen = cluster.pick(hashKey: hashKey, tried: tried, now: now) else {
-            fail(status: 503, grpc: 14, message: Refusal.noEndpoints(cluster.name).message, outcome: .failure)
+            fail(status: 503, grpc: 14, message: cluster.noEndpointReason.message, outcome: .failure)
             return
         }
         attempts += 1
