@@ -44,6 +44,7 @@ final class HTTP1ProxyHandler: ChannelInboundHandler, RemovableChannelHandler, H
         var status = 0
         var closeAfter: Bool
         var admittedInbound = false
+        var staleRetried = false
         var timer: Scheduled<Void>?
 
         init(head: RequestHead, cluster: UpstreamCluster, policy: UpstreamPolicy, upstreamHead: ByteBuffer, hashKey: String?,
@@ -326,9 +327,13 @@ final class HTTP1ProxyHandler: ChannelInboundHandler, RemovableChannelHandler, H
         current.attempts += 1
         current.endpoint = endpoint
         current.tried.append(endpoint.id)
+        connect(current, to: endpoint, reuseIdle: true)
+    }
+
+    private func connect(_ current: Exchange, to endpoint: ServiceEndpoint, reuseIdle: Bool) {
         phase = .connecting
         let key = "\(endpoint.address):\(endpoint.port)"
-        if let connection = pools.http1.idleConnection(key: key) {
+        if reuseIdle, let connection = pools.http1.idleConnection(key: key) {
             send(current, on: connection)
             return
         }
@@ -496,9 +501,16 @@ final class HTTP1ProxyHandler: ChannelInboundHandler, RemovableChannelHandler, H
     func responseFailed(_ reason: String, beforeHead: Bool) {
         guard let current = exchange else { return }
         if beforeHead, !current.responseStarted {
-            // A reused keep-alive connection the endpoint had already closed: nothing reached the app.
-            let stale = current.connection?.servedBefore == true && current.bodyCopy.isEmpty && current.bodyDone
-            attemptFailed(current, reason: reason, nothingSent: stale, status: 502)
+            if current.connection?.servedBefore == true, !current.staleRetried, current.bodyCopy.isEmpty, current.bodyDone,
+               let endpoint = current.endpoint {
+                // A pooled keep-alive connection the endpoint had closed meanwhile: the request never reached it.
+                // Once, on a fresh connection to the same endpoint, outside the retry policy.
+                current.staleRetried = true
+                current.connection = nil
+                connect(current, to: endpoint, reuseIdle: false)
+                return
+            }
+            attemptFailed(current, reason: reason, nothingSent: false, status: 502)
             return
         }
         if let endpoint = current.endpoint { current.cluster.attemptEnded(endpoint.id, .failure, now: SidecarClock.now()) }

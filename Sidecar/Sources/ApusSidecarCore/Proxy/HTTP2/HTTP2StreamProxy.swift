@@ -64,6 +64,7 @@ final class HTTP2StreamProxy: ChannelInboundHandler, HTTP1ResponseSink, @uncheck
     private var relay: UpstreamStreamRelay?
     private var http1: HTTP1UpstreamConnection?
     private var http1Chunked = false
+    private var staleRetried = false
 
     static let maxReplayBody = 64 << 10
 
@@ -104,6 +105,14 @@ final class HTTP2StreamProxy: ChannelInboundHandler, HTTP1ResponseSink, @uncheck
 
     func channelReadComplete(context: ChannelHandlerContext) {
         upstreamStream?.flush()
+    }
+
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        // A slow client slows the endpoint: stop reading its response while the client cannot take more.
+        let writable = context.channel.isWritable
+        upstreamStream?.setOption(ChannelOptions.autoRead, value: writable).whenFailure { _ in }
+        http1?.setAutoRead(writable)
+        context.fireChannelWritabilityChanged()
     }
 
     func channelInactive(context: ChannelHandlerContext) {
@@ -319,8 +328,8 @@ final class HTTP2StreamProxy: ChannelInboundHandler, HTTP1ResponseSink, @uncheck
         })
     }
 
-    private func openHTTP1(_ chosen: ServiceEndpoint, key: String) {
-        if let connection = pools.http1.idleConnection(key: key) {
+    private func openHTTP1(_ chosen: ServiceEndpoint, key: String, reuseIdle: Bool = true) {
+        if reuseIdle, let connection = pools.http1.idleConnection(key: key) {
             sendHTTP1(on: connection)
             return
         }
@@ -557,7 +566,15 @@ final class HTTP2StreamProxy: ChannelInboundHandler, HTTP1ResponseSink, @uncheck
     }
 
     func responseFailed(_ reason: String, beforeHead: Bool) {
+        let stale = http1?.servedBefore == true
         http1 = nil
+        if beforeHead, !responseStarted, stale, !staleRetried, requestEnded, bodyFrames.isEmpty, let endpoint {
+            // A pooled keep-alive connection the endpoint had closed: once more on a fresh connection.
+            staleRetried = true
+            phase = .connecting
+            openHTTP1(endpoint, key: "\(endpoint.address):\(endpoint.port)", reuseIdle: false)
+            return
+        }
         if beforeHead, !responseStarted {
             attemptFailed(reason: reason, nothingSent: false, status: 502)
         } else {
@@ -568,7 +585,10 @@ final class HTTP2StreamProxy: ChannelInboundHandler, HTTP1ResponseSink, @uncheck
         }
     }
 
-    func upstreamWritabilityChanged(_ writable: Bool) {}
+    func upstreamWritabilityChanged(_ writable: Bool) {
+        // A slow endpoint slows the client: stop reading the request body while the endpoint cannot take more.
+        context.channel.setOption(ChannelOptions.autoRead, value: writable).whenFailure { _ in }
+    }
 
     // MARK: endings
 
@@ -712,6 +732,11 @@ final class UpstreamStreamRelay: ChannelInboundHandler {
 
     func channelReadComplete(context: ChannelHandlerContext) {
         proxy?.upstreamFlushed()
+    }
+
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        proxy?.upstreamWritabilityChanged(context.channel.isWritable)
+        context.fireChannelWritabilityChanged()
     }
 
     func channelInactive(context: ChannelHandlerContext) {
