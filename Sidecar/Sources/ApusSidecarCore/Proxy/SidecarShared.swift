@@ -2,6 +2,7 @@ import ApusMesh
 import Foundation
 import Logging
 import NIOCore
+import NIOPosix
 import Synchronization
 
 /// Which side of the sidecar a listener serves.
@@ -189,4 +190,16 @@ func errorBody(_ message: String, upstream: String?) -> String {
     }
     if let upstream { return "{\"error\":\"\(escape(message))\",\"upstream\":\"\(escape(upstream))\"}\n" }
     return "{\"error\":\"\(escape(message))\"}\n"
+}
+
+/// A short reason for a failed connect ("connection refused", "connect timeout") instead of NIO's nested dump.
+func describeConnectError(_ error: any Error) -> String {
+    if let connection = error as? NIOConnectionError, let first = connection.connectionErrors.first {
+        return describeConnectError(first.error)
+    }
+    if let io = error as? IOError {
+        return String(cString: strerror(io.errnoCode)).lowercased()
+    }
+    if case ChannelError.connectTimeout = error { return "connect timeout" }
+    return "\(error)"
 }

@@ -346,7 +346,7 @@ final class HTTP1ProxyHandler: ChannelInboundHandler, RemovableChannelHandler, H
             case .success(let connection):
                 send(current, on: connection)
             case .failure(let error):
-                attemptFailed(current, reason: "connect to \(key) failed: \(error)", nothingSent: true, status: 503)
+                attemptFailed(current, reason: "connect to \(key) failed: \(describeConnectError(error))", nothingSent: true, status: 503)
             }
         }
     }

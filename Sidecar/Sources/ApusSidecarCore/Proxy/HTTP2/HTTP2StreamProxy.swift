@@ -341,7 +341,7 @@ final class HTTP2StreamProxy: ChannelInboundHandler, HTTP1ResponseSink, @uncheck
             }
             switch result {
             case .success(let connection): sendHTTP1(on: connection)
-            case .failure(let error): attemptFailed(reason: "connect to \(key) failed: \(error)", nothingSent: true, status: 503)
+            case .failure(let error): attemptFailed(reason: "connect to \(key) failed: \(describeConnectError(error))", nothingSent: true, status: 503)
             }
         }
     }

@@ -63,7 +63,7 @@ final class HTTP2UpstreamPool: @unchecked Sendable {
                 case .success(let channel):
                     bound.value.connected(channel)
                 case .failure(let error):
-                    bound.value.failed(.connectFailed("\(error)"))
+                    bound.value.failed(.connectFailed(describeConnectError(error)))
                     pool.value.forget(bound.value)
                 }
             }
