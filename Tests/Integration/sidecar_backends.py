@@ -5,7 +5,8 @@
 
 HTTP paths: /status/NNN answers NNN; /sleep/MS answers after MS ms; /count?id=X says how many requests carried
 `x-test-id: X`; /healthz answers 200; anything else echoes the request (server name, port, method, path, headers,
-body) as JSON. gRPC Get echoes the call's metadata (and `time-remaining`) as JSON in `payload`, honours `sleep_ms` and `fail_code`.
+body) as JSON. gRPC Get echoes the call's metadata (and `time-remaining`) as JSON in `payload`, honours `sleep_ms` and
+`fail_code`, and counts calls by `text` (`text: "count:X"` answers how many calls had text X, in `index`).
 Each prints "ready" once it listens.
 """
 
@@ -94,8 +95,16 @@ def serve_grpc(port: int, name: str) -> None:
     import echo_pb2
     import echo_pb2_grpc
 
+    calls: Counter = Counter()
+    lock = threading.Lock()
+
     class Echo(echo_pb2_grpc.EchoServicer):
         def Get(self, request, context):
+            if request.text.startswith("count:"):
+                with lock:
+                    return echo_pb2.EchoResponse(text=request.text, index=calls[request.text[6:]], served_by=name)
+            with lock:
+                calls[request.text] += 1
             if request.sleep_ms:
                 time.sleep(request.sleep_ms / 1000)
             if request.fail_code:

@@ -54,6 +54,16 @@ def base_config(backends, **extra) -> dict:
                 "outlier": {"consecutive_failures": 100},
                 "breaker": {"consecutive_failures": 100},
             },
+            "sticky": {
+                "endpoints": [b.endpoint() for b in backends["web"]],
+                "balance": "consistent_hash",
+                "hash_header": "x-user",
+            },
+            "echo-unsafe": {
+                "endpoints": [b.endpoint() for b in backends["echo"]],
+                "retries": {"attempts": 3},
+                "outlier": {"consecutive_failures": 100},
+            },
             "echo": {
                 "endpoints": [b.endpoint() for b in backends["echo"]],
                 "timeout": "2500ms",
@@ -195,6 +205,43 @@ def test_retry_only_idempotent_methods(sidecar, backends):
     # 500 is not a retry status.
     status, _, _ = http_request(sidecar.outbound, "GET", "/status/500", host="retry-probe", headers={"x-test-id": "get-500"})
     assert status == 500 and _hits(backends, "get-500") == 1
+
+
+def _grpc_calls(backends, text):
+    total = 0
+    for b in backends["echo"]:
+        with grpc.insecure_channel(f"127.0.0.1:{b.port}") as channel:
+            total += echo_pb2_grpc.EchoStub(channel).Get(echo_pb2.EchoRequest(text=f"count:{text}"), timeout=5).index
+    return total
+
+
+def test_grpc_unavailable_retried_only_when_declared_safe(sidecar, backends):
+    for upstream, text, expected_calls in [("echo", "unavail-safe", 3), ("echo-unsafe", "unavail-unsafe", 1)]:
+        with grpc.insecure_channel(f"127.0.0.1:{sidecar.outbound}", options=[("grpc.default_authority", upstream)]) as channel:
+            with pytest.raises(grpc.RpcError) as failure:
+                echo_pb2_grpc.EchoStub(channel).Get(echo_pb2.EchoRequest(text=text, fail_code=14), timeout=5)
+        assert failure.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert _grpc_calls(backends, text) == expected_calls, upstream
+
+
+def test_consistent_hash_keeps_a_user_on_one_endpoint(sidecar):
+    for user in ["ada", "grace", "edsger", "barbara"]:
+        servers = {get_json(sidecar.outbound, "/", "sticky", headers={"x-user": user})[1]["server"] for _ in range(6)}
+        assert len(servers) == 1, (user, servers)
+    spread = {get_json(sidecar.outbound, "/", "sticky", headers={"x-user": f"user-{i}"})[1]["server"] for i in range(30)}
+    assert len(spread) == 3
+
+
+def test_http2_get_retried_after_endpoint_killed(sidecar, backends):
+    victim = backends["web"][0]
+    victim.kill()
+    try:
+        for i in range(6):
+            out = subprocess.run(["curl", "-sS", "--http2-prior-knowledge", "-H", "Host: web", "-o", "/dev/null", "-w", "%{http_code}",
+                                  f"http://127.0.0.1:{sidecar.outbound}/h2-{i}"], capture_output=True, text=True, timeout=20)
+            assert out.stdout == "200", out
+    finally:
+        victim.start()
 
 
 def test_retry_budget_caps_retries(tmp_path, backends):
