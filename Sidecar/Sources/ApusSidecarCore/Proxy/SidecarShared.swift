@@ -117,13 +117,12 @@ struct IDGenerator {
     static let hex: [UInt8] = Array("0123456789abcdef".utf8)
 
     private mutating func writeHex(_ value: UInt64, to out: inout ByteBuffer) {
-        var v = value
-        var bytes: [UInt8] = Array(repeating: 0, count: 16)
-        for i in (0..<16).reversed() {
-            bytes[i] = Self.hex[Int(v & 0xF)]
-            v >>= 4
+        out.reserveCapacity(minimumWritableBytes: 16)
+        var shift: UInt64 = 60
+        for _ in 0..<16 {
+            out.writeInteger(Self.hex[Int((value >> shift) & 0xF)])
+            shift &-= 4
         }
-        out.writeBytes(bytes)
     }
 
     /// A W3C `traceparent` value: version 00, random trace and span ids, sampled.
