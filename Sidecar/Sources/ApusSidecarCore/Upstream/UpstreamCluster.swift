@@ -142,32 +142,30 @@ public final class UpstreamCluster: Sendable {
 
     /// Chooses an endpoint for one attempt (healthy, not ejected, preferring ones this request has not tried).
     public func pick(hashKey: String?, tried: [String], now: Nanos) -> ServiceEndpoint? {
-        let restored = state.withLock { state -> [String] in
+        let (endpoint, restored) = state.withLock { state -> (ServiceEndpoint?, [String]) in
             var restored: [String] = []
             if now >= state.nextRestoreCheck {
                 restored = state.outlier.restoreExpired(now: now)
                 state.nextRestoreCheck = now + 100_000_000
             }
-            return restored
-        }
-        for id in restored { logger.info("endpoint restored after ejection", metadata: ["endpoint": "\(id)"]) }
-        return state.withLock { state -> ServiceEndpoint? in
             var candidates: [Int] = []
             var fallback: [Int] = []
             candidates.reserveCapacity(state.endpoints.count)
             for (index, endpoint) in state.endpoints.enumerated() where endpoint.healthy {
                 if state.outlier.isEjected(endpoint.id, now: now) { continue }
-                if tried.contains(endpoint.id) { fallback.append(index) } else { candidates.append(index) }
+                if !tried.isEmpty, tried.contains(endpoint.id) { fallback.append(index) } else { candidates.append(index) }
             }
             if candidates.isEmpty { candidates = fallback }
             let active = state.policy.balance == .leastRequest ? state.endpoints.map { state.active[$0.id] ?? 0 } : []
             guard let index = state.balancer.pick(candidates: candidates, weights: state.weights, active: active, hashKey: hashKey) else {
-                return nil
+                return (nil, restored)
             }
             let endpoint = state.endpoints[index]
             state.active[endpoint.id, default: 0] += 1
-            return endpoint
+            return (endpoint, restored)
         }
+        for id in restored { logger.info("endpoint restored after ejection", metadata: ["endpoint": "\(id)"]) }
+        return endpoint
     }
 
     /// One attempt on `endpointID` ended.

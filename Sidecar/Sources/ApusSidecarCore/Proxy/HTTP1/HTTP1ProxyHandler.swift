@@ -45,7 +45,6 @@ final class HTTP1ProxyHandler: ChannelInboundHandler, RemovableChannelHandler, H
         var closeAfter: Bool
         var admittedInbound = false
         var staleRetried = false
-        var timer: Scheduled<Void>?
 
         init(head: RequestHead, cluster: UpstreamCluster, policy: UpstreamPolicy, upstreamHead: ByteBuffer, hashKey: String?,
              requestID: String, startedAt: Nanos, deadline: Nanos, retryable: Bool, closeAfter: Bool) {
@@ -77,6 +76,7 @@ final class HTTP1ProxyHandler: ChannelInboundHandler, RemovableChannelHandler, H
     private var peer = "unknown"
     private var ids = IDGenerator()
     private var processing = false
+    private var headScratch: ByteBuffer?
 
     static let maxHead = 64 << 10
     static let maxBufferedAhead = 256 << 10
@@ -266,8 +266,7 @@ final class HTTP1ProxyHandler: ChannelInboundHandler, RemovableChannelHandler, H
             retryable: policy.mayRetry(method: head.method, path: head.target, grpc: false), closeAfter: closeAfter)
         current.admittedInbound = admittedInbound
         exchange = current
-        let bound = NIOLoopBound(self, eventLoop: context.eventLoop)
-        current.timer = context.eventLoop.scheduleTask(in: .milliseconds(Int64(budgetMs))) { bound.value.timedOut(current) }
+        armDeadlineTimer(current.deadline)
         if head.expectContinue {
             var interim = context.channel.allocator.buffer(capacity: 25)
             interim.writeStatic("HTTP/1.1 100 Continue\r\n\r\n")
@@ -279,7 +278,10 @@ final class HTTP1ProxyHandler: ChannelInboundHandler, RemovableChannelHandler, H
     /// The request head for endpoints: request line and the caller's header lines as they were (minus hop-by-hop),
     /// plus the deadline, a trace context when the caller sent none, a request id and the caller's name.
     private func makeUpstreamHead(_ head: RequestHead, rawHead: ByteBuffer, deadlineEpochMs: Int, requestID: String?) -> ByteBuffer {
-        var out = context.channel.allocator.buffer(capacity: rawHead.readableBytes + 200)
+        // The previous request's head buffer is reused once the endpoint connection has written it.
+        var out = headScratch ?? context.channel.allocator.buffer(capacity: rawHead.readableBytes + 200)
+        headScratch = nil
+        out.clear()
         out.writeString(head.method)
         out.writeStatic(" ")
         out.writeString(head.target)
@@ -482,6 +484,7 @@ final class HTTP1ProxyHandler: ChannelInboundHandler, RemovableChannelHandler, H
     func responseComplete() {
         guard let current = exchange else { return }
         exchange = nil
+        headScratch = current.upstreamHead
         let outcome: AttemptOutcome = current.policy.retryOn.contains(current.status) ? .failure : .success
         if let endpoint = current.endpoint { current.cluster.attemptEnded(endpoint.id, outcome, now: SidecarClock.now()) }
         if let connection = current.connection {
@@ -525,6 +528,30 @@ final class HTTP1ProxyHandler: ChannelInboundHandler, RemovableChannelHandler, H
 
     // MARK: endings
 
+    /// One timer per connection, not per request: armed for the earliest deadline; when it fires it ends the
+    /// current exchange if its deadline passed, or re-arms for it. Requests that finish in time cost nothing.
+    private var timerDeadline: Nanos?
+
+    private func armDeadlineTimer(_ deadline: Nanos) {
+        if let armed = timerDeadline, armed <= deadline { return }
+        timerDeadline = deadline
+        let now = SidecarClock.now()
+        let delay = deadline > now ? Int64(deadline - now) : 0
+        let bound = NIOLoopBound(self, eventLoop: context.eventLoop)
+        context.eventLoop.scheduleTask(in: .nanoseconds(delay)) { bound.value.deadlineTimerFired(armedFor: deadline) }
+    }
+
+    private func deadlineTimerFired(armedFor: Nanos) {
+        guard timerDeadline == armedFor else { return }  // superseded by an earlier one
+        timerDeadline = nil
+        guard phase != .closed, let current = exchange else { return }
+        if current.deadline <= SidecarClock.now() {
+            timedOut(current)
+        } else {
+            armDeadlineTimer(current.deadline)
+        }
+    }
+
     private func timedOut(_ current: Exchange) {
         guard exchange === current, phase != .closed else { return }
         if let endpoint = current.endpoint, current.connection != nil || phase == .connecting {
@@ -538,8 +565,6 @@ final class HTTP1ProxyHandler: ChannelInboundHandler, RemovableChannelHandler, H
     }
 
     private func finishExchange(_ current: Exchange, outcome: AttemptOutcome, code: Int) {
-        current.timer?.cancel()
-        current.timer = nil
         current.cluster.requestEnded(outcome, code: code, startedAt: current.startedAt, now: SidecarClock.now())
         if current.admittedInbound { shared.limits.release() }
         shared.inFlight.add(-1, ordering: .relaxed)
