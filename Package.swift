@@ -194,6 +194,8 @@ let package = Package(
             name: "ApusSidecarCore",
             dependencies: [
                 "ApusMesh",
+                // Only for the Thrift framing and envelope decoder (ThriftFrameDecoder, ThriftWire).
+                "ApusGateway",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),

@@ -1,6 +1,7 @@
 """apus-sidecar's Thrift path: the app calls a Thrift upstream through the per-upstream port the sidecar opens
 (`upstreams.NAME.thrift_port`), with framed and unframed (buffered) strict binary, against python-thrift
-endpoints; a killed endpoint's connections go to the other one. Runs under Debian's python3 (python3-thrift),
+endpoints. Calls are balanced one by one (also on one client connection); a killed endpoint's calls go to the
+other one; with no endpoint left the caller gets a TApplicationException. Runs under Debian's python3 (python3-thrift),
 like test_thrift.py."""
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from collections import Counter
 
 import pytest
 from thrift.protocol import TBinaryProtocol
+from thrift.Thrift import TApplicationException
 from thrift.transport import TSocket, TTransport
 
 from sidecar_support import SIDECAR_BIN, Backend, Sidecar, free_port, wait_port
@@ -78,15 +80,28 @@ def test_framed_and_unframed_through_the_upstream_port(setup):
     calc, transport = client(buffered_port, framed=False)
     assert calc.add(40, 2) == 42
     transport.close()
-    # One endpoint per connection, balanced round robin.
-    assert Counter(describe(framed_port, True) for _ in range(6)) == {"framed-0": 3, "framed-1": 3}
-    assert Counter(describe(buffered_port, False) for _ in range(4)) == {"buffered-0": 2, "buffered-1": 2}
+    # Each call is balanced on its own, also on one client connection.
+    calc, transport = client(framed_port, framed=True)
+    assert Counter(calc.describe(True, 1, 2, 3, 4, 0.5, "t", b"") for _ in range(6)) == {"framed-0": 3, "framed-1": 3}
+    transport.close()
+    calc, transport = client(buffered_port, framed=False)
+    assert Counter(calc.describe(True, 1, 2, 3, 4, 0.5, "t", b"") for _ in range(4)) == {"buffered-0": 2, "buffered-1": 2}
+    transport.close()
 
 
-def test_killed_thrift_endpoint_connections_move(setup):
+def test_killed_thrift_endpoint_calls_move(setup):
     s, framed, _ = setup
     port = s.ports["thrift"]["calc-framed"]
+    calc, transport = client(port, framed=True)
+    assert calc.add(1, 1) == 2
     framed[0].kill()
-    assert Counter(describe(port, True) for _ in range(6)) == {"framed-1": 6}
+    # The same client connection keeps working: calls to the dead endpoint are retried on the other one.
+    assert Counter(calc.describe(True, 1, 2, 3, 4, 0.5, "t", b"") for _ in range(6)) == {"framed-1": 6}
     endpoints = {e["port"]: e for e in s.upstreams()["calc-framed"]["endpoints"]}
     assert endpoints[framed[0].port]["ejected"] is True
+    assert 'apus_sidecar_upstream_requests_total{upstream="calc-framed",code="200"}' in s.metrics()
+    framed[1].kill()
+    with pytest.raises(TApplicationException) as failure:
+        calc.add(2, 2)
+    assert "calc-framed" in failure.value.message
+    transport.close()

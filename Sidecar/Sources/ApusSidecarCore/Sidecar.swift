@@ -108,7 +108,7 @@ public final class Sidecar: Sendable {
         for (name, port) in wanted.sorted(by: { $0.key < $1.key }) where current[name]?.port != port {
             guard let cluster = shared.directory.cluster(name) else { continue }
             let channel = try await bindNamed("thrift (\(name))", port) {
-                try await TCPRelay.bind(group: group, host: config.address, port: port, cluster: cluster, shared: shared, inbound: false)
+                try await TCPRelay.bindThriftCalls(group: group, host: config.address, port: port, cluster: cluster, shared: shared)
             }
             state.withLock { $0.thrift[name] = (port, channel) }
             logger.info("thrift listener", metadata: ["upstream": "\(name)", "port": "\(channel.localAddress?.port ?? port)"])

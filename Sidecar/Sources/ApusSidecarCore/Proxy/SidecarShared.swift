@@ -17,10 +17,12 @@ public enum ProxySide: Sendable {
 final class LoopResources: @unchecked Sendable {
     let http1: HTTP1UpstreamPool
     let http2: HTTP2UpstreamPool
+    let thrift: ThriftUpstreamPool
 
     init(eventLoop: any EventLoop) {
         http1 = HTTP1UpstreamPool(eventLoop: eventLoop)
         http2 = HTTP2UpstreamPool(eventLoop: eventLoop)
+        thrift = ThriftUpstreamPool(eventLoop: eventLoop)
     }
 }
 

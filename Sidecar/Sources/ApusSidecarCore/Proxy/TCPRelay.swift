@@ -2,11 +2,24 @@ import Logging
 import NIOCore
 import NIOPosix
 
-/// A raw TCP proxy for Thrift: the per-upstream `thrift_port` (outbound, one endpoint chosen per connection,
-/// connect failures retried on another endpoint and fed to outlier ejection) and the inbound side of Thrift apps
-/// (each connection counts against `inbound.max_concurrency`). Bytes pass through unchanged both ways, so every
-/// Thrift transport (framed, unframed/buffered, THeader) and protocol works.
+/// Thrift listeners. The per-upstream `thrift_port` relays call by call (`ThriftCallRelay`); the inbound side of a
+/// Thrift app is a raw TCP relay (`TCPRelayClientSide`: bytes pass through unchanged both ways, each connection
+/// counts against the inbound limits).
 enum TCPRelay {
+    /// The per-upstream Thrift listener: call by call (`ThriftCallRelay`).
+    static func bindThriftCalls(group: any EventLoopGroup, host: String, port: Int, cluster: UpstreamCluster, shared: SidecarShared) async throws -> any Channel {
+        try await ServerBootstrap(group: group)
+            .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+            .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
+            .childChannelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.addHandler(ThriftCallRelay(cluster: cluster, shared: shared))
+                }
+            }
+            .bind(host: host, port: port)
+            .get()
+    }
+
     static func bind(group: any EventLoopGroup, host: String, port: Int, cluster: UpstreamCluster, shared: SidecarShared, inbound: Bool) async throws -> any Channel {
         try await ServerBootstrap(group: group)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
