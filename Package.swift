@@ -225,7 +225,12 @@ let package = Package(
         ),
         .testTarget(
             name: "ApusSidecarTests",
-            dependencies: ["ApusSidecarCore", "ApusMesh"],
+            dependencies: [
+                "ApusSidecarCore", "ApusMesh",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
             swiftSettings: swiftSettings
         ),
         .testTarget(

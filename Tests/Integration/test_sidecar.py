@@ -383,6 +383,13 @@ def test_inbound_rate_limit_per_caller(tmp_path, backends, app):
         assert json.loads(bob[2])["headers"]["x-apus-caller"] == "bob"  # passed on to the app
         time.sleep(1.1)
         assert http_request(s.inbound, "GET", "/", host="shop", headers={"x-apus-caller": "alice"})[0] == 200
+        # HTTP/2 into the inbound port (to the HTTP/1.1 app), under the same per-caller buckets.
+        codes = []
+        for _ in range(4):
+            out = subprocess.run(["curl", "-sS", "--http2-prior-knowledge", "-H", "x-apus-caller: carol", "-o", "/dev/null",
+                                  "-w", "%{http_code}", f"http://127.0.0.1:{s.inbound}/h2"], capture_output=True, text=True, timeout=20)
+            codes.append(out.stdout)
+        assert codes == ["200", "200", "200", "429"], codes
     finally:
         s.stop()
 
