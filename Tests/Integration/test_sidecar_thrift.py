@@ -7,6 +7,7 @@ like test_thrift.py."""
 from __future__ import annotations
 
 import subprocess
+import time
 from collections import Counter
 
 import pytest
@@ -105,3 +106,27 @@ def test_killed_thrift_endpoint_calls_move(setup):
         calc.add(2, 2)
     assert "calc-framed" in failure.value.message
     transport.close()
+
+
+def test_inbound_thrift_app(tmp_path):
+    """A Thrift app behind the inbound port: bytes relayed to it; each connection counts against the inbound
+    concurrency limit (a connection over the limit is closed at once)."""
+    app = ThriftBackend("thrift-app", "framed").start()
+    s = Sidecar(tmp_path, {"inbound": {"max_concurrency": 1}},
+                ["--inbound-port", "0", "--app-port", str(app.port), "--app-protocol", "thrift", "--no-register"]).start()
+    try:
+        calc, transport = client(s.inbound, framed=True)
+        assert calc.add(20, 22) == 42
+        assert calc.describe(True, 1, 2, 3, 4, 0.5, "t", b"") == "thrift-app"
+        second, second_transport = client(s.inbound, framed=True)
+        with pytest.raises(Exception):
+            second.add(1, 1)  # over the limit: closed without an answer
+        second_transport.close()
+        transport.close()
+        time.sleep(0.2)
+        calc, transport = client(s.inbound, framed=True)  # the slot came back
+        assert calc.add(1, 2) == 3
+        transport.close()
+    finally:
+        s.stop()
+        app.kill()

@@ -67,7 +67,7 @@ public final class Sidecar: Sendable {
             guard let app = shared.app else { throw ConfigError("app_port", "--inbound-port needs --app-port") }
             let channel = try await bindNamed("inbound", port) {
                 if config.appProtocol == "thrift" {
-                    try await TCPRelay.bind(group: group, host: config.address, port: port, cluster: app, shared: shared, inbound: true)
+                    try await TCPRelay.bindInbound(group: group, host: config.address, port: port, cluster: app, shared: shared)
                 } else {
                     try await ProxyPipeline.bind(group: group, host: config.address, port: port, shared: shared, side: .inbound)
                 }

@@ -20,14 +20,15 @@ enum TCPRelay {
             .get()
     }
 
-    static func bind(group: any EventLoopGroup, host: String, port: Int, cluster: UpstreamCluster, shared: SidecarShared, inbound: Bool) async throws -> any Channel {
+    /// The inbound port of a Thrift app: raw TCP to the app.
+    static func bindInbound(group: any EventLoopGroup, host: String, port: Int, cluster: UpstreamCluster, shared: SidecarShared) async throws -> any Channel {
         try await ServerBootstrap(group: group)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
             .childChannelOption(.autoRead, value: false)
             .childChannelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
-                    try channel.pipeline.syncOperations.addHandler(TCPRelayClientSide(cluster: cluster, shared: shared, inbound: inbound))
+                    try channel.pipeline.syncOperations.addHandler(TCPRelayClientSide(cluster: cluster, shared: shared))
                 }
             }
             .bind(host: host, port: port)
@@ -35,43 +36,39 @@ enum TCPRelay {
     }
 }
 
-/// The accepted connection: picks an endpoint, connects, then copies bytes both ways.
+/// An accepted connection: passes the inbound limits (the caller is its source address), picks the endpoint,
+/// connects (a failed connect is retried within the policy), then copies bytes both ways.
 final class TCPRelayClientSide: ChannelInboundHandler, @unchecked Sendable {
     typealias InboundIn = ByteBuffer
     typealias OutboundOut = ByteBuffer
 
     private let cluster: UpstreamCluster
     private let shared: SidecarShared
-    private let inbound: Bool
     private var context: ChannelHandlerContext?
     private var upstream: (any Channel)?
     private var tried: [String] = []
-    private var endpoint: ServiceEndpointRef?
+    /// The endpoint of the current connection attempt or relay.
+    private var endpointID: String?
     private var startedAt: Nanos = 0
     private var admitted = false
     private var admittedInbound = false
     private var closed = false
     private var receivedFromUpstream = false
 
-    struct ServiceEndpointRef { var id: String }
-
-    init(cluster: UpstreamCluster, shared: SidecarShared, inbound: Bool) {
+    init(cluster: UpstreamCluster, shared: SidecarShared) {
         self.cluster = cluster
         self.shared = shared
-        self.inbound = inbound
     }
 
     func channelActive(context: ChannelHandlerContext) {
         self.context = context
         startedAt = SidecarClock.now()
-        if inbound {
-            let caller = context.channel.remoteAddress?.ipAddress ?? "unknown"
-            guard shared.limits.admit(caller: caller, now: startedAt) == .admitted else {
-                context.close(promise: nil)
-                return
-            }
-            admittedInbound = true
+        let caller = context.channel.remoteAddress?.ipAddress ?? "unknown"
+        guard shared.limits.admit(caller: caller, now: startedAt) == .admitted else {
+            context.close(promise: nil)
+            return
         }
+        admittedInbound = true
         if let refusal = cluster.admit(now: startedAt) {
             shared.logger.info("thrift connection refused", metadata: ["upstream": "\(cluster.name)", "reason": "\(refusal.message)"])
             context.close(promise: nil)
@@ -90,7 +87,7 @@ final class TCPRelayClientSide: ChannelInboundHandler, @unchecked Sendable {
             return
         }
         tried.append(chosen.id)
-        endpoint = ServiceEndpointRef(id: chosen.id)
+        endpointID = chosen.id
         let client = NIOLoopBound(self, eventLoop: context.eventLoop)
         ClientBootstrap(group: context.eventLoop)
             .channelOption(.socketOption(.tcp_nodelay), value: 1)
@@ -114,7 +111,7 @@ final class TCPRelayClientSide: ChannelInboundHandler, @unchecked Sendable {
                     context.read()
                 case .failure(let error):
                     cluster.attemptEnded(chosen.id, .failure, now: SidecarClock.now())
-                    endpoint = nil
+                    endpointID = nil
                     if !closed, tried.count < cluster.policy.attempts, cluster.tryRetry(now: SidecarClock.now()) {
                         connect(context: context)
                     } else {
@@ -160,17 +157,17 @@ final class TCPRelayClientSide: ChannelInboundHandler, @unchecked Sendable {
     }
 
     fileprivate func upstreamClosed() {
-        if let endpoint {
-            cluster.attemptEnded(endpoint.id, receivedFromUpstream ? .success : .failure, now: SidecarClock.now())
-            self.endpoint = nil
+        if let endpointID {
+            cluster.attemptEnded(endpointID, receivedFromUpstream ? .success : .failure, now: SidecarClock.now())
+            self.endpointID = nil
         }
         context?.close(promise: nil)
     }
 
     private func finish(_ outcome: AttemptOutcome, code: Int) {
-        if let endpoint {
-            cluster.attemptEnded(endpoint.id, outcome, now: SidecarClock.now())
-            self.endpoint = nil
+        if let endpointID {
+            cluster.attemptEnded(endpointID, outcome, now: SidecarClock.now())
+            self.endpointID = nil
         }
         if admitted {
             admitted = false
