@@ -124,6 +124,12 @@ def test_http2_prior_knowledge_by_authority(sidecar):
     out = subprocess.run(["curl", "-sS", "--http2-prior-knowledge", "-H", "Host: web", "--data-binary", "hello h2",
                           f"http://127.0.0.1:{sidecar.outbound}/post"], capture_output=True, text=True, timeout=20)
     assert json.loads(out.stdout)["body"] == "hello h2", out
+    # A body larger than the 64 KiB replay copy, arriving while the endpoint connection opens.
+    big = sidecar.tmp / "big.bin"
+    big.write_bytes(b"z" * 300_000)
+    out = subprocess.run(["curl", "-sS", "--http2-prior-knowledge", "-H", "Host: web", "--data-binary", f"@{big}",
+                          f"http://127.0.0.1:{sidecar.outbound}/big"], capture_output=True, text=True, timeout=20)
+    assert len(json.loads(out.stdout).get("body", "")) == 300_000, out.stdout[:300]
     # nghttp names the upstream with :authority.
     out = subprocess.run(["nghttp", "-H", ":authority: web", f"http://127.0.0.1:{sidecar.outbound}/nghttp"],
                          capture_output=True, text=True, timeout=20)

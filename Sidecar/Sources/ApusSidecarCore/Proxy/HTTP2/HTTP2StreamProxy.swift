@@ -49,8 +49,11 @@ final class HTTP2StreamProxy: ChannelInboundHandler, HTTP1ResponseSink, @uncheck
     private var bodyFrames: [HTTP2Frame.FramePayload] = []
     private var bodyBytes = 0
     private var replayable = true
+    /// Client frames that arrived while no attempt was relaying (nothing of them sent yet).
+    private var pending: [HTTP2Frame.FramePayload] = []
+    /// Some of the request already went to an endpoint (a later attempt replays `bodyFrames` instead of `pending`).
+    private var anySent = false
     private var requestEnded = false
-    /// How many of `bodyFrames` the current attempt has been sent (frames arriving later go straight through).
     private var attempts = 0
     private var tried: [String] = []
     private var endpoint: ServiceEndpoint?
@@ -137,7 +140,11 @@ final class HTTP2StreamProxy: ChannelInboundHandler, HTTP1ResponseSink, @uncheck
                 bodyFrames = []
             }
         }
-        if phase == .relaying { sendToUpstream(payload, flush: false) }
+        if phase == .relaying {
+            sendToUpstream(payload, flush: false)
+        } else {
+            pending.append(payload)
+        }
     }
 
     // MARK: routing
@@ -317,8 +324,9 @@ final class HTTP2StreamProxy: ChannelInboundHandler, HTTP1ResponseSink, @uncheck
                 self.relay = relay
                 phase = .relaying
                 let headers = upstreamHeaders()
-                stream.write(HTTP2Frame.FramePayload.headers(.init(headers: headers, endStream: requestEnded && bodyFrames.isEmpty)), promise: nil)
-                for frame in bodyFrames { stream.write(frame, promise: nil) }
+                let frames = takeFramesForAttempt()
+                stream.write(HTTP2Frame.FramePayload.headers(.init(headers: headers, endStream: requestEnded && frames.isEmpty)), promise: nil)
+                for frame in frames { stream.write(frame, promise: nil) }
                 stream.flush()
             case .failure(let error):
                 var nothingSent = false
@@ -346,6 +354,15 @@ final class HTTP2StreamProxy: ChannelInboundHandler, HTTP1ResponseSink, @uncheck
         }
     }
 
+    /// The body frames a new attempt starts with: those not sent anywhere yet, or (a retry after something was
+    /// sent, which needs a complete replay copy) the copy.
+    private func takeFramesForAttempt() -> [HTTP2Frame.FramePayload] {
+        let frames = anySent ? bodyFrames : pending
+        pending = []
+        anySent = true
+        return frames
+    }
+
     /// Re-frames the request as HTTP/1.1: head from the HPACK fields, DATA as the body (chunked without a length).
     private func sendHTTP1(on connection: HTTP1UpstreamConnection) {
         http1 = connection
@@ -367,7 +384,8 @@ final class HTTP2StreamProxy: ChannelInboundHandler, HTTP1ResponseSink, @uncheck
             head.writeString(value)
             head.writeStatic("\r\n")
         }
-        let noBody = requestEnded && bodyFrames.allSatisfy { frame in
+        let frames = takeFramesForAttempt()
+        let noBody = requestEnded && frames.allSatisfy { frame in
             if case .data(let data) = frame, case .byteBuffer(let b) = data.data { return b.readableBytes == 0 }
             return true
         }
@@ -379,8 +397,8 @@ final class HTTP2StreamProxy: ChannelInboundHandler, HTTP1ResponseSink, @uncheck
         }
         head.writeStatic("\r\n")
         connection.write(head, flush: false)
-        for frame in bodyFrames { sendToUpstream(frame, flush: false) }
-        if requestEnded, bodyFrames.isEmpty, http1Chunked { connection.write(ByteBuffer(string: "0\r\n\r\n"), flush: false) }
+        for frame in frames { sendToUpstream(frame, flush: false) }
+        if requestEnded, frames.isEmpty, http1Chunked { connection.write(ByteBuffer(string: "0\r\n\r\n"), flush: false) }
         connection.channel?.flush()
     }
 
@@ -415,7 +433,9 @@ final class HTTP2StreamProxy: ChannelInboundHandler, HTTP1ResponseSink, @uncheck
 
     private func mayRetry(nothingSent: Bool) -> Bool {
         guard let cluster, !responseStarted, attempts < policy.attempts else { return false }
-        guard nothingSent || (retryable && replayable && requestEnded) else { return false }
+        // Another attempt needs the whole request: unsent, or a complete copy of what went out before.
+        guard !anySent || (replayable && requestEnded) else { return false }
+        guard nothingSent || retryable else { return false }
         let now = SidecarClock.now()
         guard now < deadline else { return false }
         return cluster.tryRetry(now: now)
@@ -568,7 +588,7 @@ final class HTTP2StreamProxy: ChannelInboundHandler, HTTP1ResponseSink, @uncheck
     func responseFailed(_ reason: String, beforeHead: Bool) {
         let stale = http1?.servedBefore == true
         http1 = nil
-        if beforeHead, !responseStarted, stale, !staleRetried, requestEnded, bodyFrames.isEmpty, let endpoint {
+        if beforeHead, !responseStarted, stale, !staleRetried, requestEnded, replayable, let endpoint {
             // A pooled keep-alive connection the endpoint had closed: once more on a fresh connection.
             staleRetried = true
             phase = .connecting
