@@ -18,6 +18,8 @@ final class LoopResources: @unchecked Sendable {
     let http1: HTTP1UpstreamPool
     let http2: HTTP2UpstreamPool
     let thrift: ThriftUpstreamPool
+    /// Trace and request ids for the streams of this loop (seeded once, not per stream).
+    var ids = IDGenerator()
 
     init(eventLoop: any EventLoop) {
         http1 = HTTP1UpstreamPool(eventLoop: eventLoop)

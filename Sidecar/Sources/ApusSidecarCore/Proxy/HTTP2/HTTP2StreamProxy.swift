@@ -27,7 +27,6 @@ final class HTTP2StreamProxy: ChannelInboundHandler, HTTP1ResponseSink, @uncheck
     private var context: ChannelHandlerContext!
     private var pools: LoopResources!
     private var phase = Phase.idle
-    private var ids = IDGenerator()
 
     private var requestHeaders = HPACKHeaders()
     private var isGRPC = false
@@ -156,7 +155,7 @@ final class HTTP2StreamProxy: ChannelInboundHandler, HTTP1ResponseSink, @uncheck
         path = headers.first(name: ":path") ?? "/"
         let contentType = headers.first(name: "content-type") ?? ""
         isGRPC = contentType.hasPrefix("application/grpc")
-        requestID = headers.first(name: "x-request-id") ?? ids.requestID()
+        requestID = headers.first(name: "x-request-id") ?? pools.ids.requestID()
         let target: UpstreamCluster
         switch side {
         case .outbound:
@@ -275,13 +274,14 @@ final class HTTP2StreamProxy: ChannelInboundHandler, HTTP1ResponseSink, @uncheck
                 headers.add(name: name, value: value, indexing: indexable)
             }
         }
+        // Values new on every request stay out of the HPACK dynamic table (they would only evict reusable ones).
         if isGRPC {
-            headers.add(name: "grpc-timeout", value: "\(max(remainingMs, 1))m")
+            headers.add(name: "grpc-timeout", value: "\(max(remainingMs, 1))m", indexing: .nonIndexable)
         }
-        headers.add(name: "x-apus-deadline-ms", value: String(EpochClock.nowMs() + Int(remainingMs)))
+        headers.add(name: "x-apus-deadline-ms", value: String(EpochClock.nowMs() + Int(remainingMs)), indexing: .nonIndexable)
         if side == .outbound {
-            if !requestHeaders.contains(name: "traceparent") { headers.add(name: "traceparent", value: ids.traceparent()) }
-            if !requestHeaders.contains(name: "x-request-id") { headers.add(name: "x-request-id", value: requestID) }
+            if !requestHeaders.contains(name: "traceparent") { headers.add(name: "traceparent", value: pools.ids.traceparent(), indexing: .nonIndexable) }
+            if !requestHeaders.contains(name: "x-request-id") { headers.add(name: "x-request-id", value: requestID, indexing: .nonIndexable) }
             if let caller = shared.callerName { headers.add(name: "x-apus-caller", value: caller) }
         }
         return headers
