@@ -105,6 +105,8 @@ final class HTTP1ProxyHandler: ChannelInboundHandler, RemovableChannelHandler, H
 
     func channelInactive(context: ChannelHandlerContext) {
         phase = .closed
+        timer?.cancel()  // it holds this handler: let a closed connection go now, not at the deadline
+        timer = nil
         if let current = exchange {
             exchange = nil
             finishExchange(current, outcome: .abandoned, code: 499)
@@ -531,6 +533,7 @@ final class HTTP1ProxyHandler: ChannelInboundHandler, RemovableChannelHandler, H
     /// One timer per connection, not per request: armed for the earliest deadline; when it fires it ends the
     /// current exchange if its deadline passed, or re-arms for it. Requests that finish in time cost nothing.
     private var timerDeadline: Nanos?
+    private var timer: Scheduled<Void>?
 
     private func armDeadlineTimer(_ deadline: Nanos) {
         if let armed = timerDeadline, armed <= deadline { return }
@@ -538,7 +541,8 @@ final class HTTP1ProxyHandler: ChannelInboundHandler, RemovableChannelHandler, H
         let now = SidecarClock.now()
         let delay = deadline > now ? Int64(deadline - now) : 0
         let bound = NIOLoopBound(self, eventLoop: context.eventLoop)
-        context.eventLoop.scheduleTask(in: .nanoseconds(delay)) { bound.value.deadlineTimerFired(armedFor: deadline) }
+        timer?.cancel()
+        timer = context.eventLoop.scheduleTask(in: .nanoseconds(delay)) { bound.value.deadlineTimerFired(armedFor: deadline) }
     }
 
     private func deadlineTimerFired(armedFor: Nanos) {

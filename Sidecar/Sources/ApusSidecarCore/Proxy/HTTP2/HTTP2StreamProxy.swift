@@ -106,7 +106,9 @@ final class HTTP2StreamProxy: ChannelInboundHandler, HTTP1ResponseSink, @uncheck
     }
 
     func channelReadComplete(context: ChannelHandlerContext) {
+        // Client frames relayed during this read go out now (to an HTTP/2 stream or an HTTP/1.1 connection).
         upstreamStream?.flush()
+        http1?.channel?.flush()
     }
 
     func channelWritabilityChanged(context: ChannelHandlerContext) {
