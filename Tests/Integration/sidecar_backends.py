@@ -6,7 +6,8 @@
 HTTP paths: /status/NNN answers NNN; /sleep/MS answers after MS ms; /count?id=X says how many requests carried
 `x-test-id: X`; /healthz answers 200; anything else echoes the request (server name, port, method, path, headers,
 body) as JSON. gRPC Get echoes the call's metadata (and `time-remaining`) as JSON in `payload`, honours `sleep_ms` and
-`fail_code`, and counts calls by `text` (`text: "count:X"` answers how many calls had text X, in `index`).
+`fail_code`, and counts calls by `text` (`text: "count:X"` answers how many calls had text X, in `index`);
+Collect joins the texts it receives, Update answers each message upper-cased.
 Each prints "ready" once it listens.
 """
 
@@ -118,6 +119,14 @@ def serve_grpc(port: int, name: str) -> None:
         def Expand(self, request, context):
             for i in range(request.repeat):
                 yield echo_pb2.EchoResponse(text=request.text, index=i, served_by=name)
+
+        def Collect(self, requests, context):
+            texts = [r.text for r in requests]
+            return echo_pb2.EchoResponse(text="+".join(texts), index=len(texts), served_by=name)
+
+        def Update(self, requests, context):
+            for i, r in enumerate(requests):
+                yield echo_pb2.EchoResponse(text=r.text.upper(), index=i, served_by=name)
 
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
     echo_pb2_grpc.add_EchoServicer_to_server(Echo(), server)

@@ -142,6 +142,14 @@ def test_grpc_by_authority_and_metadata(sidecar):
         served = Counter(stub.Get(echo_pb2.EchoRequest(text="hi"), timeout=5).served_by for _ in range(10))
         assert served == {"echo-0": 5, "echo-1": 5}
         assert [r.index for r in stub.Expand(echo_pb2.EchoRequest(text="s", repeat=3), timeout=5)] == [0, 1, 2]
+
+        def slowly(texts):
+            for t in texts:
+                time.sleep(0.05)  # messages keep arriving after the endpoint stream is open
+                yield echo_pb2.EchoRequest(text=t)
+        collected = stub.Collect(slowly(["a", "b", "c"]), timeout=5)
+        assert collected.text == "a+b+c" and collected.index == 3
+        assert [r.text for r in stub.Update(slowly(["x", "y"]), timeout=5)] == ["X", "Y"]
         with pytest.raises(grpc.RpcError) as failure:
             stub.Get(echo_pb2.EchoRequest(fail_code=5, fail_message="nope"), timeout=5)
         assert failure.value.code() == grpc.StatusCode.NOT_FOUND
