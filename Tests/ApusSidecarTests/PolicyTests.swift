@@ -228,3 +228,35 @@ struct TokenBucketTests {
         #expect(bucket.isIdle(now: 20_000_000_000))
     }
 }
+
+@Suite("inbound limits")
+struct InboundLimitsTests {
+    @Test("concurrency limit, then per-caller buckets")
+    func limits() {
+        var config = SidecarConfig.InboundConfig()
+        config.maxConcurrency = 2
+        config.rateLimit = .init(requestsPerSecond: 1, burst: 2)
+        let limits = InboundLimits(config: config)
+        #expect(limits.admit(caller: "a", now: 0) == .admitted)
+        #expect(limits.admit(caller: "b", now: 0) == .admitted)
+        #expect(limits.admit(caller: "c", now: 0) == .overConcurrency(2))
+        limits.release()
+        limits.release()
+        #expect(limits.inFlight == 0)
+        // a has one token left of its burst of 2; then it waits a second.
+        #expect(limits.admit(caller: "a", now: 1) == .admitted)
+        limits.release()
+        #expect(limits.admit(caller: "a", now: 2) == .rateLimited(caller: "a", retryAfterSeconds: 1))
+        #expect(limits.admit(caller: "c", now: 2) == .admitted)  // another caller, another bucket
+        limits.release()
+        #expect(limits.admit(caller: "a", now: 1_000_000_002) == .admitted)
+        limits.release()
+        // A reload without a rate limit lets everyone through (up to the concurrency limit).
+        config.rateLimit = nil
+        limits.update(config)
+        for _ in 0..<2 {
+            #expect(limits.admit(caller: "a", now: 1_000_000_003) == .admitted)
+            limits.release()
+        }
+    }
+}
