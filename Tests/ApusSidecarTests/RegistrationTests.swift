@@ -34,16 +34,17 @@ struct RegistrationTests {
         let sidecar = Sidecar(config: config, registry: registry, group: group, metrics: nil, logger: Logger(label: "test"))
         let ports = try await sidecar.start()
 
+        // Registered, and healthy once the first probe of the app passed.
         #expect(try await eventually(3) { try await registry.resolve("orders").map(\.id) == ["orders-1"] })
+        #expect(try await eventually(3) { try await registry.resolve("orders").first?.healthy == true })
         let endpoint = try await registry.resolve("orders")[0]
         #expect(endpoint.port == ports.inbound)
-        #expect(endpoint.healthy)
 
         // The lease disappears behind the sidecar's back (expired, registry restarted): it registers again.
         let lease = RegistrationLease(service: "orders", endpointID: "orders-1", leaseID: "static-1", ttlSeconds: 1)
         try await registry.deregister(lease)
         #expect(try await registry.resolve("orders").isEmpty)
-        #expect(try await eventually(3) { try await registry.resolve("orders").count == 1 })
+        #expect(try await eventually(3) { try await registry.resolve("orders").first?.healthy == true })
 
         // Heartbeats keep it past its TTL.
         try await Task.sleep(for: .milliseconds(1500))

@@ -435,7 +435,15 @@ def test_registration_and_health_reporting(tmp_path, backends, app):
     s = inbound_sidecar(tmp_path, backends, app, {"health_check": {"kind": "http", "path": "/healthz", "interval": "200ms",
                                                                    "unhealthy_after": 1}})
     try:
-        status, body = get_json(s.outbound, "/through-the-mesh", "shop")
+        # Registered unhealthy until the first probe of the app passes (503 "no healthy endpoints"), then healthy.
+        deadline = time.time() + 5
+        while True:
+            status, _, raw = http_request(s.outbound, "GET", "/through-the-mesh", host="shop")
+            if status == 200 or time.time() > deadline:
+                break
+            assert status == 503, raw
+            time.sleep(0.05)
+        body = json.loads(raw)
         assert status == 200 and body["server"] == "app" and body["headers"]["x-apus-caller"] == "shop"
         state = s.upstreams()["shop"]["endpoints"]
         assert [(e["id"], e["port"], e["healthy"]) for e in state] == [("shop-1", s.inbound, True)]

@@ -27,7 +27,9 @@ public final class Sidecar: Sendable {
     }
 
     private let state: Mutex<State>
-    private let healthy = Atomic<Bool>(true)
+    /// The app's health as last probed. With a health check it starts unhealthy: the instance is registered as
+    /// such and receives traffic once a probe has passed.
+    private let healthy: Atomic<Bool>
 
     /// The ports actually bound (useful with port 0).
     public struct BoundPorts: Codable, Sendable, Equatable {
@@ -47,6 +49,7 @@ public final class Sidecar: Sendable {
         let directory = UpstreamDirectory(registry: registry, config: config, logger: logger)
         self.shared = SidecarShared(directory: directory, config: config, eventLoops: loops, logger: logger)
         self.state = Mutex(State(config: config))
+        self.healthy = Atomic(config.appPort == nil || config.inbound.healthCheck.kind == .none)
     }
 
     public var appHealthy: Bool { healthy.load(ordering: .relaxed) }
@@ -167,9 +170,10 @@ public final class Sidecar: Sendable {
                 }
             } else {
                 do {
-                    let lease = try await registry.register(
-                        service: service, endpoint: endpoint(service: service, port: port, config: config), ttlSeconds: config.registrationTTLSeconds)
-                    state.withLock { $0.lease = lease; $0.reportedHealthy = self.appHealthy }
+                    let registered = endpoint(service: service, port: port, config: config)
+                    let lease = try await registry.register(service: service, endpoint: registered, ttlSeconds: config.registrationTTLSeconds)
+                    // What the registry holds now; the health loop reports any change after this.
+                    state.withLock { $0.lease = lease; $0.reportedHealthy = registered.healthy }
                     log.info("registered", metadata: ["endpoint": "\(lease.endpointID)", "ttl": "\(lease.ttlSeconds)s"])
                     if Task.isCancelled {
                         try? await registry.deregister(lease)
@@ -192,10 +196,12 @@ public final class Sidecar: Sendable {
             let check = state.withLock { $0.config.inbound.healthCheck }
             let ok = await checker.probe(check)
             failures = ok ? 0 : failures + 1
-            let nowHealthy = ok || failures < check.unhealthyAfter
-            if nowHealthy != healthy.load(ordering: .relaxed) {
+            // Healthy after one passing probe; unhealthy after `unhealthyAfter` failed ones in a row.
+            let wasHealthy = healthy.load(ordering: .relaxed)
+            let nowHealthy = ok || (wasHealthy && failures < check.unhealthyAfter)
+            if nowHealthy != wasHealthy {
                 healthy.store(nowHealthy, ordering: .relaxed)
-                logger.warning("app health changed", metadata: ["healthy": "\(nowHealthy)"])
+                if nowHealthy { logger.info("app healthy") } else { logger.warning("app unhealthy", metadata: ["failedProbes": "\(failures)"]) }
             }
             let (lease, reported) = state.withLock { ($0.lease, $0.reportedHealthy) }
             if let lease, reported != nowHealthy {
