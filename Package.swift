@@ -70,6 +70,21 @@ let package = Package(
             name: "ApusMesh",
             dependencies: [
                 .product(name: "Logging", package: "swift-log"),
+                .product(name: "Metrics", package: "swift-metrics"),
+                .product(name: "AsyncHTTPClient", package: "async-http-client"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+                .product(name: "NIOFoundationCompat", package: "swift-nio"),
+            ],
+            exclude: ["README.md"],
+            swiftSettings: swiftSettings
+        ),
+        // Metrics export: swift-metrics as Prometheus text with a help line per family.
+        .target(
+            name: "ApusTelemetry",
+            dependencies: [
+                .product(name: "Metrics", package: "swift-metrics"),
+                .product(name: "Prometheus", package: "swift-prometheus"),
             ],
             exclude: ["README.md"],
             swiftSettings: swiftSettings
@@ -121,6 +136,26 @@ let package = Package(
             exclude: ["README.md"],
             swiftSettings: hotPathSettings
         ),
+        // Asynchronous long tasks: durable store (own SQLite file, group commit), state machine, dispatcher.
+        .target(
+            name: "ApusTasks",
+            dependencies: [
+                "ApusCore",
+                "ApusScheduler",
+                .product(name: "GRDB", package: "GRDB.swift"),
+                .product(name: "Metrics", package: "swift-metrics"),
+                .product(name: "AsyncHTTPClient", package: "async-http-client"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+                .product(name: "NIOHTTP2", package: "swift-nio-http2"),
+                .product(name: "NIOHPACK", package: "swift-nio-http2"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            ],
+            exclude: ["README.md"],
+            swiftSettings: swiftSettings
+        ),
         // Control plane: REST/JSON API for deploy, versions, releases, logs.
         .target(
             name: "ApusControl",
@@ -130,9 +165,11 @@ let package = Package(
                 "ApusStore",
                 "ApusScheduler",
                 "ApusRuntime",
+                "ApusMesh",
+                "ApusTasks",
                 .product(name: "Hummingbird", package: "hummingbird"),
                 .product(name: "HTTPTypes", package: "swift-http-types"),
-                .product(name: "Prometheus", package: "swift-prometheus"),
+                "ApusTelemetry",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),
             ],
@@ -142,9 +179,8 @@ let package = Package(
         .executableTarget(
             name: "apusd",
             dependencies: [
-                "ApusCore", "ApusStore", "ApusRuntime", "ApusScheduler", "ApusGateway", "ApusControl",
-                .product(name: "Metrics", package: "swift-metrics"),
-                .product(name: "Prometheus", package: "swift-prometheus"),
+                "ApusCore", "ApusStore", "ApusRuntime", "ApusScheduler", "ApusGateway", "ApusControl", "ApusTelemetry", "ApusMesh",
+                "ApusTasks",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Hummingbird", package: "hummingbird"),
                 .product(name: "NIOPosix", package: "swift-nio"),
@@ -157,6 +193,7 @@ let package = Package(
             name: "apus",
             dependencies: [
                 "ApusCore",
+                "ApusMesh",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "AsyncHTTPClient", package: "async-http-client"),
                 .product(name: "NIOCore", package: "swift-nio"),
@@ -253,6 +290,26 @@ let package = Package(
                 .product(name: "NIOHTTP2", package: "swift-nio-http2"),
                 .product(name: "NIOHPACK", package: "swift-nio-http2"),
             ],
+            swiftSettings: swiftSettings
+        ),
+        .testTarget(
+            name: "ApusControlTests",
+            dependencies: [
+                "ApusControl", "ApusMesh",
+                .product(name: "Hummingbird", package: "hummingbird"),
+                .product(name: "HummingbirdTesting", package: "hummingbird"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            swiftSettings: swiftSettings
+        ),
+        .testTarget(
+            name: "ApusMeshTests",
+            dependencies: ["ApusMesh", .product(name: "Logging", package: "swift-log")],
+            swiftSettings: swiftSettings
+        ),
+        .testTarget(
+            name: "ApusTasksTests",
+            dependencies: ["ApusTasks", "ApusCore", "ApusScheduler"],
             swiftSettings: swiftSettings
         ),
         .testTarget(

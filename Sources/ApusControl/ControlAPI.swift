@@ -1,12 +1,13 @@
 import ApusCore
 import ApusRuntime
 import ApusScheduler
+import ApusTasks
 import Foundation
 import HTTPTypes
 import Hummingbird
 import Logging
 import NIOCore
-import Prometheus
+import ApusTelemetry
 import Synchronization
 
 /// The REST/JSON control API (see IDL/apus-api.openapi.yaml).
@@ -48,13 +49,15 @@ public struct ControlAPI: Sendable {
     public let info: @Sendable () -> Info
     /// Set once shutdown begins so open `logs?follow=true` streams end and the API can drain.
     public let stopping: ShutdownFlag
+    /// The asynchronous task manager; its routes are served when set.
+    public var tasks: TaskManager?
     /// Where the daemon's swift-metrics land; served as Prometheus text on `GET /metrics` (none: 404).
-    public let metrics: PrometheusCollectorRegistry?
+    public let metrics: PrometheusExport?
     private let logger: Logger
 
     public init(
         control: ControlPlane, info: @escaping @Sendable () -> Info, stopping: ShutdownFlag,
-        metrics: PrometheusCollectorRegistry? = nil, logger: Logger
+        metrics: PrometheusExport? = nil, logger: Logger
     ) {
         self.control = control
         self.info = info
@@ -93,6 +96,16 @@ public struct ControlAPI: Sendable {
         var function: String
         var override: ScaleOverride?
         var versions: [VersionBounds]
+
+        private enum CodingKeys: String, CodingKey { case function, override, versions }
+
+        /// `override` is null rather than absent when the manifests decide.
+        func encode(to encoder: any Encoder) throws {
+            var container = encoder.container(keyedBy: CodingKeys.self)
+            try container.encode(function, forKey: .function)
+            try container.encode(override, forKey: .override)
+            try container.encode(versions, forKey: .versions)
+        }
     }
 
     func scaleStatus(_ record: FunctionRecord) -> ScaleStatus {
@@ -143,13 +156,13 @@ public struct ControlAPI: Sendable {
 
         router.get("/v1/info") { _, _ in try Self.json(info()) }
 
-        if let registry = metrics {
+        if let export = metrics {
             // Prometheus text exposition format 0.0.4; gauges are brought up to date first.
             router.get("/metrics") { _, _ in
                 control.scheduler.refreshMetrics()
                 return Response(
                     status: .ok, headers: [.contentType: "text/plain; version=0.0.4; charset=utf-8"],
-                    body: .init(byteBuffer: ByteBuffer(bytes: registry.emitToBuffer())))
+                    body: .init(byteBuffer: ByteBuffer(bytes: export.render())))
             }
         }
 
@@ -269,6 +282,7 @@ public struct ControlAPI: Sendable {
                 try await writer.finish(nil)
             })
         }
+        if let tasks { addTaskRoutes(to: router, tasks: tasks) }
         return router
     }
 }

@@ -77,6 +77,9 @@ public final class ControlPlane: Sendable {
                 }
             }
         }
+        if let mesh = manifest.mesh, let owner = catalog.function(servingMeshService: mesh.service), owner != manifest.name {
+            throw ApusError(.conflict, "mesh service \(mesh.service) is already registered by function \(owner); a mesh service belongs to one function")
+        }
         let digest = CodeStore.digest(of: archive)
 
         if skipIfUnchanged, let record = try store.function(named: manifest.name),

@@ -155,13 +155,16 @@ public final class GatewayServer: Service {
         public var thriftPort: Int?
         /// Largest Thrift frame or unframed message accepted.
         public var thriftMaxFrameBytes: Int
+        /// Turns asynchronous invocations into tasks (nil: `X-Apus-Invocation: async` is refused).
+        public var tasks: (any AsyncTaskSubmitter)?
         /// This gateway's name on the instances' hash ring (distinct per gateway node once there are several).
         public var nodeName: String = "gateway"
 
         public init(host: String = "127.0.0.1", port: Int = 8080, domain: String = "apus.localhost",
                     maxRequestBytes: Int = 32 << 20, drainTimeout: Duration = .seconds(60),
                     http2: HTTP2Limits = HTTP2Limits(), tls: TLS? = nil,
-                    thriftPort: Int? = nil, thriftMaxFrameBytes: Int = 16 << 20) {
+                    thriftPort: Int? = nil, thriftMaxFrameBytes: Int = 16 << 20, tasks: (any AsyncTaskSubmitter)? = nil) {
+            self.tasks = tasks
             self.thriftPort = thriftPort
             self.thriftMaxFrameBytes = thriftMaxFrameBytes
             self.host = host

@@ -22,15 +22,22 @@ public final class FunctionCatalog: Sendable {
         var thriftServices: [String: String] = [:]
         /// Thrift method name → function, for plain (not multiplexed) calls.
         var thriftMethods: [String: String] = [:]
+        /// Mesh service name (`mesh.service`) → function.
+        var meshServices: [String: String] = [:]
+        /// Moves on every update and removal (the mesh publisher polls it).
+        var generation: UInt64 = 0
 
         mutating func forgetNames(of function: String) {
             grpcServices = grpcServices.filter { $0.value != function }
+            meshServices = meshServices.filter { $0.value != function }
             thriftServices = thriftServices.filter { $0.value != function }
             thriftMethods = thriftMethods.filter { $0.value != function }
         }
     }
 
     private let state = Mutex(State())
+    /// Lets the gateway skip the mesh host lookup when no function is in the mesh.
+    private let hasMeshServices = Atomic<Bool>(false)
 
     public init() {}
 
@@ -44,6 +51,9 @@ public final class FunctionCatalog: Sendable {
                 state.thriftServices[thrift.service] = name
                 for method in thrift.methods { state.thriftMethods[method] = name }
             }
+            for mesh in Self.servedManifests(of: entry).compactMap(\.mesh) { state.meshServices[mesh.service] = name }
+            state.generation += 1
+            hasMeshServices.store(!state.meshServices.isEmpty, ordering: .relaxed)
         }
     }
 
@@ -51,6 +61,8 @@ public final class FunctionCatalog: Sendable {
         state.withLock { state in
             state.entries[function] = nil
             state.forgetNames(of: function)
+            state.generation += 1
+            hasMeshServices.store(!state.meshServices.isEmpty, ordering: .relaxed)
         }
     }
 
@@ -61,6 +73,14 @@ public final class FunctionCatalog: Sendable {
     public var functionNames: [String] {
         state.withLock { Array($0.entries.keys) }
     }
+
+    /// Whether any function is in the mesh (one atomic load: the gateway asks before looking at hosts).
+    public var anyMeshServices: Bool { hasMeshServices.load(ordering: .relaxed) }
+
+    func meshFunction(_ service: String) -> String? { state.withLock { $0.meshServices[service] } }
+
+    /// The catalog's change counter and mesh services, read together.
+    var meshSnapshot: (UInt64, [String: String]) { state.withLock { ($0.generation, $0.meshServices) } }
 
     /// The function serving a gRPC service (`pkg.Service`), if any.
     public func function(servingGRPCService service: String) -> String? {

@@ -9,7 +9,8 @@ struct Apus: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "apus",
         abstract: "Deploy, release, invoke and inspect functions on an Apus platform.",
-        subcommands: [Deploy.self, List.self, Get.self, Versions.self, Release.self, Delete.self, Invoke.self, Logs.self, Instances.self, Status.self, Scale.self])
+        subcommands: [Deploy.self, List.self, Get.self, Versions.self, Release.self, Delete.self, Invoke.self, Logs.self, Instances.self, Status.self, Scale.self,
+                      Services.self, Submit.self, Tasks.self])
 
     /// Global options may come before the subcommand (`apus --api URL list`): move them after it.
     static func main() async {
@@ -23,7 +24,18 @@ struct Apus: AsyncParsableCommand {
             }
         }
         if let subcommand = rest.first {
-            await main([subcommand] + leading + rest.dropFirst())
+            var path = [subcommand]
+            var tail = Array(rest.dropFirst())
+            // Nested commands (`apus tasks get ID`, `apus services resolve NAME`): the options go after the whole
+            // command path.
+            let nested: [String: [any ParsableCommand.Type]] = [
+                "tasks": Tasks.configuration.subcommands, "services": Services.configuration.subcommands,
+            ]
+            if let subcommands = nested[subcommand], let next = tail.first,
+               subcommands.contains(where: { $0.configuration.commandName == next }) {
+                path.append(tail.removeFirst())
+            }
+            await main(path + leading + tail)
         } else {
             await main(leading)
         }

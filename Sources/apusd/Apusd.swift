@@ -3,16 +3,17 @@
 import ApusControl
 import ApusCore
 import ApusGateway
+import ApusMesh
 import ApusRuntime
 import ApusScheduler
 import ApusStore
+import ApusTasks
+import ApusTelemetry
 import ArgumentParser
 import Foundation
 import Hummingbird
 import Logging
-import Metrics
 import NIOPosix
-import Prometheus
 import ServiceLifecycle
 import Synchronization
 
@@ -103,8 +104,32 @@ struct Apusd: AsyncParsableCommand {
     @Option(help: "Event-loop threads of the gateway (default: one per core).")
     var gatewayThreads: Int?
 
+    @Option(help: "Tasks: largest result kept (e.g. 1Mi); a larger result fails the task.")
+    var taskResultLimit = "1Mi"
+
+    @Option(help: "Tasks: largest payload accepted (e.g. 6Mi).")
+    var taskMaxPayload = "6Mi"
+
+    @Option(help: "Tasks: how long finished tasks are kept (e.g. 168h).")
+    var taskRetention = "168h"
+
+    @Option(help: "Tasks: full (fsync every commit: acknowledged tasks survive power loss) or normal (survive a killed process, not a power loss).")
+    var taskDurability = "full"
+
+    @Option(help: "Tasks: how long a running task asked to cancel gets before it is torn down and its instance replaced.")
+    var taskCancelGrace = "5s"
+
     @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
     var logLevel = "info"
+
+    @Option(help: "Service registry: embedded (in this process, served on the API port) or etcd://host:port (etcd v3).")
+    var registry = "embedded"
+
+    @Option(help: "The apus-sidecar started beside instances of mesh.sidecar functions (default: apus-sidecar beside apusd).")
+    var sidecarBinary: String?
+
+    @Option(help: "Address functions are registered in the mesh with (default: --host).")
+    var advertiseAddress: String?
 
     func parseDuration(_ text: String, _ option: String) throws -> Duration {
         guard let duration = Duration(humanReadable: text) else {
@@ -127,6 +152,12 @@ struct Apusd: AsyncParsableCommand {
         guard (65_535...(1 << 31) - 1).contains(h2Window) else { throw ValidationError("--h2-window: must be 65535...2147483647 (got \(h2Window))") }
         guard (1024...(1 << 30)).contains(thriftMaxFrame) else { throw ValidationError("--thrift-max-frame: must be 1024...1073741824 (got \(thriftMaxFrame))") }
         guard (1024...(16 << 20)).contains(h2MaxHeaderList) else { throw ValidationError("--h2-max-header-list: must be 1024...16777216 (got \(h2MaxHeaderList))") }
+        if registry != "embedded" {
+            guard registry.hasPrefix("etcd://") || registry.hasPrefix("etcd+https://") else {
+                throw ValidationError("--registry: must be embedded or etcd://host:port (got \(registry))")
+            }
+            do { _ = try makeSnapshottingServiceRegistry(url: registry, logger: Logger(label: "apus.registry")) } catch { throw ValidationError("--registry: \(error)") }
+        }
     }
 
     func run() async throws {
@@ -137,15 +168,8 @@ struct Apusd: AsyncParsableCommand {
             return handler
         }
         let logger = Logger(label: "apusd")
-        let metricsRegistry = PrometheusCollectorRegistry()
-        var metricsFactory = PrometheusMetricsFactory(registry: metricsRegistry)
-        // Gateway times are sub-millisecond to minutes: buckets from 250 µs up.
-        metricsFactory.defaultDurationHistogramBuckets = [
-            .microseconds(250), .microseconds(500), .milliseconds(1), .milliseconds(2), .milliseconds(5), .milliseconds(10),
-            .milliseconds(25), .milliseconds(50), .milliseconds(100), .milliseconds(250), .milliseconds(500), .seconds(1),
-            .seconds(2), .seconds(5), .seconds(10), .seconds(30), .seconds(60),
-        ]
-        MetricsSystem.bootstrap(metricsFactory)
+        let metrics = PrometheusExport(help: TaskMetrics.help)
+        metrics.bootstrap()
         let idle = try parseDuration(idleTimeout, "idle-timeout")
         let start = try parseDuration(startTimeout, "start-timeout")
         let grace = try parseDuration(stopGrace, "stop-grace")
@@ -158,13 +182,16 @@ struct Apusd: AsyncParsableCommand {
 
         let sandbox = Sandbox.detect(disabled: noSandbox, logger: logger)
         let prewarmCounts = try PrewarmSettings.parseCounts(prewarm)
+        let ports = BoundPorts(host: host, file: dataURL.appendingPathComponent("ports.json"))
+        let mesh = try MeshSetup(registry: registry, host: host, advertiseAddress: advertiseAddress, ports: ports)
         let launcher = ProcessLauncher(
             configuration: .init(
                 python: python ?? ProcessLauncher.Configuration.defaultPython(),
                 startTimeout: start,
                 runtimeDirectory: runtimeDir.map { URL(fileURLWithPath: $0, isDirectory: true) }
                     ?? ProcessLauncher.Configuration.bundledRuntimeDirectory,
-                prewarm: PrewarmSettings(python3: prewarmCounts["python3"] ?? 0, directory: dataURL.appendingPathComponent("prewarm"))),
+                prewarm: PrewarmSettings(python3: prewarmCounts["python3"] ?? 0, directory: dataURL.appendingPathComponent("prewarm")),
+                sidecar: SidecarSettings(binary: sidecarBinary ?? SidecarSettings.defaultBinary, registryURL: mesh.sidecarRegistryURL)),
             sandbox: sandbox, logs: logs, logger: Logger(label: "apus.runtime"))
 
         var http2Limits = GatewayServer.HTTP2Limits()
@@ -197,23 +224,41 @@ struct Apusd: AsyncParsableCommand {
             FileHandle.standardOutput.write(Data("apusd: \(result.created ? "deployed" : "unchanged") \(result.function) version \(result.version.number) from \(directory)\n".utf8))
         }
 
-        let ports = BoundPorts(host: host, file: dataURL.appendingPathComponent("ports.json"))
+        guard let resultLimit = ByteSize.parse(taskResultLimit), resultLimit >= 0, resultLimit <= 1 << 30 else {
+            throw ValidationError("--task-result-limit: must be a size up to 1Gi such as 256Ki or 1Mi (got \(taskResultLimit))")
+        }
+        guard let maxPayload = ByteSize.parse(taskMaxPayload), maxPayload >= 1, maxPayload <= 1 << 30 else {
+            throw ValidationError("--task-max-payload: must be a size up to 1Gi such as 6Mi (got \(taskMaxPayload))")
+        }
+        guard let durability = TaskStore.Durability(rawValue: taskDurability) else {
+            throw ValidationError("--task-durability: must be full or normal (got \(taskDurability))")
+        }
+        let tasks = try TaskManager(
+            configuration: .init(maxPayloadBytes: Int(maxPayload), resultLimit: Int(resultLimit),
+                                 retention: try parseDuration(taskRetention, "task-retention"),
+                                 cancelGrace: try parseDuration(taskCancelGrace, "task-cancel-grace")),
+            store: try TaskStore(path: dataURL.appendingPathComponent("tasks.sqlite").path, durability: durability),
+            scheduler: scheduler, invoker: InstanceTaskInvoker(),
+            apiBase: { ports.apiURL }, logger: Logger(label: "apus.tasks"))
         let stopping = ShutdownFlag()
-        let api = ControlAPI(
+        var api = ControlAPI(
             control: control,
             info: {
                 ControlAPI.Info(
                     version: "0.1.0", gateway: .init(http: ports.gatewayURL), domain: domain, sandbox: sandbox.mode.rawValue)
             },
-            stopping: stopping, metrics: metricsRegistry, logger: Logger(label: "apus.api"))
+            stopping: stopping, metrics: metrics, logger: Logger(label: "apus.api"))
+        api.tasks = tasks
+        let router = api.makeRouter()
+        RegistryAPI(registry: mesh.registry, stopping: stopping).addRoutes(to: router)
         let apiApp = Application(
-            router: api.makeRouter(),
+            router: router,
             configuration: .init(address: .hostname(host, port: apiPort), serverName: "apus-api"),
             onServerRunning: { channel in ports.bound(api: channel.localAddress?.port ?? 0) },
             logger: Logger(label: "apus.api"))
         let gateway = GatewayServer(
             configuration: .init(host: host, port: httpPort, domain: domain, http2: http2Limits, tls: tls,
-                                 thriftPort: thriftPort, thriftMaxFrameBytes: thriftMaxFrame),
+                                 thriftPort: thriftPort, thriftMaxFrameBytes: thriftMaxFrame, tasks: tasks),
             scheduler: scheduler, logger: Logger(label: "apus.gateway"),
             group: gatewayThreads.map { MultiThreadedEventLoopGroup(numberOfThreads: max(1, $0)) } ?? MultiThreadedEventLoopGroup.singleton,
             onRunning: { bound in ports.bound(http: bound.http, tls: bound.tls, thrift: bound.thrift) })
@@ -224,7 +269,10 @@ struct Apusd: AsyncParsableCommand {
             services: [
                 .init(service: scheduler, serviceName: "scheduler"),
                 .init(service: autoscaler, serviceName: "autoscaler"),
+                .init(service: tasks, serviceName: "tasks"),
                 .init(service: apiApp, serviceName: "api"),
+                .init(service: mesh.registryService, serviceName: "registry"),
+                .init(service: mesh.publisherService(catalog: catalog), serviceName: "mesh-publisher"),
                 .init(service: FlagOnShutdown(flag: stopping), serviceName: "log-streams"),
                 .init(service: gateway, serviceName: "gateway"),
             ],
@@ -256,9 +304,17 @@ final class BoundPorts: Sendable {
         self.file = file
     }
 
+    var apiURL: String? {
+        state.withLock { $0.api }.map { "http://\(host):\($0)" }
+    }
+
     var gatewayURL: String? {
         state.withLock { $0.http }.map { "http://\(host):\($0)" }
     }
+
+    /// The bound API, gateway HTTP and Thrift ports (nil until bound).
+    var apiPort: Int? { state.withLock { $0.api } }
+    var gatewayPorts: (http: Int, thrift: Int?)? { state.withLock { s in s.http.map { ($0, s.thrift) } } }
 
     func bound(api: Int? = nil, http: Int? = nil, tls: Int? = nil, thrift: Int? = nil) {
         let all = state.withLock { state -> (Int, Int, Int?, Int?)? in

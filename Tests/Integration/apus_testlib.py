@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import tarfile
+import threading
 import time
 import urllib.parse
 from functools import lru_cache
@@ -34,7 +35,7 @@ IDLE_TIMEOUT = "3s"
 # `2026-11-27T03:40:00.123Z v1 i-3f2a stdout| text`
 LOG_LINE_RE = re.compile(
     r"^(?P<ts>\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?Z) v(?P<version>\d+) (?P<instance>\S+) "
-    r"(?P<stream>stdout|stderr)\| (?P<text>.*)$"
+    r"(?P<stream>stdout|stderr|apus)\| (?P<text>.*)$"
 )
 
 
@@ -503,6 +504,31 @@ class Apusd:
 
     def get(self, path: str, **kw) -> Response:
         return self.gw("GET", path, **kw)
+
+
+def call_together(n: int, call, timeout: float = 100.0) -> list:
+    """Runs call(i) for i in 0..n-1 on n threads released at the same moment; returns each call's result, or the
+    exception it raised, in order (None if it had not finished within `timeout`)."""
+    results: list = [None] * n
+    barrier = threading.Barrier(n)
+
+    def worker(i):
+        try:
+            barrier.wait(timeout=30)
+        except threading.BrokenBarrierError:
+            pass
+        try:
+            results[i] = call(i)
+        except Exception as exc:  # handed back to the caller
+            results[i] = exc
+
+    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(n)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + timeout
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    return results
 
 
 def wait_for_log(apusd, name: str, needle: str, timeout: float = 15.0):

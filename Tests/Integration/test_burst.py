@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from apus_testlib import FUNCTIONS_DIR, Response, copy_function
+from apus_testlib import FUNCTIONS_DIR, Response, call_together, copy_function
 
 
 def ready_instances(apusd, name):
@@ -37,24 +37,7 @@ def test_burst_of_200_at_a_function_scaled_to_zero_all_succeed(apusd, tmp_path):
     wait_until_scaled_to_zero(apusd, "burst")
 
     n = 200
-    results: list = [None] * n
-    barrier = threading.Barrier(n)
-
-    def worker(i):
-        try:
-            barrier.wait(timeout=30)
-        except threading.BrokenBarrierError:
-            pass
-        try:
-            results[i] = apusd.get("/burst/?sleep=0.3", timeout=60)
-        except Exception as exc:  # reported below
-            results[i] = exc
-
-    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(90)
+    results = call_together(n, lambda _: apusd.get("/burst/?sleep=0.3", timeout=60), timeout=90)
 
     failed = [r for r in results if not (isinstance(r, Response) and r.status == 200)]
     assert not failed, f"{len(failed)} of {n} requests failed, e.g. {failed[:3]!r}"

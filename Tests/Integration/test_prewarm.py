@@ -24,6 +24,7 @@ from apus_testlib import (
     Apusd,
     assert_error,
     copy_function,
+    wait_for_log,
     write_headecho,
 )
 
@@ -83,6 +84,14 @@ def prewarm_processes(apusd) -> list[int]:
     return found
 
 
+def wait_for_prewarm_processes(apusd, count, timeout=10.0) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while len(pids := prewarm_processes(apusd)) != count:
+        assert time.monotonic() < deadline, f"expected {count} prewarmed bootstrap processes, found {pids}"
+        time.sleep(0.1)
+    return pids
+
+
 def ancestors(pid: int) -> list[int]:
     chain = []
     while pid > 1:
@@ -111,24 +120,6 @@ def prewarmed_flags(apusd, name) -> list[str]:
     return flags
 
 
-# `apus logs` lines; the platform's own events about an instance are on the stream "apus".
-EVENT_LINE_RE = re.compile(r"^(?P<ts>\S+Z) v(?P<version>\d+) (?P<instance>\S+) (?P<stream>stdout|stderr|apus)\| (?P<text>.*)$")
-
-
-def wait_for_event(apusd, name, needle, timeout=10.0):
-    """Poll `apus logs NAME` for a line containing needle; returns it parsed by EVENT_LINE_RE."""
-    deadline = time.monotonic() + timeout
-    while True:
-        out = apusd.cli_ok("logs", name)
-        for line in out.splitlines():
-            if needle in line:
-                m = EVENT_LINE_RE.match(line)
-                assert m, f"log line not in the `<ts> v<N> <instance> <stream>| text` format: {line!r}"
-                return m
-        assert time.monotonic() < deadline, f"{needle!r} never showed up in `apus logs {name}`:\n{out[-3000:]}"
-        time.sleep(0.2)
-
-
 def wait_for_ready_lines(apusd, name, count=1, timeout=10.0) -> list[str]:
     deadline = time.monotonic() + timeout
     while len(flags := prewarmed_flags(apusd, name)) < count:
@@ -153,16 +144,26 @@ def scratch(tmp_path_factory):
     return tmp_path_factory.mktemp("prewarm-functions")
 
 
+@pytest.fixture(scope="module")
+def once(warm):
+    """Deploys a function dir into `warm` the first time it is asked for (a second deploy would add a version)."""
+    done = set()
+
+    def deploy(func_dir):
+        if func_dir not in done:
+            warm.deploy(func_dir)
+            done.add(func_dir)
+
+    return deploy
+
+
 # ---- the waiting processes -------------------------------------------------------------------------------------
 
 
 def test_waiting_processes_are_sandboxed_children_of_apusd(warm):
     empty = wait_for_empty_slots(warm)
     assert set(slots(warm)) == empty, f"a prewarm folder holds files before any function ran: {slots(warm)}"
-    deadline = time.monotonic() + 10
-    while len(pids := prewarm_processes(warm)) != PREWARM:
-        assert time.monotonic() < deadline, f"expected {PREWARM} prewarmed bootstrap processes, found {pids}"
-        time.sleep(0.1)
+    pids = wait_for_prewarm_processes(warm, PREWARM)
     for pid in pids:
         chain = ancestors(pid)
         assert warm.proc.pid in chain, f"prewarmed process {pid} is not a descendant of apusd {warm.proc.pid}: {chain}"
@@ -178,9 +179,9 @@ def test_waiting_processes_are_sandboxed_children_of_apusd(warm):
     assert "instance ready" not in warm.log_tail(400)
 
 
-def test_prewarmed_instance_gets_the_functions_env_code_and_memory(warm):
+def test_prewarmed_instance_gets_the_functions_env_code_and_memory(warm, once):
     wait_for_empty_slots(warm)
-    warm.deploy(FUNCTIONS_DIR / "prewarmcheck")
+    once(FUNCTIONS_DIR / "prewarmcheck")
     r = warm.get("/prewarmcheck/")
     assert r.status == 200, r
     doc = r.json()
@@ -207,16 +208,16 @@ def test_prewarmed_instance_gets_the_functions_env_code_and_memory(warm):
     # The API lists the instance that answered; `apus logs` tells it came from a prewarmed process.
     listed = {i["id"] for i in live_instances(warm, "prewarmcheck")}
     assert doc["instance"] in listed, (doc["instance"], listed)
-    started = wait_for_event(warm, "prewarmcheck", "starting from prewarmed process (pid ")
+    started = wait_for_log(warm, "prewarmcheck", "starting from prewarmed process (pid ")
     assert started.group("instance") == doc["instance"], started.group(0)
-    ready = wait_for_event(warm, "prewarmcheck", "(prewarmed)")
+    ready = wait_for_log(warm, "prewarmcheck", "(prewarmed)")
     assert ready.group("stream") == "apus" and ready.group("instance") == doc["instance"], ready.group(0)
     assert re.search(r"ready in \d+ms \(prewarmed\)", ready.group("text")), ready.group(0)
 
 
-def test_a_replacement_is_started_and_a_finished_instance_frees_its_folder(warm):
+def test_a_replacement_is_started_and_a_finished_instance_frees_its_folder(warm, once):
     """After a process was taken, a new one waits again; when the instance stops its folder goes away."""
-    warm.deploy(FUNCTIONS_DIR / "prewarmcheck")  # no-op if the previous test deployed it
+    once(FUNCTIONS_DIR / "prewarmcheck")
     if not live_instances(warm, "prewarmcheck"):
         assert warm.get("/prewarmcheck/").status == 200
     empty = wait_for_empty_slots(warm)  # the replacement for the process the instance took
@@ -225,7 +226,7 @@ def test_a_replacement_is_started_and_a_finished_instance_frees_its_folder(warm)
     [files] = used.values()
     assert {"main.py", "helper.py", "apus.yaml"} <= set(files), files
     # Both waiting processes and the specialised one were started as prewarmed processes.
-    assert len(prewarm_processes(warm)) == PREWARM + 1, prewarm_processes(warm)
+    wait_for_prewarm_processes(warm, PREWARM + 1)
 
     # Idle (3 s) and scaled to zero: the instance stops, its folder is removed, the waiting ones stay.
     deadline = time.monotonic() + 30
@@ -233,16 +234,16 @@ def test_a_replacement_is_started_and_a_finished_instance_frees_its_folder(warm)
         assert time.monotonic() < deadline, (
             f"instance or its prewarm folder still there: {live_instances(warm, 'prewarmcheck')} {slots(warm)}")
         time.sleep(0.3)
-    assert len(prewarm_processes(warm)) == PREWARM
+    wait_for_prewarm_processes(warm, PREWARM)
 
 
-def test_sandbox_of_a_prewarmed_instance_is_the_cold_one(warm):
+def test_sandbox_of_a_prewarmed_instance_is_the_cold_one(warm, once):
     """As in test_runtime.py for cold starts: /code is the function's code only, /tmp is private, and neither the
     data dir (with the other prewarm folders) nor other functions' code is visible."""
     if warm.info.get("sandbox") != "bwrap":
         pytest.skip(f"sandbox={warm.info.get('sandbox')!r}, not bwrap: nothing to compare")
-    warm.deploy(FUNCTIONS_DIR / "prewarmcheck")
-    warm.deploy(EXAMPLES_DIR / "hello-python")
+    once(FUNCTIONS_DIR / "prewarmcheck")
+    once(EXAMPLES_DIR / "hello-python")
     assert warm.get("/hello-python/").status == 200  # another function's code in another prewarm folder
 
     def look(path):
@@ -329,7 +330,7 @@ def test_burst_beyond_the_pool_size_is_all_served(warm, scratch):
     wait_for_empty_slots(warm)
 
 
-def test_handler_that_fails_to_import_is_reported_as_for_a_cold_start(warm, scratch):
+def test_handler_that_fails_to_import_is_reported_as_for_a_cold_start(warm, scratch, once):
     fn = copy_function(FUNCTIONS_DIR / "broken", scratch / "warm-broken", name="warm-broken")
     warm.deploy(fn)
     wait_for_empty_slots(warm)
@@ -344,6 +345,7 @@ def test_handler_that_fails_to_import_is_reported_as_for_a_cold_start(warm, scra
     assert "ready in" not in logs, logs
     assert not ready_lines(warm, "warm-broken")
     # The failed process does not poison the pool: other functions still get prewarmed starts.
+    once(FUNCTIONS_DIR / "prewarmcheck")
     wait_for_empty_slots(warm)
     assert warm.get("/prewarmcheck/").status == 200
     assert prewarmed_flags(warm, "prewarmcheck")[-1] == "true"
@@ -366,7 +368,7 @@ def test_grpc_function_is_served_from_the_pool(warm):
         channel.close()
     assert wait_for_ready_lines(warm, ECHO_FUNCTION) == ["true"], ready_lines(warm, ECHO_FUNCTION)
     assert r.instance in {i["id"] for i in live_instances(warm, ECHO_FUNCTION)}
-    started = wait_for_event(warm, ECHO_FUNCTION, "starting from prewarmed process")
+    started = wait_for_log(warm, ECHO_FUNCTION, "starting from prewarmed process")
     assert started.group("instance") == r.instance
 
 
@@ -396,7 +398,7 @@ def test_sigterm_stops_the_waiting_processes_and_restart_starts_afresh(tmp_path)
         assert env["APUS_FUNCTION"] == "envdump" and env["FOO"] == "bar", env
         assert wait_for_ready_lines(daemon, "envdump") == ["true"]
         before = wait_for_empty_slots(daemon)
-        assert len(prewarm_processes(daemon)) == 3  # 2 waiting, 1 serving envdump
+        wait_for_prewarm_processes(daemon, 3)  # 2 waiting, 1 serving envdump
 
         rc = daemon.stop()
         assert rc == 0, f"apusd exited {rc} on SIGTERM:\n{daemon.log_tail()}"

@@ -1,12 +1,11 @@
 """The data plane: per-instance concurrency slots and max scale, deadlines, crashed instances."""
 
 import socket
-import threading
 import time
 
 import pytest
 
-from apus_testlib import Response, assert_error, wait_for_log
+from apus_testlib import Response, assert_error, call_together, wait_for_log
 
 GONE_STATES = ("stop", "exit", "crash", "dead", "fail", "gone")
 
@@ -23,25 +22,8 @@ def test_concurrency_slots_and_max_scale(apusd, deployed):
     than 2 at once, and at most 3 instances are used."""
     deployed.fixture("counter")
     n = 100
-    results: list = [None] * n
-    barrier = threading.Barrier(n)
-
-    def worker(i):
-        try:
-            barrier.wait(timeout=30)
-        except threading.BrokenBarrierError:
-            pass
-        try:
-            results[i] = apusd.get("/counter/?sleep=0.2", timeout=90)
-        except Exception as exc:  # reported below
-            results[i] = exc
-
     start = time.monotonic()
-    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(100)
+    results = call_together(n, lambda _: apusd.get("/counter/?sleep=0.2", timeout=90))
     elapsed = time.monotonic() - start
 
     failed = [r for r in results if not (isinstance(r, Response) and r.status == 200)]

@@ -19,7 +19,8 @@ extension FunctionManifest {
         }
         let reader = ManifestReader(mapping: mapping, path: "")
         try reader.rejectUnknownKeys(allowed: ["name", "runtime", "handler", "command", "protocol", "concurrency",
-                                               "scale", "timeout", "memory", "env", "grpc", "thrift", "shedding"])
+                                               "scale", "timeout", "memory", "env", "grpc", "thrift", "shedding", "mesh",
+                                               "async"])
 
         let name = try reader.requiredString("name")
         try validateName(name, key: "name")
@@ -190,6 +191,8 @@ extension FunctionManifest {
             manifest.shedding = Shedding(target: target, interval: interval)
         }
 
+        manifest.async = try asyncSettings(reader)
+
         if let envMapping = try reader.optionalMapping("env") {
             var env: [String: String] = [:]
             for (keyNode, valueNode) in envMapping {
@@ -209,6 +212,7 @@ extension FunctionManifest {
             }
             manifest.env = env
         }
+        manifest.mesh = try parseMesh(reader)
         return manifest
     }
 

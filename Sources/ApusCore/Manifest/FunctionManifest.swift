@@ -152,6 +152,10 @@ public struct FunctionManifest: Codable, Hashable, Sendable {
     public var thrift: ThriftSettings?
     /// Off unless set.
     public var shedding: Shedding?
+    /// Service-mesh membership (`mesh: {service, sidecar}`); nil: not in discovery.
+    public var mesh: MeshSettings?
+    /// Asynchronous task settings (`async:`); nil: the defaults apply to tasks, and Thrift oneway calls stay calls.
+    public var async: AsyncSettings?
 
     public init(
         name: String,
@@ -166,7 +170,9 @@ public struct FunctionManifest: Codable, Hashable, Sendable {
         env: [String: String] = [:],
         grpc: GRPCSettings? = nil,
         thrift: ThriftSettings? = nil,
-        shedding: Shedding? = nil
+        shedding: Shedding? = nil,
+        mesh: MeshSettings? = nil,
+        async: AsyncSettings? = nil
     ) {
         self.name = name
         self.runtime = runtime
@@ -181,10 +187,12 @@ public struct FunctionManifest: Codable, Hashable, Sendable {
         self.grpc = grpc
         self.thrift = thrift
         self.shedding = shedding
+        self.mesh = mesh
+        self.async = async
     }
 
     enum CodingKeys: String, CodingKey {
-        case name, runtime, handler, command, `protocol`, concurrency, scale, timeout, memory, env, grpc, thrift, shedding
+        case name, runtime, handler, command, `protocol`, concurrency, scale, timeout, memory, env, grpc, thrift, shedding, mesh, async
     }
 
     // Durations and sizes are stored in their human form so stored versions read like the manifest.
@@ -211,6 +219,8 @@ public struct FunctionManifest: Codable, Hashable, Sendable {
         grpc = try c.decodeIfPresent(GRPCSettings.self, forKey: .grpc)
         thrift = try c.decodeIfPresent(ThriftSettings.self, forKey: .thrift)
         shedding = try c.decodeIfPresent(Shedding.self, forKey: .shedding)
+        mesh = try c.decodeIfPresent(MeshSettings.self, forKey: .mesh)
+        self.async = try c.decodeIfPresent(AsyncSettings.self, forKey: .async)
     }
 
     public func encode(to encoder: any Encoder) throws {
@@ -228,5 +238,7 @@ public struct FunctionManifest: Codable, Hashable, Sendable {
         try c.encodeIfPresent(grpc, forKey: .grpc)
         try c.encodeIfPresent(thrift, forKey: .thrift)
         try c.encodeIfPresent(shedding, forKey: .shedding)
+        try c.encodeIfPresent(mesh, forKey: .mesh)
+        try c.encodeIfPresent(async, forKey: .async)
     }
 }

@@ -49,6 +49,15 @@ public struct ScaleOverride: Codable, Hashable, Sendable {
         self.max = max
     }
 
+    private enum CodingKeys: String, CodingKey { case min, max }
+
+    /// Both bounds always appear, a bound left to the manifest as null.
+    public func encode(to encoder: any Encoder) throws {
+        var container = encoder.container(keyedBy: CodingKeys.self)
+        try container.encode(min, forKey: .min)
+        try container.encode(max, forKey: .max)
+    }
+
     /// The bounds `manifest.scale` becomes under this override. A minimum above the maximum is capped by it.
     public func apply(to scale: FunctionManifest.Scale) -> (min: Int, max: Int) {
         let max = self.max ?? scale.max

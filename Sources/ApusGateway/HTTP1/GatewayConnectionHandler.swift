@@ -12,8 +12,12 @@ final class GatewayConnectionHandler: ChannelInboundHandler, RemovableChannelHan
     typealias InboundIn = ByteBuffer
     typealias OutboundOut = ByteBuffer
 
-    private enum Phase {
+    enum Phase {
         case readingHead
+        /// Reading the body of an asynchronous submission (`GatewayConnectionHandler+Async.swift`).
+        case collectingAsync
+        /// Waiting for the task store to take an asynchronous submission.
+        case submittingAsync
         case waitingForSlot
         case connecting
         case forwarding
@@ -56,22 +60,25 @@ final class GatewayConnectionHandler: ChannelInboundHandler, RemovableChannelHan
         }
     }
 
-    private let shared: GatewayShared
-    private var context: ChannelHandlerContext!
+    let shared: GatewayShared
+    var context: ChannelHandlerContext!
     private var upstreams: UpstreamPool!
-    private var phase = Phase.readingHead
+    var phase = Phase.readingHead
     private var exchange: Exchange?
-    private var inbound: ByteBuffer?
+    var inbound: ByteBuffer?
     private var readPaused = false
     private var upstreamWritable = true
-    private var draining = false
+    var draining = false
     private var random: UInt64
-    private var peer = "unknown"
+    var peer = "unknown"
     /// Hears slot decisions for this connection's queued requests and brings them back onto its event loop.
     private var slotWaiter: LoopSlotWaiter!
     /// This connection's event loop's shard key (see `GatewayShared.shardKey(for:)`).
     private var shardKey: UInt64 = 0
     private var headScratch: ByteBuffer?
+
+    /// The asynchronous submission being read or stored.
+    var pendingAsync: PendingAsync?
 
     static let maxHead = 64 << 10
     static let maxBufferedAhead = 256 << 10
@@ -163,7 +170,7 @@ final class GatewayConnectionHandler: ChannelInboundHandler, RemovableChannelHan
 
     /// Serves whatever complete requests are buffered. Not re-entrant: a nested call (an exchange that ended while
     /// `start` ran) leaves the work to the loop already running.
-    private func process() {
+    func process() {
         guard !processing else { return }
         processing = true
         defer { processing = false }
@@ -193,10 +200,11 @@ final class GatewayConnectionHandler: ChannelInboundHandler, RemovableChannelHan
             }
         }
         if phase == .forwarding { pumpBody() }
+        if phase == .collectingAsync { collectAsyncBody() }
         updateReading()
     }
 
-    private func nextRoll() -> Int {
+    func nextRoll() -> Int {
         random ^= random << 13
         random ^= random >> 7
         random ^= random << 17
@@ -207,6 +215,10 @@ final class GatewayConnectionHandler: ChannelInboundHandler, RemovableChannelHan
         if head.upgradeToH2C, case .none = head.framing, !draining, upgradeToHTTP2(head, rawHead: rawHead) {
             return
         }
+        if head.asyncInvocation || head.target.hasPrefix(Self.asyncPrefix) {
+            startAsync(head, rawHead: rawHead)
+            return
+        }
         let requestID = shared.requestIDs.next()
         let hasBody: Bool
         if case .none = head.framing { hasBody = false } else { hasBody = true }
@@ -214,7 +226,7 @@ final class GatewayConnectionHandler: ChannelInboundHandler, RemovableChannelHan
         var invocation: Invocation
         let route: GatewayRoute
         do throws(ApusError) {
-            route = try GatewayRoute.resolve(host: head.host, uri: head.target, domain: shared.configuration.domain)
+            route = try GatewayRoute.resolve(host: head.host, uri: head.target, domain: shared.configuration.domain, catalog: shared.scheduler.catalog)
             var pinned: Int?
             if let text = head.pinnedVersion {
                 guard let number = Int(text), number > 0 else {
@@ -440,7 +452,7 @@ final class GatewayConnectionHandler: ChannelInboundHandler, RemovableChannelHan
     }
 
     /// Reading from the client pauses while too much is buffered ahead or the instance cannot take more bytes.
-    private func updateReading() {
+    func updateReading() {
         guard phase != .closed else { return }
         let ahead = inbound?.readableBytes ?? 0
         let shouldPause = !upstreamWritable || (readPaused ? ahead > Self.maxBufferedAhead / 2 : ahead > Self.maxBufferedAhead)
@@ -575,7 +587,7 @@ final class GatewayConnectionHandler: ChannelInboundHandler, RemovableChannelHan
         current.upstream?.close()
     }
 
-    private func respondWithError(_ error: ApusError, requestID: String?, version: Int?, status: Int? = nil, close: Bool) {
+    func respondWithError(_ error: ApusError, requestID: String?, version: Int?, status: Int? = nil, close: Bool) {
         let body = error.jsonBody + "\n"
         var out = context.channel.allocator.buffer(capacity: body.utf8.count + 200)
         let code = status ?? error.code.httpStatus
@@ -594,7 +606,7 @@ final class GatewayConnectionHandler: ChannelInboundHandler, RemovableChannelHan
         }
     }
 
-    private func close() {
+    func close() {
         guard phase != .closed else { return }
         phase = .closed
         context.close(promise: nil)

@@ -16,6 +16,14 @@ struct RequestHead {
     var upgradeToH2C = false
     /// Spans of header lines (with their CRLF) copied to the instance unchanged.
     var keptSpans: ByteSpans
+    /// `X-Apus-Invocation: async`: the call becomes a task.
+    var asyncInvocation = false
+    /// Value ranges (in the head's bytes) of headers only an asynchronous submission reads.
+    var contentTypeValue: Range<Int>?
+    var idempotencyKeyValue: Range<Int>?
+    /// `X-Apus-Callback-Url` and `X-Apus-Priority` (submissions only).
+    var callbackURL: String?
+    var priority: String?
 
     var isHEAD: Bool { method == "HEAD" }
 
@@ -70,6 +78,11 @@ struct RequestHead {
         var pinnedVersion: String?
         var forwardedFor: String?
         var upgradeOffersH2C = false
+        var asyncInvocation = false
+        var contentTypeValue: Range<Int>?
+        var idempotencyKeyValue: Range<Int>?
+        var callbackURL: String?
+        var priority: String?
         var connectionUpgrade = false
         var hasHTTP2Settings = false
         var failure: ParseError?
@@ -113,9 +126,21 @@ struct RequestHead {
             case 15 where HTTPBytes.equalsLowercase(bytes, name, "x-forwarded-for"):
                 forwardedFor = HTTPBytes.string(bytes, value)
                 keep = false
+            case 12 where HTTPBytes.equalsLowercase(bytes, name, "content-type"):
+                contentTypeValue = value
+            case 15 where HTTPBytes.equalsLowercase(bytes, name, "idempotency-key"):
+                idempotencyKeyValue = value
             default:
                 if HTTPBytes.hasPrefixLowercase(bytes, name, "x-apus-") {
-                    if HTTPBytes.equalsLowercase(bytes, name, "x-apus-version") { pinnedVersion = HTTPBytes.string(bytes, value) }
+                    if HTTPBytes.equalsLowercase(bytes, name, "x-apus-version") {
+                        pinnedVersion = HTTPBytes.string(bytes, value)
+                    } else if HTTPBytes.equalsLowercase(bytes, name, "x-apus-invocation") {
+                        asyncInvocation = HTTPBytes.equalsLowercase(bytes, value, "async")
+                    } else if HTTPBytes.equalsLowercase(bytes, name, "x-apus-callback-url") {
+                        callbackURL = HTTPBytes.string(bytes, value)
+                    } else if HTTPBytes.equalsLowercase(bytes, name, "x-apus-priority") {
+                        priority = HTTPBytes.string(bytes, value)
+                    }
                     keep = false
                 }
             }
@@ -138,12 +163,18 @@ struct RequestHead {
         } else {
             framing = .none
         }
-        return RequestHead(
+        var head = RequestHead(
             method: method, target: target, isHTTP10: isHTTP10, host: host, framing: framing,
             keepAlive: isHTTP10 ? connectionKeepAlive && !connectionClose : !connectionClose,
             expectContinue: expectContinue && !isHTTP10, pinnedVersion: pinnedVersion, forwardedFor: forwardedFor,
             upgradeToH2C: upgradeOffersH2C && connectionUpgrade && hasHTTP2Settings && !isHTTP10,
             keptSpans: spans)
+        head.asyncInvocation = asyncInvocation
+        head.contentTypeValue = contentTypeValue
+        head.idempotencyKeyValue = idempotencyKeyValue
+        head.callbackURL = callbackURL
+        head.priority = priority
+        return head
     }
 }
 

@@ -14,21 +14,25 @@ final class GRPCEdgeStream: ChannelInboundHandler, LoopSlotTarget {
     typealias InboundIn = HTTP2Frame.FramePayload
     typealias OutboundOut = HTTP2Frame.FramePayload
 
-    private enum Phase {
+    enum Phase {
         case idle
+        /// An `apus-invocation: async` call: reading its request message (`GRPCEdgeStream+Async.swift`).
+        case collectingAsync
+        /// Waiting for the task store to take it.
+        case submittingAsync
         case waitingForSlot
         case connecting
         case relaying
         case finished
     }
 
-    private let shared: GatewayShared
+    let shared: GatewayShared
     private let peer: String
-    private var context: ChannelHandlerContext!
-    private var phase = Phase.idle
-    private var requestID = ""
-    private var rpcPath = ""
-    private var version: FunctionVersion?
+    var context: ChannelHandlerContext!
+    var phase = Phase.idle
+    var requestID = ""
+    var rpcPath = ""
+    var version: FunctionVersion?
     private var slot = CallSlot()
     private var retried = false
     private var deadline = ContinuousClock.now
@@ -37,15 +41,18 @@ final class GRPCEdgeStream: ChannelInboundHandler, LoopSlotTarget {
     private var requestHeaders = HPACKHeaders()
     /// Client frames that arrived before the instance stream was open.
     private var pending: [HTTP2Frame.FramePayload] = []
-    private var requestEnded = false
-    private var responseStarted = false
+    var requestEnded = false
+    var responseStarted = false
     /// The last frame to the client is being written: the stream closing now is the normal end, not a cancel.
-    private var responseEnding = false
+    var responseEnding = false
     /// The instance ended its side of the stream (END_STREAM): the call is complete there.
     private var instanceEnded = false
     private var upstream: (any Channel)?
     private var upstreamRelay: InstanceStreamRelay?
     private var slotWaiter: LoopSlotWaiter?
+    /// An asynchronous call's submission while its request is read, and the payload limit.
+    var asyncSubmission: TaskSubmission?
+    var asyncLimit = 0
     private var arrivedAt = ContinuousClock.now
     /// The call's grpc-status as the client sees it, once known (metrics); a call ending without one was cancelled.
     private var finalStatus: String?
@@ -121,7 +128,8 @@ final class GRPCEdgeStream: ChannelInboundHandler, LoopSlotTarget {
         switch phase {
         case .relaying: upstream?.write(payload, promise: nil)
         case .waitingForSlot, .connecting: pending.append(payload)
-        case .idle, .finished: break
+        case .collectingAsync: collectAsync(payload)
+        case .idle, .finished, .submittingAsync: break
         }
     }
 
@@ -168,6 +176,14 @@ final class GRPCEdgeStream: ChannelInboundHandler, LoopSlotTarget {
             return
         }
         self.version = version
+        if let invocation = headers.first(name: "apus-invocation") {
+            guard invocation == "async" else {
+                respondAndFinish(status: GRPCWire.statusInvalidArgument, message: "apus-invocation must be async (got \"\(invocation.prefix(32))\")")
+                return
+            }
+            startAsync(headers)
+            return
+        }
 
         // The call's deadline: the client's grpc-timeout when given, never beyond the function's timeout.
         var budget = version.manifest.timeout
@@ -354,7 +370,7 @@ final class GRPCEdgeStream: ChannelInboundHandler, LoopSlotTarget {
         respondAndFinish(status: GRPCWire.status(for: error), message: error.message)
     }
 
-    private func respondAndFinish(status: Int, message: String) {
+    func respondAndFinish(status: Int, message: String) {
         let headers = responseStarted
             ? GRPCWire.trailers(status: status, message: message)
             : GRPCWire.trailersOnly(status: status, message: message)
@@ -368,7 +384,7 @@ final class GRPCEdgeStream: ChannelInboundHandler, LoopSlotTarget {
     }
 
     /// Gives back everything the call holds. A request side the client has not finished is reset.
-    private func finish() {
+    func finish() {
         guard phase != .finished else { return }
         phase = .finished
         slot.pool?.metrics.recordRequest(protocol: "grpc", code: finalStatus ?? GRPCWire.statusCodeLabel(GRPCWire.statusCancelled), since: arrivedAt)

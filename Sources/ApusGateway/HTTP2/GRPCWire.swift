@@ -8,6 +8,7 @@ import NIOHPACK
 enum GRPCWire {
     static let statusOK = 0
     static let statusCancelled = 1
+    static let statusInvalidArgument = 3
     static let statusDeadlineExceeded = 4
     static let statusNotFound = 5
     static let statusResourceExhausted = 8

@@ -13,8 +13,12 @@ final class HTTPOverHTTP2Stream: ChannelInboundHandler, LoopSlotTarget {
     typealias InboundIn = HTTPServerRequestPart
     typealias OutboundOut = HTTPServerResponsePart
 
-    private enum Phase {
+    enum Phase {
         case idle
+        /// An asynchronous submission: reading its body (`HTTPOverHTTP2Stream+Async.swift`).
+        case collectingAsync
+        /// Waiting for the task store to take it.
+        case submittingAsync
         /// Head received; body parts wait here until an instance connection is there.
         case waitingForSlot
         case connecting
@@ -22,25 +26,28 @@ final class HTTPOverHTTP2Stream: ChannelInboundHandler, LoopSlotTarget {
         case finished
     }
 
-    private let shared: GatewayShared
+    let shared: GatewayShared
     private let peer: String
     private let scheme: String
-    private var context: ChannelHandlerContext!
-    private var phase = Phase.idle
-    private var requestID = ""
-    private var version: FunctionVersion?
+    var context: ChannelHandlerContext!
+    var phase = Phase.idle
+    var requestID = ""
+    var version: FunctionVersion?
     private var slot = CallSlot()
     private var retried = false
     private var deadline = ContinuousClock.now
     private var deadlineTask: Scheduled<Void>?
     private var upstreamHead: HTTPRequestHead?
     private var pending: [HTTPClientRequestPart] = []
-    private var requestEnded = false
-    private var responseStarted = false
+    var requestEnded = false
+    var responseStarted = false
     /// The response's end is being written: the stream closing now is the normal end.
     private var responseEnding = false
     private var upstream: InstanceHTTP1Connection?
     private var slotWaiter: LoopSlotWaiter?
+    /// An asynchronous submission while its body is read, and the payload limit.
+    var asyncSubmission: TaskSubmission?
+    var asyncLimit = 0
     private var arrivedAt = ContinuousClock.now
     /// The status the client got (metrics); 0 while none was sent.
     private var status = 0
@@ -99,7 +106,9 @@ final class HTTPOverHTTP2Stream: ChannelInboundHandler, LoopSlotTarget {
             upstream?.channel.write(part, promise: nil)
         case .waitingForSlot, .connecting:
             pending.append(part)
-        case .idle, .finished:
+        case .collectingAsync:
+            collectAsync(part)
+        case .idle, .finished, .submittingAsync:
             break
         }
     }
@@ -109,11 +118,15 @@ final class HTTPOverHTTP2Stream: ChannelInboundHandler, LoopSlotTarget {
     private func start(_ head: HTTPRequestHead) {
         arrivedAt = .now
         requestID = shared.requestIDs.next()
+        if head.uri.hasPrefix("/async/") || head.headers.first(name: "x-apus-invocation")?.lowercased() == "async" {
+            startAsync(head)
+            return
+        }
         let host = head.headers.first(name: "host")
         let route: GatewayRoute
         let version: FunctionVersion
         do throws(ApusError) {
-            route = try GatewayRoute.resolve(host: host, uri: head.uri, domain: shared.configuration.domain)
+            route = try GatewayRoute.resolve(host: host, uri: head.uri, domain: shared.configuration.domain, catalog: shared.scheduler.catalog)
             var pinned: Int?
             if let text = head.headers.first(name: "x-apus-version") {
                 guard let number = Int(text), number > 0 else {
@@ -284,7 +297,7 @@ final class HTTPOverHTTP2Stream: ChannelInboundHandler, LoopSlotTarget {
         }
     }
 
-    private func respond(_ error: ApusError) {
+    func respond(_ error: ApusError) {
         let body = error.jsonBody + "\n"
         var headers = HTTPHeaders()
         headers.add(name: "content-type", value: "application/json")
@@ -300,7 +313,7 @@ final class HTTPOverHTTP2Stream: ChannelInboundHandler, LoopSlotTarget {
         finish(upstreamReusable: false)
     }
 
-    private func finish(upstreamReusable: Bool) {
+    func finish(upstreamReusable: Bool) {
         guard phase != .finished else { return }
         phase = .finished
         // Ended before its end was sent (client reset, instance failure mid-response): the client's own code, or 499.

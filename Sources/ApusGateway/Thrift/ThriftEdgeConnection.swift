@@ -165,6 +165,10 @@ final class ThriftEdgeConnection: ChannelInboundHandler, LoopSlotTarget, Drainab
             return
         }
         call.version = version
+        if call.isOneway, version.manifest.async != nil, let submitter = shared.configuration.tasks {
+            submitTask(call, method: method, version: version, submitter: submitter)
+            return
+        }
 
         var budget = version.manifest.timeout
         call.budgetDescription = "function timeout of \(budget.humanReadable)"
@@ -179,6 +183,31 @@ final class ThriftEdgeConnection: ChannelInboundHandler, LoopSlotTarget, Drainab
         }
         call.pool = shared.scheduler.pool(for: version)
         acquireSlot(call)
+    }
+
+    /// A oneway call to a function with `async:` in its manifest becomes a task: the message (without a multiplexing
+    /// prefix, in the caller's protocol) is stored durably and later sent to an instance in its own transport. The
+    /// caller gets no reply, as for any oneway call; THeader `apus-idempotency-key` and `apus-priority` apply.
+    private func submitTask(_ call: Call, method: String, version: FunctionVersion, submitter: any AsyncTaskSubmitter) {
+        var submission = TaskSubmission(
+            function: version.function, pinnedVersion: call.frame.headers["apus-version"].flatMap { Int($0) }, kind: .thrift,
+            method: method, path: method, contentType: "application/x-thrift; protocol=\(call.frame.envelope.encoding.rawValue)",
+            payload: Array(call.outbound.readableBytesView), requestID: call.requestID)
+        submission.idempotencyKey = call.frame.headers["apus-idempotency-key"]
+        submission.priority = call.frame.headers["apus-priority"].flatMap { Int($0) }.map { min(1000, max(-1000, $0)) } ?? 0
+        finish(call)
+        let logger = shared.logger
+        let requestID = call.requestID
+        Task {
+            do throws(ApusError) {
+                let receipt = try await submitter.submit(submission)
+                logger.debug("thrift oneway call became a task", metadata: ["requestID": "\(requestID)", "task": "\(receipt.id)"])
+            } catch {
+                logger.warning("thrift oneway call could not become a task", metadata: [
+                    "requestID": "\(requestID)", "function": "\(submission.function)", "code": "\(error.code)", "reason": "\(error.message)",
+                ])
+            }
+        }
     }
 
     /// Timeouts a caller may send: TTHeader RPC timeout (int key 12, ms), THeader `client_timeout` or

@@ -219,15 +219,25 @@ def _load_handler(spec, kind="handler"):
 class Context:
     """Second argument of ``handler(event, context)``."""
 
-    __slots__ = ("function_name", "function_version", "instance_id", "request_id", "deadline_ms")
+    __slots__ = ("function_name", "function_version", "instance_id", "request_id", "deadline_ms",
+                 "task_id", "attempt", "progress_url")
 
-    def __init__(self, request_id, deadline_ms):
+    def __init__(self, request_id, deadline_ms, task_id=None, attempt=None, progress_url=None):
         self.function_name = FUNCTION_NAME
         self.function_version = FUNCTION_VERSION
         self.instance_id = INSTANCE_ID
         self.request_id = request_id
         # Unix epoch milliseconds, or None when the request carries no deadline.
         self.deadline_ms = deadline_ms
+        # Set when the call is an asynchronous task (X-Apus-Task-Id, X-Apus-Attempt, X-Apus-Progress-Url).
+        self.task_id = task_id
+        self.attempt = attempt
+        self.progress_url = progress_url
+
+    def report_progress(self, progress=None, message=None):
+        """Post progress (also a heartbeat) for the task this call runs. Returns False once the task has been
+        cancelled (the handler should stop), True otherwise; a no-op returning True outside tasks."""
+        return report_progress(self.progress_url, progress, message)
 
     def get_remaining_time_in_millis(self):
         if self.deadline_ms is None:
@@ -241,6 +251,35 @@ class Context:
             self.instance_id,
             self.request_id,
         )
+
+
+def report_progress(progress_url, progress=None, message=None, timeout=5.0):
+    """POST {progress, message} to a task's progress URL (X-Apus-Progress-Url / gRPC metadata apus-progress-url).
+    Returns False when the platform answers that the task was cancelled; True otherwise (also when the report
+    could not be delivered: a missed heartbeat is judged by the platform, not here)."""
+    if not progress_url:
+        return True
+    import urllib.request
+
+    body = {}
+    if progress is not None:
+        body["progress"] = float(progress)
+    if message is not None:
+        body["message"] = str(message)
+    request = urllib.request.Request(progress_url, data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return not json.loads(response.read() or b"{}").get("cancelled", False)
+    except urllib.error.HTTPError as exc:
+        return exc.code != 409  # 409: the task is no longer running (cancelled, timed out)
+    except (OSError, ValueError):
+        return True
+
+
+# Function code may `import apus` for the runtime helpers, e.g. apus.report_progress(url, progress, message) in a
+# gRPC servicer (the URL is the call's `apus-progress-url` metadata).
+sys.modules.setdefault("apus", sys.modules[__name__])
 
 
 # --------------------------------------------------------------------------
@@ -564,7 +603,10 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
                 deadline_ms = float(raw_deadline.strip())
             except ValueError:
                 deadline_ms = None
-        context = Context(request_id, deadline_ms)
+        attempt = (self.headers.get("X-Apus-Attempt") or "").strip()
+        context = Context(request_id, deadline_ms, task_id=(self.headers.get("X-Apus-Task-Id") or "").strip() or None,
+                          attempt=int(attempt) if attempt.isdigit() else None,
+                          progress_url=(self.headers.get("X-Apus-Progress-Url") or "").strip() or None)
 
         try:
             result = type(self).handler_func(event, context)
@@ -1039,6 +1081,10 @@ def _serve_thrift(port):
 # --------------------------------------------------------------------------
 
 PREWARM_READY_LINE = "apus-prewarm: ready"
+# Printed by a specialised HTTP instance once it listens with its handler loaded: the agent takes it as the
+# readiness probe's answer (the probe is answered by this bootstrap, not the handler), sparing the probe's polling.
+PREWARM_LISTENING_LINE = "apus-prewarm: listening"
+SPECIALISED = False
 
 
 def _preload_libraries():
@@ -1065,6 +1111,8 @@ def _wait_for_function():
         memory = int(settings.get("memory") or 0)
     except (ValueError, KeyError, TypeError) as exc:
         _fatal("apus-bootstrap: unreadable instance settings from the node agent: %s" % exc, 2)
+    global SPECIALISED
+    SPECIALISED = True
     os.environ.pop("APUS_PREWARM", None)
     os.environ.update({str(k): str(v) for k, v in env.items()})
     os.environ["APUS_PORT"] = str(port)
@@ -1096,6 +1144,9 @@ def main():
         server = Server((HOST, port), RequestHandler)
     except OSError as exc:
         _fatal("cannot listen on %s:%d: %s" % (HOST, port, exc))
+    if SPECIALISED:
+        sys.stdout.write(PREWARM_LISTENING_LINE + "\n")
+        sys.stdout.flush()
 
     def on_signal(signum, frame):
         if DRAIN.draining:

@@ -64,6 +64,8 @@ final class PrewarmPool: Sendable {
 
     let settings: PrewarmSettings
     private let state = Mutex(State())
+    /// How long after a specialised instance is ready its replacement starts.
+    static let replenishDelay: Duration = .milliseconds(200)
     private let logger: Logger
 
     init(settings: PrewarmSettings, logger: Logger) {

@@ -20,12 +20,16 @@ public final class ProcessLauncher: InstanceLauncher {
 
         /// Prewarmed runtime processes to keep waiting (nil: none).
         public var prewarm: PrewarmSettings?
+        /// The sidecar started beside instances of `mesh.sidecar: true` functions (nil: such functions fail to start).
+        public var sidecar: SidecarSettings?
 
-        public init(python: String, startTimeout: Duration, runtimeDirectory: URL, prewarm: PrewarmSettings? = nil) {
+        public init(python: String, startTimeout: Duration, runtimeDirectory: URL, prewarm: PrewarmSettings? = nil,
+                    sidecar: SidecarSettings? = nil) {
             self.python = python
             self.startTimeout = startTimeout
             self.runtimeDirectory = runtimeDirectory
             self.prewarm = prewarm
+            self.sidecar = sidecar
         }
 
         /// The bundled runtime files shipped with this module.
@@ -122,16 +126,23 @@ public final class ProcessLauncher: InstanceLauncher {
         logger[metadataKey: "version"] = "\(version)"
         logger[metadataKey: "instance"] = "\(spec.instanceID)"
 
+        // mesh.sidecar: the sidecar starts first, so the instance finds $APUS_SIDECAR listening.
+        let sidecar = try await startSidecar(for: spec, appPort: port)
+        var instanceEnvironment = environment(for: spec, port: port)
+        if let sidecar { instanceEnvironment["APUS_SIDECAR"] = sidecar.outboundURL }
+        let instanceOnExit = sidecar?.stoppingOnExit(onExit) ?? onExit
+
         let process: ManagedProcess
         let prewarmed: Bool
         if let warm = prewarmPool?.take(for: spec) {
             // A generic runtime process is already up with its interpreter loaded: give it this function's code
             // and identity, and it imports the handler and listens.
             do throws(ApusError) {
-                try warm.specialise(spec: spec, port: port, environment: environment(for: spec, port: port), owner: owner, onExit: onExit)
+                try warm.specialise(spec: spec, port: port, environment: instanceEnvironment, owner: owner, onExit: instanceOnExit)
             } catch {
                 logger.warning("prewarmed process could not be specialised, starting a new one", metadata: ["reason": "\(error.message)"])
                 await warm.stop(grace: .milliseconds(200))
+                await sidecar?.stop(grace: .milliseconds(200))
                 return try await launch(spec, onExit: onExit)
             }
             process = warm
@@ -143,8 +154,13 @@ public final class ProcessLauncher: InstanceLauncher {
                 codeDirectory: spec.codeDirectory,
                 runtimeDirectory: spec.manifest.runtime == .python3 ? configuration.runtimeDirectory : nil,
                 memoryLimit: spec.manifest.memory)
-            process = try spawn(argv: argv, environment: environment(for: spec, port: port),
-                                workingDirectory: spec.codeDirectory.path, owner: owner, onExit: onExit)
+            do throws(ApusError) {
+                process = try spawn(argv: argv, environment: instanceEnvironment,
+                                    workingDirectory: spec.codeDirectory.path, owner: owner, onExit: instanceOnExit)
+            } catch {
+                await sidecar?.stop(grace: .milliseconds(200))
+                throw error
+            }
             prewarmed = false
             logger.debug("instance spawned", metadata: ["pid": "\(process.pid)", "port": "\(port)", "argv": "\(argv.joined(separator: " "))"])
             logs.event(function: function, version: version, instance: spec.instanceID, "starting (pid \(process.pid), port \(port), sandbox \(sandbox.mode.rawValue))")
@@ -152,9 +168,14 @@ public final class ProcessLauncher: InstanceLauncher {
 
         var outcome = await waitUntilReady(
             process, port: port, protocol: spec.manifest.protocol, deadline: started.advanced(by: configuration.startTimeout),
-            firstPause: prewarmed ? 200 : 1_000)
+            firstPause: prewarmed ? 200 : 1_000, announcesListening: prewarmed && spec.manifest.protocol == .http)
         if prewarmed, let pool = prewarmPool {
-            Task { pool.replenish() }
+            // The replacement's interpreter start takes tens of milliseconds of CPU: begin it once the new instance
+            // has had time to serve the request that started it.
+            Task {
+                try? await Task.sleep(for: PrewarmPool.replenishDelay)
+                pool.replenish()
+            }
         }
         if case .success = outcome, let exit = process.markLaunched() {
             outcome = .failure(ApusError(.unavailable, "instance \(exit) right after it became ready"))
@@ -165,12 +186,13 @@ public final class ProcessLauncher: InstanceLauncher {
             logs.event(function: function, version: version, instance: spec.instanceID, "ready in \(elapsed.milliseconds)ms\(prewarmed ? " (prewarmed)" : "")")
             logger.info("instance ready", metadata: ["coldStartMs": "\(elapsed.milliseconds)", "port": "\(port)", "prewarmed": "\(prewarmed)"])
             RuntimeMetrics.coldStart(function: function, runtime: spec.manifest.runtime.rawValue, prewarmed: prewarmed, duration: elapsed)
-            return ProcessInstance(instanceID: spec.instanceID, port: port, process: process)
+            return ProcessInstance(instanceID: spec.instanceID, port: port, process: process, sidecar: sidecar)
         case .failure(let error):
             logs.event(function: function, version: version, instance: spec.instanceID, "failed to start: \(error.message)")
             logger.warning("instance failed to start", metadata: ["reason": "\(error.message)"])
             RuntimeMetrics.startFailed(function: function, runtime: spec.manifest.runtime.rawValue)
             await process.stop(grace: .milliseconds(500))
+            await sidecar?.stop(grace: .milliseconds(500))
             let tail = logs.tail(function: function, count: 3).filter { $0.contains(spec.instanceID) && $0.contains("stderr|") }.last
             let detail = tail.map { "; last stderr: " + ($0.components(separatedBy: "stderr| ").last ?? "") } ?? ""
             throw ApusError(error.code, error.message + detail)
@@ -195,6 +217,7 @@ public final class ProcessLauncher: InstanceLauncher {
             Thread.detachNewThread {
                 LineReader.forEachLine(fd: fd) { line in
                     if let owner = process.owner {
+                        if line == ManagedProcess.prewarmListeningLine, process.markListening() { return }
                         logs.append(function: owner.function, version: owner.version, instance: owner.instanceID, stream: stream, line: line)
                     } else if line == ManagedProcess.prewarmReadyLine {
                         process.markPrewarmReady()
@@ -231,7 +254,7 @@ public final class ProcessLauncher: InstanceLauncher {
     /// is listening within a few milliseconds.
     private func waitUntilReady(
         _ process: ManagedProcess, port: Int, protocol: FunctionManifest.WireProtocol, deadline: ContinuousClock.Instant,
-        firstPause: UInt32
+        firstPause: UInt32, announcesListening: Bool = false
     ) async -> Result<Void, ApusError> {
         let startTimeout = configuration.startTimeout
         let probe: ReadinessProbe.Kind = switch `protocol` {
@@ -251,6 +274,10 @@ public final class ProcessLauncher: InstanceLauncher {
                         continuation.resume(returning: .failure(ApusError(.unavailable, "instance \(exit) before it was ready")))
                         return
                     }
+                    if announcesListening, process.listening.wait(timeout: .now()) == .success {
+                        continuation.resume(returning: .success(()))
+                        return
+                    }
                     switch ReadinessProbe.check(port: port, kind: probe) {
                     case .ready:
                         continuation.resume(returning: .success(()))
@@ -264,7 +291,15 @@ public final class ProcessLauncher: InstanceLauncher {
                         continuation.resume(returning: .failure(ApusError(.unavailable, "instance not ready within \(startTimeout.humanReadable): \(lastProblem)")))
                         return
                     }
-                    usleep(pause)
+                    if announcesListening {
+                        // Woken by the instance's own announcement, or the next probe after `pause`.
+                        if process.listening.wait(timeout: .now() + .microseconds(Int(pause))) == .success {
+                            continuation.resume(returning: .success(()))
+                            return
+                        }
+                    } else {
+                        usleep(pause)
+                    }
                     pause = min(pause + pause / 4, 20_000)
                 }
             }
@@ -277,11 +312,14 @@ struct ProcessInstance: InstanceHandle {
     let instanceID: String
     let port: Int
     let process: ManagedProcess
+    /// The instance's `apus-sidecar` (mesh.sidecar), stopped after the instance so its calls in flight finish.
+    var sidecar: SidecarProcess? = nil
 
     var pid: Int32 { process.pid }
 
     func stop(grace: Duration) async {
         await process.stop(grace: grace)
+        await sidecar?.stop(grace: grace)
     }
 }
 
@@ -296,6 +334,10 @@ final class ManagedProcess: Sendable {
 
     /// What a prewarmed bootstrap prints once its interpreter and libraries are loaded.
     static let prewarmReadyLine = "apus-prewarm: ready"
+    /// What a specialised HTTP instance prints once it listens with its handler loaded (its readiness).
+    static let prewarmListeningLine = "apus-prewarm: listening"
+    /// Signalled once when `prewarmListeningLine` arrives.
+    let listening = DispatchSemaphore(value: 0)
 
     private struct State {
         var owner: Owner?
@@ -304,6 +346,7 @@ final class ManagedProcess: Sendable {
         var stopping = false
         var launched = false
         var prewarmReady = false
+        var listening = false
     }
 
     let child: ChildProcess
@@ -324,6 +367,16 @@ final class ManagedProcess: Sendable {
 
     func markPrewarmReady() {
         state.withLock { $0.prewarmReady = true }
+    }
+
+    /// Records the listening line; true the first time (the line is then not the function's output).
+    func markListening() -> Bool {
+        let first = state.withLock { state in
+            defer { state.listening = true }
+            return !state.listening
+        }
+        if first { listening.signal() }
+        return first
     }
 
     /// Gives a prewarmed process its instance: from now on its output and exit belong to that instance.
