@@ -1,5 +1,6 @@
 import ApusMesh
 import Logging
+import Synchronization
 import Testing
 @testable import ApusSidecarCore
 
@@ -84,5 +85,32 @@ struct UpstreamClusterTests {
         #expect(!picks.contains("e1"))
         #expect(Set(picks) == ["e2", "e3"])
         #expect(cluster.snapshot(now: 0).endpoints.map(\.inFlight) == [10, picks.filter { $0 == "e2" }.count, picks.filter { $0 == "e3" }.count])
+    }
+}
+
+@Suite("upstream resolution")
+struct UpstreamResolutionTests {
+    final class Answers: Sendable {
+        private let values = Mutex<[Bool]>([])
+        func add(_ v: Bool) { values.withLock { $0.append(v) } }
+        var all: [Bool] { values.withLock { $0 } }
+    }
+
+    @Test("requests wait for the registry's first answer, fail at once after it timed out, and pass once it answers")
+    func resolution() {
+        let cluster = UpstreamCluster(name: "late", policy: UpstreamPolicy(), logger: Logger(label: "test"))
+        let answers = Answers()
+        cluster.whenResolved { answers.add($0) }
+        #expect(answers.all.isEmpty)  // waiting
+        cluster.resolutionFailed()
+        #expect(answers.all == [false])
+        cluster.whenResolved { answers.add($0) }
+        #expect(answers.all == [false, false])  // no more waiting while the registry is silent
+        cluster.update(endpoints: [ServiceEndpoint(id: "a", address: "127.0.0.1", port: 1, protocol: "http")])
+        cluster.whenResolved { answers.add($0) }
+        #expect(answers.all == [false, false, true])
+        #expect(cluster.noEndpointReason == .noEndpoints("late"))
+        cluster.update(endpoints: [])
+        #expect(cluster.noEndpointReason == .unknownUpstream("late"))
     }
 }

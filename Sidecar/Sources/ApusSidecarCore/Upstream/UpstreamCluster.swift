@@ -9,6 +9,7 @@ public enum Refusal: Error, Equatable, Sendable {
     case tooManyRequests(String, limit: Int)
     case noEndpoints(String)
     case unknownUpstream(String)
+    case registryUnavailable(String)
 
     public var message: String {
         switch self {
@@ -16,6 +17,7 @@ public enum Refusal: Error, Equatable, Sendable {
         case .tooManyRequests(let name, let limit): "upstream \(name) has \(limit) requests in flight (max_requests): refused"
         case .noEndpoints(let name): "upstream \(name) has no healthy endpoints"
         case .unknownUpstream(let name): "no upstream named \(name) in the registry (no endpoints registered)"
+        case .registryUnavailable(let name): "the registry has not answered about upstream \(name) yet"
         }
     }
 }
@@ -46,6 +48,8 @@ public final class UpstreamCluster: Sendable {
         var budget: RetryBudget
         var inFlight = 0
         var resolved = false
+        /// The registry did not answer in time: requests fail at once until it does.
+        var unreachable = false
         var nextRestoreCheck: Nanos = 0
         var waiters: [@Sendable (Bool) -> Void] = []
     }
@@ -110,18 +114,20 @@ public final class UpstreamCluster: Sendable {
 
     /// Runs `body` once endpoints are known (now, or when the registry first answers; false on timeout).
     func whenResolved(_ body: @escaping @Sendable (Bool) -> Void) {
-        let now = state.withLock { state -> Bool in
+        let answer = state.withLock { state -> Bool? in
             if state.resolved { return true }
+            if state.unreachable { return false }
             state.waiters.append(body)
-            return false
+            return nil
         }
-        if now { body(true) }
+        if let answer { body(answer) }
     }
 
     /// The registry could not be reached for this upstream: waiting requests fail.
     func resolutionFailed() {
         let waiters = state.withLock { state -> [@Sendable (Bool) -> Void] in
             defer { state.waiters = [] }
+            state.unreachable = !state.resolved
             return state.waiters
         }
         for waiter in waiters { waiter(false) }

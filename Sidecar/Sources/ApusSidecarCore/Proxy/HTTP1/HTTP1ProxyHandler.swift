@@ -216,7 +216,7 @@ final class HTTP1ProxyHandler: ChannelInboundHandler, RemovableChannelHandler, H
                     if resolved {
                         handler.admit(boundHead.value.0, rawHead: boundHead.value.1, cluster: cluster, closeAfter: closeAfter)
                     } else {
-                        handler.respond(status: 503, body: errorBody(Refusal.unknownUpstream(cluster.name).message, upstream: cluster.name),
+                        handler.respond(status: 503, body: errorBody(Refusal.registryUnavailable(cluster.name).message, upstream: cluster.name),
                                         close: boundHead.value.0.hasBody || closeAfter)
                         if handler.phase == .readingHead { handler.process() }
                     }

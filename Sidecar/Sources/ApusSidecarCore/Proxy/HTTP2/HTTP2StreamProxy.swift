@@ -195,7 +195,7 @@ final class HTTP2StreamProxy: ChannelInboundHandler, HTTP1ResponseSink, @uncheck
                     if resolved {
                         proxy.admit(target)
                     } else {
-                        proxy.respondError(status: 503, grpc: 14, message: Refusal.unknownUpstream(target.name).message)
+                        proxy.respondError(status: 503, grpc: 14, message: Refusal.registryUnavailable(target.name).message)
                     }
                 }
             }
