@@ -218,8 +218,9 @@ final class HTTP1ProxyHandler: ChannelInboundHandler, RemovableChannelHandler, H
                     } else {
                         handler.respond(status: 503, body: errorBody(Refusal.registryUnavailable(cluster.name).message, upstream: cluster.name),
                                         close: boundHead.value.0.hasBody || closeAfter)
-                        if handler.phase == .readingHead { handler.process() }
                     }
+                    // Requests pipelined behind this one (when it was answered at once).
+                    if handler.phase == .readingHead { handler.process() }
                 }
             }
         }
