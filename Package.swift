@@ -18,6 +18,7 @@ let package = Package(
         .executable(name: "apusd", targets: ["apusd"]),
         .executable(name: "apus", targets: ["apus"]),
         .executable(name: "apus-example-echo", targets: ["apus-example-echo"]),
+        .executable(name: "apus-sidecar", targets: ["apus-sidecar"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.2"),
@@ -223,6 +224,50 @@ let package = Package(
                 .product(name: "NIOPosix", package: "swift-nio"),
             ],
             path: "Benchmarks/thrift/LoadClient",
+            swiftSettings: swiftSettings
+        ),
+        // The mesh sidecar's proxy, policies (balancing, retries, breaker, outlier ejection, limits) and config.
+        .target(
+            name: "ApusSidecarCore",
+            dependencies: [
+                "ApusMesh",
+                // Only for the Thrift framing and envelope decoder (ThriftFrameDecoder, ThriftWire).
+                "ApusGateway",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+                .product(name: "NIOHTTP2", package: "swift-nio-http2"),
+                .product(name: "NIOHPACK", package: "swift-nio-http2"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "Metrics", package: "swift-metrics"),
+                .product(name: "Prometheus", package: "swift-prometheus"),
+                .product(name: "Yams", package: "Yams"),
+            ],
+            path: "Sidecar/Sources/ApusSidecarCore",
+            swiftSettings: hotPathSettings
+        ),
+        .executableTarget(
+            name: "apus-sidecar",
+            dependencies: [
+                "ApusSidecarCore", "ApusMesh",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "Metrics", package: "swift-metrics"),
+                .product(name: "Prometheus", package: "swift-prometheus"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            path: "Sidecar/Sources/ApusSidecar",
+            swiftSettings: swiftSettings
+        ),
+        .testTarget(
+            name: "ApusSidecarTests",
+            dependencies: [
+                "ApusSidecarCore", "ApusMesh",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
             swiftSettings: swiftSettings
         ),
         .testTarget(

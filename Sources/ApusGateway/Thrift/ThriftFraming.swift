@@ -1,7 +1,7 @@
 import NIOCore
 
 /// How a peer frames Thrift messages on its connection.
-enum ThriftTransport: String, Equatable, Sendable {
+package enum ThriftTransport: String, Equatable, Sendable {
     /// 4-byte big-endian length, then the message.
     case framed
     /// Messages back to back (TBufferedTransport); delimited by skipping the message's struct.
@@ -14,13 +14,13 @@ enum ThriftTransport: String, Equatable, Sendable {
 }
 
 /// One complete Thrift message as it arrived, with what its transport carried around it.
-struct ThriftFrame: Equatable {
-    var transport: ThriftTransport
-    var envelope: ThriftWire.Envelope
+package struct ThriftFrame: Equatable {
+    package var transport: ThriftTransport
+    package var envelope: ThriftWire.Envelope
     /// The message itself (envelope and struct), without transport framing.
-    var message: ByteBuffer
+    package var message: ByteBuffer
     /// THeader/TTHeader sequence number and flags.
-    var headerSeqid: Int32 = 0
+    package var headerSeqid: Int32 = 0
     var headerFlags: UInt16 = 0
     /// THeader and TTHeader string key-values.
     var headers: [String: String] = [:]
@@ -28,15 +28,15 @@ struct ThriftFrame: Equatable {
     var intHeaders: [UInt16: String] = [:]
 }
 
-struct ThriftDecodingError: Error, CustomStringConvertible {
-    var description: String
+package struct ThriftDecodingError: Error, CustomStringConvertible {
+    package var description: String
 }
 
 /// Splits a byte stream into Thrift messages. On the client side it detects each message's transport (framed,
 /// buffered, THeader, TTHeader) and protocol (binary strict or old, compact) from its first bytes; on the
 /// instance side it reads the one transport the instance declared.
-struct ThriftFrameDecoder: ByteToMessageDecoder {
-    typealias InboundOut = ThriftFrame
+package struct ThriftFrameDecoder: ByteToMessageDecoder {
+    package typealias InboundOut = ThriftFrame
 
     static let theaderMagic: UInt16 = 0x0FFF
     static let ttheaderMagic: UInt16 = 0x1000
@@ -49,20 +49,20 @@ struct ThriftFrameDecoder: ByteToMessageDecoder {
         self.expected = expected
     }
 
-    mutating func decode(context: ChannelHandlerContext, buffer: inout ByteBuffer) throws -> DecodingState {
+    package mutating func decode(context: ChannelHandlerContext, buffer: inout ByteBuffer) throws -> DecodingState {
         guard let frame = try Self.nextFrame(&buffer, maxFrameSize: maxFrameSize, expected: expected) else { return .needMoreData }
         context.fireChannelRead(wrapInboundOut(frame))
         return .continue
     }
 
-    mutating func decodeLast(context: ChannelHandlerContext, buffer: inout ByteBuffer, seenEOF: Bool) throws -> DecodingState {
+    package mutating func decodeLast(context: ChannelHandlerContext, buffer: inout ByteBuffer, seenEOF: Bool) throws -> DecodingState {
         while try decode(context: context, buffer: &buffer) == .continue {}
         return .needMoreData
     }
 
     /// Takes one complete message off the front of `buffer`, or returns nil (and consumes nothing) when more bytes
     /// are needed.
-    static func nextFrame(_ buffer: inout ByteBuffer, maxFrameSize: Int, expected: ThriftTransport?) throws(ThriftDecodingError) -> ThriftFrame? {
+    package static func nextFrame(_ buffer: inout ByteBuffer, maxFrameSize: Int, expected: ThriftTransport?) throws(ThriftDecodingError) -> ThriftFrame? {
         let start = buffer.readerIndex
         guard buffer.readableBytes >= 4, let first = buffer.getInteger(at: start, as: UInt8.self) else { return nil }
         let transport: ThriftTransport
@@ -206,8 +206,8 @@ struct ThriftFrameDecoder: ByteToMessageDecoder {
 }
 
 /// Writes a message with a transport's framing.
-enum ThriftFraming {
-    static func encode(
+package enum ThriftFraming {
+    package static func encode(
         _ message: ByteBuffer, transport: ThriftTransport, encoding: ThriftWire.Encoding,
         headerSeqid: Int32 = 0, headers: [(String, String)] = [], intHeaders: [(UInt16, String)] = [],
         allocator: ByteBufferAllocator

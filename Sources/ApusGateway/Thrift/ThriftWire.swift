@@ -5,10 +5,10 @@ import NIOCore
 /// seqid), the length of a whole message found by skipping its struct field by field without building values, a
 /// renamed envelope (multiplexed `Service:method` → `method`), and `TApplicationException` replies.
 /// Specs: Apache Thrift doc/specs (thrift-binary-protocol.md, thrift-compact-protocol.md).
-enum ThriftWire {
-    typealias Encoding = FunctionManifest.ThriftSettings.Encoding
+package enum ThriftWire {
+    package typealias Encoding = FunctionManifest.ThriftSettings.Encoding
 
-    enum MessageType: UInt8 {
+    package enum MessageType: UInt8 {
         case call = 1
         case reply = 2
         case exception = 3
@@ -16,19 +16,19 @@ enum ThriftWire {
     }
 
     /// `TApplicationException` type codes used by the edge.
-    enum ApplicationError: Int32 {
+    package enum ApplicationError: Int32 {
         case unknownMethod = 1
         case internalError = 6
         case protocolError = 7
     }
 
-    struct Envelope: Equatable {
-        var name: String
-        var type: MessageType
-        var seqid: Int32
-        var encoding: Encoding
+    package struct Envelope: Equatable {
+        package var name: String
+        package var type: MessageType
+        package var seqid: Int32
+        package var encoding: Encoding
         /// Binary only: the old (non-strict) form without a version word.
-        var oldBinary = false
+        package var oldBinary = false
         /// Bytes of the envelope at the start of the message.
         var length: Int
     }
@@ -285,7 +285,7 @@ enum ThriftWire {
     }
 
     /// A complete `TApplicationException` reply message: `{1: string message, 2: i32 type}`.
-    static func applicationException(
+    package static func applicationException(
         name: String, seqid: Int32, encoding: Encoding, oldBinary: Bool = false, error: ApplicationError, message: String
     ) -> ByteBuffer {
         var out = ByteBufferAllocator().buffer(capacity: 64 + name.utf8.count + message.utf8.count)

@@ -1,0 +1,201 @@
+import NIOCore
+
+/// What the sidecar reads from an HTTP/1.1 request head; other header lines are forwarded byte for byte.
+struct RequestHead {
+    var method: String
+    var target: String
+    var isHTTP10: Bool
+    /// The Host header without its port: the upstream's name on the outbound side.
+    var host: String?
+    var framing: BodyFraming
+    var keepAlive: Bool
+    var expectContinue: Bool
+    var hasTraceparent = false
+    var requestID: String?
+    /// `X-Apus-Deadline-Ms` (Unix epoch milliseconds) from the caller, if any.
+    var deadlineEpochMs: Int?
+    var caller: String?
+    var keptSpans: ByteSpans
+    /// Header lines the sidecar sets itself when forwarding (dropped from the copy).
+    var hasBody: Bool {
+        if case .none = framing { return false }
+        return true
+    }
+
+    struct ParseError: Error {
+        var status: Int
+        var message: String
+    }
+
+    static func parse(_ bytes: UnsafeRawBufferPointer, headEnd: Int, dropCaller: Bool) throws(ParseError) -> RequestHead {
+        var lineEnd = 0
+        while bytes[lineEnd] != Bytes.lf { lineEnd += 1 }
+        let contentEnd = lineEnd > 0 && bytes[lineEnd - 1] == Bytes.cr ? lineEnd - 1 : lineEnd
+        var firstSpace = 0
+        while firstSpace < contentEnd, bytes[firstSpace] != Bytes.space { firstSpace += 1 }
+        var secondSpace = contentEnd
+        while secondSpace > firstSpace, bytes[secondSpace - 1] != Bytes.space { secondSpace -= 1 }
+        secondSpace -= 1
+        guard firstSpace > 0, secondSpace > firstSpace + 1, contentEnd - secondSpace - 1 == 8 else {
+            throw ParseError(status: 400, message: "malformed request line")
+        }
+        let versionRange = (secondSpace + 1)..<contentEnd
+        let isHTTP10: Bool
+        if Bytes.equalsLowercase(bytes, versionRange, "http/1.1") {
+            isHTTP10 = false
+        } else if Bytes.equalsLowercase(bytes, versionRange, "http/1.0") {
+            isHTTP10 = true
+        } else {
+            throw ParseError(status: 505, message: "only HTTP/1.0 and HTTP/1.1 are served here")
+        }
+        let method = Bytes.string(bytes, 0..<firstSpace)
+        var target = Bytes.string(bytes, (firstSpace + 1)..<secondSpace)
+        var host: String?
+        if target.hasPrefix("http://") {
+            // Absolute form (a client configured with the sidecar as its HTTP proxy): authority names the upstream.
+            let rest = target.dropFirst(7)
+            let slash = rest.firstIndex(of: "/") ?? rest.endIndex
+            host = String(rest[..<slash])
+            target = slash == rest.endIndex ? "/" : String(rest[slash...])
+        }
+        var contentLength: Int?
+        var chunked = false
+        var close = false
+        var keepAliveToken = false
+        var expectContinue = false
+        var failure: ParseError?
+        var head = RequestHead(method: method, target: target, isHTTP10: isHTTP10, host: nil, framing: .none,
+                               keepAlive: true, expectContinue: false, keptSpans: ByteSpans())
+        let ok = Bytes.forEachHeader(bytes, from: lineEnd + 1, headEnd: headEnd) { name, value, line in
+            var keep = true
+            switch name.count {
+            case 4 where Bytes.equalsLowercase(bytes, name, "host"):
+                if host == nil { host = Bytes.string(bytes, value) }
+            case 14 where Bytes.equalsLowercase(bytes, name, "content-length"):
+                guard let length = Bytes.decimal(bytes, value), contentLength == nil || contentLength == length else {
+                    failure = ParseError(status: 400, message: "bad Content-Length")
+                    return false
+                }
+                contentLength = length
+            case 17 where Bytes.equalsLowercase(bytes, name, "transfer-encoding"):
+                guard Bytes.equalsLowercase(bytes, value, "chunked") else {
+                    failure = ParseError(status: 501, message: "only the chunked transfer coding is supported")
+                    return false
+                }
+                chunked = true
+            case 10 where Bytes.equalsLowercase(bytes, name, "connection"):
+                if Bytes.containsToken(bytes, value, "close") { close = true }
+                if Bytes.containsToken(bytes, value, "keep-alive") { keepAliveToken = true }
+                keep = false
+            case 6 where Bytes.equalsLowercase(bytes, name, "expect"):
+                if Bytes.equalsLowercase(bytes, value, "100-continue") { expectContinue = true }
+                keep = false
+            case 10 where Bytes.equalsLowercase(bytes, name, "keep-alive"),
+                 16 where Bytes.equalsLowercase(bytes, name, "proxy-connection"),
+                 7 where Bytes.equalsLowercase(bytes, name, "upgrade"),
+                 14 where Bytes.equalsLowercase(bytes, name, "http2-settings"),
+                 2 where Bytes.equalsLowercase(bytes, name, "te"):
+                keep = false
+            case 11 where Bytes.equalsLowercase(bytes, name, "traceparent"):
+                head.hasTraceparent = true
+            case 12 where Bytes.equalsLowercase(bytes, name, "x-request-id"):
+                head.requestID = Bytes.string(bytes, value)
+            case 18 where Bytes.equalsLowercase(bytes, name, "x-apus-deadline-ms"):
+                head.deadlineEpochMs = Bytes.decimal(bytes, value)
+                keep = false
+            case 13 where Bytes.equalsLowercase(bytes, name, "x-apus-caller"):
+                head.caller = Bytes.string(bytes, value)
+                keep = !dropCaller
+            default:
+                break
+            }
+            if keep { head.keptSpans.append(line) }
+            return true
+        }
+        if let failure { throw failure }
+        guard ok else { throw ParseError(status: 400, message: "malformed header line") }
+        if chunked && contentLength != nil {
+            throw ParseError(status: 400, message: "Content-Length together with Transfer-Encoding is refused")
+        }
+        if let host {
+            // The upstream is named by the host; the port (the sidecar's own) is ignored.
+            if let colon = host.lastIndex(of: ":"), !host.hasSuffix("]") {
+                head.host = String(host[..<colon])
+            } else {
+                head.host = host
+            }
+        }
+        head.framing = chunked ? .chunked(ChunkedScanner()) : ((contentLength ?? 0) > 0 ? .length(remaining: contentLength!) : .none)
+        head.keepAlive = isHTTP10 ? keepAliveToken && !close : !close
+        head.expectContinue = expectContinue && !isHTTP10
+        return head
+    }
+
+    /// The value of header `name` (lower-case bytes) in a raw head, for the consistent-hash key.
+    static func headerValue(_ bytes: UnsafeRawBufferPointer, headEnd: Int, name: [UInt8]) -> String? {
+        var lineEnd = 0
+        while bytes[lineEnd] != Bytes.lf { lineEnd += 1 }
+        var found: String?
+        _ = Bytes.forEachHeader(bytes, from: lineEnd + 1, headEnd: headEnd) { n, value, _ in
+            if Bytes.equalsLowercase(bytes, n, name) {
+                found = Bytes.string(bytes, value)
+                return false
+            }
+            return true
+        }
+        return found
+    }
+}
+
+/// The parts of a response head needed to frame it; forwarded otherwise unchanged (minus hop-by-hop lines).
+struct ResponseHead {
+    var status: Int
+    var framing: BodyFraming
+    var connectionClose: Bool
+    /// Status line and kept header lines (with CRLFs), without the blank line.
+    var keptSpans: ByteSpans
+
+    static func parse(_ bytes: UnsafeRawBufferPointer, headEnd: Int, requestWasHEAD: Bool) -> ResponseHead? {
+        var lineEnd = 0
+        while bytes[lineEnd] != Bytes.lf { lineEnd += 1 }
+        guard lineEnd >= 12, Bytes.equalsLowercase(bytes, 0..<7, "http/1."), let status = Bytes.decimal(bytes, 9..<12) else { return nil }
+        let isHTTP10 = bytes[7] == UInt8(ascii: "0")
+        var contentLength: Int?
+        var chunked = false
+        var close = isHTTP10
+        var spans = ByteSpans()
+        spans.append(0..<(lineEnd + 1))
+        let ok = Bytes.forEachHeader(bytes, from: lineEnd + 1, headEnd: headEnd) { name, value, line in
+            var keep = true
+            switch name.count {
+            case 14 where Bytes.equalsLowercase(bytes, name, "content-length"):
+                contentLength = Bytes.decimal(bytes, value)
+            case 17 where Bytes.equalsLowercase(bytes, name, "transfer-encoding"):
+                chunked = Bytes.containsToken(bytes, value, "chunked")
+            case 10 where Bytes.equalsLowercase(bytes, name, "connection"):
+                if Bytes.containsToken(bytes, value, "close") { close = true }
+                if isHTTP10, Bytes.containsToken(bytes, value, "keep-alive") { close = false }
+                keep = false
+            case 10 where Bytes.equalsLowercase(bytes, name, "keep-alive"),
+                 16 where Bytes.equalsLowercase(bytes, name, "proxy-connection"):
+                keep = false
+            default:
+                break
+            }
+            if keep { spans.append(line) }
+            return true
+        }
+        guard ok else { return nil }
+        let framing: BodyFraming
+        if requestWasHEAD || status == 204 || status == 304 || (100..<200).contains(status) {
+            framing = .none
+        } else if chunked {
+            framing = .chunked(ChunkedScanner())
+        } else if let contentLength {
+            framing = contentLength == 0 ? .none : .length(remaining: contentLength)
+        } else {
+            framing = .untilClose
+        }
+        return ResponseHead(status: status, framing: framing, connectionClose: close, keptSpans: spans)
+    }
+}
