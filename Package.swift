@@ -249,7 +249,7 @@ let package = Package(
         .executableTarget(
             name: "apus-sidecar",
             dependencies: [
-                "ApusSidecarCore", "ApusMesh",
+                "ApusSidecarCore", "ApusMesh", "ApusTelemetry",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),

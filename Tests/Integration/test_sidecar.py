@@ -530,6 +530,6 @@ def test_bad_config_names_the_key(tmp_path):
                          capture_output=True, text=True, timeout=20)
     assert out.returncode != 0
     assert "upstreams.web.retries.attempts" in out.stderr
-    out = subprocess.run([str(SIDECAR_BIN), "--registry", "etcd://127.0.0.1:2379", "--outbound-port", "0"],
+    out = subprocess.run([str(SIDECAR_BIN), "--registry", "zookeeper://127.0.0.1:2181", "--outbound-port", "0"],
                          capture_output=True, text=True, timeout=20)
-    assert out.returncode != 0 and "registry URL not supported yet" in out.stderr
+    assert out.returncode != 0 and "zookeeper://127.0.0.1:2181" in out.stderr, out.stderr

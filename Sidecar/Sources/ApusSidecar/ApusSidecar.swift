@@ -7,6 +7,7 @@ import Logging
 import Metrics
 import NIOCore
 import NIOPosix
+import ApusTelemetry
 import Prometheus
 
 /// `apus-sidecar`: the mesh proxy beside a function instance or any service.
@@ -98,17 +99,16 @@ struct ApusSidecar: AsyncParsableCommand {
         let initial = try loadConfig()
         if let service = initial.service { logger[metadataKey: "service"] = "\(service)" }
 
-        let metricsRegistry = PrometheusCollectorRegistry()
-        var factory = PrometheusMetricsFactory(registry: metricsRegistry)
-        factory.defaultDurationHistogramBuckets = [
+        let export = PrometheusExport(help: SidecarMetricHelp.texts, durationBuckets: [
             .microseconds(100), .microseconds(250), .microseconds(500), .milliseconds(1), .milliseconds(2), .milliseconds(5),
             .milliseconds(10), .milliseconds(25), .milliseconds(50), .milliseconds(100), .milliseconds(250), .milliseconds(500),
             .seconds(1), .seconds(2), .seconds(5), .seconds(10), .seconds(30),
-        ]
-        MetricsSystem.bootstrap(factory)
+        ])
+        export.bootstrap()
+        let metricsRegistry = export.registry
 
         let registry = try registryFor(url: initial.registry!, config: initial) { url in
-            throw ValidationError("registry URL not supported yet: \(url)")
+            try makeServiceRegistry(url: url, logger: logger)
         }
         // Signals are handled on a dispatch queue; the default actions are switched off first.
         let signals = AsyncStream<Int32>.makeStream()
