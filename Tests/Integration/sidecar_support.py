@@ -63,9 +63,11 @@ class Backend:
 
 
 class Sidecar:
-    """`apus-sidecar --registry static --config FILE` with every port 0 (the bound ports come back on stdout)."""
+    """`apus-sidecar --registry static --config FILE` (or another `registry`) with every port 0 (the bound ports come
+    back on stdout)."""
 
-    def __init__(self, tmp: Path, config: dict, args: list[str] | None = None):
+    def __init__(self, tmp: Path, config: dict, args: list[str] | None = None, registry: str = "static"):
+        self.registry = registry
         self.tmp = Path(tmp)
         self.config_path = self.tmp / "sidecar.yaml"
         self.log_path = self.tmp / "sidecar.log"
@@ -79,7 +81,7 @@ class Sidecar:
         self.config_path.write_text(json.dumps(config, indent=2))
 
     def start(self) -> "Sidecar":
-        argv = [str(SIDECAR_BIN), "--registry", "static", "--config", str(self.config_path),
+        argv = [str(SIDECAR_BIN), "--registry", self.registry, "--config", str(self.config_path),
                 "--outbound-port", "0", "--admin-port", "0", *self.args]
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=self.log, text=True)
