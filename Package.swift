@@ -263,7 +263,7 @@ let package = Package(
         .testTarget(
             name: "ApusSidecarTests",
             dependencies: [
-                "ApusSidecarCore", "ApusMesh",
+                "ApusSidecarCore", "ApusMesh", "ApusGateway",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),

@@ -1,3 +1,4 @@
+import ApusGateway
 import NIOCore
 import Testing
 @testable import ApusSidecarCore
@@ -7,7 +8,7 @@ struct SidecarHTTP1CodecTests {
     func parse(_ text: String, dropCaller: Bool = true) throws -> (RequestHead, String) {
         let bytes = Array(text.utf8)
         return try bytes.withUnsafeBytes { raw in
-            let end = Bytes.endOfHead(raw)!
+            let end = HTTPBytes.endOfHead(raw)!
             let head = try RequestHead.parse(raw, headEnd: end, dropCaller: dropCaller)
             var kept = ByteBuffer()
             head.keptSpans.write(from: raw, to: &kept)
@@ -67,13 +68,13 @@ struct SidecarHTTP1CodecTests {
         let text = "HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\nX-A: b\r\n\r\n"
         let bytes = Array(text.utf8)
         bytes.withUnsafeBytes { raw in
-            let head = ResponseHead.parse(raw, headEnd: Bytes.endOfHead(raw)!, requestWasHEAD: false)!
+            let head = ResponseHead.parse(raw, headEnd: HTTPBytes.endOfHead(raw)!, requestWasHEAD: false)!
             #expect(head.status == 200 && head.connectionClose)
             if case .length(let n) = head.framing { #expect(n == 3) } else { Issue.record("expected a length") }
             var kept = ByteBuffer()
             head.keptSpans.write(from: raw, to: &kept)
             #expect(String(buffer: kept) == "HTTP/1.1 200 OK\r\nContent-Length: 3\r\nX-A: b\r\n")
-            let asHEAD = ResponseHead.parse(raw, headEnd: Bytes.endOfHead(raw)!, requestWasHEAD: true)!
+            let asHEAD = ResponseHead.parse(raw, headEnd: HTTPBytes.endOfHead(raw)!, requestWasHEAD: true)!
             if case .none = asHEAD.framing {} else { Issue.record("a HEAD response has no body") }
         }
     }
@@ -81,7 +82,7 @@ struct SidecarHTTP1CodecTests {
     @Test("the chunked scanner finds the end and the payload, fed byte by byte")
     func chunked() throws {
         let body = Array("5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nTrailer: x\r\n\r\nNEXT".utf8)
-        var scanner = ChunkedScanner()
+        var scanner = ChunkedBodyScanner()
         var payload: [UInt8] = []
         var consumed = 0
         for byte in body where !scanner.isDone {
@@ -93,9 +94,9 @@ struct SidecarHTTP1CodecTests {
         #expect(scanner.isDone)
         #expect(String(decoding: payload, as: UTF8.self) == "hello world")
         #expect(consumed == body.count - 4)
-        var bad = ChunkedScanner()
-        #expect(throws: ChunkedScanner.ScanError.self) {
-            _ = try Array("zz\r\n".utf8).withUnsafeBytes { raw throws(ChunkedScanner.ScanError) in try bad.scan(raw) }
+        var bad = ChunkedBodyScanner()
+        #expect(throws: ChunkedBodyScanner.ScanError.self) {
+            _ = try Array("zz\r\n".utf8).withUnsafeBytes { raw throws(ChunkedBodyScanner.ScanError) in try bad.scan(raw) }
         }
     }
 

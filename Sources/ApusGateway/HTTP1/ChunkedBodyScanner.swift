@@ -1,7 +1,8 @@
 /// Finds where a chunked body ends without decoding it: the bytes pass through unchanged, the scanner only
-/// follows chunk sizes, data, and the trailer section (RFC 9112 §7.1).
-struct ChunkedBodyScanner {
-    enum ScanError: Error { case malformed, tooLarge }
+/// follows chunk sizes, data, and the trailer section (RFC 9112 §7.1). Callers that must unwrap the body (the
+/// sidecar, relaying HTTP/1.1 to HTTP/2) also learn which byte ranges are payload. Shared with the mesh sidecar.
+package struct ChunkedBodyScanner {
+    package enum ScanError: Error { case malformed, tooLarge }
 
     private enum State {
         case size(value: Int, digits: Int)
@@ -18,20 +19,25 @@ struct ChunkedBodyScanner {
 
     private var state = State.size(value: 0, digits: 0)
     /// Payload bytes seen so far (chunk data only).
-    private(set) var payloadBytes = 0
-    let maxPayload: Int
+    package private(set) var payloadBytes = 0
+    package let maxPayload: Int
 
-    init(maxPayload: Int = .max) {
+    package init(maxPayload: Int = .max) {
         self.maxPayload = maxPayload
     }
 
-    var isDone: Bool {
+    package var isDone: Bool {
         if case .done = state { return true }
         return false
     }
 
     /// Consumes bytes of the body; returns how many belong to it (fewer than `bytes.count` only once done).
-    mutating func scan(_ bytes: UnsafeRawBufferPointer) throws(ScanError) -> Int {
+    package mutating func scan(_ bytes: UnsafeRawBufferPointer) throws(ScanError) -> Int {
+        try scan(bytes) { _ in }
+    }
+
+    /// `scan`, handing `payload` each range of chunk data (offsets into `bytes`).
+    package mutating func scan(_ bytes: UnsafeRawBufferPointer, payload: (Range<Int>) -> Void) throws(ScanError) -> Int {
         var i = 0
         let n = bytes.count
         while i < n {
@@ -66,6 +72,7 @@ struct ChunkedBodyScanner {
                 }
             case .data(let remaining):
                 let take = min(remaining, n - i)
+                payload(i..<(i + take))
                 i += take
                 state = remaining - take == 0 ? .dataCR : .data(remaining: remaining - take)
             case .dataCR:
@@ -102,7 +109,7 @@ struct ChunkedBodyScanner {
 }
 
 /// How the end of a message body is found.
-enum BodyFraming {
+package enum BodyFraming {
     case none
     case length(remaining: Int)
     case chunked(ChunkedBodyScanner)

@@ -1,16 +1,18 @@
 import NIOCore
 
 /// Byte-level helpers for the minimal HTTP/1.1 codec: the gateway reads only the few header fields it routes
-/// or frames by and copies every other byte through unchanged.
-enum HTTPBytes {
-    static let cr = UInt8(ascii: "\r")
-    static let lf = UInt8(ascii: "\n")
-    static let colon = UInt8(ascii: ":")
-    static let space = UInt8(ascii: " ")
-    static let tab = UInt8(ascii: "\t")
+/// or frames by and copies every other byte through unchanged. Shared with the mesh sidecar's HTTP/1.1 proxy
+/// (`package`, inlinable across the module boundary).
+package enum HTTPBytes {
+    package static let cr = UInt8(ascii: "\r")
+    package static let lf = UInt8(ascii: "\n")
+    package static let colon = UInt8(ascii: ":")
+    package static let space = UInt8(ascii: " ")
+    package static let tab = UInt8(ascii: "\t")
 
     /// Offset just past the blank line ending a head (`\r\n\r\n`), searching from `from`; nil if not complete.
-    static func endOfHead(_ bytes: UnsafeRawBufferPointer, from: Int = 0) -> Int? {
+    @inlinable
+    package static func endOfHead(_ bytes: UnsafeRawBufferPointer, from: Int = 0) -> Int? {
         var i = max(from, 0)
         let n = bytes.count
         while i + 3 < n {
@@ -26,13 +28,14 @@ enum HTTPBytes {
         return nil
     }
 
-    @inline(__always)
-    static func lower(_ b: UInt8) -> UInt8 {
+    @inlinable @inline(__always)
+    package static func lower(_ b: UInt8) -> UInt8 {
         (b >= 65 && b <= 90) ? b | 0x20 : b
     }
 
     /// Case-insensitive comparison of `bytes[range]` with a lower-case ASCII name.
-    static func equalsLowercase(_ bytes: UnsafeRawBufferPointer, _ range: Range<Int>, _ name: StaticString) -> Bool {
+    @inlinable
+    package static func equalsLowercase(_ bytes: UnsafeRawBufferPointer, _ range: Range<Int>, _ name: StaticString) -> Bool {
         guard range.count == name.utf8CodeUnitCount else { return false }
         let pointer = name.utf8Start
         var j = 0
@@ -43,19 +46,34 @@ enum HTTPBytes {
         return true
     }
 
-    static func hasPrefixLowercase(_ bytes: UnsafeRawBufferPointer, _ range: Range<Int>, _ prefix: StaticString) -> Bool {
+    /// Case-insensitive comparison of `bytes[range]` with a lower-case ASCII name given as bytes.
+    @inlinable
+    package static func equalsLowercase(_ bytes: UnsafeRawBufferPointer, _ range: Range<Int>, _ name: [UInt8]) -> Bool {
+        guard range.count == name.count else { return false }
+        var j = 0
+        for i in range {
+            if lower(bytes[i]) != name[j] { return false }
+            j += 1
+        }
+        return true
+    }
+
+    @inlinable
+    package static func hasPrefixLowercase(_ bytes: UnsafeRawBufferPointer, _ range: Range<Int>, _ prefix: StaticString) -> Bool {
         guard range.count >= prefix.utf8CodeUnitCount else { return false }
         let pointer = prefix.utf8Start
         for j in 0..<prefix.utf8CodeUnitCount where lower(bytes[range.lowerBound + j]) != pointer[j] { return false }
         return true
     }
 
-    static func string(_ bytes: UnsafeRawBufferPointer, _ range: Range<Int>) -> String {
+    @inlinable
+    package static func string(_ bytes: UnsafeRawBufferPointer, _ range: Range<Int>) -> String {
         String(decoding: UnsafeRawBufferPointer(rebasing: bytes[range]), as: UTF8.self)
     }
 
     /// Parses a non-negative decimal (Content-Length); nil on anything else or overflow.
-    static func decimal(_ bytes: UnsafeRawBufferPointer, _ range: Range<Int>) -> Int? {
+    @inlinable
+    package static func decimal(_ bytes: UnsafeRawBufferPointer, _ range: Range<Int>) -> Int? {
         guard !range.isEmpty, range.count <= 18 else { return nil }
         var value = 0
         for i in range {
@@ -67,7 +85,8 @@ enum HTTPBytes {
     }
 
     /// The value range of a header line with surrounding whitespace removed.
-    static func trimmed(_ bytes: UnsafeRawBufferPointer, _ range: Range<Int>) -> Range<Int> {
+    @inlinable
+    package static func trimmed(_ bytes: UnsafeRawBufferPointer, _ range: Range<Int>) -> Range<Int> {
         var lo = range.lowerBound
         var hi = range.upperBound
         while lo < hi, bytes[lo] == space || bytes[lo] == tab { lo += 1 }
@@ -76,7 +95,8 @@ enum HTTPBytes {
     }
 
     /// Whether a comma-separated header value contains `token` (case-insensitive), e.g. `close` in Connection.
-    static func containsToken(_ bytes: UnsafeRawBufferPointer, _ range: Range<Int>, _ token: StaticString) -> Bool {
+    @inlinable
+    package static func containsToken(_ bytes: UnsafeRawBufferPointer, _ range: Range<Int>, _ token: StaticString) -> Bool {
         var start = range.lowerBound
         while start <= range.upperBound {
             var end = start
@@ -89,7 +109,8 @@ enum HTTPBytes {
 
     /// Calls `body(nameRange, valueRange, lineRange)` for each header line in `bytes[from..<headEnd]`
     /// (`lineRange` includes the CRLF). Returns false on a malformed line.
-    static func forEachHeader(
+    @inlinable
+    package static func forEachHeader(
         _ bytes: UnsafeRawBufferPointer, from: Int, headEnd: Int,
         _ body: (Range<Int>, Range<Int>, Range<Int>) -> Bool
     ) -> Bool {
@@ -112,8 +133,26 @@ enum HTTPBytes {
 }
 
 extension ByteBuffer {
-    @inline(__always)
-    mutating func writeStatic(_ s: StaticString) {
+    @inlinable @inline(__always)
+    package mutating func writeStatic(_ s: StaticString) {
         writeBytes(UnsafeRawBufferPointer(start: s.utf8Start, count: s.utf8CodeUnitCount))
+    }
+
+    /// Writes a non-negative integer in decimal without making a String.
+    @inlinable
+    package mutating func writeDecimal(_ value: Int) {
+        var digits: (UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8,
+                     UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8) =
+            (0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+        var v = value < 0 ? 0 : value
+        var count = 0
+        withUnsafeMutableBytes(of: &digits) { raw in
+            repeat {
+                raw[19 - count] = UInt8(48 + v % 10)
+                v /= 10
+                count += 1
+            } while v > 0
+            writeBytes(UnsafeRawBufferPointer(rebasing: raw[(20 - count)...]))
+        }
     }
 }

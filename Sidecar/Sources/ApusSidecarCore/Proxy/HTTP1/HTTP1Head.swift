@@ -1,3 +1,4 @@
+import ApusGateway
 import NIOCore
 
 /// What the sidecar reads from an HTTP/1.1 request head; other header lines are forwarded byte for byte.
@@ -29,27 +30,27 @@ struct RequestHead {
 
     static func parse(_ bytes: UnsafeRawBufferPointer, headEnd: Int, dropCaller: Bool) throws(ParseError) -> RequestHead {
         var lineEnd = 0
-        while bytes[lineEnd] != Bytes.lf { lineEnd += 1 }
-        let contentEnd = lineEnd > 0 && bytes[lineEnd - 1] == Bytes.cr ? lineEnd - 1 : lineEnd
+        while bytes[lineEnd] != HTTPBytes.lf { lineEnd += 1 }
+        let contentEnd = lineEnd > 0 && bytes[lineEnd - 1] == HTTPBytes.cr ? lineEnd - 1 : lineEnd
         var firstSpace = 0
-        while firstSpace < contentEnd, bytes[firstSpace] != Bytes.space { firstSpace += 1 }
+        while firstSpace < contentEnd, bytes[firstSpace] != HTTPBytes.space { firstSpace += 1 }
         var secondSpace = contentEnd
-        while secondSpace > firstSpace, bytes[secondSpace - 1] != Bytes.space { secondSpace -= 1 }
+        while secondSpace > firstSpace, bytes[secondSpace - 1] != HTTPBytes.space { secondSpace -= 1 }
         secondSpace -= 1
         guard firstSpace > 0, secondSpace > firstSpace + 1, contentEnd - secondSpace - 1 == 8 else {
             throw ParseError(status: 400, message: "malformed request line")
         }
         let versionRange = (secondSpace + 1)..<contentEnd
         let isHTTP10: Bool
-        if Bytes.equalsLowercase(bytes, versionRange, "http/1.1") {
+        if HTTPBytes.equalsLowercase(bytes, versionRange, "http/1.1") {
             isHTTP10 = false
-        } else if Bytes.equalsLowercase(bytes, versionRange, "http/1.0") {
+        } else if HTTPBytes.equalsLowercase(bytes, versionRange, "http/1.0") {
             isHTTP10 = true
         } else {
             throw ParseError(status: 505, message: "only HTTP/1.0 and HTTP/1.1 are served here")
         }
-        let method = Bytes.string(bytes, 0..<firstSpace)
-        var target = Bytes.string(bytes, (firstSpace + 1)..<secondSpace)
+        let method = HTTPBytes.string(bytes, 0..<firstSpace)
+        var target = HTTPBytes.string(bytes, (firstSpace + 1)..<secondSpace)
         var host: String?
         if target.hasPrefix("http://") {
             // Absolute form (a client configured with the sidecar as its HTTP proxy): authority names the upstream.
@@ -66,45 +67,45 @@ struct RequestHead {
         var failure: ParseError?
         var head = RequestHead(method: method, target: target, isHTTP10: isHTTP10, host: nil, framing: .none,
                                keepAlive: true, expectContinue: false, keptSpans: ByteSpans())
-        let ok = Bytes.forEachHeader(bytes, from: lineEnd + 1, headEnd: headEnd) { name, value, line in
+        let ok = HTTPBytes.forEachHeader(bytes, from: lineEnd + 1, headEnd: headEnd) { name, value, line in
             var keep = true
             switch name.count {
-            case 4 where Bytes.equalsLowercase(bytes, name, "host"):
-                if host == nil { host = Bytes.string(bytes, value) }
-            case 14 where Bytes.equalsLowercase(bytes, name, "content-length"):
-                guard let length = Bytes.decimal(bytes, value), contentLength == nil || contentLength == length else {
+            case 4 where HTTPBytes.equalsLowercase(bytes, name, "host"):
+                if host == nil { host = HTTPBytes.string(bytes, value) }
+            case 14 where HTTPBytes.equalsLowercase(bytes, name, "content-length"):
+                guard let length = HTTPBytes.decimal(bytes, value), contentLength == nil || contentLength == length else {
                     failure = ParseError(status: 400, message: "bad Content-Length")
                     return false
                 }
                 contentLength = length
-            case 17 where Bytes.equalsLowercase(bytes, name, "transfer-encoding"):
-                guard Bytes.equalsLowercase(bytes, value, "chunked") else {
+            case 17 where HTTPBytes.equalsLowercase(bytes, name, "transfer-encoding"):
+                guard HTTPBytes.equalsLowercase(bytes, value, "chunked") else {
                     failure = ParseError(status: 501, message: "only the chunked transfer coding is supported")
                     return false
                 }
                 chunked = true
-            case 10 where Bytes.equalsLowercase(bytes, name, "connection"):
-                if Bytes.containsToken(bytes, value, "close") { close = true }
-                if Bytes.containsToken(bytes, value, "keep-alive") { keepAliveToken = true }
+            case 10 where HTTPBytes.equalsLowercase(bytes, name, "connection"):
+                if HTTPBytes.containsToken(bytes, value, "close") { close = true }
+                if HTTPBytes.containsToken(bytes, value, "keep-alive") { keepAliveToken = true }
                 keep = false
-            case 6 where Bytes.equalsLowercase(bytes, name, "expect"):
-                if Bytes.equalsLowercase(bytes, value, "100-continue") { expectContinue = true }
+            case 6 where HTTPBytes.equalsLowercase(bytes, name, "expect"):
+                if HTTPBytes.equalsLowercase(bytes, value, "100-continue") { expectContinue = true }
                 keep = false
-            case 10 where Bytes.equalsLowercase(bytes, name, "keep-alive"),
-                 16 where Bytes.equalsLowercase(bytes, name, "proxy-connection"),
-                 7 where Bytes.equalsLowercase(bytes, name, "upgrade"),
-                 14 where Bytes.equalsLowercase(bytes, name, "http2-settings"),
-                 2 where Bytes.equalsLowercase(bytes, name, "te"):
+            case 10 where HTTPBytes.equalsLowercase(bytes, name, "keep-alive"),
+                 16 where HTTPBytes.equalsLowercase(bytes, name, "proxy-connection"),
+                 7 where HTTPBytes.equalsLowercase(bytes, name, "upgrade"),
+                 14 where HTTPBytes.equalsLowercase(bytes, name, "http2-settings"),
+                 2 where HTTPBytes.equalsLowercase(bytes, name, "te"):
                 keep = false
-            case 11 where Bytes.equalsLowercase(bytes, name, "traceparent"):
+            case 11 where HTTPBytes.equalsLowercase(bytes, name, "traceparent"):
                 head.hasTraceparent = true
-            case 12 where Bytes.equalsLowercase(bytes, name, "x-request-id"):
-                head.requestID = Bytes.string(bytes, value)
-            case 18 where Bytes.equalsLowercase(bytes, name, "x-apus-deadline-ms"):
-                head.deadlineEpochMs = Bytes.decimal(bytes, value)
+            case 12 where HTTPBytes.equalsLowercase(bytes, name, "x-request-id"):
+                head.requestID = HTTPBytes.string(bytes, value)
+            case 18 where HTTPBytes.equalsLowercase(bytes, name, "x-apus-deadline-ms"):
+                head.deadlineEpochMs = HTTPBytes.decimal(bytes, value)
                 keep = false
-            case 13 where Bytes.equalsLowercase(bytes, name, "x-apus-caller"):
-                head.caller = Bytes.string(bytes, value)
+            case 13 where HTTPBytes.equalsLowercase(bytes, name, "x-apus-caller"):
+                head.caller = HTTPBytes.string(bytes, value)
                 keep = !dropCaller
             default:
                 break
@@ -125,7 +126,7 @@ struct RequestHead {
                 head.host = host
             }
         }
-        head.framing = chunked ? .chunked(ChunkedScanner()) : ((contentLength ?? 0) > 0 ? .length(remaining: contentLength!) : .none)
+        head.framing = chunked ? .chunked(ChunkedBodyScanner()) : ((contentLength ?? 0) > 0 ? .length(remaining: contentLength!) : .none)
         head.keepAlive = isHTTP10 ? keepAliveToken && !close : !close
         head.expectContinue = expectContinue && !isHTTP10
         return head
@@ -134,11 +135,11 @@ struct RequestHead {
     /// The value of header `name` (lower-case bytes) in a raw head, for the consistent-hash key.
     static func headerValue(_ bytes: UnsafeRawBufferPointer, headEnd: Int, name: [UInt8]) -> String? {
         var lineEnd = 0
-        while bytes[lineEnd] != Bytes.lf { lineEnd += 1 }
+        while bytes[lineEnd] != HTTPBytes.lf { lineEnd += 1 }
         var found: String?
-        _ = Bytes.forEachHeader(bytes, from: lineEnd + 1, headEnd: headEnd) { n, value, _ in
-            if Bytes.equalsLowercase(bytes, n, name) {
-                found = Bytes.string(bytes, value)
+        _ = HTTPBytes.forEachHeader(bytes, from: lineEnd + 1, headEnd: headEnd) { n, value, _ in
+            if HTTPBytes.equalsLowercase(bytes, n, name) {
+                found = HTTPBytes.string(bytes, value)
                 return false
             }
             return true
@@ -157,27 +158,27 @@ struct ResponseHead {
 
     static func parse(_ bytes: UnsafeRawBufferPointer, headEnd: Int, requestWasHEAD: Bool) -> ResponseHead? {
         var lineEnd = 0
-        while bytes[lineEnd] != Bytes.lf { lineEnd += 1 }
-        guard lineEnd >= 12, Bytes.equalsLowercase(bytes, 0..<7, "http/1."), let status = Bytes.decimal(bytes, 9..<12) else { return nil }
+        while bytes[lineEnd] != HTTPBytes.lf { lineEnd += 1 }
+        guard lineEnd >= 12, HTTPBytes.equalsLowercase(bytes, 0..<7, "http/1."), let status = HTTPBytes.decimal(bytes, 9..<12) else { return nil }
         let isHTTP10 = bytes[7] == UInt8(ascii: "0")
         var contentLength: Int?
         var chunked = false
         var close = isHTTP10
         var spans = ByteSpans()
         spans.append(0..<(lineEnd + 1))
-        let ok = Bytes.forEachHeader(bytes, from: lineEnd + 1, headEnd: headEnd) { name, value, line in
+        let ok = HTTPBytes.forEachHeader(bytes, from: lineEnd + 1, headEnd: headEnd) { name, value, line in
             var keep = true
             switch name.count {
-            case 14 where Bytes.equalsLowercase(bytes, name, "content-length"):
-                contentLength = Bytes.decimal(bytes, value)
-            case 17 where Bytes.equalsLowercase(bytes, name, "transfer-encoding"):
-                chunked = Bytes.containsToken(bytes, value, "chunked")
-            case 10 where Bytes.equalsLowercase(bytes, name, "connection"):
-                if Bytes.containsToken(bytes, value, "close") { close = true }
-                if isHTTP10, Bytes.containsToken(bytes, value, "keep-alive") { close = false }
+            case 14 where HTTPBytes.equalsLowercase(bytes, name, "content-length"):
+                contentLength = HTTPBytes.decimal(bytes, value)
+            case 17 where HTTPBytes.equalsLowercase(bytes, name, "transfer-encoding"):
+                chunked = HTTPBytes.containsToken(bytes, value, "chunked")
+            case 10 where HTTPBytes.equalsLowercase(bytes, name, "connection"):
+                if HTTPBytes.containsToken(bytes, value, "close") { close = true }
+                if isHTTP10, HTTPBytes.containsToken(bytes, value, "keep-alive") { close = false }
                 keep = false
-            case 10 where Bytes.equalsLowercase(bytes, name, "keep-alive"),
-                 16 where Bytes.equalsLowercase(bytes, name, "proxy-connection"):
+            case 10 where HTTPBytes.equalsLowercase(bytes, name, "keep-alive"),
+                 16 where HTTPBytes.equalsLowercase(bytes, name, "proxy-connection"):
                 keep = false
             default:
                 break
@@ -190,7 +191,7 @@ struct ResponseHead {
         if requestWasHEAD || status == 204 || status == 304 || (100..<200).contains(status) {
             framing = .none
         } else if chunked {
-            framing = .chunked(ChunkedScanner())
+            framing = .chunked(ChunkedBodyScanner())
         } else if let contentLength {
             framing = contentLength == 0 ? .none : .length(remaining: contentLength)
         } else {

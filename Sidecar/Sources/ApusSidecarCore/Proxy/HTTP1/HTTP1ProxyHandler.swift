@@ -1,3 +1,4 @@
+import ApusGateway
 import ApusMesh
 import Logging
 import NIOCore
@@ -155,7 +156,7 @@ final class HTTP1ProxyHandler: ChannelInboundHandler, RemovableChannelHandler, H
         while phase == .readingHead, let buffer = inbound, buffer.readableBytes > 0 {
             let dropCaller = side == .outbound
             let scan: Result<(RequestHead, Int)?, RequestHead.ParseError> = buffer.withUnsafeReadableBytes { bytes in
-                guard let end = Bytes.endOfHead(bytes) else { return .success(nil) }
+                guard let end = HTTPBytes.endOfHead(bytes) else { return .success(nil) }
                 do throws(RequestHead.ParseError) {
                     return .success((try RequestHead.parse(bytes, headEnd: end, dropCaller: dropCaller), end))
                 } catch {
@@ -291,7 +292,7 @@ final class HTTP1ProxyHandler: ChannelInboundHandler, RemovableChannelHandler, H
         out.writeStatic(" HTTP/1.1\r\n")
         rawHead.withUnsafeReadableBytes { bytes in
             var lineEnd = 0
-            while bytes[lineEnd] != Bytes.lf { lineEnd += 1 }
+            while bytes[lineEnd] != HTTPBytes.lf { lineEnd += 1 }
             for span in head.keptSpans.spans where span.lowerBound > lineEnd {
                 out.writeBytes(UnsafeRawBufferPointer(rebasing: bytes[span]))
             }
@@ -383,7 +384,7 @@ final class HTTP1ProxyHandler: ChannelInboundHandler, RemovableChannelHandler, H
         case .chunked(var scanner):
             let consumed: Int
             do {
-                consumed = try buffer.withUnsafeReadableBytes { bytes throws(ChunkedScanner.ScanError) in try scanner.scan(bytes) }
+                consumed = try buffer.withUnsafeReadableBytes { bytes throws(ChunkedBodyScanner.ScanError) in try scanner.scan(bytes) }
             } catch {
                 inbound = buffer
                 current.closeAfter = true

@@ -1,3 +1,4 @@
+import ApusGateway
 import NIOCore
 import NIOPosix
 
@@ -91,7 +92,7 @@ final class HTTP1UpstreamConnection: ChannelInboundHandler {
     private func parseHead(context: ChannelHandlerContext, requestWasHEAD: Bool) {
         guard var pending = buffer else { return }
         let parsed: (ResponseHead, Int)?? = pending.withUnsafeReadableBytes { bytes in
-            guard let end = Bytes.endOfHead(bytes) else { return .some(nil) }
+            guard let end = HTTPBytes.endOfHead(bytes) else { return .some(nil) }
             guard let head = ResponseHead.parse(bytes, headEnd: end, requestWasHEAD: requestWasHEAD) else { return nil }
             return (head, end)
         }
@@ -146,7 +147,7 @@ final class HTTP1UpstreamConnection: ChannelInboundHandler {
             let decoded = sink?.wantsDecodedBody ?? false
             var payload: [Range<Int>] = []
             do {
-                consumed = try incoming.withUnsafeReadableBytes { bytes throws(ChunkedScanner.ScanError) in
+                consumed = try incoming.withUnsafeReadableBytes { bytes throws(ChunkedBodyScanner.ScanError) in
                     try scanner.scan(bytes) { range in if decoded, !range.isEmpty { payload.append(range) } }
                 }
             } catch {

@@ -1,3 +1,4 @@
+import ApusGateway
 import ApusMesh
 import Logging
 import NIOCore
@@ -548,12 +549,12 @@ final class HTTP2StreamProxy: ChannelInboundHandler, HTTP1ResponseSink, @uncheck
         headers.add(name: ":status", value: String(code))
         head.withUnsafeReadableBytes { bytes in
             var lineEnd = 0
-            while bytes[lineEnd] != Bytes.lf { lineEnd += 1 }
-            _ = Bytes.forEachHeader(bytes, from: lineEnd + 1, headEnd: bytes.count + 2) { name, value, _ in
-                let lowered = Bytes.string(bytes, name).lowercased()
+            while bytes[lineEnd] != HTTPBytes.lf { lineEnd += 1 }
+            _ = HTTPBytes.forEachHeader(bytes, from: lineEnd + 1, headEnd: bytes.count + 2) { name, value, _ in
+                let lowered = HTTPBytes.string(bytes, name).lowercased()
                 switch lowered {
                 case "connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade": break
-                default: headers.add(name: lowered, value: Bytes.string(bytes, value))
+                default: headers.add(name: lowered, value: HTTPBytes.string(bytes, value))
                 }
                 return true
             }
