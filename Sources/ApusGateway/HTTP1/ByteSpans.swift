@@ -1,14 +1,18 @@
+import NIOCore
+
 /// The spans of a head that are copied through, kept without a heap allocation for the common case: a head has
 /// few runs of kept lines (only dropped hop-by-hop or `X-Apus-*` lines split them). Adjacent spans merge.
-struct ByteSpans: Sequence {
+package struct ByteSpans: Sequence {
     private var inline: (Range<Int>, Range<Int>, Range<Int>, Range<Int>) = (0..<0, 0..<0, 0..<0, 0..<0)
     private var inlineCount = 0
     private var overflow: [Range<Int>] = []
 
-    private(set) var count = 0
+    package private(set) var count = 0
+
+    package init() {}
 
     /// Adds the line `span`, merging it with the previous span when they touch.
-    mutating func append(_ span: Range<Int>) {
+    package mutating func append(_ span: Range<Int>) {
         if count > 0, last.upperBound == span.lowerBound {
             setLast(last.lowerBound..<span.upperBound)
             return
@@ -36,7 +40,7 @@ struct ByteSpans: Sequence {
         }
     }
 
-    subscript(index: Int) -> Range<Int> {
+    package subscript(index: Int) -> Range<Int> {
         switch index {
         case 0: inline.0
         case 1: inline.1
@@ -46,7 +50,7 @@ struct ByteSpans: Sequence {
         }
     }
 
-    func makeIterator() -> AnyIterator<Range<Int>> {
+    package func makeIterator() -> AnyIterator<Range<Int>> {
         var i = 0
         return AnyIterator {
             guard i < count else { return nil }
@@ -56,7 +60,12 @@ struct ByteSpans: Sequence {
     }
 
     /// Calls `body` for each span in order (no iterator allocation).
-    func forEach(_ body: (Range<Int>) -> Void) {
+    package func forEach(_ body: (Range<Int>) -> Void) {
         for i in 0..<count { body(self[i]) }
+    }
+
+    /// Copies the spans of `bytes` to `out`, in order.
+    package func write(from bytes: UnsafeRawBufferPointer, to out: inout ByteBuffer) {
+        forEach { out.writeBytes(UnsafeRawBufferPointer(rebasing: bytes[$0])) }
     }
 }

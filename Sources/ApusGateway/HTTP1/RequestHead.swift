@@ -179,16 +179,16 @@ struct RequestHead {
 }
 
 /// The parts of an instance's response head the gateway needs to frame it; forwarded otherwise unchanged
-/// except for hop-by-hop connection headers.
-struct ResponseHead {
-    var status: Int
-    var framing: BodyFraming
+/// except for hop-by-hop connection headers. Shared with the mesh sidecar's HTTP/1.1 proxy.
+package struct ResponseHead {
+    package var status: Int
+    package var framing: BodyFraming
     /// The instance wants this connection closed after the response.
-    var connectionClose: Bool
+    package var connectionClose: Bool
     /// Status line and header lines (with CRLFs) to forward, without the blank line.
-    var keptSpans: ByteSpans
+    package var keptSpans: ByteSpans
 
-    static func parse(_ bytes: UnsafeRawBufferPointer, headEnd: Int, requestWasHEAD: Bool) -> ResponseHead? {
+    package static func parse(_ bytes: UnsafeRawBufferPointer, headEnd: Int, requestWasHEAD: Bool) -> ResponseHead? {
         var lineEnd = 0
         while bytes[lineEnd] != HTTPBytes.lf { lineEnd += 1 }
         guard lineEnd >= 12, HTTPBytes.hasPrefixLowercase(bytes, 0..<lineEnd, "http/1."),

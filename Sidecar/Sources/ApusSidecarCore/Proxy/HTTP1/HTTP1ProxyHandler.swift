@@ -293,7 +293,7 @@ final class HTTP1ProxyHandler: ChannelInboundHandler, RemovableChannelHandler, H
         rawHead.withUnsafeReadableBytes { bytes in
             var lineEnd = 0
             while bytes[lineEnd] != HTTPBytes.lf { lineEnd += 1 }
-            for span in head.keptSpans.spans where span.lowerBound > lineEnd {
+            for span in head.keptSpans where span.lowerBound > lineEnd {
                 out.writeBytes(UnsafeRawBufferPointer(rebasing: bytes[span]))
             }
         }
