@@ -37,6 +37,10 @@ struct ChildProcess: Sendable {
         posix_spawn_file_actions_adddup2(&actions, outPipe[1], 1)
         posix_spawn_file_actions_adddup2(&actions, errPipe[1], 2)
         apus_spawn_file_actions_addchdir(&actions, workingDirectory)
+        // Only 0, 1 and 2 go to the child: a descriptor opened meanwhile by another thread without FD_CLOEXEC (a
+        // Foundation `Process` pipe, say) would otherwise live on in a long-lived instance and keep its reader
+        // from ever seeing end-of-file.
+        apus_spawn_file_actions_addclosefrom(&actions, 3)
 
         var attributes = posix_spawnattr_t()
         posix_spawnattr_init(&attributes)
