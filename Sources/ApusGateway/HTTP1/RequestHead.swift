@@ -1,5 +1,65 @@
 import NIOCore
 
+/// A request head that cannot be served: the status to answer with and why.
+package struct HTTPHeadError: Error {
+    package var status: Int
+    package var message: String
+
+    package init(status: Int, message: String) {
+        self.status = status
+        self.message = message
+    }
+}
+
+/// `METHOD SP target SP HTTP/1.x CRLF`, the first line of every request head (shared with the mesh sidecar).
+package struct RequestLine {
+    package var method: String
+    /// Origin form; an absolute-form target is reduced to its path, its authority kept in `authority`.
+    package var target: String
+    package var authority: String?
+    package var isHTTP10: Bool
+    /// Offset of the line's LF: header lines start after it.
+    package var lineEnd: Int
+
+    package static func parse(_ bytes: UnsafeRawBufferPointer) throws(HTTPHeadError) -> RequestLine {
+        var lineEnd = 0
+        while bytes[lineEnd] != HTTPBytes.lf { lineEnd += 1 }
+        let lineContentEnd = lineEnd > 0 && bytes[lineEnd - 1] == HTTPBytes.cr ? lineEnd - 1 : lineEnd
+        var firstSpace = 0
+        while firstSpace < lineContentEnd, bytes[firstSpace] != HTTPBytes.space { firstSpace += 1 }
+        var secondSpace = lineContentEnd
+        while secondSpace > firstSpace, bytes[secondSpace - 1] != HTTPBytes.space { secondSpace -= 1 }
+        secondSpace -= 1
+        guard firstSpace > 0, secondSpace > firstSpace + 1, lineContentEnd - secondSpace - 1 == 8 else {
+            throw HTTPHeadError(status: 400, message: "malformed request line")
+        }
+        for i in 0..<firstSpace {
+            let b = bytes[i]
+            guard b > 32, b < 127, b != HTTPBytes.colon else { throw HTTPHeadError(status: 400, message: "malformed method") }
+        }
+        let versionRange = (secondSpace + 1)..<lineContentEnd
+        let isHTTP10: Bool
+        if HTTPBytes.equalsLowercase(bytes, versionRange, "http/1.1") {
+            isHTTP10 = false
+        } else if HTTPBytes.equalsLowercase(bytes, versionRange, "http/1.0") {
+            isHTTP10 = true
+        } else {
+            throw HTTPHeadError(status: 505, message: "only HTTP/1.0 and HTTP/1.1 are served here")
+        }
+        var target = HTTPBytes.string(bytes, (firstSpace + 1)..<secondSpace)
+        var authority: String?
+        if target.hasPrefix("http://") || target.hasPrefix("https://") {
+            // Absolute form: the authority becomes the host, the rest the path.
+            let afterScheme = target[target.index(target.firstIndex(of: ":")!, offsetBy: 3)...]
+            let slash = afterScheme.firstIndex(of: "/") ?? afterScheme.endIndex
+            authority = String(afterScheme[..<slash])
+            target = slash == afterScheme.endIndex ? "/" : String(afterScheme[slash...])
+        }
+        return RequestLine(method: HTTPBytes.string(bytes, 0..<firstSpace), target: target, authority: authority,
+                           isHTTP10: isHTTP10, lineEnd: lineEnd)
+    }
+}
+
 /// The parts of a request head the gateway acts on; every other header line is forwarded byte for byte.
 struct RequestHead {
     var method: String
@@ -27,48 +87,16 @@ struct RequestHead {
 
     var isHEAD: Bool { method == "HEAD" }
 
-    struct ParseError: Error {
-        var status: Int
-        var message: String
-    }
+    typealias ParseError = HTTPHeadError
 
     /// Parses `bytes[0..<headEnd]` (a complete head ending in CRLFCRLF).
     static func parse(_ bytes: UnsafeRawBufferPointer, headEnd: Int, maxBody: Int) throws(ParseError) -> RequestHead {
-        // Request line: METHOD SP target SP HTTP/1.x CRLF
-        var lineEnd = 0
-        while bytes[lineEnd] != HTTPBytes.lf { lineEnd += 1 }
-        let lineContentEnd = lineEnd > 0 && bytes[lineEnd - 1] == HTTPBytes.cr ? lineEnd - 1 : lineEnd
-        var firstSpace = 0
-        while firstSpace < lineContentEnd, bytes[firstSpace] != HTTPBytes.space { firstSpace += 1 }
-        var secondSpace = lineContentEnd
-        while secondSpace > firstSpace, bytes[secondSpace - 1] != HTTPBytes.space { secondSpace -= 1 }
-        secondSpace -= 1
-        guard firstSpace > 0, secondSpace > firstSpace + 1, lineContentEnd - secondSpace - 1 == 8 else {
-            throw ParseError(status: 400, message: "malformed request line")
-        }
-        for i in 0..<firstSpace {
-            let b = bytes[i]
-            guard b > 32, b < 127, b != HTTPBytes.colon else { throw ParseError(status: 400, message: "malformed method") }
-        }
-        let versionRange = (secondSpace + 1)..<lineContentEnd
-        let isHTTP10: Bool
-        if HTTPBytes.equalsLowercase(bytes, versionRange, "http/1.1") {
-            isHTTP10 = false
-        } else if HTTPBytes.equalsLowercase(bytes, versionRange, "http/1.0") {
-            isHTTP10 = true
-        } else {
-            throw ParseError(status: 505, message: "only HTTP/1.0 and HTTP/1.1 are served here")
-        }
-        let method = HTTPBytes.string(bytes, 0..<firstSpace)
-        var target = HTTPBytes.string(bytes, (firstSpace + 1)..<secondSpace)
-        var host: String?
-        if target.hasPrefix("http://") || target.hasPrefix("https://") {
-            // Absolute form: the authority becomes the host, the rest the path.
-            let afterScheme = target[target.index(target.firstIndex(of: ":")!, offsetBy: 3)...]
-            let slash = afterScheme.firstIndex(of: "/") ?? afterScheme.endIndex
-            host = String(afterScheme[..<slash])
-            target = slash == afterScheme.endIndex ? "/" : String(afterScheme[slash...])
-        }
+        let requestLine = try RequestLine.parse(bytes)
+        let lineEnd = requestLine.lineEnd
+        let method = requestLine.method
+        let target = requestLine.target
+        let isHTTP10 = requestLine.isHTTP10
+        var host = requestLine.authority
 
         var contentLength: Int?
         var chunked = false

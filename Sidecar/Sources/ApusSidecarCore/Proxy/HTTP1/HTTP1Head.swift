@@ -23,42 +23,16 @@ struct RequestHead {
         return true
     }
 
-    struct ParseError: Error {
-        var status: Int
-        var message: String
-    }
+    typealias ParseError = HTTPHeadError
 
     static func parse(_ bytes: UnsafeRawBufferPointer, headEnd: Int, dropCaller: Bool) throws(ParseError) -> RequestHead {
-        var lineEnd = 0
-        while bytes[lineEnd] != HTTPBytes.lf { lineEnd += 1 }
-        let contentEnd = lineEnd > 0 && bytes[lineEnd - 1] == HTTPBytes.cr ? lineEnd - 1 : lineEnd
-        var firstSpace = 0
-        while firstSpace < contentEnd, bytes[firstSpace] != HTTPBytes.space { firstSpace += 1 }
-        var secondSpace = contentEnd
-        while secondSpace > firstSpace, bytes[secondSpace - 1] != HTTPBytes.space { secondSpace -= 1 }
-        secondSpace -= 1
-        guard firstSpace > 0, secondSpace > firstSpace + 1, contentEnd - secondSpace - 1 == 8 else {
-            throw ParseError(status: 400, message: "malformed request line")
-        }
-        let versionRange = (secondSpace + 1)..<contentEnd
-        let isHTTP10: Bool
-        if HTTPBytes.equalsLowercase(bytes, versionRange, "http/1.1") {
-            isHTTP10 = false
-        } else if HTTPBytes.equalsLowercase(bytes, versionRange, "http/1.0") {
-            isHTTP10 = true
-        } else {
-            throw ParseError(status: 505, message: "only HTTP/1.0 and HTTP/1.1 are served here")
-        }
-        let method = HTTPBytes.string(bytes, 0..<firstSpace)
-        var target = HTTPBytes.string(bytes, (firstSpace + 1)..<secondSpace)
-        var host: String?
-        if target.hasPrefix("http://") {
-            // Absolute form (a client configured with the sidecar as its HTTP proxy): authority names the upstream.
-            let rest = target.dropFirst(7)
-            let slash = rest.firstIndex(of: "/") ?? rest.endIndex
-            host = String(rest[..<slash])
-            target = slash == rest.endIndex ? "/" : String(rest[slash...])
-        }
+        // Absolute form (a client configured with the sidecar as its HTTP proxy): the authority names the upstream.
+        let requestLine = try RequestLine.parse(bytes)
+        let lineEnd = requestLine.lineEnd
+        let isHTTP10 = requestLine.isHTTP10
+        let method = requestLine.method
+        let target = requestLine.target
+        var host = requestLine.authority
         var contentLength: Int?
         var chunked = false
         var close = false
