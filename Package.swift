@@ -123,6 +123,7 @@ let package = Package(
                 .product(name: "Metrics", package: "swift-metrics"),
                 "ApusCore",
                 "ApusScheduler",
+                "CApusShims",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),

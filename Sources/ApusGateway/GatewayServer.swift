@@ -159,6 +159,9 @@ public final class GatewayServer: Service {
         public var tasks: (any AsyncTaskSubmitter)?
         /// This gateway's name on the instances' hash ring (distinct per gateway node once there are several).
         public var nodeName: String = "gateway"
+        /// Serve plaintext HTTP/1.1 on reactor threads of the gateway's own (`EdgeReactor`), handing every
+        /// other case to SwiftNIO; false: SwiftNIO serves the HTTP port alone.
+        public var http1Reactor: Bool = true
 
         public init(host: String = "127.0.0.1", port: Int = 8080, domain: String = "apus.localhost",
                     maxRequestBytes: Int = 32 << 20, drainTimeout: Duration = .seconds(60),
@@ -218,19 +221,33 @@ public final class GatewayServer: Service {
 
     public func run() async throws {
         let shared = self.shared
-        let server = try await ServerBootstrap(group: group)
-            .serverChannelOption(.backlog, value: 1024)
-            .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
-            .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
-            .childChannelInitializer { channel in
-                channel.eventLoop.makeCompletedFuture {
-                    try channel.pipeline.syncOperations.addHandler(EdgeProtocolDetector(shared: shared))
+        var server: (any Channel)?
+        var reactor: EdgeReactor?
+        let port: Int
+        if configuration.http1Reactor {
+            let edge = try EdgeReactor(shared: shared, host: configuration.host, port: configuration.port,
+                                       threads: Array(group.makeIterator()).count, group: group)
+            edge.start()
+            reactor = edge
+            port = edge.port
+        } else {
+            let channel = try await ServerBootstrap(group: group)
+                .serverChannelOption(.backlog, value: 1024)
+                .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+                .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
+                .childChannelInitializer { channel in
+                    channel.eventLoop.makeCompletedFuture {
+                        try channel.pipeline.syncOperations.addHandler(EdgeProtocolDetector(shared: shared))
+                    }
                 }
-            }
-            .bind(host: configuration.host, port: configuration.port)
-            .get()
-        let port = server.localAddress?.port ?? configuration.port
-        logger.info("gateway listening", metadata: ["address": "\(configuration.host):\(port)"])
+                .bind(host: configuration.host, port: configuration.port)
+                .get()
+            server = channel
+            port = channel.localAddress?.port ?? configuration.port
+        }
+        logger.info("gateway listening", metadata: [
+            "address": "\(configuration.host):\(port)", "http1": "\(reactor == nil ? "nio" : "reactor")",
+        ])
 
         var tlsServer: (any Channel)?
         if let tls = configuration.tls {
@@ -268,15 +285,18 @@ public final class GatewayServer: Service {
         await onRunning(BoundPorts(http: port, tls: tlsServer?.localAddress?.port, thrift: thriftServer?.localAddress?.port))
 
         try? await gracefulShutdown()
-        logger.info("gateway draining", metadata: ["connections": "\(shared.openConnections)"])
-        try? await server.close()
+        let reactorConnections = { reactor?.openConnections.load(ordering: .relaxed) ?? 0 }
+        logger.info("gateway draining", metadata: ["connections": "\(shared.openConnections + reactorConnections())"])
+        try? await server?.close()
         try? await tlsServer?.close()
         try? await thriftServer?.close()
+        reactor?.drain()
         shared.drainAll()
         let deadline = ContinuousClock.now.advanced(by: configuration.drainTimeout)
-        while shared.openConnections > 0, ContinuousClock.now < deadline {
+        while shared.openConnections + reactorConnections() > 0, ContinuousClock.now < deadline {
             try? await Task.sleep(for: .milliseconds(20))
         }
+        await reactor?.stop()
         await shared.closeIdleUpstreams()
         logger.info("gateway stopped")
     }

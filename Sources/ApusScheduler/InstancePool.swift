@@ -118,6 +118,18 @@ public final class InstancePool: Sendable {
         return outcome
     }
 
+    /// Takes a slot only when one is free right now and nobody is queued; never queues, starts nothing and
+    /// records nothing. Callers that get nil go through `acquire(requestID:deadline:waiter:shard:)`.
+    public func tryAcquire(shard: UInt64? = nil) -> Lease? {
+        state.withLock { state in
+            let now = self.now
+            guard let instanceID = state.machine.takeFreeSlot(now: now, shard: shard), let handle = state.handles[instanceID] else {
+                return nil
+            }
+            return Lease(instanceID: instanceID, port: handle.port, since: now)
+        }
+    }
+
     /// The caller of a queued request went away. Returns false when the decision was already made (its callback
     /// is on its way, and a lease it carries must be released).
     @discardableResult

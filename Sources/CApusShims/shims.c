@@ -2,6 +2,8 @@
 #include <fcntl.h>
 #include <spawn.h>
 #include <unistd.h>
+#include <sys/socket.h>
+#include <sys/eventfd.h>
 #include "CApusShims.h"
 
 int apus_pipe_cloexec(int fds[2]) {
@@ -20,4 +22,37 @@ int apus_spawn_file_actions_addclosefrom(posix_spawn_file_actions_t *actions, in
     (void)from;
     return 0;  // older C libraries: descriptors without FD_CLOEXEC stay inherited
 #endif
+}
+
+int apus_epoll_create(void) {
+    return epoll_create1(EPOLL_CLOEXEC);
+}
+
+int apus_epoll_add(int epfd, int fd, uint32_t events, uint64_t data) {
+    struct epoll_event event = {.events = events, .data = {.u64 = data}};
+    return epoll_ctl(epfd, EPOLL_CTL_ADD, fd, &event);
+}
+
+int apus_epoll_remove(int epfd, int fd) {
+    struct epoll_event event = {0};
+    return epoll_ctl(epfd, EPOLL_CTL_DEL, fd, &event);
+}
+
+int apus_epoll_wait(int epfd, apus_event *events, int max, int timeout_ms) {
+    struct epoll_event raw[512];
+    if (max > 512) max = 512;
+    int n = epoll_wait(epfd, raw, max, timeout_ms);
+    for (int i = 0; i < n; i++) {
+        events[i].events = raw[i].events;
+        events[i].data = raw[i].data.u64;
+    }
+    return n;
+}
+
+int apus_accept(int fd) {
+    return accept4(fd, 0, 0, SOCK_NONBLOCK | SOCK_CLOEXEC);
+}
+
+int apus_eventfd(void) {
+    return eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
 }

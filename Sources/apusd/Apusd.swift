@@ -101,8 +101,11 @@ struct Apusd: AsyncParsableCommand {
     @Option(help: "Shard size: with more ready instances than this, each gateway worker sends a version's requests to its consistent-hash subset of this many instances, spilling to the rest only when those are busy (0: off).")
     var shardSize = 0
 
-    @Option(help: "Event-loop threads of the gateway (default: one per core).")
+    @Option(help: "Event-loop threads of the gateway (default: one per core); the HTTP/1.1 reactor runs as many.")
     var gatewayThreads: Int?
+
+    @Option(help: "Who serves plaintext HTTP/1.1 on the HTTP port: reactor (the gateway's own epoll threads, handing HTTP/2 and every other case to SwiftNIO) or nio (SwiftNIO alone).")
+    var http1Engine = "reactor"
 
     @Option(help: "Tasks: largest result kept (e.g. 1Mi); a larger result fails the task.")
     var taskResultLimit = "1Mi"
@@ -152,6 +155,7 @@ struct Apusd: AsyncParsableCommand {
         guard (65_535...(1 << 31) - 1).contains(h2Window) else { throw ValidationError("--h2-window: must be 65535...2147483647 (got \(h2Window))") }
         guard (1024...(1 << 30)).contains(thriftMaxFrame) else { throw ValidationError("--thrift-max-frame: must be 1024...1073741824 (got \(thriftMaxFrame))") }
         guard (1024...(16 << 20)).contains(h2MaxHeaderList) else { throw ValidationError("--h2-max-header-list: must be 1024...16777216 (got \(h2MaxHeaderList))") }
+        guard ["reactor", "nio"].contains(http1Engine) else { throw ValidationError("--http1-engine: must be reactor or nio (got \(http1Engine))") }
         if registry != "embedded" {
             guard registry.hasPrefix("etcd://") || registry.hasPrefix("etcd+https://") else {
                 throw ValidationError("--registry: must be embedded or etcd://host:port (got \(registry))")
@@ -256,9 +260,12 @@ struct Apusd: AsyncParsableCommand {
             configuration: .init(address: .hostname(host, port: apiPort), serverName: "apus-api"),
             onServerRunning: { channel in ports.bound(api: channel.localAddress?.port ?? 0) },
             logger: Logger(label: "apus.api"))
+        var gatewayConfiguration = GatewayServer.Configuration(
+            host: host, port: httpPort, domain: domain, http2: http2Limits, tls: tls,
+            thriftPort: thriftPort, thriftMaxFrameBytes: thriftMaxFrame, tasks: tasks)
+        gatewayConfiguration.http1Reactor = http1Engine == "reactor"
         let gateway = GatewayServer(
-            configuration: .init(host: host, port: httpPort, domain: domain, http2: http2Limits, tls: tls,
-                                 thriftPort: thriftPort, thriftMaxFrameBytes: thriftMaxFrame, tasks: tasks),
+            configuration: gatewayConfiguration,
             scheduler: scheduler, logger: Logger(label: "apus.gateway"),
             group: gatewayThreads.map { MultiThreadedEventLoopGroup(numberOfThreads: max(1, $0)) } ?? MultiThreadedEventLoopGroup.singleton,
             onRunning: { bound in ports.bound(http: bound.http, tls: bound.tls, thrift: bound.thrift) })

@@ -211,6 +211,26 @@ final class GatewayConnectionHandler: ChannelInboundHandler, RemovableChannelHan
         return Int(random % 100)
     }
 
+    /// The function, version and neutral invocation of an HTTP/1.1 request (shared with the edge reactor).
+    static func resolve(
+        _ head: RequestHead, requestID: String, shared: GatewayShared, roll: Int
+    ) throws(ApusError) -> (GatewayRoute, FunctionVersion, Invocation) {
+        let route = try GatewayRoute.resolve(host: head.host, uri: head.target, domain: shared.configuration.domain, catalog: shared.scheduler.catalog)
+        var pinned: Int?
+        if let text = head.pinnedVersion {
+            guard let number = Int(text), number > 0 else {
+                throw ApusError(.badRequest, "X-Apus-Version must be a version number (got \(text.prefix(32)))")
+            }
+            pinned = number
+        }
+        let invocation = Invocation(requestID: requestID, function: route.function, pinnedVersion: pinned, method: head.method, path: route.instancePath)
+        let version = try shared.scheduler.catalog.route(function: route.function, pinnedVersion: pinned, roll: roll)
+        if version.manifest.protocol != .http {
+            throw ApusError(.badRequest, "function \(route.function) serves \(version.manifest.protocol.rawValue); call it with a \(version.manifest.protocol.rawValue) client")
+        }
+        return (route, version, invocation)
+    }
+
     private func start(_ head: RequestHead, rawHead: ByteBuffer) {
         if head.upgradeToH2C, case .none = head.framing, !draining, upgradeToHTTP2(head, rawHead: rawHead) {
             return
@@ -226,19 +246,7 @@ final class GatewayConnectionHandler: ChannelInboundHandler, RemovableChannelHan
         var invocation: Invocation
         let route: GatewayRoute
         do throws(ApusError) {
-            route = try GatewayRoute.resolve(host: head.host, uri: head.target, domain: shared.configuration.domain, catalog: shared.scheduler.catalog)
-            var pinned: Int?
-            if let text = head.pinnedVersion {
-                guard let number = Int(text), number > 0 else {
-                    throw ApusError(.badRequest, "X-Apus-Version must be a version number (got \(text.prefix(32)))")
-                }
-                pinned = number
-            }
-            invocation = Invocation(requestID: requestID, function: route.function, pinnedVersion: pinned, method: head.method, path: route.instancePath)
-            version = try shared.scheduler.catalog.route(function: route.function, pinnedVersion: pinned, roll: nextRoll())
-            if version.manifest.protocol != .http {
-                throw ApusError(.badRequest, "function \(route.function) serves \(version.manifest.protocol.rawValue); call it with a \(version.manifest.protocol.rawValue) client")
-            }
+            (route, version, invocation) = try Self.resolve(head, requestID: requestID, shared: shared, roll: nextRoll())
         } catch {
             respondWithError(error, requestID: requestID, version: nil, close: hasBody || !head.keepAlive || draining)
             return
@@ -326,6 +334,16 @@ final class GatewayConnectionHandler: ChannelInboundHandler, RemovableChannelHan
         var out = headScratch ?? context.channel.allocator.buffer(capacity: rawHead.readableBytes + 320)
         headScratch = nil
         out.clear()
+        Self.writeUpstreamHead(into: &out, head, rawHead: rawHead, route: route, requestID: requestID, version: version, peer: peer, scheme: scheme)
+        headScratch = out
+        return out
+    }
+
+    /// The request head an instance gets (shared with the edge reactor): appended to `out`.
+    static func writeUpstreamHead(
+        into out: inout ByteBuffer, _ head: RequestHead, rawHead: ByteBuffer, route: GatewayRoute, requestID: String,
+        version: FunctionVersion, peer: String, scheme: String
+    ) {
         out.writeString(head.method)
         out.writeStatic(" ")
         out.writeString(route.instancePath)
@@ -358,8 +376,6 @@ final class GatewayConnectionHandler: ChannelInboundHandler, RemovableChannelHan
         out.writeStatic("\r\nX-Apus-Deadline-Ms: ")
         out.writeString(String(Int64(Date().timeIntervalSince1970 * 1000) + version.manifest.timeout.milliseconds))
         out.writeStatic("\r\n\r\n")
-        headScratch = out
-        return out
     }
 
     func slotDecided(requestID: String, _ result: Result<InstancePool.Lease, ApusError>) {
@@ -468,17 +484,24 @@ final class GatewayConnectionHandler: ChannelInboundHandler, RemovableChannelHan
         current.responseStarted = true
         current.status = status
         if closeDelimited || !current.bodyDone { current.closeAfter = true }
+        Self.endResponseHead(&out, version: current.version.number, requestID: current.invocation.requestID,
+                             close: current.closeAfter, http10: current.head.isHTTP10)
+        context.write(wrapOutboundOut(out), promise: nil)
+    }
+
+    /// Appends the gateway's response headers and the blank line to an instance's response head (shared with the
+    /// edge reactor).
+    static func endResponseHead(_ out: inout ByteBuffer, version: Int, requestID: String, close: Bool, http10: Bool) {
         out.writeStatic("X-Apus-Version: ")
-        out.writeString(String(current.version.number))
+        out.writeString(String(version))
         out.writeStatic("\r\nX-Apus-Request-Id: ")
-        out.writeString(current.invocation.requestID)
-        if current.closeAfter {
+        out.writeString(requestID)
+        if close {
             out.writeStatic("\r\nConnection: close")
-        } else if current.head.isHTTP10 {
+        } else if http10 {
             out.writeStatic("\r\nConnection: keep-alive")
         }
         out.writeStatic("\r\n\r\n")
-        context.write(wrapOutboundOut(out), promise: nil)
     }
 
     func upstreamBody(_ bytes: ByteBuffer) {
@@ -588,8 +611,21 @@ final class GatewayConnectionHandler: ChannelInboundHandler, RemovableChannelHan
     }
 
     func respondWithError(_ error: ApusError, requestID: String?, version: Int?, status: Int? = nil, close: Bool) {
+        let out = Self.errorResponse(error, requestID: requestID, version: version, status: status, close: close, allocator: context.channel.allocator)
+        context.writeAndFlush(wrapOutboundOut(out), promise: nil)
+        if close {
+            self.close()
+        } else {
+            phase = .readingHead
+        }
+    }
+
+    /// A complete JSON error response (shared with the edge reactor).
+    static func errorResponse(
+        _ error: ApusError, requestID: String?, version: Int?, status: Int? = nil, close: Bool, allocator: ByteBufferAllocator
+    ) -> ByteBuffer {
         let body = error.jsonBody + "\n"
-        var out = context.channel.allocator.buffer(capacity: body.utf8.count + 200)
+        var out = allocator.buffer(capacity: body.utf8.count + 200)
         let code = status ?? error.code.httpStatus
         out.writeString("HTTP/1.1 \(code) \(Self.reason(code))\r\nContent-Type: application/json\r\nContent-Length: \(body.utf8.count)\r\n")
         if let requestID { out.writeString("X-Apus-Request-Id: \(requestID)\r\n") }
@@ -598,12 +634,7 @@ final class GatewayConnectionHandler: ChannelInboundHandler, RemovableChannelHan
         if close { out.writeStatic("Connection: close\r\n") }
         out.writeStatic("\r\n")
         out.writeString(body)
-        context.writeAndFlush(wrapOutboundOut(out), promise: nil)
-        if close {
-            self.close()
-        } else {
-            phase = .readingHead
-        }
+        return out
     }
 
     func close() {

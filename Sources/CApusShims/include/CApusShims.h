@@ -2,6 +2,8 @@
 #ifndef C_APUS_SHIMS_H
 #define C_APUS_SHIMS_H
 #include <spawn.h>
+#include <stdint.h>
+#include <sys/epoll.h>
 
 /// pipe2(fds, O_CLOEXEC): both ends close-on-exec from the start, so no concurrent spawn inherits them.
 int apus_pipe_cloexec(int fds[2]);
@@ -12,5 +14,33 @@ int apus_spawn_file_actions_addchdir(posix_spawn_file_actions_t *actions, const 
 /// so it inherits no descriptor another thread opened without FD_CLOEXEC (such as a pipe of a concurrent
 /// Foundation `Process`). A no-op before glibc 2.34.
 int apus_spawn_file_actions_addclosefrom(posix_spawn_file_actions_t *actions, int from);
+
+/// epoll for the HTTP/1.1 edge reactor (Swift's Glibc module does not export <sys/epoll.h>).
+/// One readiness event: `data` is what the descriptor was registered with.
+typedef struct apus_event {
+    uint32_t events;
+    uint64_t data;
+} apus_event;
+
+static const uint32_t APUS_EV_IN = EPOLLIN;
+static const uint32_t APUS_EV_OUT = EPOLLOUT;
+static const uint32_t APUS_EV_ERR = EPOLLERR;
+static const uint32_t APUS_EV_HUP = EPOLLHUP;
+static const uint32_t APUS_EV_RDHUP = EPOLLRDHUP;
+static const uint32_t APUS_EV_ET = EPOLLET;
+static const uint32_t APUS_EV_EXCLUSIVE = EPOLLEXCLUSIVE;
+
+/// epoll_create1(EPOLL_CLOEXEC).
+int apus_epoll_create(void);
+/// EPOLL_CTL_ADD of `fd` for `events`, reported with `data`.
+int apus_epoll_add(int epfd, int fd, uint32_t events, uint64_t data);
+/// EPOLL_CTL_DEL of `fd`.
+int apus_epoll_remove(int epfd, int fd);
+/// epoll_wait into an unpacked array (at most 512 events).
+int apus_epoll_wait(int epfd, apus_event *events, int max, int timeout_ms);
+/// accept4 with SOCK_NONBLOCK | SOCK_CLOEXEC; the peer's address is not asked for.
+int apus_accept(int fd);
+/// A non-blocking, close-on-exec eventfd (for waking a reactor thread).
+int apus_eventfd(void);
 
 #endif

@@ -1,0 +1,427 @@
+import ApusCore
+import ApusScheduler
+import CApusShims
+import Glibc
+import Logging
+import NIOCore
+
+/// One client connection on a reactor loop: reads request heads, starts the requests it can serve at once
+/// (see `EdgeReactor`), relays them to an instance and the responses back, and hands the connection to SwiftNIO
+/// for everything else. Requests are served one after the other (pipelined ones wait in `inbound`).
+final class ReactorClient: ReactorSocket {
+    enum Phase {
+        case readingHead
+        /// The request went to an instance connection; its response is being relayed.
+        case forwarding
+        /// Waiting for the response in `out` to be written before the connection goes to SwiftNIO.
+        case handingOff
+        case closed
+    }
+
+    private(set) var phase = Phase.readingHead
+    private var inbound: ByteBuffer
+    /// Bytes for the client that the socket did not take yet.
+    private(set) var out: ByteBuffer
+    /// The kernel may hold bytes from the client that were not read yet (edge-triggered).
+    private var readable = false
+    private var readPaused = false
+    private var closeWhenFlushed = false
+    private var draining = false
+    private var processing = false
+    /// Whether the connection's first bytes were looked at (the HTTP/2 preface test).
+    private var sniffed = false
+    let peer: String
+
+    // The request in progress (phase `forwarding`).
+    private var version: FunctionVersion?
+    private var pool: InstancePool?
+    private var lease: InstancePool.Lease?
+    private var requestID = ""
+    private var isHTTP10 = false
+    private var hasBody = false
+    private var bodyRemaining = 0
+    private var closeAfter = false
+    private var deadline = ContinuousClock.now
+    private var arrivedAt = ContinuousClock.now
+    private(set) var responseStarted = false
+    private var status = 0
+    private var upstream: ReactorUpstream?
+    /// The request's head as the client sent it, until the response begins: what a hand-over replays.
+    private var pendingHead: ByteBuffer
+    private var headInFlight = false
+
+    static let maxHead = 64 << 10
+    /// Bytes buffered in one direction before the other side stops being read.
+    static let maxBufferedAhead = 256 << 10
+
+    init(fd: Int32, loop: ReactorLoop, peer: String) {
+        self.peer = peer
+        inbound = loop.allocator.buffer(capacity: 0)
+        out = loop.allocator.buffer(capacity: 0)
+        pendingHead = loop.allocator.buffer(capacity: 0)
+        super.init(fd: fd, loop: loop)
+    }
+
+    override func handle(_ events: UInt32) {
+        if events & (APUS_EV_IN | APUS_EV_RDHUP | APUS_EV_HUP | APUS_EV_ERR) != 0 { readable = true }
+        if events & APUS_EV_OUT != 0, out.readableBytes > 0 { flush() }
+        if readable { readAvailable() }
+    }
+
+    // MARK: reading requests
+
+    private var reading = false
+
+    private var mayRead: Bool { readable && !readPaused && (phase == .readingHead || phase == .forwarding) }
+
+    /// Reads what the kernel holds and serves it, until there is nothing more or reading has to pause.
+    private func readAvailable() {
+        guard !reading else { return }  // the loop below will see the change
+        reading = true
+        defer { reading = false }
+        repeat {
+            while mayRead {
+                switch SocketIO.read(fd, into: &inbound) {
+                case .bytes(let drained):
+                    if drained { readable = false }
+                    if inbound.readableBytes > Self.maxBufferedAhead { readPaused = true }
+                case .wouldBlock:
+                    readable = false
+                case .endOfFile, .failed:
+                    // Like the NIO handler (no half-closure): the client is gone, so is its request.
+                    abort()
+                    return
+                }
+            }
+            process()
+        } while mayRead
+    }
+
+    /// Serves requests already buffered and reads on if reading had paused.
+    private func serveMore() {
+        if reading { process() } else { readAvailable() }
+    }
+
+    /// Serves whatever complete requests are buffered. Not re-entrant.
+    func process() {
+        guard !processing else { return }
+        processing = true
+        defer { processing = false }
+        while phase == .readingHead, inbound.readableBytes > 0 {
+            if !sniffed {
+                let compared = min(inbound.readableBytes, EdgePipeline.preface.count)
+                let isPreface = inbound.readableBytesView.prefix(compared).elementsEqual(EdgePipeline.preface.prefix(compared))
+                if isPreface {
+                    handOff()  // HTTP/2 with prior knowledge (or the start of it)
+                    return
+                }
+                sniffed = true
+            }
+            let parsed: (RequestHead, Int)?? = inbound.withUnsafeReadableBytes { bytes in
+                guard let end = HTTPBytes.endOfHead(bytes) else { return .some(nil) }
+                guard let head = try? RequestHead.parse(bytes, headEnd: end, maxBody: loop.reactor.shared.configuration.maxRequestBytes) else {
+                    return nil  // malformed: the NIO handler answers with the reason
+                }
+                return (head, end)
+            }
+            guard let parsed else {
+                handOff()
+                return
+            }
+            guard let (head, end) = parsed else {
+                if inbound.readableBytes > Self.maxHead { handOff() }
+                break
+            }
+            guard start(head, headLength: end) else {
+                handOff()
+                return
+            }
+        }
+        if phase == .forwarding { pumpBody() }
+        updateReading()
+    }
+
+    /// Starts a request if it is one the reactor serves; false: hand the connection over instead.
+    private func start(_ head: RequestHead, headLength: Int) -> Bool {
+        switch head.framing {
+        case .none, .length: break
+        case .chunked, .untilClose: return false
+        }
+        guard !head.upgradeToH2C, !head.expectContinue, !head.asyncInvocation,
+              !head.target.hasPrefix(GatewayConnectionHandler.asyncPrefix), !draining else { return false }
+        let shared = loop.reactor.shared
+        let requestID = shared.requestIDs.next()
+        guard let (route, version, _) = try? GatewayConnectionHandler.resolve(head, requestID: requestID, shared: shared, roll: loop.nextRoll()) else {
+            return false
+        }
+        let pool = shared.scheduler.pool(for: version)
+        guard let lease = pool.tryAcquire(shard: loop.shardKey) else { return false }
+        guard let upstream = loop.upstream(instanceID: lease.instanceID, port: lease.port) else {
+            pool.release(lease)
+            return false
+        }
+        // Committed: from here on the request is this connection's to finish.
+        pendingHead.clear()
+        inbound.readWithUnsafeReadableBytes { bytes in
+            pendingHead.writeBytes(UnsafeRawBufferPointer(rebasing: bytes.prefix(headLength)))
+            return headLength
+        }
+        headInFlight = true
+        self.version = version
+        self.pool = pool
+        self.lease = lease
+        self.requestID = requestID
+        self.upstream = upstream
+        isHTTP10 = head.isHTTP10
+        if case .length(let length) = head.framing {
+            hasBody = true
+            bodyRemaining = length
+        } else {
+            hasBody = false
+            bodyRemaining = 0
+        }
+        closeAfter = !head.keepAlive
+        responseStarted = false
+        status = 0
+        arrivedAt = ContinuousClock.now
+        deadline = arrivedAt.advanced(by: version.manifest.timeout)
+        phase = .forwarding
+        upstream.begin(client: self, requestWasHEAD: head.isHEAD)
+        GatewayConnectionHandler.writeUpstreamHead(
+            into: &upstream.out, head, rawHead: pendingHead, route: route, requestID: requestID, version: version,
+            peer: peer, scheme: "http")
+        pumpBody()
+        upstream.flush()
+        return true
+    }
+
+    /// Moves request body bytes that have arrived to the instance connection.
+    private func pumpBody() {
+        // Body bytes wait in `inbound` until the instance connection is up, so a refused connect can hand the
+        // whole request over.
+        guard bodyRemaining > 0, inbound.readableBytes > 0, let upstream, upstream.isConnected else { return }
+        let take = min(bodyRemaining, inbound.readableBytes)
+        inbound.readWithUnsafeReadableBytes { bytes in
+            upstream.out.writeBytes(UnsafeRawBufferPointer(rebasing: bytes.prefix(take)))
+            return take
+        }
+        bodyRemaining -= take
+        upstream.flush()
+    }
+
+    /// Reading pauses while too much is buffered ahead or the instance connection has too much to write.
+    private func updateReading() {
+        let upstreamBacklog = upstream?.out.readableBytes ?? 0
+        let pause = inbound.readableBytes > Self.maxBufferedAhead || upstreamBacklog > Self.maxBufferedAhead
+        readPaused = pause
+    }
+
+    /// The instance connection is up: the body can follow the head.
+    func upstreamConnected() {
+        upstreamDrained()
+    }
+
+    /// The instance connection wrote its backlog: the client may be read again.
+    func upstreamDrained() {
+        if phase == .forwarding, bodyRemaining > 0 { pumpBody() }
+        updateReading()
+        if mayRead { readAvailable() }
+    }
+
+    // MARK: the instance's answer
+
+    /// Appends the instance's response head (kept lines from `bytes`) with the gateway's headers to `out`.
+    func responseHead(_ bytes: UnsafeRawBufferPointer, _ head: ResponseHead) {
+        responseStarted = true
+        headInFlight = false
+        status = head.status
+        if case .untilClose = head.framing { closeAfter = true }
+        if bodyRemaining > 0 { closeAfter = true }  // answered before the body was read: the rest cannot be skipped safely
+        head.keptSpans.forEach { span in out.writeBytes(UnsafeRawBufferPointer(rebasing: bytes[span])) }
+        GatewayConnectionHandler.endResponseHead(&out, version: version?.number ?? 0, requestID: requestID, close: closeAfter, http10: isHTTP10)
+    }
+
+    /// An interim (1xx) response: passed on as it is.
+    func interimResponse(_ bytes: UnsafeRawBufferPointer, _ head: ResponseHead) {
+        head.keptSpans.forEach { span in out.writeBytes(UnsafeRawBufferPointer(rebasing: bytes[span])) }
+        out.writeStatic("\r\n")
+    }
+
+    func responseBody(_ bytes: UnsafeRawBufferPointer) {
+        out.writeBytes(bytes)
+    }
+
+    /// Whether the client has so much unwritten that the instance connection should stop being read.
+    var isBackedUp: Bool { out.readableBytes > Self.maxBufferedAhead }
+
+    /// The response is complete. `reusable`: the instance connection may serve another request.
+    func responseComplete(reusable: Bool) {
+        guard phase == .forwarding, let upstream else { return }
+        if let lease, let pool { pool.release(lease) }
+        pool?.metrics.recordRequest(protocol: "http", code: GatewayConnectionHandler.statusCode(status), since: arrivedAt)
+        if reusable && bodyRemaining == 0 { loop.release(upstream) } else { upstream.close() }
+        endExchange()
+        if closeAfter || draining {
+            closeWhenFlushed = true
+            flush()
+        } else {
+            phase = .readingHead
+            flush()
+            if phase == .readingHead { serveMore() }
+        }
+    }
+
+    /// The instance connection failed before the response was complete.
+    func upstreamFailed(_ reason: String, retryable: Bool) {
+        guard phase == .forwarding, let upstream else { return }
+        upstream.close()
+        if retryable, headInFlight, !responseStarted, !hasBody {
+            // A kept-alive connection the instance had already closed: the NIO handler sends the request again
+            // on a fresh one (it has not been answered, and it has no body).
+            if let lease, let pool { pool.release(lease) }
+            endExchange()
+            replayPendingHead()
+            handOff()
+            return
+        }
+        failExchange(ApusError(.instanceError, reason))
+    }
+
+    /// The connection to the instance could not be made: nothing was sent, so the request goes to the NIO
+    /// handler, which takes another slot (this instance is out of service now) or answers the failure.
+    func upstreamConnectFailed() {
+        guard phase == .forwarding, upstream != nil else { return }
+        if let lease, let pool { pool.reportUnreachable(lease) }
+        upstream?.close()
+        endExchange()
+        replayPendingHead()
+        handOff()
+    }
+
+    private func replayPendingHead() {
+        guard pendingHead.readableBytes > 0 else { return }
+        var replay = pendingHead
+        replay.writeBuffer(&inbound)
+        inbound = replay
+        pendingHead = loop.allocator.buffer(capacity: 0)
+    }
+
+    private func endExchange() {
+        lease = nil
+        upstream = nil
+        headInFlight = false
+        version = nil
+        pool = nil
+    }
+
+    // MARK: writing to the client
+
+    /// Writes what the socket takes; closes or hands over when that was the last thing to do.
+    func flush() {
+        guard phase != .closed else { return }
+        if out.readableBytes > 0, !SocketIO.flush(fd, &out) {
+            abort()
+            return
+        }
+        if out.readableBytes == 0 {
+            if closeWhenFlushed {
+                close()
+                return
+            }
+            if phase == .handingOff {
+                handOff()
+                return
+            }
+        }
+        if !isBackedUp, let upstream, upstream.isPaused { upstream.resume() }
+    }
+
+    // MARK: endings
+
+    func checkDeadline(now: ContinuousClock.Instant) {
+        guard phase == .forwarding, deadline <= now, let version else { return }
+        failExchange(ApusError(.deadlineExceeded, "function did not answer within its timeout of \(version.manifest.timeout.humanReadable)"))
+    }
+
+    /// Ends the request with an error: the client gets it as JSON unless the response already began.
+    private func failExchange(_ error: ApusError) {
+        guard phase == .forwarding else { return }
+        let shared = loop.reactor.shared
+        if let lease, let pool { pool.release(lease) }
+        upstream?.close()
+        let started = responseStarted
+        pool?.metrics.recordRequest(
+            protocol: "http",
+            code: GatewayConnectionHandler.statusCode(started ? status : error.code.httpStatus), since: arrivedAt)
+        shared.logger.info("request failed", metadata: [
+            "requestID": "\(requestID)", "function": "\(version?.function ?? "?")",
+            "version": "\(version?.number ?? 0)", "code": "\(error.code)", "reason": "\(error.message)",
+        ])
+        let versionNumber = version?.number
+        let mustClose = closeAfter || bodyRemaining > 0 || draining
+        endExchange()
+        if started {
+            // The client sees the instance's status on a cut-short body.
+            closeWhenFlushed = true
+            flush()
+            return
+        }
+        var response = GatewayConnectionHandler.errorResponse(
+            error, requestID: requestID, version: versionNumber, close: mustClose, allocator: loop.allocator)
+        out.writeBuffer(&response)
+        if mustClose {
+            closeWhenFlushed = true
+            flush()
+        } else {
+            phase = .readingHead
+            flush()
+            if phase == .readingHead { serveMore() }
+        }
+    }
+
+    /// Graceful shutdown: an idle connection closes now, a busy one after its current response.
+    func beginDrain() {
+        draining = true
+        if phase == .readingHead, inbound.readableBytes == 0 {
+            closeWhenFlushed = true
+            flush()
+        } else {
+            closeAfter = true
+        }
+    }
+
+    /// Gives the connection to SwiftNIO with every byte not yet served, once the client has all of its
+    /// earlier responses.
+    private func handOff() {
+        guard phase != .closed else { return }
+        if out.readableBytes > 0 {
+            phase = .handingOff
+            return
+        }
+        phase = .closed
+        loop.forget(self)
+        loop.clientClosed()
+        let bytes = inbound
+        inbound = loop.allocator.buffer(capacity: 0)
+        loop.reactor.handOff(fd: fd, bytes: bytes, to: loop.handoffLoop)
+    }
+
+    /// The client went away, or the reactor stops: give back what the request holds.
+    func abort() {
+        guard phase != .closed else { return }
+        if phase == .forwarding {
+            if let lease, let pool { pool.release(lease) }
+            pool?.metrics.recordRequest(protocol: "http", code: GatewayConnectionHandler.clientClosedCode, since: arrivedAt)
+            upstream?.close()
+            endExchange()
+        }
+        close()
+    }
+
+    private func close() {
+        guard phase != .closed else { return }
+        phase = .closed
+        loop.close(self)
+        loop.clientClosed()
+    }
+}

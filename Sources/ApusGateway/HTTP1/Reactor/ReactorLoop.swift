@@ -1,0 +1,209 @@
+import ApusCore
+import ApusScheduler
+import CApusShims
+import Glibc
+import NIOCore
+
+/// Something a reactor loop watches: a client connection or a connection to an instance. Subclasses handle the
+/// readiness events; everything happens on the loop's thread.
+class ReactorSocket {
+    let fd: Int32
+    /// Tells this socket's events from those of an earlier one that had the same descriptor number.
+    let token: UInt64
+    unowned let loop: ReactorLoop
+
+    init(fd: Int32, loop: ReactorLoop) {
+        self.fd = fd
+        self.loop = loop
+        self.token = loop.nextToken(fd: fd)
+    }
+
+    func handle(_ events: UInt32) {}
+}
+
+/// One reactor thread: an epoll instance (edge-triggered for connections), the listening socket shared with the
+/// other loops (`EPOLLEXCLUSIVE`), an eventfd to be woken, the client and instance connections it serves and
+/// its pool of idle keep-alive connections to instances.
+final class ReactorLoop: @unchecked Sendable {
+    unowned let reactor: EdgeReactor
+    let index: Int
+    /// The NIO event loop that takes connections this loop hands over.
+    let handoffLoop: any EventLoop
+    let shardKey: UInt64
+    let allocator = ByteBufferAllocator()
+    private let epollFD: Int32
+    private let wakeFD: Int32
+    private var sockets: [ReactorSocket?] = []
+    private var generation: UInt64 = 0
+    private var idleUpstreams: [String: [ReactorUpstream]] = [:]
+    private var random = UInt64.random(in: 1...UInt64.max)
+    private var drainingSeen = false
+    private var nextDeadlineScan = ContinuousClock.now
+
+    private static let listenToken = UInt64.max
+    private static let wakeToken = UInt64.max - 1
+    static let connectionEvents = APUS_EV_IN | APUS_EV_OUT | APUS_EV_RDHUP | APUS_EV_ET
+    static let maxIdlePerInstance = 256
+    /// How often requests are checked against their deadlines.
+    static let deadlineScanInterval = Duration.milliseconds(20)
+
+    init(reactor: EdgeReactor, index: Int, handoffLoop: any EventLoop, shardKey: UInt64) throws(ApusError) {
+        self.reactor = reactor
+        self.index = index
+        self.handoffLoop = handoffLoop
+        self.shardKey = shardKey
+        epollFD = apus_epoll_create()
+        wakeFD = apus_eventfd()
+        guard epollFD >= 0, wakeFD >= 0,
+              apus_epoll_add(epollFD, reactor.listenFD, APUS_EV_IN | APUS_EV_EXCLUSIVE, Self.listenToken) == 0,
+              apus_epoll_add(epollFD, wakeFD, APUS_EV_IN, Self.wakeToken) == 0 else {
+            throw ApusError(.internal, "cannot set up the HTTP reactor's epoll: \(String(cString: strerror(errno)))")
+        }
+    }
+
+    func nextToken(fd: Int32) -> UInt64 {
+        generation &+= 1
+        return (generation << 32) | UInt64(UInt32(bitPattern: fd))
+    }
+
+    func wake() {
+        var one: UInt64 = 1
+        _ = Glibc.write(wakeFD, &one, 8)
+    }
+
+    /// The thread's body: until the reactor stops.
+    func run() {
+        var events = [apus_event](repeating: apus_event(), count: 256)
+        while !reactor.stopping.load(ordering: .acquiring) {
+            let count = events.withUnsafeMutableBufferPointer { apus_epoll_wait(epollFD, $0.baseAddress, Int32($0.count), 20) }
+            if count > 0 {
+                for i in 0..<Int(count) {
+                    let event = events[i]
+                    switch event.data {
+                    case Self.listenToken:
+                        acceptAll()
+                    case Self.wakeToken:
+                        var value: UInt64 = 0
+                        _ = Glibc.read(wakeFD, &value, 8)
+                    default:
+                        let fd = Int(UInt32(truncatingIfNeeded: event.data))
+                        if fd < sockets.count, let socket = sockets[fd], socket.token == event.data {
+                            socket.handle(event.events)
+                        }
+                    }
+                }
+            }
+            housekeeping()
+        }
+        closeEverything()
+    }
+
+    private func housekeeping() {
+        if !drainingSeen, reactor.draining.load(ordering: .acquiring) {
+            drainingSeen = true
+            _ = apus_epoll_remove(epollFD, reactor.listenFD)
+            for case let client as ReactorClient in sockets.compactMap({ $0 }) { client.beginDrain() }
+        }
+        let now = ContinuousClock.now
+        if now >= nextDeadlineScan {
+            nextDeadlineScan = now.advanced(by: Self.deadlineScanInterval)
+            for socket in sockets { (socket as? ReactorClient)?.checkDeadline(now: now) }
+        }
+    }
+
+    private func acceptAll() {
+        while !drainingSeen {
+            let fd = apus_accept(reactor.listenFD)
+            guard fd >= 0 else { return }
+            var one: Int32 = 1
+            setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
+            let client = ReactorClient(fd: fd, loop: self, peer: SocketAddresses.peer(of: fd))
+            reactor.openConnections.add(1, ordering: .relaxed)
+            register(client)
+        }
+    }
+
+    /// Starts watching a socket (edge-triggered, reads and writes).
+    func register(_ socket: ReactorSocket) {
+        let fd = Int(socket.fd)
+        if fd >= sockets.count { sockets.append(contentsOf: repeatElement(nil, count: max(64, fd + 1 - sockets.count))) }
+        sockets[fd] = socket
+        if apus_epoll_add(epollFD, socket.fd, Self.connectionEvents, socket.token) != 0 {
+            sockets[fd] = nil
+            Glibc.close(socket.fd)
+        }
+    }
+
+    /// Stops watching a socket and closes it.
+    func close(_ socket: ReactorSocket) {
+        forget(socket)
+        Glibc.close(socket.fd)
+    }
+
+    /// Stops watching a socket without closing it (it is being handed over).
+    func forget(_ socket: ReactorSocket) {
+        let fd = Int(socket.fd)
+        if fd < sockets.count, sockets[fd] === socket {
+            sockets[fd] = nil
+            _ = apus_epoll_remove(epollFD, socket.fd)
+        }
+    }
+
+    func clientClosed() {
+        reactor.openConnections.subtract(1, ordering: .relaxed)
+    }
+
+    func nextRoll() -> Int {
+        random ^= random << 13
+        random ^= random >> 7
+        random ^= random << 17
+        return Int(random % 100)
+    }
+
+    // MARK: instance connections
+
+    /// An idle kept-alive connection to the instance, or a new one (connecting).
+    func upstream(instanceID: String, port: Int) -> ReactorUpstream? {
+        while let idle = idleUpstreams[instanceID]?.popLast() {
+            idle.inIdlePool = false
+            if idle.isUsable { return idle }
+            idle.close()
+        }
+        guard let fd = SocketAddresses.connectLoopback(port: port) else { return nil }
+        let upstream = ReactorUpstream(fd: fd, loop: self, instanceID: instanceID, port: port)
+        register(upstream)
+        return upstream
+    }
+
+    /// Keeps a connection for the next request to the same instance.
+    func release(_ upstream: ReactorUpstream) {
+        guard upstream.isUsable, !drainingSeen, (idleUpstreams[upstream.instanceID]?.count ?? 0) < Self.maxIdlePerInstance else {
+            upstream.close()
+            return
+        }
+        upstream.inIdlePool = true
+        idleUpstreams[upstream.instanceID, default: []].append(upstream)
+    }
+
+    /// An idle connection closed (the instance went away or timed it out).
+    func removeIdle(_ upstream: ReactorUpstream) {
+        guard upstream.inIdlePool else { return }
+        upstream.inIdlePool = false
+        idleUpstreams[upstream.instanceID]?.removeAll { $0 === upstream }
+        if idleUpstreams[upstream.instanceID]?.isEmpty == true { idleUpstreams[upstream.instanceID] = nil }
+    }
+
+    private func closeEverything() {
+        for socket in sockets {
+            guard let socket else { continue }
+            if let client = socket as? ReactorClient {
+                client.abort()
+            } else if let upstream = socket as? ReactorUpstream {
+                upstream.close()
+            }
+        }
+        idleUpstreams.removeAll()
+        Glibc.close(epollFD)
+        Glibc.close(wakeFD)
+    }
+}
