@@ -38,6 +38,12 @@ public final class FunctionCatalog: Sendable {
     private let state = Mutex(State())
     /// Lets the gateway skip the mesh host lookup when no function is in the mesh.
     private let hasMeshServices = Atomic<Bool>(false)
+    /// `State.generation`, readable without the lock.
+    private let changes = Atomic<UInt64>(0)
+
+    /// Moves on every update and removal: a cache of entries is current while this has not moved since it was
+    /// filled (read it before reading the entry).
+    public var changeCount: UInt64 { changes.load(ordering: .acquiring) }
 
     public init() {}
 
@@ -53,6 +59,7 @@ public final class FunctionCatalog: Sendable {
             }
             for mesh in Self.servedManifests(of: entry).compactMap(\.mesh) { state.meshServices[mesh.service] = name }
             state.generation += 1
+            changes.store(state.generation, ordering: .releasing)
             hasMeshServices.store(!state.meshServices.isEmpty, ordering: .relaxed)
         }
     }
@@ -62,6 +69,7 @@ public final class FunctionCatalog: Sendable {
             state.entries[function] = nil
             state.forgetNames(of: function)
             state.generation += 1
+            changes.store(state.generation, ordering: .releasing)
             hasMeshServices.store(!state.meshServices.isEmpty, ordering: .relaxed)
         }
     }

@@ -23,4 +23,22 @@ struct CatalogTests {
         catalog.remove("f")
         #expect(throws: ApusError.self) { try catalog.route(function: "f", pinnedVersion: nil) }
     }
+
+    @Test func changeCountMovesOnEveryUpdateAndRemoval() {
+        let catalog = FunctionCatalog()
+        let release = Release(function: "f", weights: [.init(version: 1, weight: 100)], updatedAt: Date())
+        let entry = FunctionCatalog.Entry(
+            record: FunctionRecord(name: "f", latestVersion: 1, release: release, createdAt: Date(), updatedAt: Date()),
+            versions: [version(1)])
+        let start = catalog.changeCount
+        catalog.update(entry)
+        let afterUpdate = catalog.changeCount
+        #expect(afterUpdate > start)
+        #expect(catalog.changeCount == afterUpdate)  // reading does not move it
+        catalog.update(entry)
+        #expect(catalog.changeCount > afterUpdate)
+        let beforeRemoval = catalog.changeCount
+        catalog.remove("f")
+        #expect(catalog.changeCount > beforeRemoval)
+    }
 }

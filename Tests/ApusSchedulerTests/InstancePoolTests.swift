@@ -97,6 +97,23 @@ struct InstancePoolTests {
         #expect(launcher.state.withLock { $0.launches } == 1)
     }
 
+    @Test func tryAcquireTakesOnlyAFreeSlotAndNeverQueuesOrStarts() async throws {
+        let launcher = FakeLauncher()
+        let (_, pool) = Self.makePool(concurrency: 1, max: 2, launcher: launcher)
+        #expect(pool.tryAcquire() == nil)  // nothing running: no instance is started for it
+        #expect(launcher.state.withLock { $0.launches } == 0)
+        #expect(pool.queueDepth == 0)
+        let first = try await pool.acquire(requestID: "r1", deadline: .now.advanced(by: .seconds(5)))
+        #expect(pool.tryAcquire() == nil)  // the only slot is taken
+        #expect(pool.queueDepth == 0)
+        pool.release(first)
+        let second = try #require(pool.tryAcquire())
+        #expect(second.instanceID == first.instanceID)
+        #expect(pool.instances().first?.inFlight == 1)
+        pool.release(second)
+        #expect(pool.instances().first?.inFlight == 0)
+    }
+
     @Test func startFailureFailsTheWaiter() async {
         let launcher = FakeLauncher(failWith: ApusError(.unavailable, "exit 1 before ready"))
         let (_, pool) = Self.makePool(launcher: launcher)

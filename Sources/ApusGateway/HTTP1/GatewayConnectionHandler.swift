@@ -515,7 +515,7 @@ final class GatewayConnectionHandler: ChannelInboundHandler, RemovableChannelHan
     func upstreamComplete(reusable: Bool) {
         guard let current = exchange else { return }
         if let lease = current.lease { current.pool.release(lease) }
-        current.pool.metrics.recordRequest(protocol: "http", code: Self.statusCode(current.status), since: current.arrivedAt)
+        current.pool.metrics.recordHTTPRequest(status: current.status, since: current.arrivedAt)
         if let upstream = current.upstream {
             if reusable && current.bodyDone { upstreams.release(upstream) } else { upstream.close() }
         }

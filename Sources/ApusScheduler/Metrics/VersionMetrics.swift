@@ -63,6 +63,31 @@ public final class VersionMetrics: Sendable {
         latency.record(duration: ContinuousClock.now - start)
     }
 
+    /// `recordRequest` for the HTTP edges by status code: one array slot per status instead of a dictionary
+    /// lookup keyed by two strings (this runs for every request).
+    private let httpOutcomes = Mutex<[Counter?]>(Array(repeating: nil, count: 600))
+
+    public func recordHTTPRequest(status: Int, since start: ContinuousClock.Instant) {
+        guard (0..<600).contains(status) else {
+            recordRequest(protocol: "http", code: String(status), since: start)
+            return
+        }
+        let counter = httpOutcomes.withLock { counters in
+            if let counter = counters[status] { return counter }
+            let counter = outcomes.withLock { outcomes in
+                let key = OutcomeKey(protocolName: "http", code: String(status))
+                if let counter = outcomes[key] { return counter }
+                let counter = Counter(label: "apus_requests_total", dimensions: dimensions + [("protocol", "http"), ("code", key.code)])
+                outcomes[key] = counter
+                return counter
+            }
+            counters[status] = counter
+            return counter
+        }
+        counter.increment()
+        latency.record(duration: ContinuousClock.now - start)
+    }
+
     /// A request refused by the pool before it got a slot.
     func recordRejection(_ reason: String) {
         let counter = rejections.withLock { counters in

@@ -66,6 +66,8 @@ final class EdgeReactor: @unchecked Sendable {
     /// current response.
     func drain() {
         draining.store(true, ordering: .releasing)
+        // New connections are refused from now on (the descriptor itself is closed once the threads are done).
+        shutdown(listenFD, Int32(SHUT_RDWR))
         for loop in loops { loop.wake() }
     }
 

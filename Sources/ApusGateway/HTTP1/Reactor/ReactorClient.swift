@@ -33,7 +33,6 @@ final class ReactorClient: ReactorSocket {
     let peer: String
 
     // The request in progress (phase `forwarding`).
-    private var version: FunctionVersion?
     private var pool: InstancePool?
     private var lease: InstancePool.Lease?
     private var requestID = ""
@@ -150,12 +149,19 @@ final class ReactorClient: ReactorSocket {
         guard !head.upgradeToH2C, !head.expectContinue, !head.asyncInvocation,
               !head.target.hasPrefix(GatewayConnectionHandler.asyncPrefix), !draining else { return false }
         let shared = loop.reactor.shared
-        let requestID = shared.requestIDs.next()
-        guard let (route, version, _) = try? GatewayConnectionHandler.resolve(head, requestID: requestID, shared: shared, roll: loop.nextRoll()) else {
+        guard let route = try? GatewayRoute.resolve(
+            host: head.host, uri: head.target, domain: shared.configuration.domain, catalog: shared.scheduler.catalog) else {
             return false
         }
-        let pool = shared.scheduler.pool(for: version)
-        guard let lease = pool.tryAcquire(shard: loop.shardKey) else { return false }
+        var pinned: Int?
+        if let text = head.pinnedVersion {
+            guard let number = Int(text), number > 0 else { return false }
+            pinned = number
+        }
+        guard let pool = loop.pool(function: route.function, pinnedVersion: pinned),
+              pool.version.manifest.protocol == .http,
+              let lease = pool.tryAcquire(shard: loop.shardKey) else { return false }
+        let requestID = shared.requestIDs.next()
         guard let upstream = loop.upstream(instanceID: lease.instanceID, port: lease.port) else {
             pool.release(lease)
             return false
@@ -167,7 +173,6 @@ final class ReactorClient: ReactorSocket {
             return headLength
         }
         headInFlight = true
-        self.version = version
         self.pool = pool
         self.lease = lease
         self.requestID = requestID
@@ -184,11 +189,11 @@ final class ReactorClient: ReactorSocket {
         responseStarted = false
         status = 0
         arrivedAt = ContinuousClock.now
-        deadline = arrivedAt.advanced(by: version.manifest.timeout)
+        deadline = arrivedAt.advanced(by: pool.version.manifest.timeout)
         phase = .forwarding
         upstream.begin(client: self, requestWasHEAD: head.isHEAD)
         GatewayConnectionHandler.writeUpstreamHead(
-            into: &upstream.out, head, rawHead: pendingHead, route: route, requestID: requestID, version: version,
+            into: &upstream.out, head, rawHead: pendingHead, route: route, requestID: requestID, version: pool.version,
             peer: peer, scheme: "http")
         pumpBody()
         upstream.flush()
@@ -238,7 +243,7 @@ final class ReactorClient: ReactorSocket {
         if case .untilClose = head.framing { closeAfter = true }
         if bodyRemaining > 0 { closeAfter = true }  // answered before the body was read: the rest cannot be skipped safely
         head.keptSpans.forEach { span in out.writeBytes(UnsafeRawBufferPointer(rebasing: bytes[span])) }
-        GatewayConnectionHandler.endResponseHead(&out, version: version?.number ?? 0, requestID: requestID, close: closeAfter, http10: isHTTP10)
+        GatewayConnectionHandler.endResponseHead(&out, version: pool?.version.number ?? 0, requestID: requestID, close: closeAfter, http10: isHTTP10)
     }
 
     /// An interim (1xx) response: passed on as it is.
@@ -258,7 +263,7 @@ final class ReactorClient: ReactorSocket {
     func responseComplete(reusable: Bool) {
         guard phase == .forwarding, let upstream else { return }
         if let lease, let pool { pool.release(lease) }
-        pool?.metrics.recordRequest(protocol: "http", code: GatewayConnectionHandler.statusCode(status), since: arrivedAt)
+        pool?.metrics.recordHTTPRequest(status: status, since: arrivedAt)
         if reusable && bodyRemaining == 0 { loop.release(upstream) } else { upstream.close() }
         endExchange()
         if closeAfter || draining {
@@ -310,7 +315,6 @@ final class ReactorClient: ReactorSocket {
         lease = nil
         upstream = nil
         headInFlight = false
-        version = nil
         pool = nil
     }
 
@@ -339,8 +343,8 @@ final class ReactorClient: ReactorSocket {
     // MARK: endings
 
     func checkDeadline(now: ContinuousClock.Instant) {
-        guard phase == .forwarding, deadline <= now, let version else { return }
-        failExchange(ApusError(.deadlineExceeded, "function did not answer within its timeout of \(version.manifest.timeout.humanReadable)"))
+        guard phase == .forwarding, deadline <= now, let pool else { return }
+        failExchange(ApusError(.deadlineExceeded, "function did not answer within its timeout of \(pool.version.manifest.timeout.humanReadable)"))
     }
 
     /// Ends the request with an error: the client gets it as JSON unless the response already began.
@@ -354,10 +358,10 @@ final class ReactorClient: ReactorSocket {
             protocol: "http",
             code: GatewayConnectionHandler.statusCode(started ? status : error.code.httpStatus), since: arrivedAt)
         shared.logger.info("request failed", metadata: [
-            "requestID": "\(requestID)", "function": "\(version?.function ?? "?")",
-            "version": "\(version?.number ?? 0)", "code": "\(error.code)", "reason": "\(error.message)",
+            "requestID": "\(requestID)", "function": "\(pool?.version.function ?? "?")",
+            "version": "\(pool?.version.number ?? 0)", "code": "\(error.code)", "reason": "\(error.message)",
         ])
-        let versionNumber = version?.number
+        let versionNumber = pool?.version.number
         let mustClose = closeAfter || bodyRemaining > 0 || draining
         endExchange()
         if started {

@@ -10,7 +10,7 @@ class ReactorSocket {
     let fd: Int32
     /// Tells this socket's events from those of an earlier one that had the same descriptor number.
     let token: UInt64
-    unowned let loop: ReactorLoop
+    unowned(unsafe) let loop: ReactorLoop
 
     init(fd: Int32, loop: ReactorLoop) {
         self.fd = fd
@@ -25,7 +25,7 @@ class ReactorSocket {
 /// other loops (`EPOLLEXCLUSIVE`), an eventfd to be woken, the client and instance connections it serves and
 /// its pool of idle keep-alive connections to instances.
 final class ReactorLoop: @unchecked Sendable {
-    unowned let reactor: EdgeReactor
+    unowned(unsafe) let reactor: EdgeReactor
     let index: Int
     /// The NIO event loop that takes connections this loop hands over.
     let handoffLoop: any EventLoop
@@ -158,6 +158,55 @@ final class ReactorLoop: @unchecked Sendable {
         random ^= random >> 7
         random ^= random << 17
         return Int(random % 100)
+    }
+
+    // MARK: routing
+
+    /// A function's catalog entry as of `generation`, with the pools of the versions requests went to.
+    private final class CachedFunction {
+        let generation: UInt64
+        let entry: FunctionCatalog.Entry
+        var pools: [Int: InstancePool] = [:]
+
+        init(generation: UInt64, entry: FunctionCatalog.Entry) {
+            self.generation = generation
+            self.entry = entry
+        }
+    }
+
+    /// Per-loop routing cache: one dictionary lookup per request instead of copying the catalog entry and the
+    /// version, while the catalog has not changed.
+    private var routes: [String: CachedFunction] = [:]
+
+    /// The pool serving a request for `function`: the pinned version, or one chosen by release weight. Nil when the
+    /// catalog cannot route it (the NIO handler then answers with the reason).
+    func pool(function: String, pinnedVersion: Int?) -> InstancePool? {
+        let shared = reactor.shared
+        let generation = shared.scheduler.catalog.changeCount
+        let cached: CachedFunction
+        if let hit = routes[function], hit.generation == generation {
+            cached = hit
+        } else {
+            guard let entry = shared.scheduler.catalog.entry(function) else {
+                routes[function] = nil
+                return nil
+            }
+            if routes.count >= 4096 { routes.removeAll(keepingCapacity: true) }
+            cached = CachedFunction(generation: generation, entry: entry)
+            routes[function] = cached
+        }
+        let number: Int
+        if let pinnedVersion {
+            number = pinnedVersion
+        } else {
+            guard let picked = cached.entry.record.release.pickVersion(roll: nextRoll()) else { return nil }
+            number = picked
+        }
+        if let pool = cached.pools[number] { return pool }
+        guard let version = cached.entry.versions[number] else { return nil }
+        let pool = shared.scheduler.pool(for: version)
+        cached.pools[number] = pool
+        return pool
     }
 
     // MARK: instance connections
