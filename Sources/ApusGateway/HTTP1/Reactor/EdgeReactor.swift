@@ -198,6 +198,18 @@ enum SocketIO {
 
     static let readSize = 16 << 10
 
+    /// Keeps a buffer that is read from and appended to from growing: bytes already consumed are dropped (for
+    /// free when nothing is left, by a move of the rest once enough has been consumed). Without it the writer
+    /// index only grows and every append past the capacity reallocates.
+    @inline(__always)
+    static func compact(_ buffer: inout ByteBuffer) {
+        if buffer.readableBytes == 0 {
+            if buffer.writerIndex > 0 { buffer.clear() }
+        } else if buffer.readerIndex >= readSize {
+            buffer.discardReadBytes()
+        }
+    }
+
     static func read(_ fd: Int32, into buffer: inout ByteBuffer) -> ReadResult {
         var result = ReadResult.wouldBlock
         buffer.writeWithUnsafeMutableBytes(minimumWritableBytes: readSize) { space in
@@ -227,7 +239,9 @@ enum SocketIO {
                 continue
             }
             if count < 0 && errno == EINTR { continue }
-            return count < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)
+            let wouldBlock = count < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)
+            compact(&buffer)
+            return wouldBlock
         }
         buffer.clear()
         return true

@@ -80,6 +80,7 @@ final class ReactorClient: ReactorSocket {
         defer { reading = false }
         repeat {
             while mayRead {
+                SocketIO.compact(&inbound)
                 switch SocketIO.read(fd, into: &inbound) {
                 case .bytes(let drained):
                     if drained { readable = false }

@@ -89,6 +89,7 @@ final class ReactorUpstream: ReactorSocket {
 
     private func readAvailable() {
         while readable, !isPaused, !closed {
+            SocketIO.compact(&inbound)
             switch SocketIO.read(fd, into: &inbound) {
             case .bytes(let drained):
                 if drained { readable = false }
