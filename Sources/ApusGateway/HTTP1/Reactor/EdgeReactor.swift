@@ -49,6 +49,13 @@ final class EdgeReactor: @unchecked Sendable {
         }
     }
 
+    private let acceptCounter = Atomic<Int>(0)
+
+    /// The loop that serves the next accepted connection: each in turn.
+    func loopForNextConnection() -> ReactorLoop {
+        loops[acceptCounter.wrappingAdd(1, ordering: .relaxed).oldValue % loops.count]
+    }
+
     /// Starts one thread per loop.
     func start() {
         running.withLock { $0 = loops.count }
@@ -57,7 +64,7 @@ final class EdgeReactor: @unchecked Sendable {
                 loop.run()
                 running.withLock { $0 -= 1 }
             }
-            thread.name = "apus-http1-reactor-\(loop.index)"
+            thread.name = "apus-reactor-\(loop.index)"  // at most 15 characters (Linux)
             thread.start()
         }
     }

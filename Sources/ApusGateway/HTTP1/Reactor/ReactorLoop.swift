@@ -3,6 +3,7 @@ import ApusScheduler
 import CApusShims
 import Glibc
 import NIOCore
+import Synchronization
 
 /// Something a reactor loop watches: a client connection or a connection to an instance. Subclasses handle the
 /// readiness events; everything happens on the loop's thread.
@@ -85,6 +86,7 @@ final class ReactorLoop: @unchecked Sendable {
                     case Self.wakeToken:
                         var value: UInt64 = 0
                         _ = Glibc.read(wakeFD, &value, 8)
+                        adoptInbox()
                     default:
                         let fd = Int(UInt32(truncatingIfNeeded: event.data))
                         if fd < sockets.count, let socket = sockets[fd], socket.token == event.data {
@@ -111,16 +113,39 @@ final class ReactorLoop: @unchecked Sendable {
         }
     }
 
+    /// Accepts every waiting connection and deals them out to the loops in turn (a burst of connects would
+    /// otherwise all land on whichever loop woke first).
     private func acceptAll() {
         while !drainingSeen {
             let fd = apus_accept(reactor.listenFD)
             guard fd >= 0 else { return }
             var one: Int32 = 1
             setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
-            let client = ReactorClient(fd: fd, loop: self, peer: SocketAddresses.peer(of: fd))
             reactor.openConnections.add(1, ordering: .relaxed)
-            register(client)
+            let target = reactor.loopForNextConnection()
+            if target === self {
+                adopt(fd)
+            } else {
+                target.inbox.withLock { $0.append(fd) }
+                target.wake()
+            }
         }
+    }
+
+    /// Connections other loops accepted for this one.
+    let inbox = Mutex<[Int32]>([])
+
+    private func adoptInbox() {
+        let fds = inbox.withLock { fds in
+            defer { fds.removeAll(keepingCapacity: true) }
+            return fds
+        }
+        for fd in fds { adopt(fd) }
+    }
+
+    private func adopt(_ fd: Int32) {
+        register(ReactorClient(fd: fd, loop: self, peer: SocketAddresses.peer(of: fd)))
+        if drainingSeen, let client = sockets[Int(fd)] as? ReactorClient { client.beginDrain() }
     }
 
     /// Starts watching a socket (edge-triggered, reads and writes).
@@ -243,6 +268,7 @@ final class ReactorLoop: @unchecked Sendable {
     }
 
     private func closeEverything() {
+        adoptInbox()
         for socket in sockets {
             guard let socket else { continue }
             if let client = socket as? ReactorClient {
