@@ -334,7 +334,9 @@ final class GatewayConnectionHandler: ChannelInboundHandler, RemovableChannelHan
         var out = headScratch ?? context.channel.allocator.buffer(capacity: rawHead.readableBytes + 320)
         headScratch = nil
         out.clear()
-        Self.writeUpstreamHead(into: &out, head, rawHead: rawHead, route: route, requestID: requestID, version: version, peer: peer, scheme: scheme)
+        Self.writeUpstreamHead(
+            into: &out, head, rawHead: rawHead, route: route, requestID: requestID, function: version.function,
+            versionNumber: version.number, timeoutMilliseconds: version.manifest.timeout.milliseconds, peer: peer, scheme: scheme)
         headScratch = out
         return out
     }
@@ -342,7 +344,7 @@ final class GatewayConnectionHandler: ChannelInboundHandler, RemovableChannelHan
     /// The request head an instance gets (shared with the edge reactor): appended to `out`.
     static func writeUpstreamHead(
         into out: inout ByteBuffer, _ head: RequestHead, rawHead: ByteBuffer, route: GatewayRoute, requestID: String,
-        version: FunctionVersion, peer: String, scheme: String
+        function: String, versionNumber: Int, timeoutMilliseconds: Int64, peer: String, scheme: String
     ) {
         out.writeString(head.method)
         out.writeStatic(" ")
@@ -370,11 +372,11 @@ final class GatewayConnectionHandler: ChannelInboundHandler, RemovableChannelHan
         out.writeStatic("\r\nX-Apus-Request-Id: ")
         out.writeString(requestID)
         out.writeStatic("\r\nX-Apus-Function: ")
-        out.writeString(version.function)
+        out.writeString(function)
         out.writeStatic("\r\nX-Apus-Version: ")
-        out.writeString(String(version.number))
+        out.writeString(String(versionNumber))
         out.writeStatic("\r\nX-Apus-Deadline-Ms: ")
-        out.writeString(String(Int64(Date().timeIntervalSince1970 * 1000) + version.manifest.timeout.milliseconds))
+        out.writeString(String(Int64(Date().timeIntervalSince1970 * 1000) + timeoutMilliseconds))
         out.writeStatic("\r\n\r\n")
     }
 

@@ -34,6 +34,7 @@ final class ReactorClient: ReactorSocket {
 
     // The request in progress (phase `forwarding`).
     private var pool: InstancePool?
+    private var target: ReactorLoop.Target?
     private var lease: InstancePool.Lease?
     private var requestID = ""
     private var isHTTP10 = false
@@ -63,7 +64,7 @@ final class ReactorClient: ReactorSocket {
 
     override func handle(_ events: UInt32) {
         if events & (APUS_EV_IN | APUS_EV_RDHUP | APUS_EV_HUP | APUS_EV_ERR) != 0 { readable = true }
-        if events & APUS_EV_OUT != 0, out.readableBytes > 0 { flush() }
+        if events & APUS_EV_OUT != 0, out.readableBytes > 0 { flushNow() }
         if readable { readAvailable() }
     }
 
@@ -159,9 +160,9 @@ final class ReactorClient: ReactorSocket {
             guard let number = Int(text), number > 0 else { return false }
             pinned = number
         }
-        guard let pool = loop.pool(function: route.function, pinnedVersion: pinned),
-              pool.version.manifest.protocol == .http,
-              let lease = pool.tryAcquire(shard: loop.shardKey) else { return false }
+        guard let target = loop.target(function: route.function, pinnedVersion: pinned), target.servesHTTP,
+              let lease = target.pool.tryAcquire(shard: loop.shardKey) else { return false }
+        let pool = target.pool
         let requestID = shared.requestIDs.next()
         guard let upstream = loop.upstream(instanceID: lease.instanceID, port: lease.port) else {
             pool.release(lease)
@@ -175,6 +176,7 @@ final class ReactorClient: ReactorSocket {
         }
         headInFlight = true
         self.pool = pool
+        self.target = target
         self.lease = lease
         self.requestID = requestID
         self.upstream = upstream
@@ -190,11 +192,12 @@ final class ReactorClient: ReactorSocket {
         responseStarted = false
         status = 0
         arrivedAt = ContinuousClock.now
-        deadline = arrivedAt.advanced(by: pool.version.manifest.timeout)
+        deadline = arrivedAt.advanced(by: target.timeout)
         phase = .forwarding
         upstream.begin(client: self, requestWasHEAD: head.isHEAD)
         GatewayConnectionHandler.writeUpstreamHead(
-            into: &upstream.out, head, rawHead: pendingHead, route: route, requestID: requestID, version: pool.version,
+            into: &upstream.out, head, rawHead: pendingHead, route: route, requestID: requestID, function: target.function,
+            versionNumber: target.versionNumber, timeoutMilliseconds: target.timeoutMilliseconds,
             peer: peer, scheme: "http")
         pumpBody()
         upstream.flush()
@@ -244,7 +247,7 @@ final class ReactorClient: ReactorSocket {
         if case .untilClose = head.framing { closeAfter = true }
         if bodyRemaining > 0 { closeAfter = true }  // answered before the body was read: the rest cannot be skipped safely
         head.keptSpans.forEach { span in out.writeBytes(UnsafeRawBufferPointer(rebasing: bytes[span])) }
-        GatewayConnectionHandler.endResponseHead(&out, version: pool?.version.number ?? 0, requestID: requestID, close: closeAfter, http10: isHTTP10)
+        GatewayConnectionHandler.endResponseHead(&out, version: target?.versionNumber ?? 0, requestID: requestID, close: closeAfter, http10: isHTTP10)
     }
 
     /// An interim (1xx) response: passed on as it is.
@@ -317,12 +320,13 @@ final class ReactorClient: ReactorSocket {
         upstream = nil
         headInFlight = false
         pool = nil
+        target = nil
     }
 
     // MARK: writing to the client
 
     /// Writes what the socket takes; closes or hands over when that was the last thing to do.
-    func flush() {
+    override func flushNow() {
         guard phase != .closed else { return }
         if out.readableBytes > 0, !SocketIO.flush(fd, &out) {
             abort()
@@ -344,8 +348,8 @@ final class ReactorClient: ReactorSocket {
     // MARK: endings
 
     func checkDeadline(now: ContinuousClock.Instant) {
-        guard phase == .forwarding, deadline <= now, let pool else { return }
-        failExchange(ApusError(.deadlineExceeded, "function did not answer within its timeout of \(pool.version.manifest.timeout.humanReadable)"))
+        guard phase == .forwarding, deadline <= now, let target else { return }
+        failExchange(ApusError(.deadlineExceeded, "function did not answer within its timeout of \(target.timeout.humanReadable)"))
     }
 
     /// Ends the request with an error: the client gets it as JSON unless the response already began.
@@ -359,10 +363,10 @@ final class ReactorClient: ReactorSocket {
             protocol: "http",
             code: GatewayConnectionHandler.statusCode(started ? status : error.code.httpStatus), since: arrivedAt)
         shared.logger.info("request failed", metadata: [
-            "requestID": "\(requestID)", "function": "\(pool?.version.function ?? "?")",
-            "version": "\(pool?.version.number ?? 0)", "code": "\(error.code)", "reason": "\(error.message)",
+            "requestID": "\(requestID)", "function": "\(target?.function ?? "?")",
+            "version": "\(target?.versionNumber ?? 0)", "code": "\(error.code)", "reason": "\(error.message)",
         ])
-        let versionNumber = pool?.version.number
+        let versionNumber = target?.versionNumber
         let mustClose = closeAfter || bodyRemaining > 0 || draining
         endExchange()
         if started {

@@ -20,6 +20,19 @@ class ReactorSocket {
     }
 
     func handle(_ events: UInt32) {}
+
+    /// Whether a write is waiting for the end of the loop's current batch of events.
+    var flushScheduled = false
+
+    /// Writes what is pending now.
+    func flushNow() {}
+
+    /// Writes what is pending once the loop has handled its current batch of events: requests and responses
+    /// produced by one batch leave together, so the peers (instances, clients) are woken once per batch rather
+    /// than once per message.
+    final func flush() {
+        loop.scheduleFlush(self)
+    }
 }
 
 /// One reactor thread: an epoll instance (edge-triggered for connections), the listening socket shared with the
@@ -95,9 +108,31 @@ final class ReactorLoop: @unchecked Sendable {
                     }
                 }
             }
+            flushPending()
             housekeeping()
         }
         closeEverything()
+    }
+
+    private var pendingFlush: [ReactorSocket] = []
+
+    func scheduleFlush(_ socket: ReactorSocket) {
+        guard !socket.flushScheduled else { return }
+        socket.flushScheduled = true
+        pendingFlush.append(socket)
+    }
+
+    /// Writes everything the batch produced. A write may produce more (a drained client resumes its instance
+    /// connection, which relays more): those are written in the same pass.
+    private func flushPending() {
+        var index = 0
+        while index < pendingFlush.count {
+            let socket = pendingFlush[index]
+            socket.flushScheduled = false
+            socket.flushNow()
+            index += 1
+        }
+        pendingFlush.removeAll(keepingCapacity: true)
     }
 
     private func housekeeping() {
@@ -187,11 +222,32 @@ final class ReactorLoop: @unchecked Sendable {
 
     // MARK: routing
 
-    /// A function's catalog entry as of `generation`, with the pools of the versions requests went to.
+    /// Where a request goes once its version is chosen: the version's pool and the few facts about the version a
+    /// request needs, copied out once (a `FunctionVersion` is large to copy per request).
+    struct Target {
+        let pool: InstancePool
+        let function: String
+        let versionNumber: Int
+        let timeout: Duration
+        let timeoutMilliseconds: Int64
+        let servesHTTP: Bool
+
+        init(pool: InstancePool) {
+            self.pool = pool
+            let version = pool.version
+            function = version.function
+            versionNumber = version.number
+            timeout = version.manifest.timeout
+            timeoutMilliseconds = version.manifest.timeout.milliseconds
+            servesHTTP = version.manifest.protocol == .http
+        }
+    }
+
+    /// A function's catalog entry as of `generation`, with the targets of the versions requests went to.
     private final class CachedFunction {
         let generation: UInt64
         let entry: FunctionCatalog.Entry
-        var pools: [Int: InstancePool] = [:]
+        var pools: [Int: Target] = [:]
 
         init(generation: UInt64, entry: FunctionCatalog.Entry) {
             self.generation = generation
@@ -203,9 +259,9 @@ final class ReactorLoop: @unchecked Sendable {
     /// version, while the catalog has not changed.
     private var routes: [String: CachedFunction] = [:]
 
-    /// The pool serving a request for `function`: the pinned version, or one chosen by release weight. Nil when the
+    /// Where a request for `function` goes: the pinned version, or one chosen by release weight. Nil when the
     /// catalog cannot route it (the NIO handler then answers with the reason).
-    func pool(function: String, pinnedVersion: Int?) -> InstancePool? {
+    func target(function: String, pinnedVersion: Int?) -> Target? {
         let shared = reactor.shared
         let generation = shared.scheduler.catalog.changeCount
         let cached: CachedFunction
@@ -227,11 +283,11 @@ final class ReactorLoop: @unchecked Sendable {
             guard let picked = cached.entry.record.release.pickVersion(roll: nextRoll()) else { return nil }
             number = picked
         }
-        if let pool = cached.pools[number] { return pool }
+        if let target = cached.pools[number] { return target }
         guard let version = cached.entry.versions[number] else { return nil }
-        let pool = shared.scheduler.pool(for: version)
-        cached.pools[number] = pool
-        return pool
+        let target = Target(pool: shared.scheduler.pool(for: version))
+        cached.pools[number] = target
+        return target
     }
 
     // MARK: instance connections

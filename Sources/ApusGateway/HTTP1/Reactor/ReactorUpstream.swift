@@ -55,11 +55,11 @@ final class ReactorUpstream: ReactorSocket {
             }
             guard events & APUS_EV_OUT != 0 else { return }
             isConnected = true
-            flush()
+            flushNow()
             client?.upstreamConnected()
         }
         if events & (APUS_EV_IN | APUS_EV_RDHUP | APUS_EV_HUP | APUS_EV_ERR) != 0 { readable = true }
-        if events & APUS_EV_OUT != 0, out.readableBytes > 0 { flush() }
+        if events & APUS_EV_OUT != 0, out.readableBytes > 0 { flushNow() }
         if readable && !isPaused { readAvailable() }
     }
 
@@ -71,7 +71,7 @@ final class ReactorUpstream: ReactorSocket {
     }
 
     /// Writes what the socket takes of the request (once connected).
-    func flush() {
+    override func flushNow() {
         guard isConnected, !closed else { return }
         let hadBacklog = out.readableBytes > ReactorClient.maxBufferedAhead
         guard SocketIO.flush(fd, &out) else {
