@@ -158,10 +158,12 @@ public struct InstancePoolStateMachine: Sendable {
     /// The hot path of `request`: takes a free slot when nobody is queued, without building actions.
     /// Returns nil when the request has to go through `request` (no free slot, queue not empty, closed).
     public mutating func takeFreeSlot(now: Instant, shard: UInt64? = nil) -> String? {
-        guard !isClosed, waiters.isEmpty, let instanceID = pickInstance(shard: shard) else { return nil }
+        guard !isClosed, waiters.isEmpty, let instanceID = pickInstance(shard: shard),
+              let index = instances.index(forKey: instanceID) else { return nil }
         admitted += 1
-        instances[instanceID]!.inFlight += 1
-        instances[instanceID]!.lastActive = now
+        // Through the index: one hash of the id for both updates (this runs for every request).
+        instances.values[index].inFlight += 1
+        instances.values[index].lastActive = now
         return instanceID
     }
 
@@ -177,13 +179,12 @@ public struct InstancePoolStateMachine: Sendable {
 
     /// A dispatched request finished with its slot.
     public mutating func release(instanceID: String, now: Instant) -> [Action] {
-        guard var instance = instances[instanceID] else { return [] }
-        instance.inFlight = max(0, instance.inFlight - 1)
-        instance.lastActive = now
-        instances[instanceID] = instance
-        if instance.state == .draining {
-            if instance.inFlight == 0 {
-                instances[instanceID] = nil
+        guard let index = instances.index(forKey: instanceID) else { return [] }
+        instances.values[index].inFlight = max(0, instances.values[index].inFlight - 1)
+        instances.values[index].lastActive = now
+        if instances.values[index].state == .draining {
+            if instances.values[index].inFlight == 0 {
+                instances.remove(at: index)
                 membershipGeneration += 1
                 return [.stopInstance(instanceID: instanceID)]
             }

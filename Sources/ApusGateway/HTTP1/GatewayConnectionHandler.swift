@@ -346,38 +346,48 @@ final class GatewayConnectionHandler: ChannelInboundHandler, RemovableChannelHan
         into out: inout ByteBuffer, _ head: RequestHead, rawHead: ByteBuffer, route: GatewayRoute, requestID: String,
         function: String, versionNumber: Int, timeoutMilliseconds: Int64, peer: String, scheme: String
     ) {
-        out.writeString(head.method)
-        out.writeStatic(" ")
-        out.writeString(route.instancePath)
-        out.writeStatic(" HTTP/1.1\r\n")
-        rawHead.withUnsafeReadableBytes { bytes in
-            head.keptSpans.forEach { span in out.writeBytes(UnsafeRawBufferPointer(rebasing: bytes[span])) }
+        // One reservation and plain copies into it: each separate ByteBuffer write pays its own uniqueness,
+        // capacity and exclusivity checks, and this runs for every request.
+        var capacity = rawHead.readableBytes + head.method.utf8.count + route.instancePath.utf8.count + peer.utf8.count
+        capacity += (head.forwardedFor?.utf8.count ?? 0) + (head.host?.utf8.count ?? 0) + (route.forwardedPrefix?.utf8.count ?? 0)
+        capacity += requestID.utf8.count + function.utf8.count + scheme.utf8.count + 256
+        let deadlineMs = Int(Int64(Date().timeIntervalSince1970 * 1000) + timeoutMilliseconds)
+        rawHead.withUnsafeReadableBytes { raw in
+            out.writeWithUnsafeMutableBytes(minimumWritableBytes: capacity) { space in
+                var w = HeadWriter(space)
+                w.add(head.method)
+                w.add(" ")
+                w.add(route.instancePath)
+                w.add(" HTTP/1.1\r\n")
+                head.keptSpans.forEach { span in w.add(UnsafeRawBufferPointer(rebasing: raw[span])) }
+                w.add("X-Forwarded-For: ")
+                if let previous = head.forwardedFor {
+                    w.add(previous)
+                    w.add(", ")
+                }
+                w.add(peer)
+                if let host = head.host {
+                    w.add("\r\nX-Forwarded-Host: ")
+                    w.add(host)
+                }
+                w.add("\r\nX-Forwarded-Proto: ")
+                w.add(scheme)
+                if let prefix = route.forwardedPrefix {
+                    w.add("\r\nX-Forwarded-Prefix: ")
+                    w.add(prefix)
+                }
+                w.add("\r\nX-Apus-Request-Id: ")
+                w.add(requestID)
+                w.add("\r\nX-Apus-Function: ")
+                w.add(function)
+                w.add("\r\nX-Apus-Version: ")
+                w.addDecimal(versionNumber)
+                w.add("\r\nX-Apus-Deadline-Ms: ")
+                w.addDecimal(deadlineMs)
+                w.add("\r\n\r\n")
+                return w.count
+            }
         }
-        out.writeStatic("X-Forwarded-For: ")
-        if let previous = head.forwardedFor {
-            out.writeString(previous)
-            out.writeStatic(", ")
-        }
-        out.writeString(peer)
-        if let host = head.host {
-            out.writeStatic("\r\nX-Forwarded-Host: ")
-            out.writeString(host)
-        }
-        out.writeStatic("\r\nX-Forwarded-Proto: ")
-        out.writeString(scheme)
-        if let prefix = route.forwardedPrefix {
-            out.writeStatic("\r\nX-Forwarded-Prefix: ")
-            out.writeString(prefix)
-        }
-        out.writeStatic("\r\nX-Apus-Request-Id: ")
-        out.writeString(requestID)
-        out.writeStatic("\r\nX-Apus-Function: ")
-        out.writeString(function)
-        out.writeStatic("\r\nX-Apus-Version: ")
-        out.writeString(String(versionNumber))
-        out.writeStatic("\r\nX-Apus-Deadline-Ms: ")
-        out.writeString(String(Int64(Date().timeIntervalSince1970 * 1000) + timeoutMilliseconds))
-        out.writeStatic("\r\n\r\n")
     }
 
     func slotDecided(requestID: String, _ result: Result<InstancePool.Lease, ApusError>) {
@@ -494,16 +504,20 @@ final class GatewayConnectionHandler: ChannelInboundHandler, RemovableChannelHan
     /// Appends the gateway's response headers and the blank line to an instance's response head (shared with the
     /// edge reactor).
     static func endResponseHead(_ out: inout ByteBuffer, version: Int, requestID: String, close: Bool, http10: Bool) {
-        out.writeStatic("X-Apus-Version: ")
-        out.writeString(String(version))
-        out.writeStatic("\r\nX-Apus-Request-Id: ")
-        out.writeString(requestID)
-        if close {
-            out.writeStatic("\r\nConnection: close")
-        } else if http10 {
-            out.writeStatic("\r\nConnection: keep-alive")
+        out.writeWithUnsafeMutableBytes(minimumWritableBytes: requestID.utf8.count + 96) { space in
+            var w = HeadWriter(space)
+            w.add("X-Apus-Version: ")
+            w.addDecimal(version)
+            w.add("\r\nX-Apus-Request-Id: ")
+            w.add(requestID)
+            if close {
+                w.add("\r\nConnection: close")
+            } else if http10 {
+                w.add("\r\nConnection: keep-alive")
+            }
+            w.add("\r\n\r\n")
+            return w.count
         }
-        out.writeStatic("\r\n\r\n")
     }
 
     func upstreamBody(_ bytes: ByteBuffer) {

@@ -156,3 +156,52 @@ extension ByteBuffer {
         }
     }
 }
+
+/// Appends bytes into memory reserved up front (a `ByteBuffer`'s writable space) with plain copies. The caller
+/// reserves enough: writing past the end traps.
+struct HeadWriter {
+    private let space: UnsafeMutableRawBufferPointer
+    private(set) var count = 0
+
+    init(_ space: UnsafeMutableRawBufferPointer) {
+        self.space = space
+    }
+
+    @inline(__always)
+    mutating func add(_ bytes: UnsafeRawBufferPointer) {
+        precondition(count + bytes.count <= space.count, "head writer overflow")
+        if let source = bytes.baseAddress, bytes.count > 0 {
+            (space.baseAddress! + count).copyMemory(from: source, byteCount: bytes.count)
+        }
+        count += bytes.count
+    }
+
+    @inline(__always)
+    mutating func add(_ text: StaticString) {
+        add(UnsafeRawBufferPointer(start: text.utf8Start, count: text.utf8CodeUnitCount))
+    }
+
+    @inline(__always)
+    mutating func add(_ text: String) {
+        var text = text
+        text.withUTF8 { add(UnsafeRawBufferPointer($0)) }
+    }
+
+    mutating func addDecimal(_ value: Int) {
+        var v = value < 0 ? 0 : value
+        var digits = 1
+        var probe = v
+        while probe >= 10 {
+            probe /= 10
+            digits += 1
+        }
+        precondition(count + digits <= space.count, "head writer overflow")
+        var position = count + digits - 1
+        repeat {
+            space[position] = UInt8(48 + v % 10)
+            v /= 10
+            position -= 1
+        } while v > 0
+        count += digits
+    }
+}

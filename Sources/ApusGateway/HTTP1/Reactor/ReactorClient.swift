@@ -246,7 +246,11 @@ final class ReactorClient: ReactorSocket {
         status = head.status
         if case .untilClose = head.framing { closeAfter = true }
         if bodyRemaining > 0 { closeAfter = true }  // answered before the body was read: the rest cannot be skipped safely
-        head.keptSpans.forEach { span in out.writeBytes(UnsafeRawBufferPointer(rebasing: bytes[span])) }
+        out.writeWithUnsafeMutableBytes(minimumWritableBytes: bytes.count) { space in
+            var w = HeadWriter(space)
+            head.keptSpans.forEach { span in w.add(UnsafeRawBufferPointer(rebasing: bytes[span])) }
+            return w.count
+        }
         GatewayConnectionHandler.endResponseHead(&out, version: target?.versionNumber ?? 0, requestID: requestID, close: closeAfter, http10: isHTTP10)
     }
 
