@@ -158,8 +158,8 @@ public struct InstancePoolStateMachine: Sendable {
     /// The hot path of `request`: takes a free slot when nobody is queued, without building actions.
     /// Returns nil when the request has to go through `request` (no free slot, queue not empty, closed).
     public mutating func takeFreeSlot(now: Instant, shard: UInt64? = nil) -> String? {
-        guard !isClosed, waiters.isEmpty, let instanceID = pickInstance(shard: shard),
-              let index = instances.index(forKey: instanceID) else { return nil }
+        guard !isClosed, waiters.isEmpty, let index = pickInstanceIndex(shard: shard) else { return nil }
+        let instanceID = instances.keys[index]
         admitted += 1
         // Through the index: one hash of the id for both updates (this runs for every request).
         instances.values[index].inFlight += 1
@@ -170,7 +170,9 @@ public struct InstancePoolStateMachine: Sendable {
     /// A dispatched request finished with its slot after holding it `serviceTime` (feeds the queue-wait estimate).
     public mutating func release(instanceID: String, serviceTime: Duration, now: Instant) -> [Action] {
         if let average = averageServiceTime {
-            averageServiceTime = average * 0.8 + serviceTime * 0.2
+            // 0.8 × average + 0.2 × sample in integer attoseconds (Duration × Double converts through
+            // floating point, and this runs for every request).
+            averageServiceTime = (average * 4 + serviceTime) / 5
         } else {
             averageServiceTime = serviceTime
         }
@@ -332,10 +334,15 @@ public struct InstancePoolStateMachine: Sendable {
     /// The instance for the next request: among the shard's instances when sharding applies (spilling to all ready
     /// instances when those are busy), the least loaded with a free slot; nil when every slot is taken.
     private mutating func pickInstance(shard: UInt64?) -> String? {
+        pickInstanceIndex(shard: shard).map { instances.keys[$0] }
+    }
+
+    /// `pickInstance`, as the instance's position in `instances` (valid until `instances` changes).
+    private mutating func pickInstanceIndex(shard: UInt64?) -> Dictionary<String, Instance>.Index? {
         let ready = readyInstanceIDs()
         if let shard, configuration.shardSize > 0, ready.count > configuration.shardSize,
-           let id = leastLoaded(among: shardMembers(shard)) {
-            return id
+           let index = leastLoaded(among: shardMembers(shard)) {
+            return index
         }
         return leastLoaded(among: ready)
     }
@@ -360,32 +367,34 @@ public struct InstancePoolStateMachine: Sendable {
         return members
     }
 
-    /// The id's instance if it is ready with a free slot, with its load.
-    private func freeLoad(_ id: String) -> Int? {
-        guard let instance = instances[id], instance.state == .ready, instance.inFlight < configuration.concurrency else { return nil }
-        return instance.inFlight
+    /// The id's instance if it is ready with a free slot: its position and its load.
+    private func freeSlot(_ id: String) -> (index: Dictionary<String, Instance>.Index, load: Int)? {
+        guard let index = instances.index(forKey: id) else { return nil }
+        let instance = instances.values[index]
+        guard instance.state == .ready, instance.inFlight < configuration.concurrency else { return nil }
+        return (index, instance.inFlight)
     }
 
     /// Least outstanding requests among `ids`: every candidate when there are few, else the better of two random
     /// ones (falling back to a full scan when both are full).
-    private mutating func leastLoaded(among ids: [String]) -> String? {
+    private mutating func leastLoaded(among ids: [String]) -> Dictionary<String, Instance>.Index? {
         if ids.count > Self.powerOfTwoThreshold {
             let first = random.next(below: ids.count)
             var second = random.next(below: ids.count - 1)
             if second >= first { second += 1 }
-            switch (freeLoad(ids[first]), freeLoad(ids[second])) {
-            case (let a?, let b?): return a <= b ? ids[first] : ids[second]
-            case (.some, nil): return ids[first]
-            case (nil, .some): return ids[second]
+            switch (freeSlot(ids[first]), freeSlot(ids[second])) {
+            case (let a?, let b?): return a.load <= b.load ? a.index : b.index
+            case (let a?, nil): return a.index
+            case (nil, let b?): return b.index
             case (nil, nil): break
             }
         }
-        var best: (id: String, load: Int)?
+        var best: (index: Dictionary<String, Instance>.Index, load: Int)?
         for id in ids {
-            guard let load = freeLoad(id) else { continue }
-            if best == nil || load < best!.load { best = (id, load) }
+            guard let candidate = freeSlot(id) else { continue }
+            if best == nil || candidate.load < best!.load { best = candidate }
         }
-        return best?.id
+        return best?.index
     }
 
     private mutating func dispatchWaiters(now: Instant) -> [Action] {
