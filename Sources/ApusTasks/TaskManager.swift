@@ -268,7 +268,9 @@ public final class TaskManager: Service, AsyncTaskSubmitter {
     }
 
     private func loop() async {
-        while !state.withLock({ $0.stopping }) {
+        // Also ends on cancellation (another service failed and the group is being torn down): the sleep below
+        // returns at once once cancelled, so only this check keeps the loop from spinning.
+        while !state.withLock({ $0.stopping }), !Task.isCancelled {
             let now = clock()
             let functions = state.withLock { Array($0.functionsSeen.union($0.machine.load().keys)) }
             var settings: [(String, TaskStateMachine.Settings)] = []

@@ -10,12 +10,13 @@ from __future__ import annotations
 import hashlib
 import re
 import socket
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from apus_testlib import Apusd, http_request
+from apus_testlib import APUSD, Apusd, http_request
 
 RAW_BACKEND = r'''
 import hashlib, os, socket, threading, time
@@ -356,3 +357,20 @@ def test_bad_engine_name_is_refused(tmp_path):
         d.start(timeout=15)
     assert "--http1-engine: must be reactor or nio (got epoll)" in d.log_tail(50)
     d.teardown()
+
+
+def test_http_port_in_use_is_a_clear_error_and_apusd_exits(tmp_path):
+    """The reactor binds the HTTP port itself: a taken port ends apusd with the address and the reason (it used
+    to hang, with the task manager's loop spinning after the group was cancelled)."""
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    port = taken.getsockname()[1]
+    try:
+        p = subprocess.run([str(APUSD), "--data-dir", str(tmp_path / "taken" / "data"), "--api-port", "0",
+                            "--http-port", str(port)], capture_output=True, text=True, timeout=60)
+        out = p.stdout + p.stderr
+        assert p.returncode != 0, out[-2000:]
+        assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in out, out[-2000:]
+    finally:
+        taken.close()
