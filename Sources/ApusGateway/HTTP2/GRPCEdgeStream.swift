@@ -7,10 +7,11 @@ import NIOHTTP2
 
 /// One gRPC call from a client, relayed to a function instance over a multiplexed HTTP/2 connection. The edge
 /// reads only what routing needs (`:path`, `apus-function`, `apus-version`, `grpc-timeout`); messages pass through
-/// frame by frame in both directions. Flow control is end to end: this stream reads from the client only while
-/// the instance's stream can take more, and reads from the instance only while the client can take more.
-/// Lives on the client connection's event loop, like the instance stream it opens.
-final class GRPCEdgeStream: ChannelInboundHandler, LoopSlotTarget {
+/// frame by frame in both directions. On the instance's connection the call is a stream ID on
+/// `InstanceConnectionHandler`, not a channel. Flow control is end to end: this stream reads from the client only
+/// while the instance's stream window has room, and the instance's stream window is given back only as the
+/// client takes the bytes. Lives on the client connection's event loop, like the instance connection it uses.
+final class GRPCEdgeStream: ChannelInboundHandler, LoopSlotTarget, InstanceStreamOwner {
     typealias InboundIn = HTTP2Frame.FramePayload
     typealias OutboundOut = HTTP2Frame.FramePayload
 
@@ -47,8 +48,9 @@ final class GRPCEdgeStream: ChannelInboundHandler, LoopSlotTarget {
     var responseEnding = false
     /// The instance ended its side of the stream (END_STREAM): the call is complete there.
     private var instanceEnded = false
-    private var upstream: (any Channel)?
-    private var upstreamRelay: InstanceStreamRelay?
+    /// The instance connection and the call's stream on it, while relaying.
+    private var upstream: InstanceConnectionHandler?
+    private var upstreamStreamID = HTTP2StreamID.rootStream
     private var slotWaiter: LoopSlotWaiter?
     /// An asynchronous call's submission while its request is read, and the payload limit.
     var asyncSubmission: TaskSubmission?
@@ -68,7 +70,11 @@ final class GRPCEdgeStream: ChannelInboundHandler, LoopSlotTarget {
 
     func handlerRemoved(context: ChannelHandlerContext) {
         slotWaiter = nil
-        upstreamRelay?.edge = nil
+        // Normally finish() has run (channelInactive); never leave the stream owned by a gone handler.
+        if let upstream {
+            upstream.release(upstreamStreamID, reset: !instanceEnded, endRequest: instanceEnded && !requestEnded)
+            self.upstream = nil
+        }
     }
 
     // MARK: client side
@@ -97,8 +103,9 @@ final class GRPCEdgeStream: ChannelInboundHandler, LoopSlotTarget {
     }
 
     func channelWritabilityChanged(context: ChannelHandlerContext) {
-        // A slow client slows the instance.
-        upstream?.setReading(context.channel.isWritable)
+        // A slow client slows the instance: response bytes held while it was not writable go back into the
+        // instance's window only now.
+        if context.channel.isWritable { upstream?.clientTookBytes(on: upstreamStreamID) }
         context.fireChannelWritabilityChanged()
     }
 
@@ -126,7 +133,11 @@ final class GRPCEdgeStream: ChannelInboundHandler, LoopSlotTarget {
 
     private func forward(_ payload: HTTP2Frame.FramePayload) {
         switch phase {
-        case .relaying: upstream?.write(payload, promise: nil)
+        case .relaying:
+            guard let upstream else { return }
+            upstream.write(payload, on: upstreamStreamID)
+            // A slow instance slows the client.
+            if !upstream.canSend(on: upstreamStreamID) { context.channel.setReading(false) }
         case .waitingForSlot, .connecting: pending.append(payload)
         case .collectingAsync: collectAsync(payload)
         case .idle, .finished, .submittingAsync: break
@@ -242,46 +253,43 @@ final class GRPCEdgeStream: ChannelInboundHandler, LoopSlotTarget {
     private func openUpstream() {
         guard let lease = slot.lease else { return }
         phase = .connecting
-        let relay = InstanceStreamRelay(edge: self)
-        upstreamRelay = relay
         let requestID = self.requestID
-        shared.instanceHTTP2Pool(for: context.eventLoop).openStream(
-            instanceID: lease.instanceID, port: lease.port,
-            initializer: { channel in try? channel.pipeline.syncOperations.addHandler(relay) },
-            completion: { [self] result in
-                guard phase == .connecting, requestID == self.requestID else {
-                    if case .success(let channel) = result { channel.close(promise: nil) }
-                    return
+        shared.instanceHTTP2Pool(for: context.eventLoop).connection(instanceID: lease.instanceID, port: lease.port) { [self] result in
+            guard phase == .connecting, requestID == self.requestID else { return }
+            switch result {
+            case .success(let connection):
+                if !relayStarted(on: connection) {
+                    upstreamFailed(lease: lease, .streamFailed(ChannelError.ioOnClosedChannel))
                 }
-                switch result {
-                case .success(let channel):
-                    relayStarted(on: channel)
-                case .failure(let error):
-                    upstreamRelay = nil
-                    if case .connectFailed = error {
-                        // Nobody listens there: take the instance out of service and try another once.
-                        slot.reportUnreachable()
-                        if retried {
-                            fail(ApusError(.unavailable, "cannot connect to instance \(lease.instanceID): \(error)"))
-                        } else {
-                            retried = true
-                            acquireSlot()
-                        }
-                    } else if retried {
-                        fail(ApusError(.unavailable, "cannot open a stream to instance \(lease.instanceID): \(error)"))
-                    } else {
-                        // The connection went away (GOAWAY, closed) before the stream opened: a new one will do.
-                        retried = true
-                        openUpstream()
-                    }
-                }
-            })
+            case .failure(let error):
+                upstreamFailed(lease: lease, error)
+            }
+        }
     }
 
-    private func relayStarted(on channel: any Channel) {
-        guard let version else { return }
-        upstream = channel
-        phase = .relaying
+    private func upstreamFailed(lease: InstancePool.Lease, _ error: InstanceStreamError) {
+        if case .connectFailed = error {
+            // Nobody listens there: take the instance out of service and try another once.
+            slot.reportUnreachable()
+            if retried {
+                fail(ApusError(.unavailable, "cannot connect to instance \(lease.instanceID): \(error)"))
+            } else {
+                retried = true
+                acquireSlot()
+            }
+        } else if retried {
+            fail(ApusError(.unavailable, "cannot open a stream to instance \(lease.instanceID): \(error)"))
+        } else {
+            // The connection went away (GOAWAY, closed) before the stream opened: a new one will do.
+            retried = true
+            openUpstream()
+        }
+    }
+
+    /// Starts the call's stream on the instance connection: request HEADERS, then what the client sent so far.
+    /// False when the connection takes no new streams.
+    private func relayStarted(on connection: InstanceConnectionHandler) -> Bool {
+        guard let version else { return true }
         var headers = HPACKHeaders()
         headers.reserveCapacity(requestHeaders.count + 6)
         for (name, value, indexing) in requestHeaders where name != "grpc-timeout" {
@@ -294,15 +302,24 @@ final class GRPCEdgeStream: ChannelInboundHandler, LoopSlotTarget {
         headers.add(name: "x-apus-version", value: String(version.number))
         headers.add(name: "x-forwarded-for", value: peer)
         let endedWithHeaders = requestEnded && pending.isEmpty
-        channel.write(HTTP2Frame.FramePayload.headers(.init(headers: headers, endStream: endedWithHeaders)), promise: nil)
-        for payload in pending { channel.write(payload, promise: nil) }
+        guard let streamID = connection.startStream(owner: self, headers: headers, endStream: endedWithHeaders) else {
+            return false
+        }
+        upstream = connection
+        upstreamStreamID = streamID
+        phase = .relaying
+        for payload in pending { connection.write(payload, on: streamID) }
         pending = []
-        channel.flush()
-        channel.setReading(context.channel.isWritable)
-        context.channel.setReading(channel.isWritable)
+        connection.flush()
+        context.channel.setReading(connection.canSend(on: streamID))
+        return true
     }
 
-    fileprivate func upstreamFrame(_ payload: HTTP2Frame.FramePayload) {
+    // MARK: InstanceStreamOwner
+
+    var clientWritable: Bool { context.channel.isWritable }
+
+    func instanceFrame(_ payload: HTTP2Frame.FramePayload) {
         guard phase == .relaying else { return }
         switch payload {
         case .headers(let headers):
@@ -339,21 +356,18 @@ final class GRPCEdgeStream: ChannelInboundHandler, LoopSlotTarget {
         }
     }
 
-    fileprivate func upstreamFlush() {
+    func instanceReadComplete() {
         context.flush()
     }
 
-    fileprivate func upstreamWritabilityChanged(_ writable: Bool) {
-        // A slow instance slows the client.
-        if phase == .relaying {
-            context.channel.setReading(writable)
-        }
+    func instanceStreamWritable() {
+        if phase == .relaying { context.channel.setReading(true) }
     }
 
-    fileprivate func upstreamClosed() {
+    func instanceStreamFailed(_ reason: String) {
         guard phase == .relaying else { return }
         upstream = nil
-        fail(ApusError(.instanceError, "instance \(slot.lease?.instanceID ?? "?") ended the stream without a status"))
+        fail(ApusError(.instanceError, "instance \(slot.lease?.instanceID ?? "?") ended the stream without a status: \(reason)"))
     }
 
     // MARK: endings
@@ -392,20 +406,11 @@ final class GRPCEdgeStream: ChannelInboundHandler, LoopSlotTarget {
         deadlineTask = nil
         pending = []
         slot.giveBack(requestID: requestID)
-        upstreamRelay?.edge = nil
-        upstreamRelay = nil
         if let upstream {
-            if instanceEnded {
-                // The instance finished the call. Resetting its stream now would be noise (and servers count
-                // resets as abuse); if the client never finished sending, half-close our side instead.
-                if !requestEnded {
-                    upstream.writeAndFlush(HTTP2Frame.FramePayload.data(.init(data: .byteBuffer(ByteBuffer()), endStream: true)), promise: nil)
-                }
-            } else {
-                // The call was cut short here (client cancel, deadline, error): RST_STREAM CANCEL ends it on the
-                // instance too.
-                upstream.close(promise: nil)
-            }
+            // The instance finished the call: resetting its stream now would be noise (and servers count resets
+            // as abuse); if the client never finished sending, half-close our side instead. Otherwise the call
+            // was cut short here (client cancel, deadline, error): RST_STREAM(CANCEL) ends it on the instance too.
+            upstream.release(upstreamStreamID, reset: !instanceEnded, endRequest: instanceEnded && !requestEnded)
             self.upstream = nil
         }
         if !requestEnded, context.channel.isActive {
@@ -425,36 +430,5 @@ final class GRPCEdgeStream: ChannelInboundHandler, LoopSlotTarget {
             "version": "\(version.map { String($0.number) } ?? "-")", "rpc": "\(rpcPath)",
             "code": "\(code)", "reason": "\(reason)",
         ])
-    }
-}
-
-/// Sits on the stream towards the instance and hands what arrives to the client's stream.
-final class InstanceStreamRelay: ChannelInboundHandler {
-    typealias InboundIn = HTTP2Frame.FramePayload
-
-    fileprivate weak var edge: GRPCEdgeStream?
-
-    init(edge: GRPCEdgeStream) {
-        self.edge = edge
-    }
-
-    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        edge?.upstreamFrame(unwrapInboundIn(data))
-    }
-
-    func channelReadComplete(context: ChannelHandlerContext) {
-        edge?.upstreamFlush()
-    }
-
-    func channelWritabilityChanged(context: ChannelHandlerContext) {
-        edge?.upstreamWritabilityChanged(context.channel.isWritable)
-    }
-
-    func channelInactive(context: ChannelHandlerContext) {
-        edge?.upstreamClosed()
-    }
-
-    func errorCaught(context: ChannelHandlerContext, error: any Error) {
-        context.close(promise: nil)
     }
 }
