@@ -113,8 +113,8 @@ struct InstanceConnectionHandlerTests {
         try pair.serverSend(first, Self.data(31))
         try pair.serverSend(first, .headers(.init(headers: ["grpc-status": "0"], endStream: true)))
         #expect(owner.frames.count == 3)
-        // A read-complete after each burst while the stream is open (the owner flushes the final one itself).
-        #expect(owner.readCompletes == 2)
+        // A read-complete after each burst that brought the owner frames (the last one too).
+        #expect(owner.readCompletes == 3)
         pair.handler.release(first, reset: false, endRequest: false)
         try pair.exchange()
         #expect(!pair.recorder.frames.contains { $0.payload.isReset })

@@ -51,6 +51,8 @@ final class GRPCEdgeStream: ChannelInboundHandler, LoopSlotTarget, InstanceStrea
     /// The instance connection and the call's stream on it, while relaying.
     private var upstream: InstanceConnectionHandler?
     private var upstreamStreamID = HTTP2StreamID.rootStream
+    /// Inside channelRead: channelReadComplete follows and flushes the instance connection.
+    private var reading = false
     private var slotWaiter: LoopSlotWaiter?
     /// An asynchronous call's submission while its request is read, and the payload limit.
     var asyncSubmission: TaskSubmission?
@@ -80,6 +82,8 @@ final class GRPCEdgeStream: ChannelInboundHandler, LoopSlotTarget, InstanceStrea
     // MARK: client side
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        reading = true
+        defer { reading = false }
         let payload = unwrapInboundIn(data)
         switch payload {
         case .headers(let headers):
@@ -310,7 +314,8 @@ final class GRPCEdgeStream: ChannelInboundHandler, LoopSlotTarget, InstanceStrea
         phase = .relaying
         for payload in pending { connection.write(payload, on: streamID) }
         pending = []
-        connection.flush()
+        // Inside the client's read burst the instance connection is flushed once at its end (channelReadComplete).
+        if !reading { connection.flush() }
         context.channel.setReading(connection.canSend(on: streamID))
         return true
     }

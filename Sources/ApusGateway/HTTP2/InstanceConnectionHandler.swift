@@ -30,7 +30,7 @@ protocol InstanceStreamOwner: AnyObject {
 /// * Request DATA: each stream's send credit follows the instance's window (SETTINGS_INITIAL_WINDOW_SIZE, its
 ///   WINDOW_UPDATEs, the bytes written); a relay reads from its client only while its stream has credit and the
 ///   connection is writable, so what NIO's handler buffers beyond the window stays within one window per stream.
-final class InstanceConnectionHandler: ChannelInboundHandler {
+final class InstanceConnectionHandler: ChannelInboundHandler, DeferrableFlush {
     typealias InboundIn = HTTP2Frame
     typealias OutboundOut = HTTP2Frame
 
@@ -65,7 +65,13 @@ final class InstanceConnectionHandler: ChannelInboundHandler {
     private var peerInitialWindow = 65_535
     /// Response bytes received on the connection and not yet given back (connection window).
     private var connectionUnacknowledged = 0
-    private var toFlush: [HTTP2StreamID] = []
+    /// Owners that got frames in this read burst: flushed at its end (also when their call has just finished).
+    private var toFlush: [(streamID: HTTP2StreamID, owner: any InstanceStreamOwner)] = []
+    private let deferredFlushes: DeferredFlushes?
+    /// Inside a read burst (between the first channelRead and channelReadComplete).
+    private var inBurst = false
+    /// A flush is deferred to the end of the current read burst.
+    private var flushWaiting = false
     /// Streams whose owners wait for `instanceStreamWritable()`.
     private var blocked: [HTTP2StreamID] = []
     private var needsFlush = false
@@ -73,10 +79,12 @@ final class InstanceConnectionHandler: ChannelInboundHandler {
     private(set) var isClosed = false
 
     /// `streamWindow` is the SETTINGS_INITIAL_WINDOW_SIZE the gateway announces, `connectionWindow` the
-    /// connection window it keeps open.
-    init(streamWindow: Int, connectionWindow: Int) {
+    /// connection window it keeps open; `deferredFlushes` holds client connection flushes back during a read
+    /// burst, so that each client connection is flushed once per burst.
+    init(streamWindow: Int, connectionWindow: Int, deferredFlushes: DeferredFlushes? = nil) {
         self.streamWindowTarget = streamWindow
         self.connectionWindowTarget = connectionWindow
+        self.deferredFlushes = deferredFlushes
     }
 
     /// Streams currently owned by calls (for tests and draining).
@@ -141,15 +149,31 @@ final class InstanceConnectionHandler: ChannelInboundHandler {
         closeIfDrained()
     }
 
-    /// Flushes what relays wrote since the last flush.
+    /// Flushes what relays wrote since the last flush; inside a read burst (of this connection or a client's),
+    /// at its end.
     func flush() {
-        guard needsFlush, let context else { return }
+        guard needsFlush, !flushWaiting, let context else { return }
+        if let deferredFlushes, deferredFlushes.deferFlush(self) {
+            flushWaiting = true
+            return
+        }
         needsFlush = false
         context.flush()
     }
 
+    func flushDeferred() {
+        flushWaiting = false
+        flush()
+    }
+
+    /// Closes the connection, after what is written and waits for a deferred flush.
     func close() {
-        context?.close(promise: nil)
+        guard let context else { return }
+        if needsFlush {
+            needsFlush = false
+            context.flush()
+        }
+        context.close(promise: nil)
     }
 
     private func write(_ frame: HTTP2Frame, _ context: ChannelHandlerContext) {
@@ -165,6 +189,7 @@ final class InstanceConnectionHandler: ChannelInboundHandler {
     }
 
     func handlerRemoved(context: ChannelHandlerContext) {
+        endBurst()
         self.context = nil
     }
 
@@ -190,6 +215,10 @@ final class InstanceConnectionHandler: ChannelInboundHandler {
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         let frame = unwrapInboundIn(data)
         let streamID = frame.streamID
+        if !inBurst {
+            inBurst = true
+            deferredFlushes?.begin()
+        }
         switch frame.payload {
         case .headers(let headers):
             guard let owner = streams[streamID]?.owner else { return }
@@ -248,15 +277,15 @@ final class InstanceConnectionHandler: ChannelInboundHandler {
 
     func channelReadComplete(context: ChannelHandlerContext) {
         if !toFlush.isEmpty {
-            let streamIDs = toFlush
+            let owners = toFlush
             toFlush.removeAll(keepingCapacity: true)
-            for streamID in streamIDs {
-                guard let owner = streams[streamID]?.owner else { continue }
-                streams[streamID]!.flushScheduled = false
+            for (streamID, owner) in owners {
+                if streams[streamID] != nil { streams[streamID]!.flushScheduled = false }
                 owner.instanceReadComplete()
             }
         }
         flush()
+        endBurst()
         context.fireChannelReadComplete()
     }
 
@@ -287,6 +316,8 @@ final class InstanceConnectionHandler: ChannelInboundHandler {
         streams.removeAll()
         blocked.removeAll()
         for owner in owners { owner.instanceStreamFailed("the connection to the instance closed") }
+        toFlush.removeAll()
+        endBurst()
         onReady = nil
         onClosed?()
         onClosed = nil
@@ -316,13 +347,19 @@ final class InstanceConnectionHandler: ChannelInboundHandler {
 
     /// After GOAWAY, the connection closes once its last stream is done.
     private func closeIfDrained() {
-        if isDraining, streams.isEmpty, !isClosed { context?.close(promise: nil) }
+        if isDraining, streams.isEmpty, !isClosed { close() }
     }
 
     private func scheduleFlush(_ streamID: HTTP2StreamID) {
         guard !streams[streamID]!.flushScheduled else { return }
         streams[streamID]!.flushScheduled = true
-        toFlush.append(streamID)
+        toFlush.append((streamID, streams[streamID]!.owner))
+    }
+
+    private func endBurst() {
+        guard inBurst else { return }
+        inBurst = false
+        deferredFlushes?.end()
     }
 
     /// Gives a stream's window back once half of it has been taken by the client (as NIO's own streams do).

@@ -25,6 +25,8 @@ final class InstanceHTTP2Pool: @unchecked Sendable {
     let eventLoop: any EventLoop
     private let limits: GatewayServer.HTTP2Limits
     private var connections: [String: InstanceHTTP2Connection] = [:]
+    /// Client connection flushes held back while an instance connection's read burst is handled.
+    let deferredFlushes = DeferredFlushes()
 
     init(eventLoop: any EventLoop, limits: GatewayServer.HTTP2Limits) {
         self.eventLoop = eventLoop
@@ -66,7 +68,8 @@ final class InstanceHTTP2Pool: @unchecked Sendable {
         let bound = NIOLoopBound(connection, eventLoop: loop)
         let pool = NIOLoopBound(self, eventLoop: loop)
         connectToInstance(port: connection.port, on: loop) { channel in
-            let handler = InstanceConnectionHandler(streamWindow: streamWindow, connectionWindow: connectionWindow)
+            let handler = InstanceConnectionHandler(
+                streamWindow: streamWindow, connectionWindow: connectionWindow, deferredFlushes: pool.value.deferredFlushes)
             let connection = bound.value
             handler.onReady = { handler in connection.ready(handler) }
             handler.onDraining = { connection.draining() }
