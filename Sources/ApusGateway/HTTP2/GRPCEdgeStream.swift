@@ -11,7 +11,7 @@ import NIOHTTP2
 /// `InstanceConnectionHandler`, not a channel. Flow control is end to end: this stream reads from the client only
 /// while the instance's stream window has room, and the instance's stream window is given back only as the
 /// client takes the bytes. Lives on the client connection's event loop, like the instance connection it uses.
-final class GRPCEdgeStream: ChannelInboundHandler, LoopSlotTarget, InstanceStreamOwner {
+final class GRPCEdgeStream: ChannelInboundHandler, LoopSlotTarget, InstanceStreamOwner, DeadlineTarget {
     typealias InboundIn = HTTP2Frame.FramePayload
     typealias OutboundOut = HTTP2Frame.FramePayload
 
@@ -36,9 +36,14 @@ final class GRPCEdgeStream: ChannelInboundHandler, LoopSlotTarget, InstanceStrea
     var version: FunctionVersion?
     private var slot = CallSlot()
     private var retried = false
-    private var deadline = ContinuousClock.now
-    private var budgetDescription = ""
-    private var deadlineTask: Scheduled<Void>?
+    private(set) var deadline = ContinuousClock.now
+    /// This call's place in the event loop's `CallDeadlines` (-1: not there).
+    var deadlineSlot = -1
+    /// The call's time budget and whether it is the client's grpc-timeout (else the function's timeout).
+    private var budget = Duration.zero
+    private var budgetFromClient = false
+    /// The event loop's instance connections and call deadlines.
+    private var loopPool: InstanceHTTP2Pool?
     private var requestHeaders = HPACKHeaders()
     /// Client frames that arrived before the instance stream was open.
     private var pending: [HTTP2Frame.FramePayload] = []
@@ -152,6 +157,8 @@ final class GRPCEdgeStream: ChannelInboundHandler, LoopSlotTarget, InstanceStrea
 
     private func start(_ headers: HPACKHeaders) {
         arrivedAt = .now
+        let pool = shared.instanceHTTP2Pool(for: context.eventLoop)
+        loopPool = pool
         requestID = shared.requestIDs.next()
         rpcPath = headers.first(name: ":path") ?? ""
         requestHeaders = headers
@@ -181,7 +188,7 @@ final class GRPCEdgeStream: ChannelInboundHandler, LoopSlotTarget, InstanceStrea
                 }
                 pinned = number
             }
-            version = try shared.scheduler.catalog.route(function: functionName, pinnedVersion: pinned, roll: Int.random(in: 0..<100))
+            version = try shared.scheduler.catalog.route(function: functionName, pinnedVersion: pinned, roll: pool.roll())
             guard version.manifest.protocol == .grpc else {
                 throw ApusError(.notFound, "function \(functionName) serves \(version.manifest.protocol.rawValue), not gRPC")
             }
@@ -202,7 +209,6 @@ final class GRPCEdgeStream: ChannelInboundHandler, LoopSlotTarget, InstanceStrea
 
         // The call's deadline: the client's grpc-timeout when given, never beyond the function's timeout.
         var budget = version.manifest.timeout
-        budgetDescription = "function timeout of \(budget.humanReadable)"
         if let text = headers.first(name: "grpc-timeout") {
             guard let timeout = GRPCWire.parseTimeout(text) else {
                 respondAndFinish(status: GRPCWire.statusInternal, message: "malformed grpc-timeout \"\(text.prefix(16))\"")
@@ -210,14 +216,12 @@ final class GRPCEdgeStream: ChannelInboundHandler, LoopSlotTarget, InstanceStrea
             }
             if timeout < budget {
                 budget = timeout
-                budgetDescription = "grpc-timeout of \(timeout.humanReadable)"
+                budgetFromClient = true
             }
         }
+        self.budget = budget
         deadline = ContinuousClock.now.advanced(by: budget)
-        let nanoseconds = budget.components.seconds * 1_000_000_000 + budget.components.attoseconds / 1_000_000_000
-        deadlineTask = context.eventLoop.assumeIsolated().scheduleTask(in: .nanoseconds(nanoseconds)) { [self] in
-            deadlinePassed()
-        }
+        pool.deadlines.add(self)
 
         // Until the instance stream is open, client frames wait here (bounded by the stream's flow-control window).
         context.channel.setReading(false)
@@ -258,7 +262,7 @@ final class GRPCEdgeStream: ChannelInboundHandler, LoopSlotTarget, InstanceStrea
         guard let lease = slot.lease else { return }
         phase = .connecting
         let requestID = self.requestID
-        shared.instanceHTTP2Pool(for: context.eventLoop).connection(instanceID: lease.instanceID, port: lease.port) { [self] result in
+        (loopPool ?? shared.instanceHTTP2Pool(for: context.eventLoop)).connection(instanceID: lease.instanceID, port: lease.port) { [self] result in
             guard phase == .connecting, requestID == self.requestID else { return }
             switch result {
             case .success(let connection):
@@ -377,8 +381,9 @@ final class GRPCEdgeStream: ChannelInboundHandler, LoopSlotTarget, InstanceStrea
 
     // MARK: endings
 
-    private func deadlinePassed() {
+    func deadlinePassed() {
         guard phase != .finished else { return }
+        let budgetDescription = budgetFromClient ? "grpc-timeout of \(budget.humanReadable)" : "function timeout of \(budget.humanReadable)"
         fail(ApusError(.deadlineExceeded, "deadline exceeded: no answer within the \(budgetDescription)"))
     }
 
@@ -407,8 +412,7 @@ final class GRPCEdgeStream: ChannelInboundHandler, LoopSlotTarget, InstanceStrea
         guard phase != .finished else { return }
         phase = .finished
         slot.pool?.metrics.recordRequest(protocol: "grpc", code: finalStatus ?? GRPCWire.statusCodeLabel(GRPCWire.statusCancelled), since: arrivedAt)
-        deadlineTask?.cancel()
-        deadlineTask = nil
+        if deadlineSlot >= 0 { loopPool?.deadlines.remove(self) }
         pending = []
         slot.giveBack(requestID: requestID)
         if let upstream {

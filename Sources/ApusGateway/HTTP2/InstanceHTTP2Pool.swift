@@ -27,10 +27,14 @@ final class InstanceHTTP2Pool: @unchecked Sendable {
     private var connections: [String: InstanceHTTP2Connection] = [:]
     /// Client connection flushes held back while an instance connection's read burst is handled.
     let deferredFlushes = DeferredFlushes()
+    /// The deadlines of the gRPC calls on this loop.
+    let deadlines: CallDeadlines
+    private var random = UInt64.random(in: 1...UInt64.max)
 
     init(eventLoop: any EventLoop, limits: GatewayServer.HTTP2Limits) {
         self.eventLoop = eventLoop
         self.limits = limits
+        self.deadlines = CallDeadlines(eventLoop: eventLoop)
     }
 
     /// Hands the instance's connection (connecting first when needed) to `completion`, at once when it is
@@ -49,6 +53,14 @@ final class InstanceHTTP2Pool: @unchecked Sendable {
             connect(connection)
         }
         connection.whenReady(completion)
+    }
+
+    /// A number in 0..<100 for a release's traffic split: xorshift, no `getrandom` system call per call.
+    func roll() -> Int {
+        random ^= random << 13
+        random ^= random >> 7
+        random ^= random << 17
+        return Int(random % 100)
     }
 
     private func connect(_ connection: InstanceHTTP2Connection) {
