@@ -77,11 +77,13 @@ final class GRPCEdgeStream: ChannelInboundHandler, LoopSlotTarget, InstanceStrea
 
     func handlerRemoved(context: ChannelHandlerContext) {
         slotWaiter = nil
-        // Normally finish() has run (channelInactive); never leave the stream owned by a gone handler.
-        if let upstream {
-            upstream.release(upstreamStreamID, reset: !instanceEnded, endRequest: instanceEnded && !requestEnded)
-            self.upstream = nil
-        }
+        // Normally finish() has run (channelInactive); never leave a slot, a deadline or an instance stream
+        // behind.
+        if phase != .finished { finish() }
+        // The context holds this handler for good: keeping it here would keep both (and the call's headers)
+        // alive after the stream, a leak per call. Everything that may still call in after this point checks
+        // the phase first.
+        self.context = nil
     }
 
     // MARK: client side
@@ -326,7 +328,7 @@ final class GRPCEdgeStream: ChannelInboundHandler, LoopSlotTarget, InstanceStrea
 
     // MARK: InstanceStreamOwner
 
-    var clientWritable: Bool { context.channel.isWritable }
+    var clientWritable: Bool { context?.channel.isWritable ?? true }
 
     func instanceFrame(_ payload: HTTP2Frame.FramePayload) {
         guard phase == .relaying else { return }
@@ -366,7 +368,7 @@ final class GRPCEdgeStream: ChannelInboundHandler, LoopSlotTarget, InstanceStrea
     }
 
     func instanceReadComplete() {
-        context.flush()
+        context?.flush()
     }
 
     func instanceStreamWritable() {
