@@ -21,7 +21,10 @@ final class DeferredFlushes {
 
     /// The burst ends: every connection that asked for a flush meanwhile gets one.
     func end() {
-        precondition(depth > 0, "DeferredFlushes.end() without begin()")
+        guard depth > 0 else {
+            assertionFailure("DeferredFlushes.end() without begin()")
+            return
+        }
         depth -= 1
         guard depth == 0 else { return }
         while !waiting.isEmpty {

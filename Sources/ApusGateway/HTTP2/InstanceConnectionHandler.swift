@@ -36,7 +36,8 @@ final class InstanceConnectionHandler: ChannelInboundHandler, DeferrableFlush {
 
     private struct Stream {
         var owner: any InstanceStreamOwner
-        /// Request bytes the instance's window still takes (may go below zero by one frame).
+        /// Request bytes the instance's window still takes (below zero when a frame, or what the client sent
+        /// before the stream opened, overshoots it: the client is then not read until WINDOW_UPDATEs cover it).
         var sendCredit: Int
         /// Response bytes taken by the client and not yet given back to the instance.
         var unacknowledged = 0
