@@ -347,10 +347,8 @@ final class GRPCEdgeStream: ChannelInboundHandler, LoopSlotTarget, InstanceStrea
             } else {
                 context.write(wrapOutboundOut(payload), promise: nil)
             }
-            if headers.endStream {
-                context.flush()
-                finish()
-            }
+            // The end of the instance's read burst flushes it (instanceReadComplete), also after finish().
+            if headers.endStream { finish() }
         case .data(let data):
             responseStarted = true
             if data.endStream {
@@ -358,10 +356,7 @@ final class GRPCEdgeStream: ChannelInboundHandler, LoopSlotTarget, InstanceStrea
                 instanceEnded = true
             }
             context.write(wrapOutboundOut(.data(.init(data: data.data, endStream: data.endStream))), promise: nil)
-            if data.endStream {
-                context.flush()
-                finish()
-            }
+            if data.endStream { finish() }
         default:
             break
         }
