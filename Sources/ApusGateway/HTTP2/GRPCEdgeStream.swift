@@ -162,9 +162,25 @@ final class GRPCEdgeStream: ChannelInboundHandler, LoopSlotTarget, InstanceStrea
         let pool = shared.instanceHTTP2Pool(for: context.eventLoop)
         loopPool = pool
         requestID = shared.requestIDs.next()
-        rpcPath = headers.first(name: ":path") ?? ""
+        // One pass over the request's fields for the few the edge reads (names are lowercase: HTTP/2 requires
+        // it and the edge's HTTP/2 handler validates it).
+        var path: String?
+        var pinnedFunction: String?
+        var pinnedVersionText: String?
+        var invocation: String?
+        var timeoutText: String?
+        for field in headers {
+            switch field.name {
+            case ":path": if path == nil { path = field.value }
+            case "apus-function": if pinnedFunction == nil { pinnedFunction = field.value }
+            case "apus-version": if pinnedVersionText == nil { pinnedVersionText = field.value }
+            case "apus-invocation": if invocation == nil { invocation = field.value }
+            case "grpc-timeout": if timeoutText == nil { timeoutText = field.value }
+            default: break
+            }
+        }
+        rpcPath = path ?? ""
         requestHeaders = headers
-        let pinnedFunction = headers.first(name: "apus-function")
         let route: (service: Substring, method: Substring)
         do throws(ApusError) {
             route = try Self.splitPath(rpcPath)
@@ -184,7 +200,7 @@ final class GRPCEdgeStream: ChannelInboundHandler, LoopSlotTarget, InstanceStrea
         let version: FunctionVersion
         do throws(ApusError) {
             var pinned: Int?
-            if let text = headers.first(name: "apus-version") {
+            if let text = pinnedVersionText {
                 guard let number = Int(text), number > 0 else {
                     throw ApusError(.badRequest, "apus-version must be a version number (got \(text.prefix(32)))")
                 }
@@ -200,7 +216,7 @@ final class GRPCEdgeStream: ChannelInboundHandler, LoopSlotTarget, InstanceStrea
             return
         }
         self.version = version
-        if let invocation = headers.first(name: "apus-invocation") {
+        if let invocation {
             guard invocation == "async" else {
                 respondAndFinish(status: GRPCWire.statusInvalidArgument, message: "apus-invocation must be async (got \"\(invocation.prefix(32))\")")
                 return
@@ -211,7 +227,7 @@ final class GRPCEdgeStream: ChannelInboundHandler, LoopSlotTarget, InstanceStrea
 
         // The call's deadline: the client's grpc-timeout when given, never beyond the function's timeout.
         var budget = version.manifest.timeout
-        if let text = headers.first(name: "grpc-timeout") {
+        if let text = timeoutText {
             guard let timeout = GRPCWire.parseTimeout(text) else {
                 respondAndFinish(status: GRPCWire.statusInternal, message: "malformed grpc-timeout \"\(text.prefix(16))\"")
                 return
@@ -233,11 +249,14 @@ final class GRPCEdgeStream: ChannelInboundHandler, LoopSlotTarget, InstanceStrea
 
     /// `/package.Service/Method` → (`package.Service`, `Method`).
     static func splitPath(_ path: String) throws(ApusError) -> (service: Substring, method: Substring) {
-        let parts = path.split(separator: "/", omittingEmptySubsequences: false)
-        guard parts.count == 3, parts[0].isEmpty, !parts[1].isEmpty, !parts[2].isEmpty else {
-            throw ApusError(.notFound, "malformed gRPC path \"\(path.prefix(200))\"; expected /package.Service/Method")
+        // Slices of the path, without building an array of parts.
+        let rest = path.dropFirst()
+        if path.first == "/", let slash = rest.firstIndex(of: "/") {
+            let service = rest[..<slash]
+            let method = rest[rest.index(after: slash)...]
+            if !service.isEmpty, !method.isEmpty, !method.contains("/") { return (service, method) }
         }
-        return (parts[1], parts[2])
+        throw ApusError(.notFound, "malformed gRPC path \"\(path.prefix(200))\"; expected /package.Service/Method")
     }
 
     private func acquireSlot() {
