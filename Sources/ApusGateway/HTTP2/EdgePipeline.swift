@@ -27,6 +27,9 @@ enum EdgePipeline {
         let peer = channel.remoteAddress?.ipAddress ?? "unknown"
         let guardHandler = HTTP2ConnectionGuard(shared: shared)
         let boundGuard = NIOLoopBound(guardHandler, eventLoop: channel.eventLoop)
+        // Towards the socket from the HTTP/2 handler: one flush per instance read burst, not one per call.
+        try channel.pipeline.syncOperations.addHandler(
+            EdgeFlushCoalescer(shared.instanceHTTP2Pool(for: channel.eventLoop).deferredFlushes))
         _ = try channel.pipeline.syncOperations.configureHTTP2Pipeline(
             mode: .server, connectionConfiguration: connectionConfiguration, streamConfiguration: streamConfiguration
         ) { stream in

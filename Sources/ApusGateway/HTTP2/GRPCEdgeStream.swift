@@ -7,10 +7,11 @@ import NIOHTTP2
 
 /// One gRPC call from a client, relayed to a function instance over a multiplexed HTTP/2 connection. The edge
 /// reads only what routing needs (`:path`, `apus-function`, `apus-version`, `grpc-timeout`); messages pass through
-/// frame by frame in both directions. Flow control is end to end: this stream reads from the client only while
-/// the instance's stream can take more, and reads from the instance only while the client can take more.
-/// Lives on the client connection's event loop, like the instance stream it opens.
-final class GRPCEdgeStream: ChannelInboundHandler, LoopSlotTarget {
+/// frame by frame in both directions. On the instance's connection the call is a stream ID on
+/// `InstanceConnectionHandler`, not a channel. Flow control is end to end: this stream reads from the client only
+/// while the instance's stream window has room, and the instance's stream window is given back only as the
+/// client takes the bytes. Lives on the client connection's event loop, like the instance connection it uses.
+final class GRPCEdgeStream: ChannelInboundHandler, LoopSlotTarget, InstanceStreamOwner, DeadlineTarget {
     typealias InboundIn = HTTP2Frame.FramePayload
     typealias OutboundOut = HTTP2Frame.FramePayload
 
@@ -35,9 +36,14 @@ final class GRPCEdgeStream: ChannelInboundHandler, LoopSlotTarget {
     var version: FunctionVersion?
     private var slot = CallSlot()
     private var retried = false
-    private var deadline = ContinuousClock.now
-    private var budgetDescription = ""
-    private var deadlineTask: Scheduled<Void>?
+    private(set) var deadline = ContinuousClock.now
+    /// This call's place in the event loop's `CallDeadlines` (-1: not there).
+    var deadlineSlot = -1
+    /// The call's time budget and whether it is the client's grpc-timeout (else the function's timeout).
+    private var budget = Duration.zero
+    private var budgetFromClient = false
+    /// The event loop's instance connections and call deadlines.
+    private var loopPool: InstanceHTTP2Pool?
     private var requestHeaders = HPACKHeaders()
     /// Client frames that arrived before the instance stream was open.
     private var pending: [HTTP2Frame.FramePayload] = []
@@ -47,8 +53,11 @@ final class GRPCEdgeStream: ChannelInboundHandler, LoopSlotTarget {
     var responseEnding = false
     /// The instance ended its side of the stream (END_STREAM): the call is complete there.
     private var instanceEnded = false
-    private var upstream: (any Channel)?
-    private var upstreamRelay: InstanceStreamRelay?
+    /// The instance connection and the call's stream on it, while relaying.
+    private var upstream: InstanceConnectionHandler?
+    private var upstreamStreamID = HTTP2StreamID.rootStream
+    /// Inside channelRead: channelReadComplete follows and flushes the instance connection.
+    private var reading = false
     private var slotWaiter: LoopSlotWaiter?
     /// An asynchronous call's submission while its request is read, and the payload limit.
     var asyncSubmission: TaskSubmission?
@@ -68,12 +77,20 @@ final class GRPCEdgeStream: ChannelInboundHandler, LoopSlotTarget {
 
     func handlerRemoved(context: ChannelHandlerContext) {
         slotWaiter = nil
-        upstreamRelay?.edge = nil
+        // Normally finish() has run (channelInactive); never leave a slot, a deadline or an instance stream
+        // behind.
+        if phase != .finished { finish() }
+        // The context holds this handler for good: keeping it here would keep both (and the call's headers)
+        // alive after the stream, a leak per call. Everything that may still call in after this point checks
+        // the phase first.
+        self.context = nil
     }
 
     // MARK: client side
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        reading = true
+        defer { reading = false }
         let payload = unwrapInboundIn(data)
         switch payload {
         case .headers(let headers):
@@ -97,8 +114,9 @@ final class GRPCEdgeStream: ChannelInboundHandler, LoopSlotTarget {
     }
 
     func channelWritabilityChanged(context: ChannelHandlerContext) {
-        // A slow client slows the instance.
-        upstream?.setReading(context.channel.isWritable)
+        // A slow client slows the instance: response bytes held while it was not writable go back into the
+        // instance's window only now.
+        if context.channel.isWritable { upstream?.clientTookBytes(on: upstreamStreamID) }
         context.fireChannelWritabilityChanged()
     }
 
@@ -126,7 +144,11 @@ final class GRPCEdgeStream: ChannelInboundHandler, LoopSlotTarget {
 
     private func forward(_ payload: HTTP2Frame.FramePayload) {
         switch phase {
-        case .relaying: upstream?.write(payload, promise: nil)
+        case .relaying:
+            guard let upstream else { return }
+            upstream.write(payload, on: upstreamStreamID)
+            // A slow instance slows the client.
+            if !upstream.canSend(on: upstreamStreamID) { context.channel.setReading(false) }
         case .waitingForSlot, .connecting: pending.append(payload)
         case .collectingAsync: collectAsync(payload)
         case .idle, .finished, .submittingAsync: break
@@ -137,10 +159,28 @@ final class GRPCEdgeStream: ChannelInboundHandler, LoopSlotTarget {
 
     private func start(_ headers: HPACKHeaders) {
         arrivedAt = .now
+        let pool = shared.instanceHTTP2Pool(for: context.eventLoop)
+        loopPool = pool
         requestID = shared.requestIDs.next()
-        rpcPath = headers.first(name: ":path") ?? ""
+        // One pass over the request's fields for the few the edge reads (names are lowercase: HTTP/2 requires
+        // it and the edge's HTTP/2 handler validates it).
+        var path: String?
+        var pinnedFunction: String?
+        var pinnedVersionText: String?
+        var invocation: String?
+        var timeoutText: String?
+        for field in headers {
+            switch field.name {
+            case ":path": if path == nil { path = field.value }
+            case "apus-function": if pinnedFunction == nil { pinnedFunction = field.value }
+            case "apus-version": if pinnedVersionText == nil { pinnedVersionText = field.value }
+            case "apus-invocation": if invocation == nil { invocation = field.value }
+            case "grpc-timeout": if timeoutText == nil { timeoutText = field.value }
+            default: break
+            }
+        }
+        rpcPath = path ?? ""
         requestHeaders = headers
-        let pinnedFunction = headers.first(name: "apus-function")
         let route: (service: Substring, method: Substring)
         do throws(ApusError) {
             route = try Self.splitPath(rpcPath)
@@ -160,13 +200,13 @@ final class GRPCEdgeStream: ChannelInboundHandler, LoopSlotTarget {
         let version: FunctionVersion
         do throws(ApusError) {
             var pinned: Int?
-            if let text = headers.first(name: "apus-version") {
+            if let text = pinnedVersionText {
                 guard let number = Int(text), number > 0 else {
                     throw ApusError(.badRequest, "apus-version must be a version number (got \(text.prefix(32)))")
                 }
                 pinned = number
             }
-            version = try shared.scheduler.catalog.route(function: functionName, pinnedVersion: pinned, roll: Int.random(in: 0..<100))
+            version = try shared.scheduler.catalog.route(function: functionName, pinnedVersion: pinned, roll: pool.roll())
             guard version.manifest.protocol == .grpc else {
                 throw ApusError(.notFound, "function \(functionName) serves \(version.manifest.protocol.rawValue), not gRPC")
             }
@@ -176,7 +216,7 @@ final class GRPCEdgeStream: ChannelInboundHandler, LoopSlotTarget {
             return
         }
         self.version = version
-        if let invocation = headers.first(name: "apus-invocation") {
+        if let invocation {
             guard invocation == "async" else {
                 respondAndFinish(status: GRPCWire.statusInvalidArgument, message: "apus-invocation must be async (got \"\(invocation.prefix(32))\")")
                 return
@@ -187,22 +227,19 @@ final class GRPCEdgeStream: ChannelInboundHandler, LoopSlotTarget {
 
         // The call's deadline: the client's grpc-timeout when given, never beyond the function's timeout.
         var budget = version.manifest.timeout
-        budgetDescription = "function timeout of \(budget.humanReadable)"
-        if let text = headers.first(name: "grpc-timeout") {
+        if let text = timeoutText {
             guard let timeout = GRPCWire.parseTimeout(text) else {
                 respondAndFinish(status: GRPCWire.statusInternal, message: "malformed grpc-timeout \"\(text.prefix(16))\"")
                 return
             }
             if timeout < budget {
                 budget = timeout
-                budgetDescription = "grpc-timeout of \(timeout.humanReadable)"
+                budgetFromClient = true
             }
         }
+        self.budget = budget
         deadline = ContinuousClock.now.advanced(by: budget)
-        let nanoseconds = budget.components.seconds * 1_000_000_000 + budget.components.attoseconds / 1_000_000_000
-        deadlineTask = context.eventLoop.assumeIsolated().scheduleTask(in: .nanoseconds(nanoseconds)) { [self] in
-            deadlinePassed()
-        }
+        pool.deadlines.add(self)
 
         // Until the instance stream is open, client frames wait here (bounded by the stream's flow-control window).
         context.channel.setReading(false)
@@ -212,11 +249,14 @@ final class GRPCEdgeStream: ChannelInboundHandler, LoopSlotTarget {
 
     /// `/package.Service/Method` → (`package.Service`, `Method`).
     static func splitPath(_ path: String) throws(ApusError) -> (service: Substring, method: Substring) {
-        let parts = path.split(separator: "/", omittingEmptySubsequences: false)
-        guard parts.count == 3, parts[0].isEmpty, !parts[1].isEmpty, !parts[2].isEmpty else {
-            throw ApusError(.notFound, "malformed gRPC path \"\(path.prefix(200))\"; expected /package.Service/Method")
+        // Slices of the path, without building an array of parts.
+        let rest = path.dropFirst()
+        if path.first == "/", let slash = rest.firstIndex(of: "/") {
+            let service = rest[..<slash]
+            let method = rest[rest.index(after: slash)...]
+            if !service.isEmpty, !method.isEmpty, !method.contains("/") { return (service, method) }
         }
-        return (parts[1], parts[2])
+        throw ApusError(.notFound, "malformed gRPC path \"\(path.prefix(200))\"; expected /package.Service/Method")
     }
 
     private func acquireSlot() {
@@ -242,46 +282,43 @@ final class GRPCEdgeStream: ChannelInboundHandler, LoopSlotTarget {
     private func openUpstream() {
         guard let lease = slot.lease else { return }
         phase = .connecting
-        let relay = InstanceStreamRelay(edge: self)
-        upstreamRelay = relay
         let requestID = self.requestID
-        shared.instanceHTTP2Pool(for: context.eventLoop).openStream(
-            instanceID: lease.instanceID, port: lease.port,
-            initializer: { channel in try? channel.pipeline.syncOperations.addHandler(relay) },
-            completion: { [self] result in
-                guard phase == .connecting, requestID == self.requestID else {
-                    if case .success(let channel) = result { channel.close(promise: nil) }
-                    return
+        (loopPool ?? shared.instanceHTTP2Pool(for: context.eventLoop)).connection(instanceID: lease.instanceID, port: lease.port) { [self] result in
+            guard phase == .connecting, requestID == self.requestID else { return }
+            switch result {
+            case .success(let connection):
+                if !relayStarted(on: connection) {
+                    upstreamFailed(lease: lease, .streamFailed(ChannelError.ioOnClosedChannel))
                 }
-                switch result {
-                case .success(let channel):
-                    relayStarted(on: channel)
-                case .failure(let error):
-                    upstreamRelay = nil
-                    if case .connectFailed = error {
-                        // Nobody listens there: take the instance out of service and try another once.
-                        slot.reportUnreachable()
-                        if retried {
-                            fail(ApusError(.unavailable, "cannot connect to instance \(lease.instanceID): \(error)"))
-                        } else {
-                            retried = true
-                            acquireSlot()
-                        }
-                    } else if retried {
-                        fail(ApusError(.unavailable, "cannot open a stream to instance \(lease.instanceID): \(error)"))
-                    } else {
-                        // The connection went away (GOAWAY, closed) before the stream opened: a new one will do.
-                        retried = true
-                        openUpstream()
-                    }
-                }
-            })
+            case .failure(let error):
+                upstreamFailed(lease: lease, error)
+            }
+        }
     }
 
-    private func relayStarted(on channel: any Channel) {
-        guard let version else { return }
-        upstream = channel
-        phase = .relaying
+    private func upstreamFailed(lease: InstancePool.Lease, _ error: InstanceStreamError) {
+        if case .connectFailed = error {
+            // Nobody listens there: take the instance out of service and try another once.
+            slot.reportUnreachable()
+            if retried {
+                fail(ApusError(.unavailable, "cannot connect to instance \(lease.instanceID): \(error)"))
+            } else {
+                retried = true
+                acquireSlot()
+            }
+        } else if retried {
+            fail(ApusError(.unavailable, "cannot open a stream to instance \(lease.instanceID): \(error)"))
+        } else {
+            // The connection went away (GOAWAY, closed) before the stream opened: a new one will do.
+            retried = true
+            openUpstream()
+        }
+    }
+
+    /// Starts the call's stream on the instance connection: request HEADERS, then what the client sent so far.
+    /// False when the connection takes no new streams.
+    private func relayStarted(on connection: InstanceConnectionHandler) -> Bool {
+        guard let version else { return true }
         var headers = HPACKHeaders()
         headers.reserveCapacity(requestHeaders.count + 6)
         for (name, value, indexing) in requestHeaders where name != "grpc-timeout" {
@@ -294,15 +331,25 @@ final class GRPCEdgeStream: ChannelInboundHandler, LoopSlotTarget {
         headers.add(name: "x-apus-version", value: String(version.number))
         headers.add(name: "x-forwarded-for", value: peer)
         let endedWithHeaders = requestEnded && pending.isEmpty
-        channel.write(HTTP2Frame.FramePayload.headers(.init(headers: headers, endStream: endedWithHeaders)), promise: nil)
-        for payload in pending { channel.write(payload, promise: nil) }
+        guard let streamID = connection.startStream(owner: self, headers: headers, endStream: endedWithHeaders) else {
+            return false
+        }
+        upstream = connection
+        upstreamStreamID = streamID
+        phase = .relaying
+        for payload in pending { connection.write(payload, on: streamID) }
         pending = []
-        channel.flush()
-        channel.setReading(context.channel.isWritable)
-        context.channel.setReading(channel.isWritable)
+        // Inside the client's read burst the instance connection is flushed once at its end (channelReadComplete).
+        if !reading { connection.flush() }
+        context.channel.setReading(connection.canSend(on: streamID))
+        return true
     }
 
-    fileprivate func upstreamFrame(_ payload: HTTP2Frame.FramePayload) {
+    // MARK: InstanceStreamOwner
+
+    var clientWritable: Bool { context?.channel.isWritable ?? true }
+
+    func instanceFrame(_ payload: HTTP2Frame.FramePayload) {
         guard phase == .relaying else { return }
         switch payload {
         case .headers(let headers):
@@ -319,10 +366,8 @@ final class GRPCEdgeStream: ChannelInboundHandler, LoopSlotTarget {
             } else {
                 context.write(wrapOutboundOut(payload), promise: nil)
             }
-            if headers.endStream {
-                context.flush()
-                finish()
-            }
+            // The end of the instance's read burst flushes it (instanceReadComplete), also after finish().
+            if headers.endStream { finish() }
         case .data(let data):
             responseStarted = true
             if data.endStream {
@@ -330,36 +375,31 @@ final class GRPCEdgeStream: ChannelInboundHandler, LoopSlotTarget {
                 instanceEnded = true
             }
             context.write(wrapOutboundOut(.data(.init(data: data.data, endStream: data.endStream))), promise: nil)
-            if data.endStream {
-                context.flush()
-                finish()
-            }
+            if data.endStream { finish() }
         default:
             break
         }
     }
 
-    fileprivate func upstreamFlush() {
-        context.flush()
+    func instanceReadComplete() {
+        context?.flush()
     }
 
-    fileprivate func upstreamWritabilityChanged(_ writable: Bool) {
-        // A slow instance slows the client.
-        if phase == .relaying {
-            context.channel.setReading(writable)
-        }
+    func instanceStreamWritable() {
+        if phase == .relaying { context.channel.setReading(true) }
     }
 
-    fileprivate func upstreamClosed() {
+    func instanceStreamFailed(_ reason: String) {
         guard phase == .relaying else { return }
         upstream = nil
-        fail(ApusError(.instanceError, "instance \(slot.lease?.instanceID ?? "?") ended the stream without a status"))
+        fail(ApusError(.instanceError, "instance \(slot.lease?.instanceID ?? "?") ended the stream without a status: \(reason)"))
     }
 
     // MARK: endings
 
-    private func deadlinePassed() {
+    func deadlinePassed() {
         guard phase != .finished else { return }
+        let budgetDescription = budgetFromClient ? "grpc-timeout of \(budget.humanReadable)" : "function timeout of \(budget.humanReadable)"
         fail(ApusError(.deadlineExceeded, "deadline exceeded: no answer within the \(budgetDescription)"))
     }
 
@@ -388,24 +428,14 @@ final class GRPCEdgeStream: ChannelInboundHandler, LoopSlotTarget {
         guard phase != .finished else { return }
         phase = .finished
         slot.pool?.metrics.recordRequest(protocol: "grpc", code: finalStatus ?? GRPCWire.statusCodeLabel(GRPCWire.statusCancelled), since: arrivedAt)
-        deadlineTask?.cancel()
-        deadlineTask = nil
+        if deadlineSlot >= 0 { loopPool?.deadlines.remove(self) }
         pending = []
         slot.giveBack(requestID: requestID)
-        upstreamRelay?.edge = nil
-        upstreamRelay = nil
         if let upstream {
-            if instanceEnded {
-                // The instance finished the call. Resetting its stream now would be noise (and servers count
-                // resets as abuse); if the client never finished sending, half-close our side instead.
-                if !requestEnded {
-                    upstream.writeAndFlush(HTTP2Frame.FramePayload.data(.init(data: .byteBuffer(ByteBuffer()), endStream: true)), promise: nil)
-                }
-            } else {
-                // The call was cut short here (client cancel, deadline, error): RST_STREAM CANCEL ends it on the
-                // instance too.
-                upstream.close(promise: nil)
-            }
+            // The instance finished the call: resetting its stream now would be noise (and servers count resets
+            // as abuse); if the client never finished sending, half-close our side instead. Otherwise the call
+            // was cut short here (client cancel, deadline, error): RST_STREAM(CANCEL) ends it on the instance too.
+            upstream.release(upstreamStreamID, reset: !instanceEnded, endRequest: instanceEnded && !requestEnded)
             self.upstream = nil
         }
         if !requestEnded, context.channel.isActive {
@@ -425,36 +455,5 @@ final class GRPCEdgeStream: ChannelInboundHandler, LoopSlotTarget {
             "version": "\(version.map { String($0.number) } ?? "-")", "rpc": "\(rpcPath)",
             "code": "\(code)", "reason": "\(reason)",
         ])
-    }
-}
-
-/// Sits on the stream towards the instance and hands what arrives to the client's stream.
-final class InstanceStreamRelay: ChannelInboundHandler {
-    typealias InboundIn = HTTP2Frame.FramePayload
-
-    fileprivate weak var edge: GRPCEdgeStream?
-
-    init(edge: GRPCEdgeStream) {
-        self.edge = edge
-    }
-
-    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        edge?.upstreamFrame(unwrapInboundIn(data))
-    }
-
-    func channelReadComplete(context: ChannelHandlerContext) {
-        edge?.upstreamFlush()
-    }
-
-    func channelWritabilityChanged(context: ChannelHandlerContext) {
-        edge?.upstreamWritabilityChanged(context.channel.isWritable)
-    }
-
-    func channelInactive(context: ChannelHandlerContext) {
-        edge?.upstreamClosed()
-    }
-
-    func errorCaught(context: ChannelHandlerContext, error: any Error) {
-        context.close(promise: nil)
     }
 }

@@ -64,6 +64,10 @@ final class HTTPOverHTTP2Stream: ChannelInboundHandler, LoopSlotTarget {
 
     func handlerRemoved(context: ChannelHandlerContext) {
         slotWaiter = nil
+        if phase != .finished { finish(upstreamReusable: false) }
+        // The context holds this handler for good: keeping it here would keep both alive after the stream (a
+        // leak per request). What may still call in after this point checks the phase first.
+        self.context = nil
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
@@ -267,7 +271,7 @@ final class HTTPOverHTTP2Stream: ChannelInboundHandler, LoopSlotTarget {
     }
 
     fileprivate func upstreamFlush() {
-        context.flush()
+        context?.flush()
     }
 
     fileprivate func upstreamWritabilityChanged(_ writable: Bool) {

@@ -18,22 +18,30 @@ enum InstanceStreamError: Error, CustomStringConvertible {
 }
 
 /// HTTP/2 connections from one event loop to gRPC instances: one multiplexed connection per instance, opened
-/// on first use and reused by every stream after it. Lives on its event loop; all calls happen there.
+/// on first use and reused by every stream after it. Each connection is `NIOHTTP2Handler` (client mode) with one
+/// `InstanceConnectionHandler` behind it and no stream channels: calls write and receive frames through it.
+/// Lives on its event loop; all calls happen there.
 final class InstanceHTTP2Pool: @unchecked Sendable {
     let eventLoop: any EventLoop
     private let limits: GatewayServer.HTTP2Limits
     private var connections: [String: InstanceHTTP2Connection] = [:]
+    /// Client connection flushes held back while an instance connection's read burst is handled.
+    let deferredFlushes = DeferredFlushes()
+    /// The deadlines of the gRPC calls on this loop.
+    let deadlines: CallDeadlines
+    private var random = UInt64.random(in: 1...UInt64.max)
 
     init(eventLoop: any EventLoop, limits: GatewayServer.HTTP2Limits) {
         self.eventLoop = eventLoop
         self.limits = limits
+        self.deadlines = CallDeadlines(eventLoop: eventLoop)
     }
 
-    /// Opens a stream to the instance (connecting first when needed) and runs `initializer` on its channel.
-    func openStream(
+    /// Hands the instance's connection (connecting first when needed) to `completion`, at once when it is
+    /// ready; the caller then starts its stream on it (`InstanceConnectionHandler.startStream`).
+    func connection(
         instanceID: String, port: Int,
-        initializer: @escaping (any Channel) -> Void,
-        completion: @escaping (Result<any Channel, InstanceStreamError>) -> Void
+        completion: @escaping (Result<InstanceConnectionHandler, InstanceStreamError>) -> Void
     ) {
         eventLoop.assertInEventLoop()
         let connection: InstanceHTTP2Connection
@@ -44,7 +52,15 @@ final class InstanceHTTP2Pool: @unchecked Sendable {
             connections[instanceID] = connection
             connect(connection)
         }
-        connection.openStream(initializer: initializer, completion: completion)
+        connection.whenReady(completion)
+    }
+
+    /// A number in 0..<100 for a release's traffic split: xorshift, no `getrandom` system call per call.
+    func roll() -> Int {
+        random ^= random << 13
+        random ^= random >> 7
+        random ^= random << 17
+        return Int(random % 100)
     }
 
     private func connect(_ connection: InstanceHTTP2Connection) {
@@ -54,39 +70,34 @@ final class InstanceHTTP2Pool: @unchecked Sendable {
             HTTP2Setting(parameter: .initialWindowSize, value: limits.initialWindowSize),
             HTTP2Setting(parameter: .maxHeaderListSize, value: limits.maxHeaderListSize),
         ]
-        connectionConfiguration.targetWindowSize = limits.connectionWindowSize
         // Requests were validated where they entered (the client's connection); responses pass through as sent.
         connectionConfiguration.headerBlockValidation = .disabled
         connectionConfiguration.contentLengthValidation = .disabled
-        var stream = NIOHTTP2Handler.StreamConfiguration()
-        stream.targetWindowSize = limits.initialWindowSize
-        let streamConfiguration = stream
         let connectionSettings = connectionConfiguration
+        let streamWindow = limits.initialWindowSize
+        let connectionWindow = limits.connectionWindowSize
         let loop = eventLoop
         let bound = NIOLoopBound(connection, eventLoop: loop)
         let pool = NIOLoopBound(self, eventLoop: loop)
         connectToInstance(port: connection.port, on: loop) { channel in
-            let multiplexer = try channel.pipeline.syncOperations.configureHTTP2Pipeline(
-                mode: .client, connectionConfiguration: connectionSettings,
-                streamConfiguration: streamConfiguration
-            ) { stream in
-                // Instances never push or open streams towards the gateway.
-                stream.close()
+            let handler = InstanceConnectionHandler(
+                streamWindow: streamWindow, connectionWindow: connectionWindow, deferredFlushes: pool.value.deferredFlushes)
+            let connection = bound.value
+            handler.onReady = { handler in connection.ready(handler) }
+            handler.onDraining = { connection.draining() }
+            handler.onClosed = {
+                connection.closed()
+                pool.value.forget(connection)
             }
-            try channel.pipeline.syncOperations.addHandler(InstanceConnectionWatcher(bound.value))
-            channel.closeFuture.assumeIsolated().whenComplete { _ in pool.value.forget(bound.value) }
-            bound.value.multiplexer = multiplexer
+            try channel.pipeline.syncOperations.addHandler(
+                NIOHTTP2Handler(mode: .client, connectionConfiguration: connectionSettings))
+            try channel.pipeline.syncOperations.addHandler(handler)
         }
             .assumeIsolated()
-            .whenComplete { result in
+            .whenFailure { error in
                 let connection = bound.value
-                switch result {
-                case .success(let channel):
-                    connection.connected(channel)
-                case .failure(let error):
-                    connection.failed(.connectFailed(error))
-                    pool.value.forget(connection)
-                }
+                connection.failed(.connectFailed(error))
+                pool.value.forget(connection)
             }
     }
 
@@ -100,13 +111,13 @@ final class InstanceHTTP2Pool: @unchecked Sendable {
     }
 }
 
-/// One HTTP/2 connection to an instance. Streams asked for while it connects wait in `pending`.
+/// One HTTP/2 connection to an instance. Calls asked for while it connects wait in `pending`.
 final class InstanceHTTP2Connection {
     let instanceID: String
     let port: Int
-    fileprivate var multiplexer: NIOHTTP2Handler.StreamMultiplexer?
-    private var channel: (any Channel)?
-    private var pending: [(initializer: (any Channel) -> Void, completion: (Result<any Channel, InstanceStreamError>) -> Void)] = []
+    private var handler: InstanceConnectionHandler?
+    private var pending: [(Result<InstanceConnectionHandler, InstanceStreamError>) -> Void] = []
+    /// No new streams go here (connect failed, GOAWAY, closed); the next call opens a fresh connection.
     private(set) var isClosed = false
 
     init(instanceID: String, port: Int) {
@@ -114,81 +125,39 @@ final class InstanceHTTP2Connection {
         self.port = port
     }
 
-    func openStream(initializer: @escaping (any Channel) -> Void, completion: @escaping (Result<any Channel, InstanceStreamError>) -> Void) {
-        guard let channel, let multiplexer else {
-            pending.append((initializer, completion))
-            return
-        }
-        let promise = channel.eventLoop.makePromise(of: (any Channel).self)
-        promise.futureResult.assumeIsolated().whenComplete { [self] result in
-            switch result {
-            case .success(let stream):
-                completion(.success(stream))
-            case .failure(let error):
-                isClosed = true  // the next stream opens a fresh connection
-                completion(.failure(.streamFailed(error)))
-            }
-        }
-        let loop = channel.eventLoop
-        let boundInitializer = NIOLoopBound(initializer, eventLoop: loop)
-        multiplexer.createStreamChannel(promise: promise) { stream in
-            loop.makeCompletedFuture { boundInitializer.value(stream) }
+    func whenReady(_ completion: @escaping (Result<InstanceConnectionHandler, InstanceStreamError>) -> Void) {
+        if let handler {
+            completion(.success(handler))
+        } else {
+            pending.append(completion)
         }
     }
 
-    fileprivate func connected(_ channel: any Channel) {
-        self.channel = channel
+    fileprivate func ready(_ handler: InstanceConnectionHandler) {
+        self.handler = handler
         let waiting = pending
         pending = []
-        for entry in waiting { openStream(initializer: entry.initializer, completion: entry.completion) }
+        for completion in waiting { completion(.success(handler)) }
     }
 
     fileprivate func failed(_ error: InstanceStreamError) {
         isClosed = true
         let waiting = pending
         pending = []
-        for entry in waiting { entry.completion(.failure(error)) }
+        for completion in waiting { completion(.failure(error)) }
+    }
+
+    fileprivate func draining() {
+        isClosed = true
     }
 
     fileprivate func closed() {
         isClosed = true
-        channel = nil
-        multiplexer = nil
+        handler = nil
         failed(.streamFailed(ChannelError.ioOnClosedChannel))
     }
 
     func close() {
-        channel?.close(promise: nil)
+        handler?.close()
     }
-}
-
-/// Marks the connection closed when its channel goes away (instance stopped, GOAWAY, error).
-private final class InstanceConnectionWatcher: ChannelInboundHandler {
-    typealias InboundIn = HTTP2Frame
-
-    private let connection: InstanceHTTP2Connection
-
-    init(_ connection: InstanceHTTP2Connection) {
-        self.connection = connection
-    }
-
-    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        if case .goAway = unwrapInboundIn(data).payload { connection.markDraining() }
-        context.fireChannelRead(data)
-    }
-
-    func channelInactive(context: ChannelHandlerContext) {
-        connection.closedByPeer()
-        context.fireChannelInactive()
-    }
-
-    func errorCaught(context: ChannelHandlerContext, error: any Error) {
-        context.close(promise: nil)
-    }
-}
-
-extension InstanceHTTP2Connection {
-    /// After GOAWAY no new streams go here; the next one opens a fresh connection.
-    fileprivate func markDraining() { isClosed = true }
-    fileprivate func closedByPeer() { closed() }
 }
