@@ -374,3 +374,24 @@ def test_http_port_in_use_is_a_clear_error_and_apusd_exits(tmp_path):
         assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in out, out[-2000:]
     finally:
         taken.close()
+
+
+
+def test_h2c_clients_whose_first_packet_carries_requests_are_handed_over_whole(apusd, deployed, rawfn, tmp_path):
+    """h2load writes the connection preface, SETTINGS and its first HEADERS at once: the reactor reads them, hands
+    them to SwiftNIO in one go, and every call is answered — HTTP functions and gRPC ones alike (a hand-over that
+    replayed the bytes without ending the read burst left the gRPC relay's coalesced flushes waiting for a read
+    that never came, and h2load's calls hung)."""
+    from grpc_support import ECHO_FUNCTION
+    deployed.example(ECHO_FUNCTION)
+    request = tmp_path / "echo-request.bin"
+    request.write_bytes(bytes([0, 0, 0, 0, 4, 0x0A, 2]) + b"hi")  # one gRPC message: EchoRequest{text: "hi"}
+    runs = [
+        ["h2load", "-n", "64", "-c", "2", "-m", "8", "-N", "10s", f"{apusd.gateway}/{rawfn}/h2"],
+        ["h2load", "-n", "256", "-c", "8", "-m", "16", "-N", "10s", "-d", str(request),
+         "-H", "content-type: application/grpc", "-H", "te: trailers", f"{apusd.gateway}/echo.Echo/Get"],
+    ]
+    for cmd in runs:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        m = re.search(r"requests: (\d+) total, \d+ started, (\d+) done, (\d+) succeeded", p.stdout)
+        assert p.returncode == 0 and m and m.group(3) == m.group(1), " ".join(cmd) + "\n" + p.stdout + p.stderr

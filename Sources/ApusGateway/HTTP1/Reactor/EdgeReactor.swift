@@ -272,6 +272,9 @@ final class ReplayReadBytes: ChannelInboundHandler, RemovableChannelHandler {
         if let bytes, bytes.readableBytes > 0 {
             self.bytes = nil
             context.fireChannelRead(wrapInboundOut(bytes))
+            // The end of a read burst: handlers that hold their writes until then (HTTP/2 flush coalescing)
+            // answer now rather than at the next read, which may never come.
+            context.fireChannelReadComplete()
         }
         context.pipeline.syncOperations.removeHandler(context: context, promise: nil)
     }
