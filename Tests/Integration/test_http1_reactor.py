@@ -267,6 +267,12 @@ def test_errors_before_a_request_starts_come_from_the_full_handler(apusd, rawfn)
         s.sendall(b"GET /x HTTP/1.1\r\nHost: x\r\nContent-Length: nope\r\n\r\n")
         status, _, body = Reader(s).response()
         assert status == 400 and b"Content-Length" in body, body
+    # A head over 64 KiB is refused even when all of it arrives before the gateway looks (it reached the
+    # instance before).
+    with connect(apusd) as s:
+        s.sendall(f"GET /{rawfn}/big-head HTTP/1.1\r\nHost: x\r\nX-Big: {'a' * 70000}\r\n\r\n".encode())
+        status, headers, body = Reader(s).response()
+        assert status == 431 and b"64 KiB" in body and "x-apus-version" not in headers, (status, body[:200])
 
 
 def rss_kib(pid: int) -> int:

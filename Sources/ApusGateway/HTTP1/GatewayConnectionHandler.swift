@@ -194,6 +194,11 @@ final class GatewayConnectionHandler: ChannelInboundHandler, RemovableChannelHan
                 }
                 return
             case .success(let (head, end)?):
+                guard end <= Self.maxHead else {
+                    // The whole head arrived at once, but it is larger than a head may be.
+                    respondWithError(ApusError(.badRequest, "request head exceeds 64 KiB"), requestID: nil, version: nil, status: 431, close: true)
+                    return
+                }
                 let rawHead = inbound!.readSlice(length: end)!
                 if inbound!.readableBytes == 0 { inbound = nil }  // lets the channel reuse its receive buffer
                 start(head, rawHead: rawHead)

@@ -133,7 +133,7 @@ final class ReactorClient: ReactorSocket {
                 if inbound.readableBytes > Self.maxHead { handOff() }
                 break
             }
-            guard start(head, headLength: end) else {
+            guard end <= Self.maxHead, start(head, headLength: end) else {
                 handOff()
                 return
             }
