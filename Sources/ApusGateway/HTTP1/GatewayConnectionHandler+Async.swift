@@ -36,13 +36,7 @@ extension GatewayConnectionHandler {
         var submission: TaskSubmission
         do throws(ApusError) {
             let route = try GatewayRoute.resolve(host: target == head.target ? head.host : nil, uri: target, domain: shared.configuration.domain)
-            var pinned: Int?
-            if let text = head.pinnedVersion {
-                guard let number = Int(text), number > 0 else {
-                    throw ApusError(.badRequest, "X-Apus-Version must be a version number (got \(text.prefix(32)))")
-                }
-                pinned = number
-            }
+            let pinned = try head.pinnedVersionNumber()
             version = try shared.scheduler.catalog.route(function: route.function, pinnedVersion: pinned, roll: nextRoll())
             if version.manifest.protocol != .http {
                 throw ApusError(.badRequest, "function \(route.function) serves \(version.manifest.protocol.rawValue); submit its tasks with a \(version.manifest.protocol.rawValue) client or the control API")

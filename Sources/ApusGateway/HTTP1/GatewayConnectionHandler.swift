@@ -69,7 +69,7 @@ final class GatewayConnectionHandler: ChannelInboundHandler, RemovableChannelHan
     private var readPaused = false
     private var upstreamWritable = true
     var draining = false
-    private var random: UInt64
+    private var splitRoll = SplitRoll()
     var peer = "unknown"
     /// Hears slot decisions for this connection's queued requests and brings them back onto its event loop.
     private var slotWaiter: LoopSlotWaiter!
@@ -89,7 +89,6 @@ final class GatewayConnectionHandler: ChannelInboundHandler, RemovableChannelHan
     init(shared: GatewayShared, scheme: String = "http") {
         self.shared = shared
         self.scheme = scheme
-        self.random = UInt64.random(in: 1...UInt64.max)
     }
 
     // MARK: channel events
@@ -210,10 +209,7 @@ final class GatewayConnectionHandler: ChannelInboundHandler, RemovableChannelHan
     }
 
     func nextRoll() -> Int {
-        random ^= random << 13
-        random ^= random >> 7
-        random ^= random << 17
-        return Int(random % 100)
+        splitRoll.next()
     }
 
     /// The function, version and neutral invocation of an HTTP/1.1 request (shared with the edge reactor).
@@ -221,13 +217,7 @@ final class GatewayConnectionHandler: ChannelInboundHandler, RemovableChannelHan
         _ head: RequestHead, requestID: String, shared: GatewayShared, roll: Int
     ) throws(ApusError) -> (GatewayRoute, FunctionVersion, Invocation) {
         let route = try GatewayRoute.resolve(host: head.host, uri: head.target, domain: shared.configuration.domain, catalog: shared.scheduler.catalog)
-        var pinned: Int?
-        if let text = head.pinnedVersion {
-            guard let number = Int(text), number > 0 else {
-                throw ApusError(.badRequest, "X-Apus-Version must be a version number (got \(text.prefix(32)))")
-            }
-            pinned = number
-        }
+        let pinned = try head.pinnedVersionNumber()
         let invocation = Invocation(requestID: requestID, function: route.function, pinnedVersion: pinned, method: head.method, path: route.instancePath)
         let version = try shared.scheduler.catalog.route(function: route.function, pinnedVersion: pinned, roll: roll)
         if version.manifest.protocol != .http {

@@ -1,3 +1,4 @@
+import ApusCore
 import NIOCore
 
 /// A request head that cannot be served: the status to answer with and why.
@@ -86,6 +87,15 @@ struct RequestHead {
     var priority: String?
 
     var isHEAD: Bool { method == "HEAD" }
+
+    /// The version `X-Apus-Version` pins, if any; a value that is not a positive number is refused.
+    func pinnedVersionNumber() throws(ApusError) -> Int? {
+        guard let text = pinnedVersion else { return nil }
+        guard let number = Int(text), number > 0 else {
+            throw ApusError(.badRequest, "X-Apus-Version must be a version number (got \(text.prefix(32)))")
+        }
+        return number
+    }
 
     typealias ParseError = HTTPHeadError
 

@@ -29,7 +29,7 @@ final class InstanceHTTP2Pool: @unchecked Sendable {
     let deferredFlushes = DeferredFlushes()
     /// The deadlines of the gRPC calls on this loop.
     let deadlines: CallDeadlines
-    private var random = UInt64.random(in: 1...UInt64.max)
+    private var splitRoll = SplitRoll()
 
     init(eventLoop: any EventLoop, limits: GatewayServer.HTTP2Limits) {
         self.eventLoop = eventLoop
@@ -55,12 +55,9 @@ final class InstanceHTTP2Pool: @unchecked Sendable {
         connection.whenReady(completion)
     }
 
-    /// A number in 0..<100 for a release's traffic split: xorshift, no `getrandom` system call per call.
+    /// A number in 0..<100 for a release's traffic split (`SplitRoll`).
     func roll() -> Int {
-        random ^= random << 13
-        random ^= random >> 7
-        random ^= random << 17
-        return Int(random % 100)
+        splitRoll.next()
     }
 
     private func connect(_ connection: InstanceHTTP2Connection) {

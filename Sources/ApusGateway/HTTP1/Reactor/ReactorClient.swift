@@ -155,11 +155,8 @@ final class ReactorClient: ReactorSocket {
             host: head.host, uri: head.target, domain: shared.configuration.domain, catalog: shared.scheduler.catalog) else {
             return false
         }
-        var pinned: Int?
-        if let text = head.pinnedVersion {
-            guard let number = Int(text), number > 0 else { return false }
-            pinned = number
-        }
+        let pinned: Int?
+        do { pinned = try head.pinnedVersionNumber() } catch { return false }  // the NIO handler answers why
         guard let target = loop.target(function: route.function, pinnedVersion: pinned), target.servesHTTP,
               let lease = target.pool.tryAcquire(shard: loop.shardKey) else { return false }
         let pool = target.pool
@@ -274,13 +271,19 @@ final class ReactorClient: ReactorSocket {
         pool?.metrics.recordHTTPRequest(status: status, since: arrivedAt)
         if reusable && bodyRemaining == 0 { loop.release(upstream) } else { upstream.close() }
         endExchange()
-        if closeAfter || draining {
+        afterResponse(close: closeAfter || draining)
+    }
+
+    /// A response is in `out`: the connection closes once it is written, or goes on with the next request
+    /// (writes leave at the end of the loop's pass, so the next request may start before).
+    private func afterResponse(close: Bool) {
+        if close {
             closeWhenFlushed = true
             flush()
         } else {
             phase = .readingHead
             flush()
-            if phase == .readingHead { serveMore() }
+            serveMore()
         }
     }
 
@@ -375,29 +378,20 @@ final class ReactorClient: ReactorSocket {
         endExchange()
         if started {
             // The client sees the instance's status on a cut-short body.
-            closeWhenFlushed = true
-            flush()
+            afterResponse(close: true)
             return
         }
         var response = GatewayConnectionHandler.errorResponse(
             error, requestID: requestID, version: versionNumber, close: mustClose, allocator: loop.allocator)
         out.writeBuffer(&response)
-        if mustClose {
-            closeWhenFlushed = true
-            flush()
-        } else {
-            phase = .readingHead
-            flush()
-            if phase == .readingHead { serveMore() }
-        }
+        afterResponse(close: mustClose)
     }
 
     /// Graceful shutdown: an idle connection closes now, a busy one after its current response.
     func beginDrain() {
         draining = true
         if phase == .readingHead, inbound.readableBytes == 0 {
-            closeWhenFlushed = true
-            flush()
+            afterResponse(close: true)
         } else {
             closeAfter = true
         }

@@ -50,7 +50,7 @@ final class ReactorLoop: @unchecked Sendable {
     private var sockets: [ReactorSocket?] = []
     private var generation: UInt64 = 0
     private var idleUpstreams: [String: [ReactorUpstream]] = [:]
-    private var random = UInt64.random(in: 1...UInt64.max)
+    private var splitRoll = SplitRoll()
     private var drainingSeen = false
     private var nextDeadlineScan = ContinuousClock.now
 
@@ -213,13 +213,6 @@ final class ReactorLoop: @unchecked Sendable {
         reactor.openConnections.subtract(1, ordering: .relaxed)
     }
 
-    func nextRoll() -> Int {
-        random ^= random << 13
-        random ^= random >> 7
-        random ^= random << 17
-        return Int(random % 100)
-    }
-
     // MARK: routing
 
     /// Where a request goes once its version is chosen: the version's pool and the few facts about the version a
@@ -280,7 +273,7 @@ final class ReactorLoop: @unchecked Sendable {
         if let pinnedVersion {
             number = pinnedVersion
         } else {
-            guard let picked = cached.entry.record.release.pickVersion(roll: nextRoll()) else { return nil }
+            guard let picked = cached.entry.record.release.pickVersion(roll: splitRoll.next()) else { return nil }
             number = picked
         }
         if let target = cached.pools[number] { return target }
