@@ -155,3 +155,155 @@ struct ChunkedBodyScannerTests {
         #expect(throws: ChunkedBodyScanner.ScanError.tooLarge) { try Array("5\r\n".utf8).withUnsafeBytes { try limited.scan($0) } }
     }
 }
+
+@Suite("response reader")
+struct ResponseReaderTests {
+    /// What a caller saw, in order: "interim 100", "head 200", body bytes (concatenated), "complete reusable".
+    struct Seen: Equatable {
+        var events: [String] = []
+        var body: [UInt8] = []
+    }
+
+    /// Feeds `chunks` to a reader the way the proxies do (unread bytes stay at the front of a buffer), then the
+    /// upstream closing its side if `close`.
+    static func read(_ chunks: [[UInt8]], requestWasHEAD: Bool = false, close: Bool = false, decoded: Bool = false) -> Seen {
+        var reader = ResponseReader()
+        reader.begin(requestWasHEAD: requestWasHEAD)
+        var seen = Seen()
+        var buffer: [UInt8] = []
+        feeding: for chunk in chunks {
+            buffer += chunk
+            while true {
+                var payload: [Range<Int>] = []
+                let event = buffer.withUnsafeBytes { bytes in
+                    decoded ? reader.next(bytes) { payload.append($0) } : reader.next(bytes)
+                }
+                switch event {
+                case .needMore:
+                    continue feeding
+                case .interim(let head, let length):
+                    seen.events.append("interim \(head.status)")
+                    buffer.removeFirst(length)
+                case .head(let head, let length):
+                    seen.events.append("head \(head.status)")
+                    buffer.removeFirst(length)
+                case .body(let count):
+                    if decoded {
+                        for range in payload { seen.body += buffer[range] }
+                    } else {
+                        seen.body += buffer[..<count]
+                    }
+                    buffer.removeFirst(count)
+                case .complete(let reusable):
+                    seen.events.append(reusable ? "complete reusable" : "complete")
+                    return seen
+                case .failed(let failure):
+                    seen.events.append("failed \(failure)")
+                    return seen
+                case .unexpectedBytes:
+                    seen.events.append("unexpected")
+                    return seen
+                }
+            }
+        }
+        if close { seen.events.append("closed \(reader.upstreamClosed())") }
+        return seen
+    }
+
+    /// Every way of cutting `bytes` in two.
+    static func everySplit(_ bytes: [UInt8]) -> [[[UInt8]]] {
+        (0...bytes.count).map { [Array(bytes[..<$0]), Array(bytes[$0...])] }
+    }
+
+    @Test func contentLengthBodyAtEverySplit() {
+        let response = Array("HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-A: b\r\n\r\nhello".utf8)
+        for chunks in Self.everySplit(response) {
+            #expect(Self.read(chunks) == Seen(events: ["head 200", "complete reusable"], body: Array("hello".utf8)), "\(chunks.map(\.count))")
+        }
+    }
+
+    @Test func chunkedBodyAtEverySplitRawAndDecoded() {
+        let body = "5\r\nhello\r\n6\r\n world\r\n0\r\nX-T: 1\r\n\r\n"
+        let response = Array("HTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\n\r\n\(body)".utf8)
+        for chunks in Self.everySplit(response) {
+            #expect(Self.read(chunks) == Seen(events: ["head 201", "complete reusable"], body: Array(body.utf8)))
+            #expect(Self.read(chunks, decoded: true) == Seen(events: ["head 201", "complete reusable"], body: Array("hello world".utf8)))
+        }
+    }
+
+    @Test func interimResponsesComeBeforeTheFinalHead() {
+        let response = Array("HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok".utf8)
+        #expect(Self.read([response]) == Seen(events: ["interim 100", "interim 103", "head 200", "complete reusable"], body: Array("ok".utf8)))
+    }
+
+    @Test func responsesWithoutBody() {
+        #expect(Self.read([Array("HTTP/1.1 204 No Content\r\n\r\n".utf8)]).events == ["head 204", "complete reusable"])
+        #expect(Self.read([Array("HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n".utf8)], requestWasHEAD: true).events
+            == ["head 200", "complete reusable"])
+        #expect(Self.read([Array("HTTP/1.1 304 Not Modified\r\nConnection: close\r\n\r\n".utf8)]).events == ["head 304", "complete"])
+    }
+
+    @Test func bytesBeyondTheResponseMakeTheConnectionUnusable() {
+        let seen = Self.read([Array("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokEXTRA".utf8)])
+        #expect(seen == Seen(events: ["head 200", "complete"], body: Array("ok".utf8)))
+    }
+
+    @Test func closeDelimitedBodyEndsWhenTheUpstreamCloses() {
+        let seen = Self.read([Array("HTTP/1.1 200 OK\r\n\r\nsome".utf8), Array(" more".utf8)], close: true)
+        #expect(seen == Seen(events: ["head 200", "closed complete"], body: Array("some more".utf8)))
+    }
+
+    @Test func upstreamClosingEarly() {
+        #expect(Self.read([Array("HTTP/1.1 200 OK\r\nContent-Le".utf8)], close: true).events == ["closed beforeHead"])
+        #expect(Self.read([Array("HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nabc".utf8)], close: true).events
+            == ["head 200", "closed midBody"])
+        var idle = ResponseReader()
+        #expect(idle.upstreamClosed() == .idle)
+    }
+
+    @Test func badResponsesFail() {
+        #expect(Self.read([Array("SMTP ready\r\n\r\n".utf8)]).events == ["failed malformedHead"])
+        #expect(Self.read([Array("HTTP/1.1 200 OK\r\nX: \(String(repeating: "a", count: 70_000))".utf8)]).events == ["failed headTooLarge"])
+        #expect(Self.read([Array("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n".utf8)]).events
+            == ["head 200", "failed malformedChunkedBody"])
+        #expect(ResponseReader.Failure.malformedHead.message(from: "instance") == "instance sent a malformed response head")
+    }
+
+    @Test func bytesWhileIdleAreUnexpected() {
+        var reader = ResponseReader()
+        let event = Array("HTTP/1.1 200 OK\r\n\r\n".utf8).withUnsafeBytes { reader.next($0) }
+        guard case .unexpectedBytes = event else { Issue.record("\(event)"); return }
+        let nothing = [UInt8]().withUnsafeBytes { reader.next($0) }
+        guard case .needMore = nothing else { Issue.record("\(nothing)"); return }
+    }
+
+    @Test func oneReaderServesConsecutiveExchanges() {
+        var reader = ResponseReader()
+        for round in 1...3 {
+            reader.begin(requestWasHEAD: false)
+            var bytes = Array("HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n\(round)".utf8)
+            var events: [String] = []
+            loop: while true {
+                let event = bytes.withUnsafeBytes { reader.next($0) }
+                switch event {
+                case .head(_, let length): events.append("head"); bytes.removeFirst(length)
+                case .body(let count): events.append("body \(count)"); bytes.removeFirst(count)
+                case .complete(let reusable): events.append("complete \(reusable)"); break loop
+                default: events.append("\(event)"); break loop
+                }
+            }
+            #expect(events == ["head", "body 1", "complete true"] && reader.isIdle)
+        }
+    }
+}
+
+extension ResponseReaderTests {
+    @Test func decodedPayloadCoversEveryFraming() {
+        let length = Array("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello".utf8)
+        let untilClose = Array("HTTP/1.0 200 OK\r\n\r\nhello".utf8)
+        for chunks in Self.everySplit(length) {
+            #expect(Self.read(chunks, decoded: true) == Seen(events: ["head 200", "complete reusable"], body: Array("hello".utf8)))
+        }
+        #expect(Self.read([untilClose], close: true, decoded: true) == Seen(events: ["head 200", "closed complete"], body: Array("hello".utf8)))
+    }
+}

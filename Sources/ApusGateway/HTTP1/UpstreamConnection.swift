@@ -22,17 +22,12 @@ final class UpstreamConnection: ChannelInboundHandler {
     typealias InboundIn = ByteBuffer
     typealias OutboundOut = ByteBuffer
 
-    private enum State {
-        case idle
-        case head(requestWasHEAD: Bool)
-        case body(BodyFraming, reusable: Bool)
-    }
-
     let port: Int
     /// The instance this connection belongs to; ports can be reused by a later instance.
     let instanceID: String
     private(set) var channel: (any Channel)?
-    private var state = State.idle
+    private var reader = ResponseReader()
+    /// An incomplete response head, until the rest arrives.
     private var buffer: ByteBuffer?
     private var headScratch: ByteBuffer?
     weak var exchange: (any UpstreamExchange)?
@@ -40,7 +35,6 @@ final class UpstreamConnection: ChannelInboundHandler {
     weak var idleIn: UpstreamPool?
     /// Whether this connection already served a request (a failure on reuse may be retried).
     private(set) var servedBefore = false
-    private static let maxHead = 64 << 10
 
     init(instanceID: String, port: Int) {
         self.instanceID = instanceID
@@ -56,7 +50,7 @@ final class UpstreamConnection: ChannelInboundHandler {
     /// Starts an exchange: the caller then writes the request head and body to `channel`.
     func begin(exchange: any UpstreamExchange, requestWasHEAD: Bool) {
         self.exchange = exchange
-        state = .head(requestWasHEAD: requestWasHEAD)
+        reader.begin(requestWasHEAD: requestWasHEAD)
         idleIn = nil
         setAutoRead(true)  // a previous exchange may have paused reading for a slow client
     }
@@ -80,106 +74,69 @@ final class UpstreamConnection: ChannelInboundHandler {
 
     func close() {
         exchange = nil
-        state = .idle
+        reader.reset()
         channel?.close(promise: nil)
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         var incoming = unwrapInboundIn(data)
-        switch state {
-        case .idle:
-            // Bytes nobody asked for: the connection is out of step, drop it.
-            context.close(promise: nil)
-        case .head(let wasHEAD):
-            if buffer == nil {
-                buffer = incoming
-            } else {
-                buffer!.writeBuffer(&incoming)
-            }
-            parseHead(context: context, requestWasHEAD: wasHEAD)
-        case .body:
-            forwardBody(context: context, &incoming)
+        if var pending = buffer {
+            buffer = nil
+            pending.writeBuffer(&incoming)
+            incoming = pending
         }
-    }
-
-    private func parseHead(context: ChannelHandlerContext, requestWasHEAD: Bool) {
-        guard var pending = buffer else { return }
-        let parsed: (ResponseHead, Int)?? = pending.withUnsafeReadableBytes { bytes in
-            guard let end = HTTPBytes.endOfHead(bytes) else { return .some(nil) }
-            guard let head = ResponseHead.parse(bytes, headEnd: end, requestWasHEAD: requestWasHEAD) else { return nil }
-            return (head, end)
-        }
-        guard let parsed else {
-            fail(context: context, "instance sent a malformed response head")
-            return
-        }
-        guard let (head, end) = parsed else {
-            if pending.readableBytes > Self.maxHead { fail(context: context, "instance response head exceeds 64 KiB") }
-            return
-        }
-        // Reuse the previous head's storage once the client connection has written it.
-        var out = headScratch ?? context.channel.allocator.buffer(capacity: end + 128)
-        headScratch = nil
-        out.clear()
-        pending.withUnsafeReadableBytes { bytes in
-            head.keptSpans.forEach { span in out.writeBytes(UnsafeRawBufferPointer(rebasing: bytes[span])) }
-        }
-        pending.moveReaderIndex(forwardBy: end)
-        buffer = nil
-        if (100..<200).contains(head.status) {
-            // Interim response: pass it on and wait for the final one.
-            out.writeStatic("\r\n")
-            exchange?.upstreamBody(out)
-            state = .head(requestWasHEAD: requestWasHEAD)
-            if pending.readableBytes > 0 { buffer = pending; parseHead(context: context, requestWasHEAD: requestWasHEAD) }
-            return
-        }
-        if case .untilClose = head.framing {
-            exchange?.upstreamHead(&out, status: head.status, closeDelimited: true)
-        } else {
-            exchange?.upstreamHead(&out, status: head.status, closeDelimited: false)
-        }
-        headScratch = out
-        state = .body(head.framing, reusable: !head.connectionClose)
-        forwardBody(context: context, &pending)
-    }
-
-    private func forwardBody(context: ChannelHandlerContext, _ incoming: inout ByteBuffer) {
-        guard case .body(var framing, let reusable) = state else { return }
-        switch framing {
-        case .none:
-            finish(context: context, reusable: reusable && incoming.readableBytes == 0)
-        case .length(let remaining):
-            let take = min(remaining, incoming.readableBytes)
-            if take > 0 { exchange?.upstreamBody(incoming.readSlice(length: take)!) }
-            if remaining - take == 0 {
-                finish(context: context, reusable: reusable && incoming.readableBytes == 0)
-            } else {
-                state = .body(.length(remaining: remaining - take), reusable: reusable)
-            }
-        case .chunked(var scanner):
-            let consumed: Int
-            do {
-                consumed = try incoming.withUnsafeReadableBytes { bytes throws(ChunkedBodyScanner.ScanError) in try scanner.scan(bytes) }
-            } catch {
-                fail(context: context, "instance sent a malformed chunked body")
+        while true {
+            switch incoming.withUnsafeReadableBytes({ reader.next($0) }) {
+            case .needMore:
+                // Only an incomplete head is left unread (body bytes are all passed on as they come).
+                if incoming.readableBytes > 0 { buffer = incoming }
+                return
+            case .interim(let head, let length):
+                // Interim response: pass it on and wait for the final one.
+                var out = headBuffer(head, in: incoming, context: context)
+                out.writeStatic("\r\n")
+                exchange?.upstreamBody(out)
+                incoming.moveReaderIndex(forwardBy: length)
+            case .head(let head, let length):
+                var out = headBuffer(head, in: incoming, context: context)
+                if case .untilClose = head.framing {
+                    exchange?.upstreamHead(&out, status: head.status, closeDelimited: true)
+                } else {
+                    exchange?.upstreamHead(&out, status: head.status, closeDelimited: false)
+                }
+                // Reused for the next head once the client connection has written it.
+                headScratch = out
+                incoming.moveReaderIndex(forwardBy: length)
+            case .body(let count):
+                exchange?.upstreamBody(incoming.readSlice(length: count)!)
+            case .complete(let reusable):
+                finish(context: context, reusable: reusable)
+                return
+            case .failed(let failure):
+                fail(context: context, failure.message(from: "instance"))
+                return
+            case .unexpectedBytes:
+                // Bytes nobody asked for: the connection is out of step, drop it.
+                context.close(promise: nil)
                 return
             }
-            if consumed > 0 { exchange?.upstreamBody(incoming.readSlice(length: consumed)!) }
-            if scanner.isDone {
-                finish(context: context, reusable: reusable && incoming.readableBytes == 0)
-            } else {
-                framing = .chunked(scanner)
-                state = .body(framing, reusable: reusable)
-            }
-        case .untilClose:
-            if incoming.readableBytes > 0 { exchange?.upstreamBody(incoming) }
         }
+    }
+
+    /// The head's status line and kept header lines, in the previous head's storage when it is free.
+    private func headBuffer(_ head: ResponseHead, in incoming: ByteBuffer, context: ChannelHandlerContext) -> ByteBuffer {
+        var out = headScratch ?? context.channel.allocator.buffer(capacity: 256)
+        headScratch = nil
+        out.clear()
+        incoming.withUnsafeReadableBytes { bytes in
+            head.keptSpans.forEach { span in out.writeBytes(UnsafeRawBufferPointer(rebasing: bytes[span])) }
+        }
+        return out
     }
 
     private func finish(context: ChannelHandlerContext, reusable: Bool) {
-        state = .idle
         servedBefore = true
+        buffer = nil
         let exchange = self.exchange
         self.exchange = nil
         exchange?.upstreamComplete(reusable: reusable && context.channel.isActive)
@@ -189,7 +146,8 @@ final class UpstreamConnection: ChannelInboundHandler {
     private func fail(context: ChannelHandlerContext, _ reason: String) {
         let exchange = self.exchange
         self.exchange = nil
-        state = .idle
+        reader.reset()
+        buffer = nil
         context.close(promise: nil)
         exchange?.upstreamFailed(reason)
     }
@@ -203,15 +161,14 @@ final class UpstreamConnection: ChannelInboundHandler {
     }
 
     func channelInactive(context: ChannelHandlerContext) {
-        switch state {
-        case .body(.untilClose, _):
+        switch reader.upstreamClosed() {
+        case .complete:
             finish(context: context, reusable: false)
         case .idle:
             break
-        default:
+        case .beforeHead, .midBody:
             let exchange = self.exchange
             self.exchange = nil
-            state = .idle
             exchange?.upstreamFailed("instance closed the connection before answering")
         }
         idleIn?.forget(self)

@@ -6,18 +6,12 @@ import NIOCore
 /// connection composed in `out`, reads the response with the minimal codec and passes it to the client as it
 /// arrives. Reading pauses while the client has too much unwritten (a slow client slows the instance).
 final class ReactorUpstream: ReactorSocket {
-    private enum State {
-        case idle
-        case head(requestWasHEAD: Bool)
-        case body(BodyFraming, reusable: Bool)
-    }
-
     let instanceID: String
     let port: Int
     /// Request bytes not yet taken by the socket.
     var out: ByteBuffer
     private var inbound: ByteBuffer
-    private var state = State.idle
+    private var reader = ResponseReader()
     private(set) var isConnected = false
     private var closed = false
     private var readable = false
@@ -26,7 +20,6 @@ final class ReactorUpstream: ReactorSocket {
     private(set) var servedBefore = false
     var inIdlePool = false
     private var client: ReactorClient?
-    private static let maxHead = 64 << 10
 
     init(fd: Int32, loop: ReactorLoop, instanceID: String, port: Int) {
         self.instanceID = instanceID
@@ -41,7 +34,7 @@ final class ReactorUpstream: ReactorSocket {
 
     func begin(client: ReactorClient, requestWasHEAD: Bool) {
         self.client = client
-        state = .head(requestWasHEAD: requestWasHEAD)
+        reader.begin(requestWasHEAD: requestWasHEAD)
         isPaused = false
         out.clear()
         inbound.clear()
@@ -107,97 +100,44 @@ final class ReactorUpstream: ReactorSocket {
     /// Works through `inbound`. False when the exchange ended (the loop must not read on for it).
     private func consume() -> Bool {
         while true {
-            switch state {
-            case .idle:
+            let event = inbound.withUnsafeReadableBytes { reader.next($0) }
+            switch event {
+            case .needMore:
+                guard reader.isInBody, let client else { return true }
+                // Body bytes were passed on: write them, and stop reading while the client cannot keep up.
+                inbound.discardReadBytes()
+                client.flush()
+                if client.isBackedUp { isPaused = true }
+                return !closed
+            case .interim(let head, let length):
+                guard let client else { return false }
+                inbound.withUnsafeReadableBytes { client.interimResponse($0, head) }
+                inbound.moveReaderIndex(forwardBy: length)
+            case .head(let head, let length):
+                guard let client else { return false }
+                inbound.withUnsafeReadableBytes { client.responseHead($0, head) }
+                inbound.moveReaderIndex(forwardBy: length)
+            case .body(let count):
+                guard let client else { return false }
+                inbound.readWithUnsafeReadableBytes { bytes in
+                    client.responseBody(UnsafeRawBufferPointer(rebasing: bytes.prefix(count)))
+                    return count
+                }
+            case .complete(let reusable):
+                return finish(reusable: reusable)
+            case .failed(let failure):
+                fail(failure.message(from: "instance"), retryable: false)
+                return false
+            case .unexpectedBytes:
                 // Bytes nobody asked for: the connection is out of step.
                 loop.removeIdle(self)
                 close()
                 return false
-            case .head(let requestWasHEAD):
-                let parsed: (ResponseHead, Int)?? = inbound.withUnsafeReadableBytes { bytes in
-                    guard let end = HTTPBytes.endOfHead(bytes) else { return .some(nil) }
-                    guard let head = ResponseHead.parse(bytes, headEnd: end, requestWasHEAD: requestWasHEAD) else { return nil }
-                    return (head, end)
-                }
-                guard let parsed else {
-                    fail("instance sent a malformed response head", retryable: false)
-                    return false
-                }
-                guard let (head, end) = parsed else {
-                    if inbound.readableBytes > Self.maxHead {
-                        fail("instance response head exceeds 64 KiB", retryable: false)
-                        return false
-                    }
-                    return true
-                }
-                guard let client else { return false }
-                inbound.withUnsafeReadableBytes { bytes in
-                    if (100..<200).contains(head.status) {
-                        client.interimResponse(bytes, head)
-                    } else {
-                        client.responseHead(bytes, head)
-                    }
-                }
-                inbound.moveReaderIndex(forwardBy: end)
-                if !(100..<200).contains(head.status) {
-                    state = .body(head.framing, reusable: !head.connectionClose)
-                }
-            case .body(let framing, let reusable):
-                guard let client else { return false }
-                switch framing {
-                case .none:
-                    return finish(reusable: reusable && inbound.readableBytes == 0)
-                case .length(let remaining):
-                    let take = min(remaining, inbound.readableBytes)
-                    if take > 0 {
-                        inbound.readWithUnsafeReadableBytes { bytes in
-                            client.responseBody(UnsafeRawBufferPointer(rebasing: bytes.prefix(take)))
-                            return take
-                        }
-                    }
-                    if remaining == take { return finish(reusable: reusable && inbound.readableBytes == 0) }
-                    state = .body(.length(remaining: remaining - take), reusable: reusable)
-                    return pauseIfBackedUp(client)
-                case .chunked(var scanner):
-                    let consumed: Int
-                    do {
-                        consumed = try inbound.withUnsafeReadableBytes { bytes throws(ChunkedBodyScanner.ScanError) in try scanner.scan(bytes) }
-                    } catch {
-                        fail("instance sent a malformed chunked body", retryable: false)
-                        return false
-                    }
-                    if consumed > 0 {
-                        inbound.readWithUnsafeReadableBytes { bytes in
-                            client.responseBody(UnsafeRawBufferPointer(rebasing: bytes.prefix(consumed)))
-                            return consumed
-                        }
-                    }
-                    if scanner.isDone { return finish(reusable: reusable && inbound.readableBytes == 0) }
-                    state = .body(.chunked(scanner), reusable: reusable)
-                    return pauseIfBackedUp(client)
-                case .untilClose:
-                    if inbound.readableBytes > 0 {
-                        inbound.readWithUnsafeReadableBytes { bytes in
-                            client.responseBody(bytes)
-                            return bytes.count
-                        }
-                    }
-                    return pauseIfBackedUp(client)
-                }
             }
         }
     }
 
-    /// After passing body bytes on: write them, and stop reading while the client cannot keep up.
-    private func pauseIfBackedUp(_ client: ReactorClient) -> Bool {
-        inbound.discardReadBytes()
-        client.flush()
-        if client.isBackedUp { isPaused = true }
-        return !closed
-    }
-
     private func finish(reusable: Bool) -> Bool {
-        state = .idle
         servedBefore = true
         inbound.clear()
         let client = self.client
@@ -208,23 +148,22 @@ final class ReactorUpstream: ReactorSocket {
     }
 
     private func endOfStream() {
-        if case .idle = state {
+        switch reader.upstreamClosed() {
+        case .idle:
             loop.removeIdle(self)
             close()
-            return
-        }
-        if case .body(.untilClose, _) = state {
+        case .complete:
             readable = false
             _ = finish(reusable: false)
-            return
+        case .beforeHead, .midBody:
+            fail("instance closed the connection before answering", retryable: servedBefore)
         }
-        fail("instance closed the connection before answering", retryable: servedBefore)
     }
 
     private func fail(_ reason: String, retryable: Bool) {
         let client = self.client
         self.client = nil
-        state = .idle
+        reader.reset()
         close()
         client?.upstreamFailed(reason, retryable: retryable)
     }
@@ -233,7 +172,7 @@ final class ReactorUpstream: ReactorSocket {
         guard !closed else { return }
         closed = true
         client = nil
-        state = .idle
+        reader.reset()
         loop.close(self)
     }
 }

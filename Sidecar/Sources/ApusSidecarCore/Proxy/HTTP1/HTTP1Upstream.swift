@@ -22,22 +22,17 @@ final class HTTP1UpstreamConnection: ChannelInboundHandler {
     typealias InboundIn = ByteBuffer
     typealias OutboundOut = ByteBuffer
 
-    private enum State {
-        case idle
-        case head(requestWasHEAD: Bool)
-        case body(BodyFraming, reusable: Bool)
-        case discarded
-    }
-
     let key: String
     private(set) var channel: (any Channel)?
-    private var state = State.idle
+    private var reader = ResponseReader()
+    /// Given up (closed, or its response discarded for a retry): nothing it receives is read any more.
+    private var discarded = false
+    /// An incomplete response head, until the rest arrives.
     private var buffer: ByteBuffer?
     weak var sink: (any HTTP1ResponseSink)?
     weak var idleIn: HTTP1UpstreamPool?
     /// It already served a request: a failure before the head on reuse is a stale keep-alive, safe to retry.
     private(set) var servedBefore = false
-    private static let maxHead = 64 << 10
 
     init(key: String) {
         self.key = key
@@ -51,7 +46,7 @@ final class HTTP1UpstreamConnection: ChannelInboundHandler {
 
     func begin(sink: any HTTP1ResponseSink, requestWasHEAD: Bool) {
         self.sink = sink
-        state = .head(requestWasHEAD: requestWasHEAD)
+        reader.begin(requestWasHEAD: requestWasHEAD)
         idleIn = nil
         setAutoRead(true)
     }
@@ -72,108 +67,79 @@ final class HTTP1UpstreamConnection: ChannelInboundHandler {
     /// Drops the connection (the exchange is abandoned; nothing more is reported).
     func close() {
         sink = nil
-        state = .discarded
+        discard()
         channel?.close(promise: nil)
     }
 
-    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        var incoming = unwrapInboundIn(data)
-        switch state {
-        case .idle, .discarded:
-            context.close(promise: nil)
-        case .head(let wasHEAD):
-            if buffer == nil { buffer = incoming } else { buffer!.writeBuffer(&incoming) }
-            parseHead(context: context, requestWasHEAD: wasHEAD)
-        case .body:
-            forwardBody(context: context, &incoming)
-        }
-    }
-
-    private func parseHead(context: ChannelHandlerContext, requestWasHEAD: Bool) {
-        guard var pending = buffer else { return }
-        let parsed: (ResponseHead, Int)?? = pending.withUnsafeReadableBytes { bytes in
-            guard let end = HTTPBytes.endOfHead(bytes) else { return .some(nil) }
-            guard let head = ResponseHead.parse(bytes, headEnd: end, requestWasHEAD: requestWasHEAD) else { return nil }
-            return (head, end)
-        }
-        guard let parsed else {
-            fail(context: context, "endpoint sent a malformed response head", beforeHead: true)
-            return
-        }
-        guard let (head, end) = parsed else {
-            if pending.readableBytes > Self.maxHead { fail(context: context, "endpoint response head exceeds 64 KiB", beforeHead: true) }
-            return
-        }
-        var out = context.channel.allocator.buffer(capacity: end + 160)
-        pending.withUnsafeReadableBytes { bytes in head.keptSpans.write(from: bytes, to: &out) }
-        pending.moveReaderIndex(forwardBy: end)
+    private func discard() {
+        discarded = true
+        reader.reset()
         buffer = nil
-        if (100..<200).contains(head.status) {
-            // Interim response (100 Continue): the final one follows.
-            if pending.readableBytes > 0 {
-                buffer = pending
-                parseHead(context: context, requestWasHEAD: requestWasHEAD)
-            }
-            return
-        }
-        var closeDelimited = false
-        if case .untilClose = head.framing { closeDelimited = true }
-        guard let sink, sink.responseHead(out, status: head.status, closeDelimited: closeDelimited) else {
-            // Discarded for a retry: this connection is out of step now.
-            self.sink = nil
-            state = .discarded
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        guard !discarded else {
             context.close(promise: nil)
             return
         }
-        state = .body(head.framing, reusable: !head.connectionClose)
-        forwardBody(context: context, &pending)
-    }
-
-    private func forwardBody(context: ChannelHandlerContext, _ incoming: inout ByteBuffer) {
-        guard case .body(let framing, let reusable) = state else { return }
-        switch framing {
-        case .none:
-            finish(context: context, reusable: reusable && incoming.readableBytes == 0)
-        case .length(let remaining):
-            let take = min(remaining, incoming.readableBytes)
-            if take > 0 { sink?.responseBody(incoming.readSlice(length: take)!) }
-            if remaining == take {
-                finish(context: context, reusable: reusable && incoming.readableBytes == 0)
-            } else {
-                state = .body(.length(remaining: remaining - take), reusable: reusable)
+        var incoming = unwrapInboundIn(data)
+        if var pending = buffer {
+            buffer = nil
+            pending.writeBuffer(&incoming)
+            incoming = pending
+        }
+        let decoded = sink?.wantsDecodedBody ?? false
+        var payload: [Range<Int>] = []
+        while true {
+            payload.removeAll(keepingCapacity: true)
+            let event = incoming.withUnsafeReadableBytes { bytes in
+                decoded ? reader.next(bytes) { range in if !range.isEmpty { payload.append(range) } } : reader.next(bytes)
             }
-        case .chunked(var scanner):
-            let consumed: Int
-            let decoded = sink?.wantsDecodedBody ?? false
-            var payload: [Range<Int>] = []
-            do {
-                consumed = try incoming.withUnsafeReadableBytes { bytes throws(ChunkedBodyScanner.ScanError) in
-                    try scanner.scan(bytes) { range in if decoded, !range.isEmpty { payload.append(range) } }
+            switch event {
+            case .needMore:
+                // Only an incomplete head is left unread (body bytes are all passed on as they come).
+                if incoming.readableBytes > 0 { buffer = incoming }
+                return
+            case .interim(_, let length):
+                // Interim response (100 Continue): the final one follows.
+                incoming.moveReaderIndex(forwardBy: length)
+            case .head(let head, let length):
+                var out = context.channel.allocator.buffer(capacity: length + 160)
+                incoming.withUnsafeReadableBytes { bytes in head.keptSpans.write(from: bytes, to: &out) }
+                incoming.moveReaderIndex(forwardBy: length)
+                var closeDelimited = false
+                if case .untilClose = head.framing { closeDelimited = true }
+                guard let sink, sink.responseHead(out, status: head.status, closeDelimited: closeDelimited) else {
+                    // Discarded for a retry: this connection is out of step now.
+                    self.sink = nil
+                    discard()
+                    context.close(promise: nil)
+                    return
                 }
-            } catch {
-                fail(context: context, "endpoint sent a malformed chunked body", beforeHead: false)
+            case .body(let count):
+                if decoded {
+                    for range in payload {
+                        sink?.responseBody(incoming.getSlice(at: incoming.readerIndex + range.lowerBound, length: range.count)!)
+                    }
+                    incoming.moveReaderIndex(forwardBy: count)
+                } else {
+                    sink?.responseBody(incoming.readSlice(length: count)!)
+                }
+            case .complete(let reusable):
+                finish(context: context, reusable: reusable)
+                return
+            case .failed(let failure):
+                fail(context: context, failure.message(from: "endpoint"), beforeHead: failure != .malformedChunkedBody)
+                return
+            case .unexpectedBytes:
+                context.close(promise: nil)
                 return
             }
-            if decoded {
-                for range in payload {
-                    sink?.responseBody(incoming.getSlice(at: incoming.readerIndex + range.lowerBound, length: range.count)!)
-                }
-                incoming.moveReaderIndex(forwardBy: consumed)
-            } else if consumed > 0 {
-                sink?.responseBody(incoming.readSlice(length: consumed)!)
-            }
-            if scanner.isDone {
-                finish(context: context, reusable: reusable && incoming.readableBytes == 0)
-            } else {
-                state = .body(.chunked(scanner), reusable: reusable)
-            }
-        case .untilClose:
-            if incoming.readableBytes > 0 { sink?.responseBody(incoming) }
         }
     }
 
     private func finish(context: ChannelHandlerContext, reusable: Bool) {
-        state = reusable ? .idle : .discarded
+        if !reusable { discard() }
         servedBefore = true
         let sink = self.sink
         self.sink = nil
@@ -184,7 +150,7 @@ final class HTTP1UpstreamConnection: ChannelInboundHandler {
     private func fail(context: ChannelHandlerContext, _ reason: String, beforeHead: Bool) {
         let sink = self.sink
         self.sink = nil
-        state = .discarded
+        discard()
         context.close(promise: nil)
         sink?.responseFailed(reason, beforeHead: beforeHead)
     }
@@ -198,20 +164,21 @@ final class HTTP1UpstreamConnection: ChannelInboundHandler {
     }
 
     func channelInactive(context: ChannelHandlerContext) {
-        switch state {
-        case .body(.untilClose, _):
+        let closed = discarded ? .idle : reader.upstreamClosed()
+        switch closed {
+        case .complete:
             finish(context: context, reusable: false)
-        case .head:
+        case .beforeHead:
             let sink = self.sink
             self.sink = nil
-            state = .discarded
+            discard()
             sink?.responseFailed("endpoint closed the connection before answering", beforeHead: true)
-        case .body:
+        case .midBody:
             let sink = self.sink
             self.sink = nil
-            state = .discarded
+            discard()
             sink?.responseFailed("endpoint closed the connection mid-response", beforeHead: false)
-        case .idle, .discarded:
+        case .idle:
             break
         }
         idleIn?.forget(self)
