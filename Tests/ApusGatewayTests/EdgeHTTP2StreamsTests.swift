@@ -251,26 +251,44 @@ struct EdgeHTTP2StreamsTests {
         try pair.clientSend(1, .headers(.init(headers: Self.request())))
         let owner = try #require(pair.owners[1])
         pair.handler.write(.headers(.init(headers: Self.responseHeaders)), on: 1)
-        #expect(pair.handler.isWritable(1))
-        pair.handler.write(Self.data(150), on: 1)
+        pair.handler.write(Self.data(5_000), on: 1)
+        #expect(pair.handler.isWritable(1), "5,000 bytes held stay below the high watermark")
+        pair.handler.write(Self.data(15_000), on: 1)
         pair.handler.flush()
         try pair.exchange()
-        #expect(!pair.handler.isWritable(1), "150 bytes written against a window of 100")
-        let received = pair.clientFrames(on: 1).compactMap(\.dataLength).reduce(0, +)
-        #expect(received == 100, "NIO holds what the window does not cover")
+        #expect(!pair.handler.isWritable(1), "19,900 bytes held: the window took 100")
+        #expect(pair.clientFrames(on: 1).compactMap(\.dataLength).reduce(0, +) == 100, "NIO holds what the window does not cover")
 
-        try pair.clientSend(1, .windowUpdate(windowSizeIncrement: 30))
-        #expect(owner.wakeUps == 0, "still 20 bytes over")
-        try pair.clientSend(1, .windowUpdate(windowSizeIncrement: 100))
+        try pair.clientSend(1, .windowUpdate(windowSizeIncrement: 10_000))
+        #expect(owner.wakeUps == 0, "9,900 bytes still held")
+        try pair.clientSend(1, .windowUpdate(windowSizeIncrement: 10_000))
         #expect(owner.wakeUps == 1)
         #expect(pair.handler.isWritable(1))
-        #expect(pair.clientFrames(on: 1).compactMap(\.dataLength).reduce(0, +) == 150)
+        #expect(pair.clientFrames(on: 1).compactMap(\.dataLength).reduce(0, +) == 20_000)
 
-        // A larger initial window from new SETTINGS moves the open stream's window too.
-        pair.handler.write(Self.data(200), on: 1)
+        // A larger initial window from new SETTINGS lets NIO send what it held.
+        pair.handler.write(Self.data(20_000), on: 1)
+        pair.handler.flush()
+        try pair.exchange()
         #expect(!pair.handler.isWritable(1))
-        try pair.clientSend(.rootStream, .settings(.settings([HTTP2Setting(parameter: .initialWindowSize, value: 1_000)])))
+        try pair.clientSend(.rootStream, .settings(.settings([HTTP2Setting(parameter: .initialWindowSize, value: 40_000)])))
+        #expect(pair.clientFrames(on: 1).compactMap(\.dataLength).reduce(0, +) == 40_000)
         #expect(owner.wakeUps == 2)
+    }
+
+    @Test func responseFollowsTheConnectionWindowToo() throws {
+        // The client's stream windows are large, its connection window is the default 65,535: what the
+        // connection window does not cover is held by NIO and counts against the stream.
+        let pair = try Pair.make(clientInitialWindow: 1 << 20)
+        try pair.clientSend(1, .headers(.init(headers: Self.request())))
+        let owner = try #require(pair.owners[1])
+        pair.handler.write(.headers(.init(headers: Self.responseHeaders)), on: 1)
+        pair.handler.write(Self.data(80_000), on: 1)
+        pair.handler.flush()
+        try pair.exchange()
+        #expect(!pair.handler.isWritable(1))
+        try pair.clientSend(.rootStream, .windowUpdate(windowSizeIncrement: 20_000))
+        #expect(owner.wakeUps == 1)
     }
 
     @Test func closedConnectionEndsEveryClaimedCall() throws {

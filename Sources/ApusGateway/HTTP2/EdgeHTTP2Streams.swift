@@ -26,9 +26,12 @@ protocol EdgeStreamOwner: AnyObject {
 /// For the claimed streams it does what NIO's stream channels did:
 /// * Request DATA: the client's stream window is given back as the owner takes the bytes; while the owner does not
 ///   read (its instance stream has no room), frames wait here, bounded by the window the client was given.
-/// * Response DATA: each stream's send credit follows the client's window (SETTINGS_INITIAL_WINDOW_SIZE, its
-///   WINDOW_UPDATEs, the bytes written); `isWritable` says whether the client takes bytes now (credit, connection
-///   window and socket), and the owner hears `clientStreamWritable()` once it does again.
+/// * Response DATA: NIO holds DATA the client's windows (stream and connection) do not cover yet. The bytes a
+///   stream wrote and NIO has not sent (`unsent`) come from the stream's window as NIO reports it after each frame
+///   it sends (`NIOHTTP2WindowUpdatedEvent`) and the window the client granted (SETTINGS_INITIAL_WINDOW_SIZE, its
+///   WINDOW_UPDATEs) less the bytes written. `isWritable` says whether the client takes bytes now (little unsent,
+///   socket writable), and the owner hears `clientStreamWritable()` once it does again: the watermarks of NIO's
+///   stream channels.
 /// * RST_STREAM and stream closure reach the owner; a closed connection ends every claimed call.
 ///
 /// The connection window is kept open here for every stream (as bytes arrive), and writes are flushed once per
@@ -53,10 +56,14 @@ final class EdgeHTTP2Streams: ChannelInboundHandler, DeferrableFlush {
         var unacknowledged = 0
         /// The client sent END_STREAM: no window to give back.
         var requestEnded = false
-        /// Response bytes the client's stream window still takes (below zero: NIO holds what is over).
+        /// The stream window the client granted less the response bytes written.
         var sendCredit: Int
+        /// The stream window as NIO last reported it: granted less sent. `window - sendCredit` is what NIO holds.
+        var window: Int
         /// The owner was told the client does not take bytes now and waits for `clientStreamWritable()`.
         var waiting = false
+        /// Inside `setReading`'s hand-over of waiting frames (the owner may call back into it).
+        var delivering = false
     }
 
     private let makeOwner: OwnerFactory
@@ -72,8 +79,10 @@ final class EdgeHTTP2Streams: ChannelInboundHandler, DeferrableFlush {
     private var lastStreamID = HTTP2StreamID.rootStream
     /// The client's SETTINGS_INITIAL_WINDOW_SIZE (RFC 9113 §6.5.2 default until its SETTINGS arrive).
     private var peerInitialWindow = 65_535
-    /// What the client's connection window still takes, as NIO last reported it (`NIOHTTP2WindowUpdatedEvent`).
-    private var connectionSendWindow = 65_535
+    /// Response bytes of a stream NIO may hold before the owner hears it is not writable, and the level below
+    /// which it hears it is again (those of NIO's stream channels).
+    private static let unsentHighWatermark = 8_192
+    private static let unsentLowWatermark = 4_096
     /// Request bytes received on the connection (any stream) and not yet given back.
     private var connectionUnacknowledged = 0
     /// Streams whose owners wait for `clientStreamWritable()`.
@@ -81,8 +90,6 @@ final class EdgeHTTP2Streams: ChannelInboundHandler, DeferrableFlush {
     private var needsFlush = false
     private var flushWaiting = false
     private var activated = false
-    /// Inside `setReading`'s delivery of queued frames (owners may call back into it).
-    private var delivering = false
 
     /// `streamWindow` is the SETTINGS_INITIAL_WINDOW_SIZE the edge announces, `connectionWindow` the connection
     /// window it keeps open.
@@ -138,11 +145,12 @@ final class EdgeHTTP2Streams: ChannelInboundHandler, DeferrableFlush {
         return true
     }
 
-    /// Whether the client takes response bytes on the stream now. When it does not, the owner gets
-    /// `clientStreamWritable()` once it does.
+    /// Whether the client takes response bytes on the stream now: what NIO holds for it stays below the high
+    /// watermark and the socket is writable. When it does not, the owner gets `clientStreamWritable()` once it
+    /// does.
     func isWritable(_ streamID: HTTP2StreamID) -> Bool {
         guard let context, let stream = streams[streamID] else { return true }
-        if stream.sendCredit > 0 && connectionSendWindow > 0 && context.channel.isWritable { return true }
+        if stream.window - stream.sendCredit < Self.unsentHighWatermark && context.channel.isWritable { return true }
         if !stream.waiting {
             streams[streamID]!.waiting = true
             waiting.append(streamID)
@@ -155,12 +163,12 @@ final class EdgeHTTP2Streams: ChannelInboundHandler, DeferrableFlush {
     func setReading(_ enabled: Bool, on streamID: HTTP2StreamID) {
         guard streams[streamID] != nil else { return }
         streams[streamID]!.reading = enabled
-        guard enabled, !delivering else { return }
-        delivering = true
+        guard enabled, !streams[streamID]!.delivering, !streams[streamID]!.queued.isEmpty else { return }
+        streams[streamID]!.delivering = true
         // What the owner writes to its instance while the waiting frames are handed over goes out in one flush.
         deferredFlushes?.begin()
         defer {
-            delivering = false
+            if streams[streamID] != nil { streams[streamID]!.delivering = false }
             deferredFlushes?.end()
         }
         while let stream = streams[streamID], stream.reading, let owner = stream.owner, !stream.queued.isEmpty {
@@ -264,7 +272,7 @@ final class EdgeHTTP2Streams: ChannelInboundHandler, DeferrableFlush {
             // A new stream (client stream IDs only grow): claim it or pass it on.
             lastStreamID = streamID
             if Self.isRelayedGRPCCall(headers.headers), let owner = makeOwner(self, streamID, headers.headers) {
-                streams[streamID] = Stream(owner: owner, sendCredit: peerInitialWindow)
+                streams[streamID] = Stream(owner: owner, sendCredit: peerInitialWindow, window: peerInitialWindow)
                 onStreamOpened()
                 if headers.endStream { streams[streamID]!.requestEnded = true }
                 owner.clientFrame(frame.payload)
@@ -283,8 +291,8 @@ final class EdgeHTTP2Streams: ChannelInboundHandler, DeferrableFlush {
             if data.endStream { streams[streamID]!.requestEnded = true }
             clientPayload(payload, on: streamID)
         case .windowUpdate(let increment):
+            // NIO sends what it held as far as the window now goes; its NIOHTTP2WindowUpdatedEvent follows.
             streams[streamID]!.sendCredit += increment
-            wakeIfWaiting(streamID)
         default:
             // RST_STREAM: the StreamClosedEvent that follows ends the call. PRIORITY: nothing to do.
             break
@@ -327,16 +335,15 @@ final class EdgeHTTP2Streams: ChannelInboundHandler, DeferrableFlush {
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
         switch event {
         case let updated as NIOHTTP2WindowUpdatedEvent:
-            if updated.streamID == .rootStream {
-                // The connection window is ours (see channelRead): the multiplexer does not get these.
+            // The connection window is ours (see channelRead): the multiplexer does not get the root stream's.
+            if updated.streamID == .rootStream { return }
+            if streams[updated.streamID] != nil {
                 if let window = updated.outboundWindowSize {
-                    let opened = connectionSendWindow <= 0 && window > 0
-                    connectionSendWindow = window
-                    if opened { wakeWaiting() }
+                    streams[updated.streamID]!.window = window
+                    wakeIfWaiting(updated.streamID)
                 }
                 return
             }
-            if streams[updated.streamID] != nil { return }
         case let created as NIOHTTP2StreamCreatedEvent:
             if streams[created.streamID] != nil { return }
         case let closed as StreamClosedEvent:
@@ -387,24 +394,28 @@ final class EdgeHTTP2Streams: ChannelInboundHandler, DeferrableFlush {
             let delta = setting.value - peerInitialWindow
             peerInitialWindow = setting.value
             guard delta != 0 else { continue }
-            for streamID in streams.keys { streams[streamID]!.sendCredit += delta }
-            if delta > 0 { wakeWaiting() }
+            for streamID in streams.keys {
+                streams[streamID]!.sendCredit += delta
+                streams[streamID]!.window += delta
+            }
         }
     }
 
+    /// NIO sent some of what it held for the stream: its owner goes on once that is below the low watermark.
     private func wakeIfWaiting(_ streamID: HTTP2StreamID) {
-        guard let stream = streams[streamID], stream.waiting, stream.sendCredit > 0 else { return }
+        guard let stream = streams[streamID], stream.waiting,
+              stream.window - stream.sendCredit <= Self.unsentLowWatermark else { return }
         wakeWaiting()
     }
 
     /// Tells every waiting owner whose client takes bytes again to go on.
     private func wakeWaiting() {
-        guard !waiting.isEmpty, let context, context.channel.isWritable, connectionSendWindow > 0 else { return }
+        guard !waiting.isEmpty, let context, context.channel.isWritable else { return }
         let streamIDs = waiting
         waiting.removeAll(keepingCapacity: true)
         for streamID in streamIDs {
             guard let stream = streams[streamID], stream.waiting else { continue }
-            if stream.sendCredit > 0 {
+            if stream.window - stream.sendCredit <= Self.unsentLowWatermark {
                 streams[streamID]!.waiting = false
                 stream.owner?.clientStreamWritable()
             } else {

@@ -166,7 +166,14 @@ final class HTTP2ConnectionGuard: ChannelInboundHandler, DrainableConnection {
     /// A stream counted by `streamOpened()` closed.
     func streamClosed() {
         openStreams -= 1
-        if draining && openStreams == 0 { context?.close(promise: nil) }
+        guard draining, openStreams == 0, let context else { return }
+        // A claimed call's stream closes while its last frame is being written: close after that write is done
+        // and flushed, not in the middle of it.
+        context.eventLoop.assumeIsolated().execute { [self] in
+            guard let context = self.context else { return }
+            context.flush()
+            context.close(promise: nil)
+        }
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {

@@ -96,8 +96,10 @@ final class GRPCEdgeStream: EdgeStreamOwner, LoopSlotTarget, InstanceStreamOwner
 
     func clientStreamWritable() {
         // A slow client slows the instance: response bytes held while it was not writable go back into the
-        // instance's window only now.
-        upstream?.clientTookBytes(on: upstreamStreamID)
+        // instance's window only now (the WINDOW_UPDATE goes out at the end of the read burst).
+        guard let upstream else { return }
+        upstream.clientTookBytes(on: upstreamStreamID)
+        upstream.flush()
     }
 
     func clientStreamClosed(reason: HTTP2ErrorCode?) {
