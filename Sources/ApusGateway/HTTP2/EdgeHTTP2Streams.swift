@@ -178,11 +178,6 @@ final class EdgeHTTP2Streams: ChannelInboundHandler, DeferrableFlush {
         flush()
     }
 
-    /// Whether the stream is still open on the connection (not closed by both ends, reset, or lost).
-    func isOpen(_ streamID: HTTP2StreamID) -> Bool {
-        streams[streamID] != nil
-    }
-
     /// The owner is done with the stream. While the stream is open it is ended here: RST_STREAM(CANCEL) when the
     /// response did not end (the call was cut short), RST_STREAM(NO_ERROR) when the response is complete but the
     /// client is still sending (RFC 9113 §8.1: it stops, and the status it has stands).
