@@ -2,8 +2,10 @@
 on the gateway's HTTP port (h2c with prior knowledge), routed by the service name in `:path`.
 
 Covers the four call shapes, large messages, 100 concurrent calls on one connection, metadata both ways, status
-propagation, grpc-timeout, client cancel, unknown method/service, service ownership at deploy, scale from zero,
-the gateway's grpc.health.v1 service, `runtime: command` gRPC servers, and gRPC over TLS.
+propagation, grpc-timeout, client cancel (grpcio, and a raw RST_STREAM in the middle of a connection), unknown
+method/service, service ownership at deploy, scale from zero, the gateway's grpc.health.v1 service, gRPC calls,
+HTTP requests and health checks mixed on one connection, `runtime: command` gRPC servers, gRPC over TLS, and
+flow control towards slow clients.
 """
 
 from __future__ import annotations
@@ -19,12 +21,14 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from apus_testlib import Apusd, copy_function
+from h2_support import H2Client, grpc_messages
 from grpc_support import (
     CALL_TIMEOUT,
     ECHO_DIR,
     ECHO_FUNCTION,
     ECHO_SERVICE,
     connections_to,
+    echo_pb2,
     echo_stub,
     insecure_channel,
     metadata_dict,
@@ -53,6 +57,16 @@ def wait_until_in_flight(apusd, name, timeout=5.0):
         if any(int(i.get("inFlight") or 0) > 0 for i in live_instances(apusd, name)):
             return
         time.sleep(0.05)
+
+
+def wait_until_idle(apusd, name, timeout=10.0):
+    """Until no instance of the function has a call in flight: the calls' slots were given back."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if all(int(i.get("inFlight") or 0) == 0 for i in live_instances(apusd, name)):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{name} still has calls in flight: {live_instances(apusd, name)}")
 
 
 def sha(data: bytes) -> str:
@@ -273,6 +287,70 @@ def test_client_cancel_reaches_the_function(apusd, stub):
     responses.cancel()
     outgoing.put(None)
     wait_for_log(apusd, ECHO_FUNCTION, f"cancelled Update {bidi_text}")
+    # Every cancelled call gave its slot back.
+    wait_until_idle(apusd, ECHO_FUNCTION)
+
+
+def test_client_reset_mid_stream_reaches_the_function_and_frees_the_slot(apusd, stub):
+    """A raw RST_STREAM(CANCEL) on one call of a connection: the function hears the cancel, the slot comes back,
+    and the connection's other calls (one before, one after) are answered."""
+    assert stub.Get(req(text="warm"), timeout=CALL_TIMEOUT).text == "warm"
+    client = H2Client(apusd.http_port)
+    try:
+        text = unique("reset-raw")
+        before = client.grpc_call("/echo.Echo/Get", req(text="before").SerializeToString())
+        doomed = client.grpc_call("/echo.Echo/Expand", req(text=text, sleep_ms=20000, repeat=2).SerializeToString())
+        client.wait(before)
+        wait_until_in_flight(apusd, ECHO_FUNCTION)
+        time.sleep(0.3)
+        client.reset(doomed)
+        wait_for_log(apusd, ECHO_FUNCTION, f"cancelled Expand {text}")
+        wait_until_idle(apusd, ECHO_FUNCTION)
+        after = client.grpc_call("/echo.Echo/Get", req(text="after").SerializeToString())
+        client.wait(after)
+        for stream_id, expected in ((before, "before"), (after, "after")):
+            stream = client.streams[stream_id]
+            assert stream.grpc_status == "0", (stream.headers, stream.trailers)
+            [message] = grpc_messages(bytes(stream.body))
+            assert echo_pb2.EchoResponse.FromString(message).text == expected
+        assert client.goaway is None
+    finally:
+        client.close()
+
+
+def test_grpc_http_and_health_mixed_on_one_connection(apusd, deployed, echo_fn):
+    """gRPC calls to a function (unary and server streaming), HTTP requests to an HTTP function (one for no
+    function), a health check and a call to an unknown service, interleaved on one HTTP/2 connection, three rounds:
+    every stream is answered."""
+    deployed.example("hello-python")
+    client = H2Client(apusd.http_port)
+    try:
+        for round_ in range(3):
+            unary = client.grpc_call("/echo.Echo/Get", req(text=f"mixed-{round_}").SerializeToString())
+            http = client.get(f"/hello-python/?name=Mixed{round_}")
+            health = client.grpc_call("/grpc.health.v1.Health/Check",
+                                      health_pb2.HealthCheckRequest(service=ECHO_SERVICE).SerializeToString())
+            expand = client.grpc_call("/echo.Echo/Expand", req(text="x", repeat=3).SerializeToString())
+            http_missing = client.get("/no-such-function-here/")
+            unary2 = client.grpc_call("/echo.Echo/Get", req(text=f"again-{round_}").SerializeToString(),
+                                      metadata=[("apus-function", ECHO_FUNCTION)])
+            unknown = client.grpc_call("/nosuch.Service/Get", b"")
+            client.wait(unary, http, health, expand, http_missing, unary2, unknown)
+
+            s = client.streams
+            assert s[unary].grpc_status == "0" and s[unary].headers.get("apus-request-id")
+            assert echo_pb2.EchoResponse.FromString(grpc_messages(bytes(s[unary].body))[0]).text == f"mixed-{round_}"
+            assert echo_pb2.EchoResponse.FromString(grpc_messages(bytes(s[unary2].body))[0]).text == f"again-{round_}"
+            assert s[http].headers[":status"] == "200" and f"Mixed{round_}".encode() in s[http].body, s[http].body
+            assert s[http_missing].headers[":status"] == "404"
+            assert s[health].grpc_status == "0"
+            status = health_pb2.HealthCheckResponse.FromString(grpc_messages(bytes(s[health].body))[0]).status
+            assert status == health_pb2.HealthCheckResponse.SERVING
+            assert [echo_pb2.EchoResponse.FromString(m).index for m in grpc_messages(bytes(s[expand].body))] == [0, 1, 2]
+            assert s[unknown].grpc_status == "12"  # UNIMPLEMENTED, Trailers-Only
+        assert client.goaway is None
+    finally:
+        client.close()
 
 
 # ---- routing -------------------------------------------------------------------------------------------------
@@ -461,6 +539,31 @@ def test_slow_client_slows_the_function_and_memory_stays_bounded(apusd, stub):
     assert count == 200
     growth_mib = (peak - before) / 1024
     assert growth_mib < 64, f"apusd grew by {growth_mib:.0f} MiB while 200 MiB streamed to a slow client"
+
+
+@pytest.mark.timeout(120)
+def test_client_that_gives_no_window_back_holds_the_function(apusd, stub):
+    """A raw client that reads but gives no flow-control window back: the gateway holds at most its windows for
+    the call (the function is held back, not buffered in the gateway), and the stream completes once the client
+    gives the window back."""
+    assert stub.Get(req(text="warm"), timeout=CALL_TIMEOUT).text == "warm"
+    client = H2Client(apusd.http_port, auto_ack=False, initial_window=65_535, connection_window=1 << 30)
+    try:
+        before = _rss_kib(apusd.proc.pid)
+        call = client.grpc_call("/echo.Echo/Expand", req(text="held", repeat=64, response_bytes=1 << 20).SerializeToString())
+        client.pump(3.0)
+        received = len(client.streams[call].body)
+        assert received <= 65_535, f"{received} bytes arrived past the client's 64 KiB stream window"
+        growth_mib = (_rss_kib(apusd.proc.pid) - before) / 1024
+        assert growth_mib < 24, f"apusd grew by {growth_mib:.0f} MiB while the client gave no window back (64 MiB to send)"
+        assert not client.streams[call].ended
+        client.auto_ack = True
+        client.acknowledge()
+        client.wait(call)
+        assert client.streams[call].grpc_status == "0", (client.streams[call].headers, client.streams[call].trailers)
+        assert len(grpc_messages(bytes(client.streams[call].body))) == 64
+    finally:
+        client.close()
 
 
 # ---- shutdown -------------------------------------------------------------------------------------------------

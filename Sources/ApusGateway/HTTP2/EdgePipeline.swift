@@ -9,7 +9,10 @@ import NIOTLS
 /// which picks HTTP/2 (the client sent the connection preface: h2c with prior knowledge) or HTTP/1.1; a TLS
 /// connection picks by ALPN. HTTP/1.1 connections may still move to HTTP/2 with `Upgrade: h2c`.
 enum EdgePipeline {
-    /// Adds the HTTP/2 server handlers. Each stream is routed by `EdgeStreamRouter` on its first HEADERS.
+    /// Adds the HTTP/2 server handlers: NIO's `NIOHTTP2Handler` without its inline stream multiplexer,
+    /// `EdgeHTTP2Streams`, which claims the gRPC calls to functions and relays them as frames, and NIO's
+    /// `HTTP2StreamMultiplexer` for every other stream (a channel each, routed by `EdgeStreamRouter` on its first
+    /// HEADERS).
     static func configureHTTP2(
         _ channel: any Channel, shared: GatewayShared, scheme: String
     ) throws {
@@ -22,23 +25,36 @@ enum EdgePipeline {
             HTTP2Setting(parameter: .maxHeaderListSize, value: limits.maxHeaderListSize),
         ]
         connectionConfiguration.targetWindowSize = limits.connectionWindowSize
-        var streamConfiguration = NIOHTTP2Handler.StreamConfiguration()
-        streamConfiguration.targetWindowSize = limits.initialWindowSize
         let peer = channel.remoteAddress?.ipAddress ?? "unknown"
         let guardHandler = HTTP2ConnectionGuard(shared: shared)
         let boundGuard = NIOLoopBound(guardHandler, eventLoop: channel.eventLoop)
-        // Towards the socket from the HTTP/2 handler: one flush per instance read burst, not one per call.
-        try channel.pipeline.syncOperations.addHandler(
-            EdgeFlushCoalescer(shared.instanceHTTP2Pool(for: channel.eventLoop).deferredFlushes))
-        _ = try channel.pipeline.syncOperations.configureHTTP2Pipeline(
-            mode: .server, connectionConfiguration: connectionConfiguration, streamConfiguration: streamConfiguration
-        ) { stream in
-            stream.eventLoop.makeCompletedFuture {
-                boundGuard.value.streamOpened(stream)
-                try stream.pipeline.syncOperations.addHandler(EdgeStreamRouter(shared: shared, peer: peer, scheme: scheme))
-            }
+        let loopPool = shared.instanceHTTP2Pool(for: channel.eventLoop)
+        let eventLoop = channel.eventLoop
+        let streams = EdgeHTTP2Streams(
+            streamWindow: limits.initialWindowSize, connectionWindow: limits.connectionWindowSize,
+            deferredFlushes: loopPool.deferredFlushes,
+            onStreamOpened: { boundGuard.value.streamOpened() },
+            onStreamClosed: { boundGuard.value.streamClosed() }
+        ) { edge, streamID, _ in
+            GRPCEdgeStream(shared: shared, peer: peer, edge: edge, streamID: streamID, eventLoop: eventLoop)
         }
-        try channel.pipeline.syncOperations.addHandler(guardHandler)
+        let multiplexer = HTTP2StreamMultiplexer(
+            mode: .server, channel: channel, targetWindowSize: limits.initialWindowSize,
+            inboundStreamInitializer: { stream in
+                stream.eventLoop.makeCompletedFuture {
+                    boundGuard.value.streamOpened(stream)
+                    try stream.pipeline.syncOperations.addHandler(EdgeStreamRouter(shared: shared, peer: peer, scheme: scheme))
+                }
+            })
+        let operations = channel.pipeline.syncOperations
+        // Towards the socket from the HTTP/2 handler: one flush per instance read burst, not one per call.
+        try operations.addHandler(EdgeFlushCoalescer(loopPool.deferredFlushes))
+        try operations.addHandler(NIOHTTP2Handler(mode: .server, connectionConfiguration: connectionConfiguration))
+        try operations.addHandler(streams)
+        // Before the multiplexer: errors it passes on after giving them to a stream channel stay away from the
+        // guard (a stream's error is not the connection's).
+        try operations.addHandler(guardHandler)
+        try operations.addHandler(multiplexer)
     }
 
     /// Adds the HTTP/1.1 edge handler.
@@ -104,11 +120,13 @@ final class EdgeProtocolDetector: ChannelInboundHandler, RemovableChannelHandler
     }
 }
 
-/// Connection-level duties of an HTTP/2 connection: counts open streams, closes the connection after a
-/// connection error (the HTTP/2 handler has already sent GOAWAY with the error code), and on graceful shutdown
-/// sends GOAWAY and closes once the open streams are done.
+/// Connection-level duties of an HTTP/2 connection: counts open streams (stream channels and claimed calls alike),
+/// closes the connection after a connection error (the HTTP/2 handler has already sent GOAWAY with the error code),
+/// and on graceful shutdown sends GOAWAY and closes once the open streams are done. Sits between
+/// `EdgeHTTP2Streams` and the stream multiplexer, passing everything on.
 final class HTTP2ConnectionGuard: ChannelInboundHandler, DrainableConnection {
     typealias InboundIn = HTTP2Frame
+    typealias InboundOut = HTTP2Frame
 
     private let shared: GatewayShared
     private var context: ChannelHandlerContext?
@@ -134,15 +152,36 @@ final class HTTP2ConnectionGuard: ChannelInboundHandler, DrainableConnection {
         context.fireChannelInactive()
     }
 
+    /// A stream channel of the multiplexer opened; it counts until its channel closes.
     func streamOpened(_ stream: any Channel) {
+        streamOpened()
+        stream.closeFuture.assumeIsolated().whenComplete { [self] _ in streamClosed() }
+    }
+
+    /// A stream opened (`EdgeHTTP2Streams` claimed a call, or a stream channel opened).
+    func streamOpened() {
         openStreams += 1
-        stream.closeFuture.assumeIsolated().whenComplete { [self] _ in
-            openStreams -= 1
-            if draining && openStreams == 0 { context?.close(promise: nil) }
+    }
+
+    /// A stream counted by `streamOpened()` closed.
+    func streamClosed() {
+        openStreams -= 1
+        guard draining, openStreams == 0, let context else { return }
+        // A claimed call's stream closes while its last frame is being written: close after that write is done
+        // and flushed, not in the middle of it.
+        context.eventLoop.assumeIsolated().execute { [self] in
+            guard let context = self.context else { return }
+            context.flush()
+            context.close(promise: nil)
         }
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        if error is NIOHTTP2Errors.StreamError {
+            // A frame a stream channel wrote failed: the multiplexer behind tells that stream.
+            context.fireErrorCaught(error)
+            return
+        }
         shared.logger.debug("HTTP/2 connection error", metadata: ["error": "\(error)"])
         context.close(promise: nil)
     }
@@ -156,8 +195,9 @@ final class HTTP2ConnectionGuard: ChannelInboundHandler, DrainableConnection {
     }
 }
 
-/// First handler of every client stream: on the first HEADERS it installs the gRPC relay (content-type
-/// `application/grpc…`), the gateway's health service, or the HTTP-over-HTTP/2 relay, then steps aside.
+/// First handler of every stream channel (the streams `EdgeHTTP2Streams` did not claim): on the first HEADERS it
+/// installs the gateway's health or reflection service (content-type `application/grpc…`) or the HTTP-over-HTTP/2
+/// relay, then steps aside.
 final class EdgeStreamRouter: ChannelInboundHandler, RemovableChannelHandler {
     typealias InboundIn = HTTP2Frame.FramePayload
     typealias InboundOut = HTTP2Frame.FramePayload
@@ -188,7 +228,9 @@ final class EdgeStreamRouter: ChannelInboundHandler, RemovableChannelHandler {
                 } else if GRPCReflectionStream.services.contains(where: { path.hasPrefix("/\($0)/") }) {
                     try operations.addHandler(GRPCReflectionStream(shared: shared), position: .after(self))
                 } else {
-                    try operations.addHandler(GRPCEdgeStream(shared: shared, peer: peer), position: .after(self))
+                    // gRPC calls to functions are claimed before a channel is made (`EdgeHTTP2Streams`).
+                    context.close(promise: nil)
+                    return
                 }
             } else {
                 try operations.addHandlers(

@@ -59,7 +59,7 @@ extension GRPCEdgeStream {
     private func submitAsync() {
         guard let submission = asyncSubmission, let submitter = shared.configuration.tasks else { return }
         phase = .submittingAsync
-        let stream = NIOLoopBound(self, eventLoop: context.eventLoop)
+        let stream = NIOLoopBound(self, eventLoop: eventLoop)
         Task {
             let result: Result<TaskReceipt, ApusError>
             do throws(ApusError) {
@@ -86,11 +86,11 @@ extension GRPCEdgeStream {
             headers.add(name: "apus-task-created", value: receipt.created ? "true" : "false")
             headers.add(name: "apus-request-id", value: requestID, indexing: .nonIndexable)
             responseStarted = true
-            context.write(NIOAny(HTTP2Frame.FramePayload.headers(.init(headers: headers))), promise: nil)
-            var empty = context.channel.allocator.buffer(capacity: 5)
+            edge.write(.headers(.init(headers: headers)), on: streamID)
+            var empty = edge.allocator.buffer(capacity: 5)
             empty.writeInteger(UInt8(0))
             empty.writeInteger(UInt32(0))
-            context.write(NIOAny(HTTP2Frame.FramePayload.data(.init(data: .byteBuffer(empty)))), promise: nil)
+            edge.write(.data(.init(data: .byteBuffer(empty))), on: streamID)
             respondAndFinish(status: GRPCWire.statusOK, message: "")
         }
     }

@@ -7,13 +7,12 @@ import NIOHTTP2
 
 /// One gRPC call from a client, relayed to a function instance over a multiplexed HTTP/2 connection. The edge
 /// reads only what routing needs (`:path`, `apus-function`, `apus-version`, `grpc-timeout`); messages pass through
-/// frame by frame in both directions. On the instance's connection the call is a stream ID on
-/// `InstanceConnectionHandler`, not a channel. Flow control is end to end: this stream reads from the client only
-/// while the instance's stream window has room, and the instance's stream window is given back only as the
-/// client takes the bytes. Lives on the client connection's event loop, like the instance connection it uses.
-final class GRPCEdgeStream: ChannelInboundHandler, LoopSlotTarget, InstanceStreamOwner, DeadlineTarget {
-    typealias InboundIn = HTTP2Frame.FramePayload
-    typealias OutboundOut = HTTP2Frame.FramePayload
+/// frame by frame in both directions. On both connections the call is a stream ID, not a channel: on the client's
+/// it is claimed by `EdgeHTTP2Streams`, on the instance's it is owned on `InstanceConnectionHandler`. Flow control
+/// is end to end: this call reads from the client only while the instance's stream window has room, and the
+/// instance's stream window is given back only as the client takes the bytes. Lives on the client connection's
+/// event loop, like the instance connection it uses.
+final class GRPCEdgeStream: EdgeStreamOwner, LoopSlotTarget, InstanceStreamOwner, DeadlineTarget {
 
     enum Phase {
         case idle
@@ -29,7 +28,10 @@ final class GRPCEdgeStream: ChannelInboundHandler, LoopSlotTarget, InstanceStrea
 
     let shared: GatewayShared
     private let peer: String
-    var context: ChannelHandlerContext!
+    /// The client connection's frame-level handler and the call's stream on it.
+    let edge: EdgeHTTP2Streams
+    let streamID: HTTP2StreamID
+    let eventLoop: any EventLoop
     var phase = Phase.idle
     var requestID = ""
     var rpcPath = ""
@@ -56,8 +58,6 @@ final class GRPCEdgeStream: ChannelInboundHandler, LoopSlotTarget, InstanceStrea
     /// The instance connection and the call's stream on it, while relaying.
     private var upstream: InstanceConnectionHandler?
     private var upstreamStreamID = HTTP2StreamID.rootStream
-    /// Inside channelRead: channelReadComplete follows and flushes the instance connection.
-    private var reading = false
     private var slotWaiter: LoopSlotWaiter?
     /// An asynchronous call's submission while its request is read, and the payload limit.
     var asyncSubmission: TaskSubmission?
@@ -66,32 +66,17 @@ final class GRPCEdgeStream: ChannelInboundHandler, LoopSlotTarget, InstanceStrea
     /// The call's grpc-status as the client sees it, once known (metrics); a call ending without one was cancelled.
     private var finalStatus: String?
 
-    init(shared: GatewayShared, peer: String) {
+    init(shared: GatewayShared, peer: String, edge: EdgeHTTP2Streams, streamID: HTTP2StreamID, eventLoop: any EventLoop) {
         self.shared = shared
         self.peer = peer
+        self.edge = edge
+        self.streamID = streamID
+        self.eventLoop = eventLoop
     }
 
-    func handlerAdded(context: ChannelHandlerContext) {
-        self.context = context
-    }
+    // MARK: client side (EdgeStreamOwner)
 
-    func handlerRemoved(context: ChannelHandlerContext) {
-        slotWaiter = nil
-        // Normally finish() has run (channelInactive); never leave a slot, a deadline or an instance stream
-        // behind.
-        if phase != .finished { finish() }
-        // The context holds this handler for good: keeping it here would keep both (and the call's headers)
-        // alive after the stream, a leak per call. Everything that may still call in after this point checks
-        // the phase first.
-        self.context = nil
-    }
-
-    // MARK: client side
-
-    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        reading = true
-        defer { reading = false }
-        let payload = unwrapInboundIn(data)
+    func clientFrame(_ payload: HTTP2Frame.FramePayload) {
         switch payload {
         case .headers(let headers):
             if phase == .idle {
@@ -109,37 +94,24 @@ final class GRPCEdgeStream: ChannelInboundHandler, LoopSlotTarget, InstanceStrea
         }
     }
 
-    func channelReadComplete(context: ChannelHandlerContext) {
-        upstream?.flush()
-    }
-
-    func channelWritabilityChanged(context: ChannelHandlerContext) {
+    func clientStreamWritable() {
         // A slow client slows the instance: response bytes held while it was not writable go back into the
-        // instance's window only now.
-        if context.channel.isWritable { upstream?.clientTookBytes(on: upstreamStreamID) }
-        context.fireChannelWritabilityChanged()
+        // instance's window only now (the WINDOW_UPDATE goes out at the end of the read burst).
+        guard let upstream else { return }
+        upstream.clientTookBytes(on: upstreamStreamID)
+        upstream.flush()
     }
 
-    func channelInactive(context: ChannelHandlerContext) {
-        if phase != .finished {
-            // The client reset the stream or went away: the call is cancelled on the instance too.
-            if !responseEnding { log("call cancelled by the client", code: "cancelled") }
-            finish()
+    func clientStreamClosed(reason: HTTP2ErrorCode?) {
+        guard phase != .finished else { return }
+        // The client reset the stream or went away: the call is cancelled on the instance too (a cancellation,
+        // not a failure of ours). The stream also closes when the last frame of a complete call goes out.
+        if let reason {
+            log("call cancelled by the client (RST_STREAM \(reason))", code: "cancelled")
+        } else if !responseEnding {
+            log("call cancelled by the client", code: "cancelled")
         }
-        context.fireChannelInactive()
-    }
-
-    func errorCaught(context: ChannelHandlerContext, error: any Error) {
-        if phase != .finished {
-            if let closed = error as? NIOHTTP2Errors.StreamClosed {
-                // The client reset the stream: a cancellation, not a failure of ours.
-                log("call cancelled by the client (RST_STREAM \(closed.errorCode))", code: "cancelled")
-                finish()
-            } else {
-                fail(ApusError(.internal, "stream error: \(error)"))
-            }
-        }
-        context.close(promise: nil)
+        finish()
     }
 
     private func forward(_ payload: HTTP2Frame.FramePayload) {
@@ -147,8 +119,10 @@ final class GRPCEdgeStream: ChannelInboundHandler, LoopSlotTarget, InstanceStrea
         case .relaying:
             guard let upstream else { return }
             upstream.write(payload, on: upstreamStreamID)
+            // Inside a read burst (the client's, or waiting frames handed over) the flush waits for its end.
+            upstream.flush()
             // A slow instance slows the client.
-            if !upstream.canSend(on: upstreamStreamID) { context.channel.setReading(false) }
+            if !upstream.canSend(on: upstreamStreamID) { edge.setReading(false, on: streamID) }
         case .waitingForSlot, .connecting: pending.append(payload)
         case .collectingAsync: collectAsync(payload)
         case .idle, .finished, .submittingAsync: break
@@ -159,7 +133,7 @@ final class GRPCEdgeStream: ChannelInboundHandler, LoopSlotTarget, InstanceStrea
 
     private func start(_ headers: HPACKHeaders) {
         arrivedAt = .now
-        let pool = shared.instanceHTTP2Pool(for: context.eventLoop)
+        let pool = shared.instanceHTTP2Pool(for: eventLoop)
         loopPool = pool
         requestID = shared.requestIDs.next()
         // One pass over the request's fields for the few the edge reads (names are lowercase: HTTP/2 requires
@@ -242,7 +216,7 @@ final class GRPCEdgeStream: ChannelInboundHandler, LoopSlotTarget, InstanceStrea
         pool.deadlines.add(self)
 
         // Until the instance stream is open, client frames wait here (bounded by the stream's flow-control window).
-        context.channel.setReading(false)
+        edge.setReading(false, on: streamID)
         slot.pool = shared.scheduler.pool(for: version)
         acquireSlot()
     }
@@ -260,8 +234,8 @@ final class GRPCEdgeStream: ChannelInboundHandler, LoopSlotTarget, InstanceStrea
     }
 
     private func acquireSlot() {
-        if slotWaiter == nil { slotWaiter = LoopSlotWaiter(NIOLoopBound<any LoopSlotTarget>(self, eventLoop: context.eventLoop)) }
-        proceed(slot.acquire(requestID: requestID, deadline: deadline, waiter: slotWaiter!, shard: shared.shardKey(for: context.eventLoop)))
+        if slotWaiter == nil { slotWaiter = LoopSlotWaiter(NIOLoopBound<any LoopSlotTarget>(self, eventLoop: eventLoop)) }
+        proceed(slot.acquire(requestID: requestID, deadline: deadline, waiter: slotWaiter!, shard: shared.shardKey(for: eventLoop)))
     }
 
     func slotDecided(requestID: String, _ result: Result<InstancePool.Lease, ApusError>) {
@@ -283,7 +257,7 @@ final class GRPCEdgeStream: ChannelInboundHandler, LoopSlotTarget, InstanceStrea
         guard let lease = slot.lease else { return }
         phase = .connecting
         let requestID = self.requestID
-        (loopPool ?? shared.instanceHTTP2Pool(for: context.eventLoop)).connection(instanceID: lease.instanceID, port: lease.port) { [self] result in
+        (loopPool ?? shared.instanceHTTP2Pool(for: eventLoop)).connection(instanceID: lease.instanceID, port: lease.port) { [self] result in
             guard phase == .connecting, requestID == self.requestID else { return }
             switch result {
             case .success(let connection):
@@ -339,15 +313,15 @@ final class GRPCEdgeStream: ChannelInboundHandler, LoopSlotTarget, InstanceStrea
         phase = .relaying
         for payload in pending { connection.write(payload, on: streamID) }
         pending = []
-        // Inside the client's read burst the instance connection is flushed once at its end (channelReadComplete).
-        if !reading { connection.flush() }
-        context.channel.setReading(connection.canSend(on: streamID))
+        // Inside a read burst the instance connection is flushed once at its end (`DeferredFlushes`).
+        connection.flush()
+        edge.setReading(connection.canSend(on: streamID), on: self.streamID)
         return true
     }
 
     // MARK: InstanceStreamOwner
 
-    var clientWritable: Bool { context?.channel.isWritable ?? true }
+    var clientWritable: Bool { edge.isWritable(streamID) }
 
     func instanceFrame(_ payload: HTTP2Frame.FramePayload) {
         guard phase == .relaying else { return }
@@ -362,9 +336,9 @@ final class GRPCEdgeStream: ChannelInboundHandler, LoopSlotTarget, InstanceStrea
                 responseStarted = true
                 var response = headers.headers
                 response.add(name: "apus-request-id", value: requestID, indexing: .nonIndexable)
-                context.write(wrapOutboundOut(.headers(.init(headers: response, endStream: headers.endStream))), promise: nil)
+                edge.write(.headers(.init(headers: response, endStream: headers.endStream)), on: streamID)
             } else {
-                context.write(wrapOutboundOut(payload), promise: nil)
+                edge.write(payload, on: streamID)
             }
             // The end of the instance's read burst flushes it (instanceReadComplete), also after finish().
             if headers.endStream { finish() }
@@ -374,7 +348,7 @@ final class GRPCEdgeStream: ChannelInboundHandler, LoopSlotTarget, InstanceStrea
                 responseEnding = true
                 instanceEnded = true
             }
-            context.write(wrapOutboundOut(.data(.init(data: data.data, endStream: data.endStream))), promise: nil)
+            edge.write(.data(.init(data: data.data, endStream: data.endStream)), on: streamID)
             if data.endStream { finish() }
         default:
             break
@@ -382,11 +356,11 @@ final class GRPCEdgeStream: ChannelInboundHandler, LoopSlotTarget, InstanceStrea
     }
 
     func instanceReadComplete() {
-        context?.flush()
+        edge.flush()
     }
 
     func instanceStreamWritable() {
-        if phase == .relaying { context.channel.setReading(true) }
+        if phase == .relaying { edge.setReading(true, on: streamID) }
     }
 
     func instanceStreamFailed(_ reason: String) {
@@ -419,7 +393,8 @@ final class GRPCEdgeStream: ChannelInboundHandler, LoopSlotTarget, InstanceStrea
         if !responseStarted, !requestID.isEmpty { withID.add(name: "apus-request-id", value: requestID, indexing: .nonIndexable) }
         responseStarted = true
         responseEnding = true
-        context.writeAndFlush(wrapOutboundOut(.headers(.init(headers: withID, endStream: true))), promise: nil)
+        edge.write(.headers(.init(headers: withID, endStream: true)), on: streamID)
+        edge.flush()
         finish()
     }
 
@@ -438,15 +413,10 @@ final class GRPCEdgeStream: ChannelInboundHandler, LoopSlotTarget, InstanceStrea
             upstream.release(upstreamStreamID, reset: !instanceEnded, endRequest: instanceEnded && !requestEnded)
             self.upstream = nil
         }
-        if !requestEnded, context.channel.isActive {
-            // The response is complete while the client is still sending: ask it to stop, without an error
-            // (RST_STREAM NO_ERROR, RFC 9113 §8.1), so the status it already has stands.
-            if responseEnding {
-                context.writeAndFlush(wrapOutboundOut(.rstStream(.noError)), promise: nil)
-            } else {
-                context.close(promise: nil)
-            }
-        }
+        // A stream still open is ended: RST_STREAM(CANCEL) when the call was cut short, RST_STREAM(NO_ERROR) when
+        // the response is complete while the client is still sending.
+        edge.release(streamID, responseEnded: responseEnding)
+        slotWaiter = nil
     }
 
     private func log(_ reason: String, code: String) {
