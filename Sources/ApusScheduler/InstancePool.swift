@@ -106,9 +106,12 @@ public final class InstancePool: Sendable {
             }
             if case .queued = outcome {
                 state.waiting[requestID] = waiter
-                state.timers[requestID] = Task { [weak self] in
+                // Strong, not weak: a weak reference would give the pool a side table, which makes every retain
+                // and release of it slower, and the gateway retains pools per request. The timer is cancelled
+                // when the request gets its slot or goes away, and ends at the deadline anyway.
+                state.timers[requestID] = Task {
                     try? await Task.sleep(until: deadline, clock: .continuous)
-                    guard !Task.isCancelled, let self else { return }
+                    guard !Task.isCancelled else { return }
                     self.perform(self.state.withLock { $0.machine.requestExpired(requestID, now: self.now) })
                 }
             }
@@ -318,8 +321,9 @@ public final class InstancePool: Sendable {
             do throws(ApusError) {
                 let directory = try codeDirectory(version)
                 let spec = InstanceSpec(instanceID: instanceID, version: version, codeDirectory: directory)
-                let handle = try await launcher.launch(spec) { [weak self] exit in
-                    guard let self else { return }
+                // Strong, not weak (see the queue timer in `acquire`): the instance is this pool's, it is stopped
+                // when the pool closes, and the launcher lets go of this handler once the process has exited.
+                let handle = try await launcher.launch(spec) { exit in
                     let actions = self.state.withLock { state in
                         state.handles[instanceID] = nil
                         return state.machine.instanceExited(instanceID, now: self.now)

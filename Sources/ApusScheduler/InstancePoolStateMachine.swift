@@ -83,8 +83,20 @@ public struct InstancePoolStateMachine: Sendable {
         var enqueuedAt: Instant
     }
 
-    /// Smoothed time a request holds its slot (from release reports); nil until the first one.
-    public private(set) var averageServiceTime: Duration?
+    /// Smoothed time a request holds its slot, from release reports: an exponentially weighted average over
+    /// tick windows (0.8 × the average + 0.2 × the window's mean), with the current window counted in as if it had
+    /// just ended; nil until the first report.
+    public var averageServiceTime: Duration? {
+        guard windowServiceCount > 0 else { return smoothedServiceTime }
+        let mean = windowServiceTotal / windowServiceCount
+        guard let smoothed = smoothedServiceTime else { return mean }
+        return (smoothed * 4 + mean) / 5
+    }
+    private var smoothedServiceTime: Duration?
+    /// Service times reported since the last tick. Kept as a sum and a count because a release only adds (this
+    /// runs for every request; multiplying and dividing durations is 128-bit arithmetic).
+    private var windowServiceTotal = Duration.zero
+    private var windowServiceCount = 0
     /// CoDel state: when the queue delay first stayed above target, plus the interval; and whether shedding is on.
     private var aboveTargetUntil: Instant?
     public private(set) var isShedding = false
@@ -169,13 +181,8 @@ public struct InstancePoolStateMachine: Sendable {
 
     /// A dispatched request finished with its slot after holding it `serviceTime` (feeds the queue-wait estimate).
     public mutating func release(instanceID: String, serviceTime: Duration, now: Instant) -> [Action] {
-        if let average = averageServiceTime {
-            // 0.8 × average + 0.2 × sample in integer attoseconds (Duration × Double converts through
-            // floating point, and this runs for every request).
-            averageServiceTime = (average * 4 + serviceTime) / 5
-        } else {
-            averageServiceTime = serviceTime
-        }
+        windowServiceTotal += serviceTime
+        windowServiceCount += 1
         return release(instanceID: instanceID, now: now)
     }
 
@@ -261,6 +268,11 @@ public struct InstancePoolStateMachine: Sendable {
     /// Periodic housekeeping: expire overdue waiters, stop idle instances above the minimum, keep the minimum.
     public mutating func tick(now: Instant) -> [Action] {
         var actions: [Action] = []
+        if windowServiceCount > 0 {
+            smoothedServiceTime = averageServiceTime
+            windowServiceTotal = .zero
+            windowServiceCount = 0
+        }
         if waiters.isEmpty {
             aboveTargetUntil = nil
             isShedding = false

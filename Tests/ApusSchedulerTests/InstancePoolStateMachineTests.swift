@@ -196,6 +196,27 @@ struct InstancePoolStateMachineTests {
         #expect(m.queueDepth == 1)
     }
 
+    @Test func serviceTimeAverageIsSmoothedOverTickWindows() {
+        var clock = TestClock()
+        var m = Self.makeMachine(concurrency: 4, max: 1)
+        _ = m.request("r1", deadline: clock.now.advanced(by: .seconds(60)), now: clock.now)
+        _ = m.instanceReady("i1", now: clock.now)
+        _ = m.request("r2", deadline: clock.now.advanced(by: .seconds(60)), now: clock.now)
+        #expect(m.averageServiceTime == nil)
+        clock.advance(.seconds(1))
+        _ = m.release(instanceID: "i1", serviceTime: .seconds(1), now: clock.now)
+        _ = m.release(instanceID: "i1", serviceTime: .seconds(3), now: clock.now)
+        #expect(m.averageServiceTime == .seconds(2), "the first window's mean")
+        _ = m.tick(now: clock.now)
+        #expect(m.averageServiceTime == .seconds(2), "kept across the tick")
+        _ = m.request("r3", deadline: clock.now.advanced(by: .seconds(60)), now: clock.now)
+        _ = m.release(instanceID: "i1", serviceTime: .seconds(7), now: clock.now)
+        #expect(m.averageServiceTime == .seconds(3), "0.8 × 2 s + 0.2 × 7 s")
+        _ = m.tick(now: clock.now)
+        _ = m.tick(now: clock.now)
+        #expect(m.averageServiceTime == .seconds(3), "an empty window changes nothing")
+    }
+
     @Test func coldStartsAreWaitedForNotShed() {
         let clock = TestClock()
         var m = Self.makeMachine(concurrency: 1, max: 1)

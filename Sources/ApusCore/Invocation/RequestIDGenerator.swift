@@ -11,7 +11,24 @@ public final class RequestIDGenerator: Sendable {
     }
 
     public func next() -> String {
-        let n = counter.wrappingAdd(1, ordering: .relaxed).newValue
-        return prefix + String(n, radix: 36)
+        var n = counter.wrappingAdd(1, ordering: .relaxed).newValue
+        // The prefix, then the counter in base 36 (at most 13 digits), written in place: this runs for every
+        // request, and concatenating a formatted number costs several times as much.
+        var prefix = prefix
+        return prefix.withUTF8 { prefixBytes in
+            String(unsafeUninitializedCapacity: prefixBytes.count + 13) { buffer in
+                _ = buffer.initialize(fromContentsOf: prefixBytes)
+                var digits = 0
+                repeat {
+                    buffer[prefixBytes.count + digits] = Self.base36[Int(n % 36)]
+                    n /= 36
+                    digits += 1
+                } while n > 0
+                buffer[prefixBytes.count..<(prefixBytes.count + digits)].reverse()
+                return prefixBytes.count + digits
+            }
+        }
     }
+
+    private static let base36: [UInt8] = Array("0123456789abcdefghijklmnopqrstuvwxyz".utf8)
 }

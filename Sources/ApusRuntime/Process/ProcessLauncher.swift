@@ -390,11 +390,14 @@ final class ManagedProcess: Sendable {
         }
     }
 
-    /// Records the exit; returns what the exit thread needs to report it.
+    /// Records the exit; returns what the exit thread needs to report it. The exit handler is handed over, not
+    /// kept: it may hold its owner (the instance pool) strongly, and fires only once.
     func markExited(_ exit: InstanceExit) -> (owner: Owner?, onExit: (@Sendable (InstanceExit) -> Void)?, stopping: Bool, launched: Bool) {
         state.withLock { state in
             state.exit = exit
-            return (state.owner, state.onExit, state.stopping, state.launched)
+            let onExit = state.onExit
+            state.onExit = nil
+            return (state.owner, onExit, state.stopping, state.launched)
         }
     }
 

@@ -52,15 +52,24 @@ public final class VersionMetrics: Sendable {
 
     /// One finished request: its outcome on the edge's protocol and the time since it arrived.
     public func recordRequest(protocol protocolName: String, code: String, since start: ContinuousClock.Instant) {
+        outcome(protocolName, code).increment()
+        latency.record(duration: ContinuousClock.now - start)
+    }
+
+    /// `recordRequest` with the time taken in nanoseconds.
+    public func recordRequest(protocol protocolName: String, code: String, elapsedNanoseconds: Int64) {
+        outcome(protocolName, code).increment()
+        latency.recordNanoseconds(elapsedNanoseconds)
+    }
+
+    private func outcome(_ protocolName: String, _ code: String) -> Counter {
         let key = OutcomeKey(protocolName: protocolName, code: code)
-        let counter = outcomes.withLock { counters in
+        return outcomes.withLock { counters in
             if let counter = counters[key] { return counter }
             let counter = Counter(label: "apus_requests_total", dimensions: dimensions + [("protocol", protocolName), ("code", code)])
             counters[key] = counter
             return counter
         }
-        counter.increment()
-        latency.record(duration: ContinuousClock.now - start)
     }
 
     /// `recordRequest` for the HTTP edges by status code: one array slot per status instead of a dictionary
@@ -72,20 +81,28 @@ public final class VersionMetrics: Sendable {
             recordRequest(protocol: "http", code: String(status), since: start)
             return
         }
-        let counter = httpOutcomes.withLock { counters in
+        httpOutcome(status).increment()
+        latency.record(duration: ContinuousClock.now - start)
+    }
+
+    /// `recordHTTPRequest` with the time taken already in nanoseconds (from a monotonic clock the caller reads
+    /// anyway), which spares the 128-bit arithmetic of `Duration`.
+    public func recordHTTPRequest(status: Int, elapsedNanoseconds: Int64) {
+        guard (0..<600).contains(status) else {
+            recordRequest(protocol: "http", code: String(status), elapsedNanoseconds: elapsedNanoseconds)
+            return
+        }
+        httpOutcome(status).increment()
+        latency.recordNanoseconds(elapsedNanoseconds)
+    }
+
+    private func httpOutcome(_ status: Int) -> Counter {
+        httpOutcomes.withLock { counters in
             if let counter = counters[status] { return counter }
-            let counter = outcomes.withLock { outcomes in
-                let key = OutcomeKey(protocolName: "http", code: String(status))
-                if let counter = outcomes[key] { return counter }
-                let counter = Counter(label: "apus_requests_total", dimensions: dimensions + [("protocol", "http"), ("code", key.code)])
-                outcomes[key] = counter
-                return counter
-            }
+            let counter = outcome("http", String(status))
             counters[status] = counter
             return counter
         }
-        counter.increment()
-        latency.record(duration: ContinuousClock.now - start)
     }
 
     /// A request refused by the pool before it got a slot.

@@ -52,17 +52,33 @@ final class ReactorLoop: @unchecked Sendable {
     private var idleUpstreams: [String: [ReactorUpstream]] = [:]
     private var splitRoll = SplitRoll()
     private var drainingSeen = false
-    private var nextDeadlineScan = ContinuousClock.now
+    private var nextDeadlineScan: UInt64 = 0
 
     private static let listenToken = UInt64.max
     private static let wakeToken = UInt64.max - 1
     static let connectionEvents = APUS_EV_IN | APUS_EV_OUT | APUS_EV_RDHUP | APUS_EV_ET
     static let maxIdlePerInstance = 256
     /// How often requests are checked against their deadlines.
-    static let deadlineScanInterval = Duration.milliseconds(20)
+    static let deadlineScanInterval: UInt64 = 20_000_000  // 20 ms
+
+    /// The monotonic clock in nanoseconds, for request arrival times and deadlines.
+    static func now() -> UInt64 {
+        NIODeadline.now().uptimeNanoseconds
+    }
+
+    /// What every request reads, taken out of the shared gateway state once (no reference counting per request;
+    /// the reactor, and with it this loop, lives shorter than the gateway state).
+    unowned(unsafe) let catalog: FunctionCatalog
+    unowned(unsafe) let requestIDs: RequestIDGenerator
+    let domain: String
+    let maxRequestBytes: Int
 
     init(reactor: EdgeReactor, index: Int, handoffLoop: any EventLoop, shardKey: UInt64) throws(ApusError) {
         self.reactor = reactor
+        catalog = reactor.shared.scheduler.catalog
+        requestIDs = reactor.shared.requestIDs
+        domain = reactor.shared.configuration.domain
+        maxRequestBytes = reactor.shared.configuration.maxRequestBytes
         self.index = index
         self.handoffLoop = handoffLoop
         self.shardKey = shardKey
@@ -141,9 +157,9 @@ final class ReactorLoop: @unchecked Sendable {
             _ = apus_epoll_remove(epollFD, reactor.listenFD)
             for case let client as ReactorClient in sockets.compactMap({ $0 }) { client.beginDrain() }
         }
-        let now = ContinuousClock.now
+        let now = Self.now()
         if now >= nextDeadlineScan {
-            nextDeadlineScan = now.advanced(by: Self.deadlineScanInterval)
+            nextDeadlineScan = now &+ Self.deadlineScanInterval
             for socket in sockets { (socket as? ReactorClient)?.checkDeadline(now: now) }
         }
     }
@@ -217,12 +233,14 @@ final class ReactorLoop: @unchecked Sendable {
 
     /// Where a request goes once its version is chosen: the version's pool and the few facts about the version a
     /// request needs, copied out once (a `FunctionVersion` is large to copy per request).
-    struct Target {
+    /// A class: a request keeps it with one reference count rather than one per field.
+    final class Target {
         let pool: InstancePool
         let function: String
         let versionNumber: Int
         let timeout: Duration
         let timeoutMilliseconds: Int64
+        let timeoutNanoseconds: UInt64
         let servesHTTP: Bool
 
         init(pool: InstancePool) {
@@ -232,6 +250,7 @@ final class ReactorLoop: @unchecked Sendable {
             versionNumber = version.number
             timeout = version.manifest.timeout
             timeoutMilliseconds = version.manifest.timeout.milliseconds
+            timeoutNanoseconds = UInt64(max(0, timeoutMilliseconds)) * 1_000_000
             servesHTTP = version.manifest.protocol == .http
         }
     }
@@ -255,13 +274,12 @@ final class ReactorLoop: @unchecked Sendable {
     /// Where a request for `function` goes: the pinned version, or one chosen by release weight. Nil when the
     /// catalog cannot route it (the NIO handler then answers with the reason).
     func target(function: String, pinnedVersion: Int?) -> Target? {
-        let shared = reactor.shared
-        let generation = shared.scheduler.catalog.changeCount
+        let generation = catalog.changeCount
         let cached: CachedFunction
         if let hit = routes[function], hit.generation == generation {
             cached = hit
         } else {
-            guard let entry = shared.scheduler.catalog.entry(function) else {
+            guard let entry = catalog.entry(function) else {
                 routes[function] = nil
                 return nil
             }
@@ -278,7 +296,7 @@ final class ReactorLoop: @unchecked Sendable {
         }
         if let target = cached.pools[number] { return target }
         guard let version = cached.entry.versions[number] else { return nil }
-        let target = Target(pool: shared.scheduler.pool(for: version))
+        let target = Target(pool: reactor.shared.scheduler.pool(for: version))
         cached.pools[number] = target
         return target
     }
@@ -300,12 +318,20 @@ final class ReactorLoop: @unchecked Sendable {
 
     /// Keeps a connection for the next request to the same instance.
     func release(_ upstream: ReactorUpstream) {
-        guard upstream.isUsable, !drainingSeen, (idleUpstreams[upstream.instanceID]?.count ?? 0) < Self.maxIdlePerInstance else {
+        guard upstream.isUsable, !drainingSeen else {
             upstream.close()
             return
         }
+        // One lookup of the instance's list for both the check and the append.
+        let kept = Self.keep(upstream, in: &idleUpstreams[upstream.instanceID, default: []])
+        if !kept { upstream.close() }
+    }
+
+    private static func keep(_ upstream: ReactorUpstream, in idle: inout [ReactorUpstream]) -> Bool {
+        guard idle.count < maxIdlePerInstance else { return false }
         upstream.inIdlePool = true
-        idleUpstreams[upstream.instanceID, default: []].append(upstream)
+        idle.append(upstream)
+        return true
     }
 
     /// An idle connection closed (the instance went away or timed it out).
