@@ -36,7 +36,7 @@ protocol EdgeStreamOwner: AnyObject {
 ///
 /// The connection window is kept open here for every stream (as bytes arrive), and writes are flushed once per
 /// read burst (`DeferredFlushes`).
-final class EdgeHTTP2Streams: ChannelInboundHandler, DeferrableFlush {
+final class EdgeHTTP2Streams: ChannelInboundHandler, BurstFlushing {
     typealias InboundIn = HTTP2Frame
     typealias InboundOut = HTTP2Frame
     typealias OutboundOut = HTTP2Frame
@@ -69,7 +69,7 @@ final class EdgeHTTP2Streams: ChannelInboundHandler, DeferrableFlush {
     private let makeOwner: OwnerFactory
     private let streamWindowTarget: Int
     private let connectionWindowTarget: Int
-    private let deferredFlushes: DeferredFlushes?
+    let deferredFlushes: DeferredFlushes?
     /// Counts the claimed streams for draining (the multiplexer's streams are counted by their channels).
     private let onStreamOpened: () -> Void
     private let onStreamClosed: () -> Void
@@ -87,8 +87,8 @@ final class EdgeHTTP2Streams: ChannelInboundHandler, DeferrableFlush {
     private var connectionUnacknowledged = 0
     /// Streams whose owners wait for `clientStreamWritable()`.
     private var waiting: [HTTP2StreamID] = []
-    private var needsFlush = false
-    private var flushWaiting = false
+    var pendingFlush = PendingFlush()
+    var flushContext: ChannelHandlerContext? { context }
     private var activated = false
 
     /// `streamWindow` is the SETTINGS_INITIAL_WINDOW_SIZE the edge announces, `connectionWindow` the connection
@@ -140,7 +140,7 @@ final class EdgeHTTP2Streams: ChannelInboundHandler, DeferrableFlush {
         if case .data(let data) = payload {
             streams[streamID]!.sendCredit -= data.data.readableBytes
         }
-        needsFlush = true
+        pendingFlush.needed = true
         context.write(wrapOutboundOut(HTTP2Frame(streamID: streamID, payload: payload)), promise: nil)
         return true
     }
@@ -187,26 +187,9 @@ final class EdgeHTTP2Streams: ChannelInboundHandler, DeferrableFlush {
         streams[streamID]!.queued.removeAll()
         let reset: HTTP2ErrorCode? = !responseEnded ? .cancel : (stream.requestEnded ? nil : .noError)
         if let reset {
-            needsFlush = true
+            pendingFlush.needed = true
             context.write(wrapOutboundOut(HTTP2Frame(streamID: streamID, payload: .rstStream(reset))), promise: nil)
         }
-        flush()
-    }
-
-    /// Flushes what owners wrote since the last flush; inside a read burst (of this connection or an instance's),
-    /// at its end.
-    func flush() {
-        guard needsFlush, !flushWaiting, let context else { return }
-        if let deferredFlushes, deferredFlushes.deferFlush(self) {
-            flushWaiting = true
-            return
-        }
-        needsFlush = false
-        context.flush()
-    }
-
-    func flushDeferred() {
-        flushWaiting = false
         flush()
     }
 
@@ -232,7 +215,7 @@ final class EdgeHTTP2Streams: ChannelInboundHandler, DeferrableFlush {
         activated = true
         // The connection window starts at 65,535 (RFC 9113 §6.9.2) whatever SETTINGS say: open it at once.
         if connectionWindowTarget > 65_535 {
-            needsFlush = true
+            pendingFlush.needed = true
             context.write(
                 wrapOutboundOut(HTTP2Frame(streamID: .rootStream, payload: .windowUpdate(windowSizeIncrement: connectionWindowTarget - 65_535))),
                 promise: nil)
@@ -247,7 +230,7 @@ final class EdgeHTTP2Streams: ChannelInboundHandler, DeferrableFlush {
             // The connection window is given back as bytes arrive, whoever owns them.
             connectionUnacknowledged += payload.data.readableBytes + (payload.paddingBytes.map { $0 + 1 } ?? 0)
             if connectionUnacknowledged >= connectionWindowTarget / 2 {
-                needsFlush = true
+                pendingFlush.needed = true
                 context.write(
                     wrapOutboundOut(HTTP2Frame(streamID: .rootStream, payload: .windowUpdate(windowSizeIncrement: connectionUnacknowledged))),
                     promise: nil)
@@ -313,7 +296,7 @@ final class EdgeHTTP2Streams: ChannelInboundHandler, DeferrableFlush {
             let stream = streams[streamID]!
             if !stream.requestEnded, stream.unacknowledged >= streamWindowTarget / 2, let context {
                 streams[streamID]!.unacknowledged = 0
-                needsFlush = true
+                pendingFlush.needed = true
                 context.write(
                     wrapOutboundOut(HTTP2Frame(streamID: streamID, payload: .windowUpdate(windowSizeIncrement: stream.unacknowledged))),
                     promise: nil)

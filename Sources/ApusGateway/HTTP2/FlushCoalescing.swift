@@ -114,3 +114,37 @@ final class EdgeFlushCoalescer: ChannelDuplexHandler, DeferrableFlush {
         deferred.end()
     }
 }
+
+/// Whether a connection has writes to flush, and whether its flush already waits for the end of a read burst.
+struct PendingFlush {
+    var needed = false
+    var waiting = false
+}
+
+/// A connection handler whose writes leave once per read burst: a write sets `pendingFlush.needed`, `flush()`
+/// flushes now or, inside a burst, once the burst ends (`DeferredFlushes`). The frame-level HTTP/2 handlers on
+/// both sides of a gRPC call use it.
+protocol BurstFlushing: DeferrableFlush {
+    var pendingFlush: PendingFlush { get set }
+    var flushContext: ChannelHandlerContext? { get }
+    var deferredFlushes: DeferredFlushes? { get }
+}
+
+extension BurstFlushing {
+    /// Flushes what was written since the last flush; inside a read burst (of this connection or the other side's),
+    /// at its end.
+    func flush() {
+        guard pendingFlush.needed, !pendingFlush.waiting, let context = flushContext else { return }
+        if let deferredFlushes, deferredFlushes.deferFlush(self) {
+            pendingFlush.waiting = true
+            return
+        }
+        pendingFlush.needed = false
+        context.flush()
+    }
+
+    func flushDeferred() {
+        pendingFlush.waiting = false
+        flush()
+    }
+}

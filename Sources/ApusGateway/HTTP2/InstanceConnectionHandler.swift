@@ -30,7 +30,7 @@ protocol InstanceStreamOwner: AnyObject {
 /// * Request DATA: each stream's send credit follows the instance's window (SETTINGS_INITIAL_WINDOW_SIZE, its
 ///   WINDOW_UPDATEs, the bytes written); a relay reads from its client only while its stream has credit and the
 ///   connection is writable, so what NIO's handler buffers beyond the window stays within one window per stream.
-final class InstanceConnectionHandler: ChannelInboundHandler, DeferrableFlush {
+final class InstanceConnectionHandler: ChannelInboundHandler, BurstFlushing {
     typealias InboundIn = HTTP2Frame
     typealias OutboundOut = HTTP2Frame
 
@@ -68,14 +68,14 @@ final class InstanceConnectionHandler: ChannelInboundHandler, DeferrableFlush {
     private var connectionUnacknowledged = 0
     /// Owners that got frames in this read burst: flushed at its end (also when their call has just finished).
     private var toFlush: [(streamID: HTTP2StreamID, owner: any InstanceStreamOwner)] = []
-    private let deferredFlushes: DeferredFlushes?
+    let deferredFlushes: DeferredFlushes?
     /// Inside a read burst (between the first channelRead and channelReadComplete).
     private var inBurst = false
-    /// A flush is deferred to the end of the current read burst.
-    private var flushWaiting = false
+    /// Writes not flushed yet, and whether the flush waits for the end of a read burst.
+    var pendingFlush = PendingFlush()
+    var flushContext: ChannelHandlerContext? { context }
     /// Streams whose owners wait for `instanceStreamWritable()`.
     private var blocked: [HTTP2StreamID] = []
-    private var needsFlush = false
     private(set) var isDraining = false
     private(set) var isClosed = false
 
@@ -150,35 +150,18 @@ final class InstanceConnectionHandler: ChannelInboundHandler, DeferrableFlush {
         closeIfDrained()
     }
 
-    /// Flushes what relays wrote since the last flush; inside a read burst (of this connection or a client's),
-    /// at its end.
-    func flush() {
-        guard needsFlush, !flushWaiting, let context else { return }
-        if let deferredFlushes, deferredFlushes.deferFlush(self) {
-            flushWaiting = true
-            return
-        }
-        needsFlush = false
-        context.flush()
-    }
-
-    func flushDeferred() {
-        flushWaiting = false
-        flush()
-    }
-
     /// Closes the connection, after what is written and waits for a deferred flush.
     func close() {
         guard let context else { return }
-        if needsFlush {
-            needsFlush = false
+        if pendingFlush.needed {
+            pendingFlush.needed = false
             context.flush()
         }
         context.close(promise: nil)
     }
 
     private func write(_ frame: HTTP2Frame, _ context: ChannelHandlerContext) {
-        needsFlush = true
+        pendingFlush.needed = true
         context.write(wrapOutboundOut(frame), promise: nil)
     }
 
@@ -233,7 +216,7 @@ final class InstanceConnectionHandler: ChannelInboundHandler, DeferrableFlush {
             if connectionUnacknowledged >= connectionWindowTarget / 2 {
                 write(HTTP2Frame(streamID: .rootStream, payload: .windowUpdate(windowSizeIncrement: connectionUnacknowledged)), context)
                 connectionUnacknowledged = 0
-                needsFlush = true
+                pendingFlush.needed = true
             }
             guard let owner = streams[streamID]?.owner else { return }
             if data.endStream {
