@@ -107,18 +107,7 @@ struct EdgeHTTP2StreamsTests {
 
         /// Moves bytes both ways until neither side has anything more to say.
         func exchange() throws {
-            var moved = true
-            while moved {
-                moved = false
-                while let bytes = try client.readOutbound(as: ByteBuffer.self) {
-                    try server.writeInbound(bytes)
-                    moved = true
-                }
-                while let bytes = try server.readOutbound(as: ByteBuffer.self) {
-                    try client.writeInbound(bytes)
-                    moved = true
-                }
-            }
+            try pumpBytes(between: client, and: server)
         }
 
         func clientSend(_ streamID: HTTP2StreamID, _ payload: HTTP2Frame.FramePayload) throws {
