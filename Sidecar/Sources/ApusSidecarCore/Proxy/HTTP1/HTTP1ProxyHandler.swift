@@ -172,6 +172,10 @@ final class HTTP1ProxyHandler: ChannelInboundHandler, RemovableChannelHandler, H
                     respond(status: 431, body: errorBody("request head exceeds 64 KiB", upstream: nil), close: true)
                 }
                 return
+            case .success(let (_, end)?) where end > Self.maxHead:
+                // The limit holds however the head arrived, all at once included.
+                respond(status: 431, body: errorBody("request head exceeds 64 KiB", upstream: nil), close: true)
+                return
             case .success(let (head, end)?):
                 let rawHead = inbound!.readSlice(length: end)!
                 if inbound!.readableBytes == 0 { inbound = nil }
