@@ -68,7 +68,6 @@ final class EdgeHTTP2Streams: ChannelInboundHandler, BurstFlushing {
 
     private let makeOwner: OwnerFactory
     private let streamWindowTarget: Int
-    private let connectionWindowTarget: Int
     let deferredFlushes: DeferredFlushes?
     /// Counts the claimed streams for draining (the multiplexer's streams are counted by their channels).
     private let onStreamOpened: () -> Void
@@ -84,7 +83,7 @@ final class EdgeHTTP2Streams: ChannelInboundHandler, BurstFlushing {
     private static let unsentHighWatermark = 8_192
     private static let unsentLowWatermark = 4_096
     /// Request bytes received on the connection (any stream) and not yet given back.
-    private var connectionUnacknowledged = 0
+    private var connectionWindow: InboundConnectionWindow
     /// Streams whose owners wait for `clientStreamWritable()`.
     private var waiting: [HTTP2StreamID] = []
     var pendingFlush = PendingFlush()
@@ -99,7 +98,7 @@ final class EdgeHTTP2Streams: ChannelInboundHandler, BurstFlushing {
         makeOwner: @escaping OwnerFactory
     ) {
         self.streamWindowTarget = streamWindow
-        self.connectionWindowTarget = connectionWindow
+        self.connectionWindow = InboundConnectionWindow(target: connectionWindow)
         self.deferredFlushes = deferredFlushes
         self.onStreamOpened = onStreamOpened
         self.onStreamClosed = onStreamClosed
@@ -140,8 +139,7 @@ final class EdgeHTTP2Streams: ChannelInboundHandler, BurstFlushing {
         if case .data(let data) = payload {
             streams[streamID]!.sendCredit -= data.data.readableBytes
         }
-        pendingFlush.needed = true
-        context.write(wrapOutboundOut(HTTP2Frame(streamID: streamID, payload: payload)), promise: nil)
+        writeFrame(HTTP2Frame(streamID: streamID, payload: payload), context)
         return true
     }
 
@@ -187,8 +185,7 @@ final class EdgeHTTP2Streams: ChannelInboundHandler, BurstFlushing {
         streams[streamID]!.queued.removeAll()
         let reset: HTTP2ErrorCode? = !responseEnded ? .cancel : (stream.requestEnded ? nil : .noError)
         if let reset {
-            pendingFlush.needed = true
-            context.write(wrapOutboundOut(HTTP2Frame(streamID: streamID, payload: .rstStream(reset))), promise: nil)
+            writeFrame(HTTP2Frame(streamID: streamID, payload: .rstStream(reset)), context)
         }
         flush()
     }
@@ -213,12 +210,8 @@ final class EdgeHTTP2Streams: ChannelInboundHandler, BurstFlushing {
     private func becameActive(_ context: ChannelHandlerContext) {
         guard !activated else { return }
         activated = true
-        // The connection window starts at 65,535 (RFC 9113 §6.9.2) whatever SETTINGS say: open it at once.
-        if connectionWindowTarget > 65_535 {
-            pendingFlush.needed = true
-            context.write(
-                wrapOutboundOut(HTTP2Frame(streamID: .rootStream, payload: .windowUpdate(windowSizeIncrement: connectionWindowTarget - 65_535))),
-                promise: nil)
+        if let increment = connectionWindow.openingIncrement {
+            writeFrame(HTTP2Frame(streamID: .rootStream, payload: .windowUpdate(windowSizeIncrement: increment)), context)
             flush()
         }
     }
@@ -227,14 +220,8 @@ final class EdgeHTTP2Streams: ChannelInboundHandler, BurstFlushing {
         let frame = unwrapInboundIn(data)
         let streamID = frame.streamID
         if case .data(let payload) = frame.payload {
-            // The connection window is given back as bytes arrive, whoever owns them.
-            connectionUnacknowledged += payload.data.readableBytes + (payload.paddingBytes.map { $0 + 1 } ?? 0)
-            if connectionUnacknowledged >= connectionWindowTarget / 2 {
-                pendingFlush.needed = true
-                context.write(
-                    wrapOutboundOut(HTTP2Frame(streamID: .rootStream, payload: .windowUpdate(windowSizeIncrement: connectionUnacknowledged))),
-                    promise: nil)
-                connectionUnacknowledged = 0
+            if let increment = connectionWindow.received(payload) {
+                writeFrame(HTTP2Frame(streamID: .rootStream, payload: .windowUpdate(windowSizeIncrement: increment)), context)
             }
         }
         if streamID == .rootStream {
@@ -291,15 +278,11 @@ final class EdgeHTTP2Streams: ChannelInboundHandler, BurstFlushing {
     /// stream channels do).
     private func deliver(_ payload: HTTP2Frame.FramePayload, to owner: any EdgeStreamOwner, on streamID: HTTP2StreamID) {
         if case .data(let data) = payload {
-            let length = data.data.readableBytes + (data.paddingBytes.map { $0 + 1 } ?? 0)
-            streams[streamID]!.unacknowledged += length
+            streams[streamID]!.unacknowledged += data.flowControlledLength
             let stream = streams[streamID]!
             if !stream.requestEnded, stream.unacknowledged >= streamWindowTarget / 2, let context {
                 streams[streamID]!.unacknowledged = 0
-                pendingFlush.needed = true
-                context.write(
-                    wrapOutboundOut(HTTP2Frame(streamID: streamID, payload: .windowUpdate(windowSizeIncrement: stream.unacknowledged))),
-                    promise: nil)
+                writeFrame(HTTP2Frame(streamID: streamID, payload: .windowUpdate(windowSizeIncrement: stream.unacknowledged)), context)
             }
         }
         owner.clientFrame(payload)

@@ -1,4 +1,5 @@
 import NIOCore
+import NIOHTTP2
 
 /// A connection whose flush can wait for the end of the current read burst.
 protocol DeferrableFlush: AnyObject {
@@ -146,5 +147,43 @@ extension BurstFlushing {
     func flushDeferred() {
         pendingFlush.waiting = false
         flush()
+    }
+}
+
+extension BurstFlushing where Self: ChannelInboundHandler, Self.OutboundOut == HTTP2Frame {
+    /// Writes a frame; it leaves with the next flush.
+    func writeFrame(_ frame: HTTP2Frame, _ context: ChannelHandlerContext) {
+        pendingFlush.needed = true
+        context.write(wrapOutboundOut(frame), promise: nil)
+    }
+}
+
+/// The inbound connection window a frame-level HTTP/2 handler keeps open for all its streams: opened to `target`
+/// when the connection starts (it begins at 65,535 whatever SETTINGS say, RFC 9113 §6.9.2), then given back as
+/// bytes arrive, whoever owns them, once half of it was taken. Stream windows are the handlers' own business.
+struct InboundConnectionWindow {
+    let target: Int
+    private var unacknowledged = 0
+
+    init(target: Int) {
+        self.target = target
+    }
+
+    /// The WINDOW_UPDATE increment for the start of the connection, if the window must grow.
+    var openingIncrement: Int? { target > 65_535 ? target - 65_535 : nil }
+
+    /// Counts a DATA frame's flow-controlled bytes; returns the increment to send once half the window was taken.
+    mutating func received(_ data: HTTP2Frame.FramePayload.Data) -> Int? {
+        unacknowledged += data.flowControlledLength
+        guard unacknowledged >= target / 2 else { return nil }
+        defer { unacknowledged = 0 }
+        return unacknowledged
+    }
+}
+
+extension HTTP2Frame.FramePayload.Data {
+    /// The bytes the frame counts against flow-control windows: its data and padding (with the pad-length octet).
+    var flowControlledLength: Int {
+        data.readableBytes + (paddingBytes.map { $0 + 1 } ?? 0)
     }
 }

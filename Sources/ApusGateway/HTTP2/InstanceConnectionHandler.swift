@@ -58,14 +58,13 @@ final class InstanceConnectionHandler: ChannelInboundHandler, BurstFlushing {
     var onClosed: (() -> Void)?
 
     private let streamWindowTarget: Int
-    private let connectionWindowTarget: Int
     private var context: ChannelHandlerContext?
     private var streams: [HTTP2StreamID: Stream] = [:]
     private var nextStreamID = 1
     /// The instance's SETTINGS_INITIAL_WINDOW_SIZE (RFC 9113 §6.5.2 default until its SETTINGS arrive).
     private var peerInitialWindow = 65_535
     /// Response bytes received on the connection and not yet given back (connection window).
-    private var connectionUnacknowledged = 0
+    private var connectionWindow: InboundConnectionWindow
     /// Owners that got frames in this read burst: flushed at its end (also when their call has just finished).
     private var toFlush: [(streamID: HTTP2StreamID, owner: any InstanceStreamOwner)] = []
     let deferredFlushes: DeferredFlushes?
@@ -84,7 +83,7 @@ final class InstanceConnectionHandler: ChannelInboundHandler, BurstFlushing {
     /// burst, so that each client connection is flushed once per burst.
     init(streamWindow: Int, connectionWindow: Int, deferredFlushes: DeferredFlushes? = nil) {
         self.streamWindowTarget = streamWindow
-        self.connectionWindowTarget = connectionWindow
+        self.connectionWindow = InboundConnectionWindow(target: connectionWindow)
         self.deferredFlushes = deferredFlushes
     }
 
@@ -101,7 +100,7 @@ final class InstanceConnectionHandler: ChannelInboundHandler, BurstFlushing {
         nextStreamID += 2
         if nextStreamID > Int(Int32.max) { beginDraining() }
         streams[streamID] = Stream(owner: owner, sendCredit: peerInitialWindow)
-        write(HTTP2Frame(streamID: streamID, payload: .headers(.init(headers: headers, endStream: endStream))), context)
+        writeFrame(HTTP2Frame(streamID: streamID, payload: .headers(.init(headers: headers, endStream: endStream))), context)
         return streamID
     }
 
@@ -112,7 +111,7 @@ final class InstanceConnectionHandler: ChannelInboundHandler, BurstFlushing {
         if case .data(let data) = payload {
             streams[streamID]!.sendCredit -= data.data.readableBytes
         }
-        write(HTTP2Frame(streamID: streamID, payload: payload), context)
+        writeFrame(HTTP2Frame(streamID: streamID, payload: payload), context)
         return true
     }
 
@@ -142,9 +141,9 @@ final class InstanceConnectionHandler: ChannelInboundHandler, BurstFlushing {
     func release(_ streamID: HTTP2StreamID, reset: Bool, endRequest: Bool) {
         guard let context, streams.removeValue(forKey: streamID) != nil else { return }
         if reset {
-            write(HTTP2Frame(streamID: streamID, payload: .rstStream(.cancel)), context)
+            writeFrame(HTTP2Frame(streamID: streamID, payload: .rstStream(.cancel)), context)
         } else if endRequest {
-            write(HTTP2Frame(streamID: streamID, payload: .data(.init(data: .byteBuffer(ByteBuffer()), endStream: true))), context)
+            writeFrame(HTTP2Frame(streamID: streamID, payload: .data(.init(data: .byteBuffer(ByteBuffer()), endStream: true))), context)
         }
         flush()
         closeIfDrained()
@@ -158,11 +157,6 @@ final class InstanceConnectionHandler: ChannelInboundHandler, BurstFlushing {
             context.flush()
         }
         context.close(promise: nil)
-    }
-
-    private func write(_ frame: HTTP2Frame, _ context: ChannelHandlerContext) {
-        pendingFlush.needed = true
-        context.write(wrapOutboundOut(frame), promise: nil)
     }
 
     // MARK: connection
@@ -187,9 +181,8 @@ final class InstanceConnectionHandler: ChannelInboundHandler, BurstFlushing {
     private func becameActive(_ context: ChannelHandlerContext) {
         guard !activated else { return }
         activated = true
-        // The connection window starts at 65,535 (RFC 9113 §6.9.2) whatever SETTINGS say: open it at once.
-        if connectionWindowTarget > 65_535 {
-            write(HTTP2Frame(streamID: .rootStream, payload: .windowUpdate(windowSizeIncrement: connectionWindowTarget - 65_535)), context)
+        if let increment = connectionWindow.openingIncrement {
+            writeFrame(HTTP2Frame(streamID: .rootStream, payload: .windowUpdate(windowSizeIncrement: increment)), context)
             flush()
         }
         onReady?(self)
@@ -210,13 +203,9 @@ final class InstanceConnectionHandler: ChannelInboundHandler, BurstFlushing {
             scheduleFlush(streamID)
             owner.instanceFrame(frame.payload)
         case .data(let data):
-            let length = data.data.readableBytes + (data.paddingBytes.map { $0 + 1 } ?? 0)
-            // The connection window is given back as bytes arrive, whoever owns them.
-            connectionUnacknowledged += length
-            if connectionUnacknowledged >= connectionWindowTarget / 2 {
-                write(HTTP2Frame(streamID: .rootStream, payload: .windowUpdate(windowSizeIncrement: connectionUnacknowledged)), context)
-                connectionUnacknowledged = 0
-                pendingFlush.needed = true
+            let length = data.flowControlledLength
+            if let increment = connectionWindow.received(data) {
+                writeFrame(HTTP2Frame(streamID: .rootStream, payload: .windowUpdate(windowSizeIncrement: increment)), context)
             }
             guard let owner = streams[streamID]?.owner else { return }
             if data.endStream {
@@ -351,7 +340,7 @@ final class InstanceConnectionHandler: ChannelInboundHandler, BurstFlushing {
         guard let context, let stream = streams[streamID], !stream.responseEnded,
               stream.unacknowledged > 0, stream.unacknowledged >= streamWindowTarget / 2 else { return }
         streams[streamID]!.unacknowledged = 0
-        write(HTTP2Frame(streamID: streamID, payload: .windowUpdate(windowSizeIncrement: stream.unacknowledged)), context)
+        writeFrame(HTTP2Frame(streamID: streamID, payload: .windowUpdate(windowSizeIncrement: stream.unacknowledged)), context)
     }
 
     private func wakeIfBlocked(_ streamID: HTTP2StreamID) {
