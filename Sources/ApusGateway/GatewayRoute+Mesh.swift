@@ -8,7 +8,7 @@ extension GatewayRoute {
     /// `resolve(host:uri:domain:)`. One atomic load when no function is in the mesh.
     static func resolve(host: String?, uri: String, domain: String, catalog: FunctionCatalog) throws(ApusError) -> GatewayRoute {
         if catalog.anyMeshServices, let host, let name = meshName(host), let function = catalog.function(servingMeshService: name) {
-            return GatewayRoute(function: function, instancePath: uri.isEmpty ? "/" : uri, forwardedPrefix: nil)
+            return GatewayRoute(function: function, instancePath: uri.isEmpty ? "/" : uri, routedByPath: false)
         }
         return try resolve(host: host, uri: uri, domain: domain)
     }

@@ -5,14 +5,17 @@ struct GatewayRoute: Equatable {
     var function: String
     /// Path (with query) forwarded to the instance.
     var instancePath: String
-    /// `/<function>` when routed by path prefix; nil when routed by host.
-    var forwardedPrefix: String?
+    /// Routed by the path's first segment (which the instance does not see); false when routed by host.
+    var routedByPath: Bool
+
+    /// `/<function>` when routed by path prefix (sent as `X-Forwarded-Prefix`); nil when routed by host.
+    var forwardedPrefix: String? { routedByPath ? "/" + function : nil }
 
     /// Routes by `Host: <function>.<domain>` first, then by the first path segment. Works on UTF-8 bytes: this
     /// runs for every request.
     static func resolve(host: String?, uri: String, domain: String) throws(ApusError) -> GatewayRoute {
         if let host, !domain.isEmpty, let label = hostLabel(host.utf8, domain: domain.utf8) {
-            return GatewayRoute(function: label, instancePath: uri.isEmpty ? "/" : uri, forwardedPrefix: nil)
+            return GatewayRoute(function: label, instancePath: uri.isEmpty ? "/" : uri, routedByPath: false)
         }
         let bytes = uri.utf8
         guard bytes.first == UInt8(ascii: "/") else {
@@ -32,7 +35,7 @@ struct GatewayRoute: Equatable {
         } else {
             rest = String(Substring(uri.utf8[nameEnd...]))
         }
-        return GatewayRoute(function: function, instancePath: rest, forwardedPrefix: "/" + function)
+        return GatewayRoute(function: function, instancePath: rest, routedByPath: true)
     }
 
     /// `orders` for `Orders.apus.localhost:8080` with domain `apus.localhost`; nil when the host is not

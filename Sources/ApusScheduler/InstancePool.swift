@@ -87,8 +87,9 @@ public final class InstancePool: Sendable {
         var outcome = AcquireOutcome.queued
         let actions = state.withLock { state -> [InstancePoolStateMachine.Action] in
             let now = self.now
-            if let instanceID = state.machine.takeFreeSlot(now: now, shard: shard), let handle = state.handles[instanceID] {
-                outcome = .leased(Lease(instanceID: instanceID, port: handle.port, since: now))
+            if let (instanceID, port) = state.machine.takeFreeSlotAndPort(now: now, shard: shard),
+               let port = port ?? state.handles[instanceID]?.port {
+                outcome = .leased(Lease(instanceID: instanceID, port: port, since: now))
                 return []
             }
             var rest: [InstancePoolStateMachine.Action] = []
@@ -124,12 +125,18 @@ public final class InstancePool: Sendable {
     /// Takes a slot only when one is free right now and nobody is queued; never queues, starts nothing and
     /// records nothing. Callers that get nil go through `acquire(requestID:deadline:waiter:shard:)`.
     public func tryAcquire(shard: UInt64? = nil) -> Lease? {
+        tryAcquire(shard: shard, now: now)
+    }
+
+    /// `tryAcquire(shard:)` at `now` (a caller that read the clock already, such as a reactor loop once per
+    /// pass of its events).
+    public func tryAcquire(shard: UInt64?, now: ContinuousClock.Instant) -> Lease? {
         state.withLock { state in
-            let now = self.now
-            guard let instanceID = state.machine.takeFreeSlot(now: now, shard: shard), let handle = state.handles[instanceID] else {
+            guard let (instanceID, port) = state.machine.takeFreeSlotAndPort(now: now, shard: shard),
+                  let port = port ?? state.handles[instanceID]?.port else {
                 return nil
             }
-            return Lease(instanceID: instanceID, port: handle.port, since: now)
+            return Lease(instanceID: instanceID, port: port, since: now)
         }
     }
 
@@ -164,7 +171,11 @@ public final class InstancePool: Sendable {
     }
 
     public func release(_ lease: Lease) {
-        let now = self.now
+        release(lease, now: now)
+    }
+
+    /// `release(_:)` at `now`, read by the caller.
+    public func release(_ lease: Lease, now: ContinuousClock.Instant) {
         perform(state.withLock { $0.machine.release(instanceID: lease.instanceID, serviceTime: now - lease.since, now: now) })
     }
 
@@ -333,7 +344,7 @@ public final class InstancePool: Sendable {
                 actions = state.withLock { state in
                     state.launching -= 1
                     state.handles[instanceID] = handle
-                    return state.machine.instanceReady(instanceID, now: now)
+                    return state.machine.instanceReady(instanceID, now: now, port: handle.port)
                 }
             } catch {
                 actions = state.withLock { state in

@@ -58,6 +58,8 @@ public struct InstancePoolStateMachine: Sendable {
         public var lastActive: Instant
         public var startedAt: Instant
         public var readyAt: Instant?
+        /// Where the instance listens, once ready (leases carry it).
+        public var port: Int?
     }
 
     /// After a failed start the next start waits (requests stay queued meanwhile): 0.5 s, doubling per consecutive
@@ -170,13 +172,18 @@ public struct InstancePoolStateMachine: Sendable {
     /// The hot path of `request`: takes a free slot when nobody is queued, without building actions.
     /// Returns nil when the request has to go through `request` (no free slot, queue not empty, closed).
     public mutating func takeFreeSlot(now: Instant, shard: UInt64? = nil) -> String? {
+        takeFreeSlotAndPort(now: now, shard: shard)?.instanceID
+    }
+
+    /// `takeFreeSlot` with the instance's port (nil if `instanceReady` was not told it).
+    public mutating func takeFreeSlotAndPort(now: Instant, shard: UInt64? = nil) -> (instanceID: String, port: Int?)? {
         guard !isClosed, waiters.isEmpty, let index = pickInstanceIndex(shard: shard) else { return nil }
-        let instanceID = instances.keys[index]
         admitted += 1
-        // Through the index: one hash of the id for both updates (this runs for every request).
+        // Through the index: one hash of the id for the updates and the reads (this runs for every request).
         instances.values[index].inFlight += 1
         instances.values[index].lastActive = now
-        return instanceID
+        let instance = instances.values[index]
+        return (instance.id, instance.port)
     }
 
     /// A dispatched request finished with its slot after holding it `serviceTime` (feeds the queue-wait estimate).
@@ -202,7 +209,7 @@ public struct InstancePoolStateMachine: Sendable {
         return dispatchWaiters(now: now)
     }
 
-    public mutating func instanceReady(_ instanceID: String, now: Instant) -> [Action] {
+    public mutating func instanceReady(_ instanceID: String, now: Instant, port: Int? = nil) -> [Action] {
         guard var instance = instances[instanceID] else {
             // Forgotten while starting (closed or scaled down): stop it.
             return [.stopInstance(instanceID: instanceID)]
@@ -211,6 +218,7 @@ public struct InstancePoolStateMachine: Sendable {
         instance.state = .ready
         instance.lastActive = now
         instance.readyAt = now
+        instance.port = port
         instances[instanceID] = instance
         membershipGeneration += 1
         consecutiveStartFailures = 0

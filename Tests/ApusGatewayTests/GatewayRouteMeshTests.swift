@@ -22,13 +22,13 @@ struct GatewayRouteMeshTests {
         let catalog = catalog(mesh: "payments.refund")
         for host in ["payments.refund", "Payments.Refund:8080"] {
             #expect(try GatewayRoute.resolve(host: host, uri: "/refund/7?x=1", domain: "apus.localhost", catalog: catalog)
-                == GatewayRoute(function: "refunds", instancePath: "/refund/7?x=1", forwardedPrefix: nil))
+                == GatewayRoute(function: "refunds", instancePath: "/refund/7?x=1", routedByPath: false))
         }
         // Other hosts keep the usual routes.
         #expect(try GatewayRoute.resolve(host: "127.0.0.1:8080", uri: "/refunds/a", domain: "apus.localhost", catalog: catalog)
-            == GatewayRoute(function: "refunds", instancePath: "/a", forwardedPrefix: "/refunds"))
+            == GatewayRoute(function: "refunds", instancePath: "/a", routedByPath: true))
         #expect(try GatewayRoute.resolve(host: "refunds.apus.localhost", uri: "/a", domain: "apus.localhost", catalog: catalog)
-            == GatewayRoute(function: "refunds", instancePath: "/a", forwardedPrefix: nil))
+            == GatewayRoute(function: "refunds", instancePath: "/a", routedByPath: false))
         #expect(try GatewayRoute.resolve(host: "payments.other", uri: "/refunds/a", domain: "apus.localhost", catalog: catalog).function == "refunds")
         #expect(catalog.function(servingMeshService: "payments.refund") == "refunds")
         catalog.remove("refunds")

@@ -331,7 +331,8 @@ final class GatewayConnectionHandler: ChannelInboundHandler, RemovableChannelHan
         out.clear()
         Self.writeUpstreamHead(
             into: &out, head, rawHead: rawHead, route: route, requestID: requestID, function: version.function,
-            versionNumber: version.number, timeoutMilliseconds: version.manifest.timeout.milliseconds, peer: peer, scheme: scheme)
+            versionNumber: version.number, timeoutMilliseconds: version.manifest.timeout.milliseconds, peer: peer, scheme: scheme,
+            wallClockMilliseconds: Int64(Date().timeIntervalSince1970 * 1000))
         headScratch = out
         return out
     }
@@ -339,14 +340,15 @@ final class GatewayConnectionHandler: ChannelInboundHandler, RemovableChannelHan
     /// The request head an instance gets (shared with the edge reactor): appended to `out`.
     static func writeUpstreamHead(
         into out: inout ByteBuffer, _ head: RequestHead, rawHead: ByteBuffer, route: GatewayRoute, requestID: String,
-        function: String, versionNumber: Int, timeoutMilliseconds: Int64, peer: String, scheme: String
+        function: String, versionNumber: Int, timeoutMilliseconds: Int64, peer: String, scheme: String,
+        wallClockMilliseconds: Int64
     ) {
         // One reservation and plain copies into it: each separate ByteBuffer write pays its own uniqueness,
         // capacity and exclusivity checks, and this runs for every request.
         var capacity = rawHead.readableBytes + head.method.utf8.count + route.instancePath.utf8.count + peer.utf8.count
-        capacity += (head.forwardedFor?.utf8.count ?? 0) + (head.host?.utf8.count ?? 0) + (route.forwardedPrefix?.utf8.count ?? 0)
+        capacity += (head.forwardedFor?.utf8.count ?? 0) + (head.host?.utf8.count ?? 0) + route.function.utf8.count
         capacity += requestID.utf8.count + function.utf8.count + scheme.utf8.count + 256
-        let deadlineMs = Int(Int64(Date().timeIntervalSince1970 * 1000) + timeoutMilliseconds)
+        let deadlineMs = Int(wallClockMilliseconds + timeoutMilliseconds)
         rawHead.withUnsafeReadableBytes { raw in
             out.writeWithUnsafeMutableBytes(minimumWritableBytes: capacity) { space in
                 var w = HeadWriter(space)
@@ -367,9 +369,9 @@ final class GatewayConnectionHandler: ChannelInboundHandler, RemovableChannelHan
                 }
                 w.add("\r\nX-Forwarded-Proto: ")
                 w.add(scheme)
-                if let prefix = route.forwardedPrefix {
-                    w.add("\r\nX-Forwarded-Prefix: ")
-                    w.add(prefix)
+                if route.routedByPath {
+                    w.add("\r\nX-Forwarded-Prefix: /")
+                    w.add(route.function)
                 }
                 w.add("\r\nX-Apus-Request-Id: ")
                 w.add(requestID)

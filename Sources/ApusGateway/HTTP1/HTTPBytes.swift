@@ -181,10 +181,20 @@ struct HeadWriter {
         add(UnsafeRawBufferPointer(start: text.utf8Start, count: text.utf8CodeUnitCount))
     }
 
+    /// Reads the string's UTF-8 in place (no copy of the string: that would retain and release it per call).
     @inline(__always)
     mutating func add(_ text: String) {
-        var text = text
-        text.withUTF8 { add(UnsafeRawBufferPointer($0)) }
+        let done: Void? = text.utf8.withContiguousStorageIfAvailable { add(UnsafeRawBufferPointer($0)) }
+        if done == nil {
+            for byte in text.utf8 { add(byte) }
+        }
+    }
+
+    @inline(__always)
+    mutating func add(_ byte: UInt8) {
+        precondition(count < space.count, "head writer overflow")
+        space[count] = byte
+        count += 1
     }
 
     mutating func addDecimal(_ value: Int) {

@@ -43,4 +43,10 @@ int apus_accept(int fd);
 /// A non-blocking, close-on-exec eventfd (for waking a reactor thread).
 int apus_eventfd(void);
 
+/// recv(2) and send(2) with MSG_NOSIGNAL for the reactor's non-blocking sockets, as plain system calls: the C
+/// library's wrappers are thread-cancellation points and switch the cancellation state around every call, which
+/// the reactor (whose threads are never cancelled) pays for on every read and write. -1 with errno set on failure.
+long apus_read(int fd, void *buffer, unsigned long count);
+long apus_send(int fd, const void *buffer, unsigned long count);
+
 #endif

@@ -220,7 +220,7 @@ enum SocketIO {
     static func read(_ fd: Int32, into buffer: inout ByteBuffer) -> ReadResult {
         var result = ReadResult.wouldBlock
         buffer.writeWithUnsafeMutableBytes(minimumWritableBytes: readSize) { space in
-            let count = Glibc.read(fd, space.baseAddress, space.count)
+            let count = apus_read(fd, space.baseAddress, UInt(space.count))
             if count > 0 {
                 result = .bytes(drained: count < space.count)
                 return count
@@ -239,7 +239,7 @@ enum SocketIO {
     static func flush(_ fd: Int32, _ buffer: inout ByteBuffer) -> Bool {
         while buffer.readableBytes > 0 {
             let count = buffer.withUnsafeReadableBytes { bytes in
-                send(fd, bytes.baseAddress, bytes.count, Int32(MSG_NOSIGNAL))
+                apus_send(fd, bytes.baseAddress, UInt(bytes.count))
             }
             if count > 0 {
                 buffer.moveReaderIndex(forwardBy: count)

@@ -33,7 +33,6 @@ final class ReactorClient: ReactorSocket {
     let peer: String
 
     // The request in progress (phase `forwarding`).
-    private var pool: InstancePool?
     private var target: ReactorLoop.Target?
     private var lease: InstancePool.Lease?
     private var requestID = ""
@@ -41,8 +40,9 @@ final class ReactorClient: ReactorSocket {
     private var hasBody = false
     private var bodyRemaining = 0
     private var closeAfter = false
-    /// When the request arrived and when it must be answered, on the monotonic clock in nanoseconds
-    /// (`ReactorLoop.now()`: cheaper to read and to subtract than `ContinuousClock` instants).
+    /// When the request arrived and when it must be answered, on the monotonic clock in nanoseconds as the
+    /// loop read it for the pass (`ReactorLoop.passNanoseconds`: cheaper to subtract than `ContinuousClock`
+    /// instants).
     private var deadline: UInt64 = 0
     private var arrivedAt: UInt64 = 0
     private(set) var responseStarted = false
@@ -159,11 +159,11 @@ final class ReactorClient: ReactorSocket {
         let pinned: Int?
         do { pinned = try head.pinnedVersionNumber() } catch { return false }  // the NIO handler answers why
         guard let target = loop.target(function: route.function, pinnedVersion: pinned), target.servesHTTP,
-              let lease = target.pool.tryAcquire(shard: loop.shardKey) else { return false }
+              let lease = target.pool.tryAcquire(shard: loop.shardKey, now: loop.passInstant) else { return false }
         let pool = target.pool
         let requestID = loop.requestIDs.next()
         guard let upstream = loop.upstream(instanceID: lease.instanceID, port: lease.port) else {
-            pool.release(lease)
+            pool.release(lease, now: loop.passInstant)
             return false
         }
         // Committed: from here on the request is this connection's to finish.
@@ -173,7 +173,6 @@ final class ReactorClient: ReactorSocket {
             return headLength
         }
         headInFlight = true
-        self.pool = pool
         self.target = target
         self.lease = lease
         self.requestID = requestID
@@ -189,14 +188,14 @@ final class ReactorClient: ReactorSocket {
         closeAfter = !head.keepAlive
         responseStarted = false
         status = 0
-        arrivedAt = ReactorLoop.now()
+        arrivedAt = loop.passNanoseconds
         deadline = arrivedAt &+ target.timeoutNanoseconds
         phase = .forwarding
         upstream.begin(client: self, requestWasHEAD: head.isHEAD)
         GatewayConnectionHandler.writeUpstreamHead(
             into: &upstream.out, head, rawHead: pendingHead, route: route, requestID: requestID, function: target.function,
             versionNumber: target.versionNumber, timeoutMilliseconds: target.timeoutMilliseconds,
-            peer: peer, scheme: "http")
+            peer: peer, scheme: "http", wallClockMilliseconds: loop.passWallClockMilliseconds)
         pumpBody()
         upstream.flush()
         return true
@@ -267,9 +266,10 @@ final class ReactorClient: ReactorSocket {
 
     /// The response is complete. `reusable`: the instance connection may serve another request.
     func responseComplete(reusable: Bool) {
-        guard phase == .forwarding, let upstream else { return }
-        if let lease, let pool { pool.release(lease) }
-        pool?.metrics.recordHTTPRequest(status: status, elapsedNanoseconds: elapsedNanoseconds)
+        guard phase == .forwarding, let upstream, let target else { return }
+        let pool = target.pool
+        if let lease { pool.release(lease, now: loop.passInstant) }
+        pool.metrics.recordHTTPRequest(status: status, elapsedNanoseconds: elapsedNanoseconds)
         if reusable && bodyRemaining == 0 { loop.release(upstream) } else { upstream.close() }
         endExchange()
         afterResponse(close: closeAfter || draining)
@@ -295,7 +295,7 @@ final class ReactorClient: ReactorSocket {
         if retryable, headInFlight, !responseStarted, !hasBody {
             // A kept-alive connection the instance had already closed: the NIO handler sends the request again
             // on a fresh one (it has not been answered, and it has no body).
-            if let lease, let pool { pool.release(lease) }
+            if let lease, let pool = target?.pool { pool.release(lease, now: loop.passInstant) }
             endExchange()
             replayPendingHead()
             handOff()
@@ -308,7 +308,7 @@ final class ReactorClient: ReactorSocket {
     /// handler, which takes another slot (this instance is out of service now) or answers the failure.
     func upstreamConnectFailed() {
         guard phase == .forwarding, upstream != nil else { return }
-        if let lease, let pool { pool.reportUnreachable(lease) }
+        if let lease, let pool = target?.pool { pool.reportUnreachable(lease) }
         upstream?.close()
         endExchange()
         replayPendingHead()
@@ -327,7 +327,6 @@ final class ReactorClient: ReactorSocket {
         lease = nil
         upstream = nil
         headInFlight = false
-        pool = nil
         target = nil
     }
 
@@ -355,7 +354,7 @@ final class ReactorClient: ReactorSocket {
 
     // MARK: endings
 
-    private var elapsedNanoseconds: Int64 { Int64(truncatingIfNeeded: ReactorLoop.now() &- arrivedAt) }
+    private var elapsedNanoseconds: Int64 { Int64(truncatingIfNeeded: loop.passNanoseconds &- arrivedAt) }
 
     func checkDeadline(now: UInt64) {
         guard phase == .forwarding, deadline <= now, let target else { return }
@@ -366,10 +365,10 @@ final class ReactorClient: ReactorSocket {
     private func failExchange(_ error: ApusError) {
         guard phase == .forwarding else { return }
         let shared = loop.reactor.shared
-        if let lease, let pool { pool.release(lease) }
+        if let lease, let pool = target?.pool { pool.release(lease, now: loop.passInstant) }
         upstream?.close()
         let started = responseStarted
-        pool?.metrics.recordRequest(
+        target?.pool.metrics.recordRequest(
             protocol: "http",
             code: GatewayConnectionHandler.statusCode(started ? status : error.code.httpStatus), elapsedNanoseconds: elapsedNanoseconds)
         shared.logger.info("request failed", metadata: [
@@ -420,8 +419,8 @@ final class ReactorClient: ReactorSocket {
     func abort() {
         guard phase != .closed else { return }
         if phase == .forwarding {
-            if let lease, let pool { pool.release(lease) }
-            pool?.metrics.recordRequest(protocol: "http", code: GatewayConnectionHandler.clientClosedCode, elapsedNanoseconds: elapsedNanoseconds)
+            if let lease, let pool = target?.pool { pool.release(lease, now: loop.passInstant) }
+            target?.pool.metrics.recordRequest(protocol: "http", code: GatewayConnectionHandler.clientClosedCode, elapsedNanoseconds: elapsedNanoseconds)
             upstream?.close()
             endExchange()
         }

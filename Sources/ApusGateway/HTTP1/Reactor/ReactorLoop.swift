@@ -49,7 +49,10 @@ final class ReactorLoop: @unchecked Sendable {
     private let wakeFD: Int32
     private var sockets: [ReactorSocket?] = []
     private var generation: UInt64 = 0
-    private var idleUpstreams: [String: [ReactorUpstream]] = [:]
+    /// Idle keep-alive connections per instance id, and the list used last (most requests of a loop go to the
+    /// same few instances: a string comparison instead of hashing the id twice per request).
+    private var idleUpstreams: [String: IdleUpstreams] = [:]
+    private var lastIdle: IdleUpstreams?
     private var splitRoll = SplitRoll()
     private var drainingSeen = false
     private var nextDeadlineScan: UInt64 = 0
@@ -64,6 +67,20 @@ final class ReactorLoop: @unchecked Sendable {
     /// The monotonic clock in nanoseconds, for request arrival times and deadlines.
     static func now() -> UInt64 {
         NIODeadline.now().uptimeNanoseconds
+    }
+
+    /// The clocks as read once per loop pass, right after `epoll_wait` returned: every event of the pass
+    /// happened before, so they stand for "now" for arrival times, latencies, deadlines and slot hand-outs
+    /// (reading the clocks per request cost several clock reads for each).
+    private(set) var passNanoseconds: UInt64 = ReactorLoop.now()
+    private(set) var passInstant: ContinuousClock.Instant = .now
+    /// Wall-clock milliseconds since 1970 as of the pass (the deadline header instances get).
+    private(set) var passWallClockMilliseconds = ReactorLoop.wallClockMilliseconds()
+
+    static func wallClockMilliseconds() -> Int64 {
+        var spec = timespec()
+        clock_gettime(CLOCK_REALTIME, &spec)
+        return Int64(spec.tv_sec) * 1000 + Int64(spec.tv_nsec) / 1_000_000
     }
 
     /// What every request reads, taken out of the shared gateway state once (no reference counting per request;
@@ -106,6 +123,9 @@ final class ReactorLoop: @unchecked Sendable {
         var events = [apus_event](repeating: apus_event(), count: 256)
         while !reactor.stopping.load(ordering: .acquiring) {
             let count = events.withUnsafeMutableBufferPointer { apus_epoll_wait(epollFD, $0.baseAddress, Int32($0.count), 20) }
+            passNanoseconds = Self.now()
+            passInstant = .now
+            passWallClockMilliseconds = Self.wallClockMilliseconds()
             if count > 0 {
                 for i in 0..<Int(count) {
                     let event = events[i]
@@ -157,7 +177,7 @@ final class ReactorLoop: @unchecked Sendable {
             _ = apus_epoll_remove(epollFD, reactor.listenFD)
             for case let client as ReactorClient in sockets.compactMap({ $0 }) { client.beginDrain() }
         }
-        let now = Self.now()
+        let now = passNanoseconds
         if now >= nextDeadlineScan {
             nextDeadlineScan = now &+ Self.deadlineScanInterval
             for socket in sockets { (socket as? ReactorClient)?.checkDeadline(now: now) }
@@ -257,58 +277,106 @@ final class ReactorLoop: @unchecked Sendable {
 
     /// A function's catalog entry as of `generation`, with the targets of the versions requests went to.
     private final class CachedFunction {
+        let function: String
         let generation: UInt64
         let entry: FunctionCatalog.Entry
+        /// The version that takes all traffic when the release names one version only (no roll needed).
+        let soleVersion: Int?
         var pools: [Int: Target] = [:]
+        /// The target used last (most requests go to the same version).
+        var lastTarget: Target?
 
-        init(generation: UInt64, entry: FunctionCatalog.Entry) {
+        init(function: String, generation: UInt64, entry: FunctionCatalog.Entry) {
+            self.function = function
             self.generation = generation
             self.entry = entry
+            let active = entry.record.release.activeVersions
+            soleVersion = active.count == 1 ? active[0] : nil
         }
     }
 
     /// Per-loop routing cache: one dictionary lookup per request instead of copying the catalog entry and the
-    /// version, while the catalog has not changed.
+    /// version, while the catalog has not changed; and the function routed last, compared by name before that.
     private var routes: [String: CachedFunction] = [:]
+    private var lastRoute: CachedFunction?
 
     /// Where a request for `function` goes: the pinned version, or one chosen by release weight. Nil when the
     /// catalog cannot route it (the NIO handler then answers with the reason).
     func target(function: String, pinnedVersion: Int?) -> Target? {
         let generation = catalog.changeCount
         let cached: CachedFunction
-        if let hit = routes[function], hit.generation == generation {
+        if let last = lastRoute, last.generation == generation, last.function == function {
+            cached = last
+        } else if let hit = routes[function], hit.generation == generation {
             cached = hit
+            lastRoute = hit
         } else {
             guard let entry = catalog.entry(function) else {
                 routes[function] = nil
                 return nil
             }
             if routes.count >= 4096 { routes.removeAll(keepingCapacity: true) }
-            cached = CachedFunction(generation: generation, entry: entry)
+            cached = CachedFunction(function: function, generation: generation, entry: entry)
             routes[function] = cached
+            lastRoute = cached
         }
         let number: Int
         if let pinnedVersion {
             number = pinnedVersion
+        } else if let sole = cached.soleVersion {
+            number = sole
         } else {
             guard let picked = cached.entry.record.release.pickVersion(roll: splitRoll.next()) else { return nil }
             number = picked
         }
-        if let target = cached.pools[number] { return target }
-        guard let version = cached.entry.versions[number] else { return nil }
-        let target = Target(pool: reactor.shared.scheduler.pool(for: version))
-        cached.pools[number] = target
+        if let last = cached.lastTarget, last.versionNumber == number { return last }
+        let target: Target
+        if let known = cached.pools[number] {
+            target = known
+        } else {
+            guard let version = cached.entry.versions[number] else { return nil }
+            target = Target(pool: reactor.shared.scheduler.pool(for: version))
+            cached.pools[number] = target
+        }
+        cached.lastTarget = target
         return target
     }
 
     // MARK: instance connections
 
+    /// One instance's idle kept-alive connections on this loop.
+    private final class IdleUpstreams {
+        let instanceID: String
+        var connections: [ReactorUpstream] = []
+
+        init(instanceID: String) {
+            self.instanceID = instanceID
+        }
+    }
+
+    /// The instance's idle list (made when `create`).
+    private func idleList(_ instanceID: String, create: Bool) -> IdleUpstreams? {
+        if let last = lastIdle, last.instanceID == instanceID { return last }
+        let list: IdleUpstreams
+        if let known = idleUpstreams[instanceID] {
+            list = known
+        } else {
+            guard create else { return nil }
+            list = IdleUpstreams(instanceID: instanceID)
+            idleUpstreams[instanceID] = list
+        }
+        lastIdle = list
+        return list
+    }
+
     /// An idle kept-alive connection to the instance, or a new one (connecting).
     func upstream(instanceID: String, port: Int) -> ReactorUpstream? {
-        while let idle = idleUpstreams[instanceID]?.popLast() {
-            idle.inIdlePool = false
-            if idle.isUsable { return idle }
-            idle.close()
+        if let list = idleList(instanceID, create: false) {
+            while let idle = list.connections.popLast() {
+                idle.inIdlePool = false
+                if idle.isUsable { return idle }
+                idle.close()
+            }
         }
         guard let fd = SocketAddresses.connectLoopback(port: port) else { return nil }
         let upstream = ReactorUpstream(fd: fd, loop: self, instanceID: instanceID, port: port)
@@ -318,28 +386,25 @@ final class ReactorLoop: @unchecked Sendable {
 
     /// Keeps a connection for the next request to the same instance.
     func release(_ upstream: ReactorUpstream) {
-        guard upstream.isUsable, !drainingSeen else {
+        guard upstream.isUsable, !drainingSeen, let list = idleList(upstream.instanceID, create: true),
+              list.connections.count < Self.maxIdlePerInstance else {
             upstream.close()
             return
         }
-        // One lookup of the instance's list for both the check and the append.
-        let kept = Self.keep(upstream, in: &idleUpstreams[upstream.instanceID, default: []])
-        if !kept { upstream.close() }
-    }
-
-    private static func keep(_ upstream: ReactorUpstream, in idle: inout [ReactorUpstream]) -> Bool {
-        guard idle.count < maxIdlePerInstance else { return false }
         upstream.inIdlePool = true
-        idle.append(upstream)
-        return true
+        list.connections.append(upstream)
     }
 
     /// An idle connection closed (the instance went away or timed it out).
     func removeIdle(_ upstream: ReactorUpstream) {
         guard upstream.inIdlePool else { return }
         upstream.inIdlePool = false
-        idleUpstreams[upstream.instanceID]?.removeAll { $0 === upstream }
-        if idleUpstreams[upstream.instanceID]?.isEmpty == true { idleUpstreams[upstream.instanceID] = nil }
+        guard let list = idleList(upstream.instanceID, create: false) else { return }
+        list.connections.removeAll { $0 === upstream }
+        if list.connections.isEmpty {
+            idleUpstreams[upstream.instanceID] = nil
+            if lastIdle === list { lastIdle = nil }
+        }
     }
 
     private func closeEverything() {
@@ -353,6 +418,8 @@ final class ReactorLoop: @unchecked Sendable {
             }
         }
         idleUpstreams.removeAll()
+        lastIdle = nil
+        lastRoute = nil
         Glibc.close(epollFD)
         Glibc.close(wakeFD)
     }
