@@ -29,13 +29,13 @@ struct Apusd: AsyncParsableCommand {
     @Option(help: "Address to listen on (loopback unless told otherwise).")
     var host = "127.0.0.1"
 
-    @Option(help: "Control API port (0 picks a free port).")
+    @Option(parsing: .unconditional, help: "Control API port (0 picks a free port).")
     var apiPort = 7070
 
-    @Option(help: "Gateway HTTP port (0 picks a free port).")
+    @Option(parsing: .unconditional, help: "Gateway HTTP port (0 picks a free port).")
     var httpPort = 8080
 
-    @Option(help: "Gateway TLS port, HTTP/2 and HTTP/1.1 by ALPN (0 picks a free port; needs --tls-cert and --tls-key).")
+    @Option(parsing: .unconditional, help: "Gateway TLS port, HTTP/2 and HTTP/1.1 by ALPN (0 picks a free port; needs --tls-cert and --tls-key).")
     var tlsPort: Int?
 
     @Option(help: "PEM certificate chain for the TLS port.")
@@ -44,19 +44,19 @@ struct Apusd: AsyncParsableCommand {
     @Option(help: "PEM private key for the TLS port.")
     var tlsKey: String?
 
-    @Option(help: "Gateway Thrift port: framed, buffered, THeader and TTHeader; binary and compact (0 picks a free port).")
+    @Option(parsing: .unconditional, help: "Gateway Thrift port: framed, buffered, THeader and TTHeader; binary and compact (0 picks a free port).")
     var thriftPort: Int?
 
-    @Option(help: "Largest Thrift frame (or unframed message) accepted, in bytes.")
+    @Option(parsing: .unconditional, help: "Largest Thrift frame (or unframed message) accepted, in bytes.")
     var thriftMaxFrame = 16 << 20
 
-    @Option(help: "HTTP/2: streams a client may have open at once per connection.")
+    @Option(parsing: .unconditional, help: "HTTP/2: streams a client may have open at once per connection.")
     var h2MaxStreams = 256
 
-    @Option(help: "HTTP/2: per-stream flow-control window in bytes.")
+    @Option(parsing: .unconditional, help: "HTTP/2: per-stream flow-control window in bytes.")
     var h2Window = 1 << 20
 
-    @Option(help: "HTTP/2: largest header list (HPACK-decoded) a client may send, in bytes.")
+    @Option(parsing: .unconditional, help: "HTTP/2: largest header list (HPACK-decoded) a client may send, in bytes.")
     var h2MaxHeaderList = 64 << 10
 
     @Option(help: "Domain for host routing: <function>.<domain>.")
@@ -71,7 +71,7 @@ struct Apusd: AsyncParsableCommand {
     @Option(help: "Autoscaler: how long the stable window must be empty before the last instance may go.")
     var scaleToZeroGrace = "30s"
 
-    @Option(help: "Autoscaler: share of a function's concurrency each instance is sized for (0.1 to 1).")
+    @Option(parsing: .unconditional, help: "Autoscaler: share of a function's concurrency each instance is sized for (0.1 to 1).")
     var targetUtilisation = 0.7
 
     @Option(help: "How long an instance has to become ready.")
@@ -80,7 +80,7 @@ struct Apusd: AsyncParsableCommand {
     @Option(help: "How long a stopping instance gets between SIGTERM and SIGKILL.")
     var stopGrace = "5s"
 
-    @Option(help: "Requests that may wait per function version before new ones are refused (429).")
+    @Option(parsing: .unconditional, help: "Requests that may wait per function version before new ones are refused (429).")
     var queueLength = 1000
 
     @Option(help: "Deploy this function directory at start-up (repeatable); unchanged code is not redeployed.")
@@ -98,10 +98,10 @@ struct Apusd: AsyncParsableCommand {
     @Flag(help: "Run instances without bubblewrap even where it works (rlimits only).")
     var noSandbox = false
 
-    @Option(help: "Shard size: with more ready instances than this, each gateway worker sends a version's requests to its consistent-hash subset of this many instances, spilling to the rest only when those are busy (0: off).")
+    @Option(parsing: .unconditional, help: "Shard size: with more ready instances than this, each gateway worker sends a version's requests to its consistent-hash subset of this many instances, spilling to the rest only when those are busy (0: off).")
     var shardSize = 0
 
-    @Option(help: "Event-loop threads of the gateway (default: one per core); the HTTP/1.1 reactor runs as many.")
+    @Option(parsing: .unconditional, help: "Event-loop threads of the gateway (default: one per core); the HTTP/1.1 reactor runs as many.")
     var gatewayThreads: Int?
 
     @Option(help: "Who serves plaintext HTTP/1.1 on the HTTP port: reactor (the gateway's own epoll threads, handing HTTP/2 and every other case to SwiftNIO) or nio (SwiftNIO alone).")
@@ -149,6 +149,14 @@ struct Apusd: AsyncParsableCommand {
             throw ValidationError("--tls-cert and --tls-key need --tls-port")
         }
         do { _ = try PrewarmSettings.parseCounts(prewarm) } catch { throw ValidationError(error.message) }
+        // Numeric options take negative values as values (not as flags), so every range is checked here.
+        for (flag, port) in [("--api-port", apiPort), ("--http-port", httpPort), ("--tls-port", tlsPort), ("--thrift-port", thriftPort)] {
+            if let port, !(0...65535).contains(port) { throw ValidationError("\(flag): must be 0...65535 (got \(port))") }
+        }
+        guard (0...1_000_000).contains(queueLength) else { throw ValidationError("--queue-length: must be 0...1000000 (got \(queueLength))") }
+        if let gatewayThreads, !(1...1024).contains(gatewayThreads) {
+            throw ValidationError("--gateway-threads: must be 1...1024 (got \(gatewayThreads))")
+        }
         guard (0...1000).contains(shardSize) else { throw ValidationError("--shard-size: must be 0...1000 (got \(shardSize))") }
         guard (0.1...1).contains(targetUtilisation) else { throw ValidationError("--target-utilisation: must be 0.1...1 (got \(targetUtilisation))") }
         guard (1...100_000).contains(h2MaxStreams) else { throw ValidationError("--h2-max-streams: must be 1...100000 (got \(h2MaxStreams))") }

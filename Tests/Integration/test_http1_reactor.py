@@ -365,6 +365,24 @@ def test_bad_engine_name_is_refused(tmp_path):
     d.teardown()
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--api-port", "70000"], "--api-port: must be 0...65535 (got 70000)"),  # was taken modulo 65536
+    (["--http-port", "-1"], "--http-port: must be 0...65535 (got -1)"),
+    (["--thrift-port", "65536"], "--thrift-port: must be 0...65535 (got 65536)"),
+    (["--queue-length", "-3"], "--queue-length: must be 0...1000000 (got -3)"),
+    (["--gateway-threads", "0"], "--gateway-threads: must be 1...1024 (got 0)"),
+    (["--gateway-threads", "-2"], "--gateway-threads: must be 1...1024 (got -2)"),
+    (["--h2-max-streams", "-5"], "--h2-max-streams: must be 1...100000 (got -5)"),
+])
+def test_numbers_out_of_range_are_refused_at_startup(tmp_path, args, message):
+    """Every numeric flag is range-checked, negative values included (they are read as values, not as flags)."""
+    base = ["--data-dir", str(tmp_path / "data"), "--api-port", "0", "--http-port", "0"]
+    p = subprocess.run([str(APUSD), *base, *args], capture_output=True, text=True, timeout=30)
+    assert p.returncode != 0, f"apusd {' '.join(args)} started:\n{p.stdout}\n{p.stderr}"
+    assert message in p.stderr, p.stderr
+    assert not (tmp_path / "data" / "ports.json").exists()
+
+
 def test_http_port_in_use_is_a_clear_error_and_apusd_exits(tmp_path):
     """The reactor binds the HTTP port itself: a taken port ends apusd with the address and the reason (it used
     to hang, with the task manager's loop spinning after the group was cancelled)."""

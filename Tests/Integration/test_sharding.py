@@ -122,7 +122,7 @@ def test_without_sharding_simultaneous_requests_spread_over_all_instances(tmp_pa
 
 @pytest.mark.parametrize("args, message", [
     (["--shard-size=-1"], "--shard-size: must be 0...1000 (got -1)"),
-    (["--shard-size", "-1"], "--shard-size"),  # "-1" is taken for an option: the value is missing
+    (["--shard-size", "-1"], "--shard-size: must be 0...1000 (got -1)"),
     (["--shard-size", "1001"], "--shard-size: must be 0...1000 (got 1001)"),
     (["--shard-size", "two"], "'two' is invalid for '--shard-size"),
 ])
