@@ -260,7 +260,13 @@ public struct ControlAPI: Sendable {
         router.get("/v1/functions/:name/logs") { request, context in
             let function = try name(context)
             _ = try control.requireFunction(function)
-            let tail = request.uri.queryParameters["tail"].flatMap { Int($0) } ?? 100
+            var tail = 100
+            if let text = request.uri.queryParameters["tail"] {
+                guard let value = Int(text), (0...100_000).contains(value) else {
+                    throw ApusError(.badRequest, "tail must be 0-100000 (got \"\(text.prefix(20))\")")
+                }
+                tail = value
+            }
             let follow = request.uri.queryParameters["follow"].map { $0 == "true" || $0 == "1" } ?? false
             let headers: HTTPFields = [.contentType: "text/plain; charset=utf-8"]
             let logs = control.logs

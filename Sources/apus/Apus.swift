@@ -284,7 +284,7 @@ struct Logs: AsyncParsableCommand {
     @OptionGroup var global: GlobalOptions
     @Argument var name: String
     @Flag(name: .shortAndLong, help: "Keep printing new lines as they arrive.") var follow = false
-    @Option(help: "How many earlier lines to print.") var tail = 100
+    @Option(parsing: .unconditional, help: "How many earlier lines to print.") var tail = 100
 
     func run() async throws {
         try await Apus.guarded {
@@ -325,8 +325,8 @@ struct Scale: AsyncParsableCommand {
         discussion: "apus scale NAME --min 2 --max 10   keep 2 warm, allow 10\napus scale NAME --reset           back to the manifests' scale")
     @OptionGroup var global: GlobalOptions
     @Argument var name: String
-    @Option(help: "Instances kept ready while the function is released (0 allows scale to zero).") var min: Int?
-    @Option(help: "Most instances per version.") var max: Int?
+    @Option(parsing: .unconditional, help: "Instances kept ready while the function is released (0 allows scale to zero).") var min: Int?
+    @Option(parsing: .unconditional, help: "Most instances per version.") var max: Int?
     @Flag(help: "Remove the override: each version's manifest decides again.") var reset = false
 
     func validate() throws {

@@ -63,7 +63,7 @@ struct Submit: AsyncParsableCommand {
     @Option(help: "Content-Type of the payload.") var contentType: String?
     @Option(help: "Idempotency key: submitting the same key again returns the same task.") var idempotencyKey: String?
     @Option(help: "URL that receives the outcome as a JSON POST.") var callback: String?
-    @Option(help: "Priority (-1000…1000; higher runs first).") var priority: Int?
+    @Option(parsing: .unconditional, help: "Priority (-1000…1000; higher runs first).") var priority: Int?
     @Flag(help: "Wait until the task finishes and print it.") var wait = false
 
     func run() async throws {
@@ -117,7 +117,7 @@ struct TaskFilters: ParsableArguments {
     @Option(help: "Only these states (comma-separated: queued, running, succeeded, failed, cancelled, timed_out, expired, dead).") var state: String?
     @Option(help: "Submitted at or after (ISO 8601, epoch seconds, or a duration ago such as 10m).") var since: String?
     @Option(help: "Submitted before (same forms as --since).") var until: String?
-    @Option(help: "At most this many (newest first).") var limit = 50
+    @Option(parsing: .unconditional, help: "At most this many (newest first).") var limit = 50
 }
 
 func renderTasks(_ tasks: [TaskInfo]) -> String {
@@ -159,7 +159,7 @@ struct TaskDeadLetter: AsyncParsableCommand {
         commandName: "dead-letter", abstract: "List tasks that failed, timed out or expired after their retries.")
     @OptionGroup var global: GlobalOptions
     @Option(help: "Only this function's tasks.") var function: String?
-    @Option(help: "At most this many (newest first).") var limit = 50
+    @Option(parsing: .unconditional, help: "At most this many (newest first).") var limit = 50
 
     func run() async throws {
         try await Apus.guarded {

@@ -77,6 +77,19 @@ def test_logs_show_function_output(apusd, deployed):
     assert len(out.strip().splitlines()) == 1, out
 
 
+def test_bad_log_tail_is_refused_and_apusd_stays_up(apusd, deployed):
+    deployed.example("hello-python")
+    for tail in ("-5", "abc", "99999999999999999"):  # the last one used to overflow the log window (a crash)
+        r = apusd.api_call("GET", f"/v1/functions/hello-python/logs?tail={tail}")
+        assert_error(r, 400, "bad_request")
+        assert f'tail must be 0-100000 (got "{tail}")' in r.json()["error"]["message"]
+    rc, _, err = apusd.cli("logs", "hello-python", "--tail", "-5")  # a value, not a flag
+    assert rc == 1 and 'tail must be 0-100000 (got "-5")' in err, err
+    rc, _, err = apusd.cli("scale", "hello-python", "--min", "-1")
+    assert rc == 1 and "scale.min: must be 0...1000 (got -1)" in err, err
+    assert apusd.api_call("GET", "/v1/functions/hello-python/logs?tail=0").status == 200
+
+
 def test_delete_removes_function_and_route(apusd, tmp_path):
     func_dir = copy_function(EXAMPLES_DIR / "hello-python", tmp_path / "doomed", name="doomed")
     apusd.deploy(func_dir)

@@ -543,6 +543,18 @@ def test_sigterm_drains_in_flight_requests(tmp_path, backends, app):
     assert log.index("deregistered") < log.index("drained")
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--outbound-port", "-1"], "--outbound-port must be a port number (0-65535), got -1"),
+    (["--outbound-port", "70000"], "--outbound-port must be a port number (0-65535), got 70000"),
+    (["--outbound-port", "0", "--admin-port", "65536"], "--admin-port must be a port number (0-65535), got 65536"),
+    (["--outbound-port", "0", "--event-loops", "-2"], "--event-loops must be at least 1"),
+])
+def test_bad_port_flags_are_refused(args, message):
+    out = subprocess.run([str(SIDECAR_BIN), "--registry", "static", *args], capture_output=True, text=True, timeout=20)
+    assert out.returncode != 0, out.stdout + out.stderr
+    assert message in out.stderr, out.stderr
+
+
 def test_bad_config_names_the_key(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("upstreams:\n  web:\n    retries: {attempts: 99}\n")

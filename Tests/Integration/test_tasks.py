@@ -180,6 +180,11 @@ def test_bad_submissions_get_clear_errors(apusd, deployed):
     assert_error(apusd.api_call("GET", "/v1/tasks?since=yesterday-ish"), 400, "bad_request")
     rc, _, err = apusd.cli("submit", "no-such-function", "--data", "x")
     assert rc == 1 and "no-such-function" in err
+    # A negative priority is a value, not a flag; out of range, the server says so.
+    rc, _, err = apusd.cli("submit", name, "--data", "x", "--path", "/echo", "--priority", "-5000")
+    assert rc == 1 and "priority must be an integer from -1000 to 1000 (got \"-5000\")" in err, err
+    rc, _, err = apusd.cli("tasks", "list", "--limit", "-1")
+    assert rc == 1 and "limit must be 1-10000" in err, err
 
 
 @pytest.mark.timeout(150)

@@ -19,15 +19,15 @@ struct ApusSidecar: AsyncParsableCommand {
 
     @Option(help: "Registry URL, or 'static' for upstreams from the config file.")
     var registry: String?
-    @Option(name: .customLong("outbound-port"), help: "Port the app calls ($APUS_SIDECAR).")
+    @Option(name: .customLong("outbound-port"), parsing: .unconditional, help: "Port the app calls ($APUS_SIDECAR).")
     var outboundPort: Int?
-    @Option(name: .customLong("inbound-port"), help: "Port mesh traffic for the app arrives on.")
+    @Option(name: .customLong("inbound-port"), parsing: .unconditional, help: "Port mesh traffic for the app arrives on.")
     var inboundPort: Int?
-    @Option(name: .customLong("app-port"), help: "The app's own port (inbound traffic goes there).")
+    @Option(name: .customLong("app-port"), parsing: .unconditional, help: "The app's own port (inbound traffic goes there).")
     var appPort: Int?
     @Option(name: .customLong("app-protocol"), help: "http, grpc or thrift.")
     var appProtocol: String?
-    @Option(name: .customLong("admin-port"), help: "Admin port: /metrics, /healthz, /upstreams.")
+    @Option(name: .customLong("admin-port"), parsing: .unconditional, help: "Admin port: /metrics, /healthz, /upstreams.")
     var adminPort: Int?
     @Option(help: "Service name to register the app under.")
     var service: String?
@@ -39,7 +39,7 @@ struct ApusSidecar: AsyncParsableCommand {
     var config: String?
     @Option(help: "Address to listen on and register.")
     var address: String?
-    @Option(name: .customLong("event-loops"), help: "Event loop threads (default 1).")
+    @Option(name: .customLong("event-loops"), parsing: .unconditional, help: "Event loop threads (default 1).")
     var eventLoops: Int?
     @Option(name: .customLong("log-level"), help: "trace, debug, info, notice, warning, error, critical.")
     var logLevel: String = "info"
@@ -59,6 +59,10 @@ struct ApusSidecar: AsyncParsableCommand {
             } catch {
                 throw ValidationError("\(config): \(error)")
             }
+        }
+        // Port options take negative values as values (not as flags), so the range is checked here.
+        for (flag, port) in [("--outbound-port", outboundPort), ("--inbound-port", inboundPort), ("--app-port", appPort), ("--admin-port", adminPort)] {
+            if let port, !(0...65535).contains(port) { throw ValidationError("\(flag) must be a port number (0-65535), got \(port)") }
         }
         if let registry { loaded.registry = registry }
         if let outboundPort { loaded.outboundPort = outboundPort }

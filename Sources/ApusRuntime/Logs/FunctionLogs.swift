@@ -59,6 +59,7 @@ public final class FunctionLogs: Sendable {
     /// The last `count` lines of a function's log.
     public func tail(function: String, count: Int) -> [String] {
         guard count > 0 else { return [] }
+        let count = min(count, 1 << 20)  // the byte window below is count × 512
         let url = fileURL(function: function)
         guard let handle = try? FileHandle(forReadingFrom: url) else { return [] }
         defer { try? handle.close() }
