@@ -79,6 +79,7 @@ def test_logs_show_function_output(apusd, deployed):
 
 def test_bad_log_tail_is_refused_and_apusd_stays_up(apusd, deployed):
     deployed.example("hello-python")
+    assert apusd.gw("GET", "/hello-python/").status == 200  # an instance ran: the function has a log file
     for tail in ("-5", "abc", "99999999999999999"):  # the last one used to overflow the log window (a crash)
         r = apusd.api_call("GET", f"/v1/functions/hello-python/logs?tail={tail}")
         assert_error(r, 400, "bad_request")
