@@ -157,6 +157,20 @@ def test_apus_function_header_pins_the_function(thrift_fns):
         assert c.whoami().startswith(f"{COMPACT_FUNCTION}/")
 
 
+def test_apus_version_pins_or_is_refused(thrift_fns):
+    """THeader `apus-version` pins a version like HTTP's X-Apus-Version; a value that is not a version number is
+    refused with the reason (it used to be ignored, and the call routed by weight)."""
+    with gw_client(thrift_fns, "header", "binary", multiplexed=CALCULATOR_SERVICE) as c:
+        c.set_header("apus-version", "1")
+        assert c.add(1, 2) == 3
+        c.set_header("apus-version", "latest")
+        with pytest.raises(TApplicationException) as err:
+            c.add(1, 2)
+        assert_app_exception(err.value, TApplicationException.INTERNAL_ERROR)
+        assert "apus-version must be a version number (got latest)" in str(err.value), err.value
+        assert c.reply_headers().get("apus-error-code") == "400", c.reply_headers()
+
+
 def test_ttheader_to_service_routes_and_is_answered_in_ttheader(thrift_fns):
     with gw_raw(thrift_fns, "ttheader", "binary") as conn:
         reply = conn.call("add", Calculator.add_args(40, 2), seqid=31,

@@ -152,8 +152,10 @@ final class ThriftEdgeConnection: ChannelInboundHandler, LoopSlotTarget, Drainab
             return
         }
         let version: FunctionVersion
+        let pinnedVersion: Int?
         do throws(ApusError) {
-            version = try catalog.route(function: function, pinnedVersion: call.frame.headers["apus-version"].flatMap { Int($0) }, roll: Int.random(in: 0..<100))
+            pinnedVersion = try Self.pinnedVersion(call.frame)
+            version = try catalog.route(function: function, pinnedVersion: pinnedVersion, roll: Int.random(in: 0..<100))
             guard let thrift = version.manifest.thrift else {
                 throw ApusError(.badRequest, "function \(function) serves \(version.manifest.protocol.rawValue), not Thrift")
             }
@@ -166,7 +168,7 @@ final class ThriftEdgeConnection: ChannelInboundHandler, LoopSlotTarget, Drainab
         }
         call.version = version
         if call.isOneway, version.manifest.async != nil, let submitter = shared.configuration.tasks {
-            submitTask(call, method: method, version: version, submitter: submitter)
+            submitTask(call, method: method, version: version, pinnedVersion: pinnedVersion, submitter: submitter)
             return
         }
 
@@ -188,9 +190,9 @@ final class ThriftEdgeConnection: ChannelInboundHandler, LoopSlotTarget, Drainab
     /// A oneway call to a function with `async:` in its manifest becomes a task: the message (without a multiplexing
     /// prefix, in the caller's protocol) is stored durably and later sent to an instance in its own transport. The
     /// caller gets no reply, as for any oneway call; THeader `apus-idempotency-key` and `apus-priority` apply.
-    private func submitTask(_ call: Call, method: String, version: FunctionVersion, submitter: any AsyncTaskSubmitter) {
+    private func submitTask(_ call: Call, method: String, version: FunctionVersion, pinnedVersion: Int?, submitter: any AsyncTaskSubmitter) {
         var submission = TaskSubmission(
-            function: version.function, pinnedVersion: call.frame.headers["apus-version"].flatMap { Int($0) }, kind: .thrift,
+            function: version.function, pinnedVersion: pinnedVersion, kind: .thrift,
             method: method, path: method, contentType: "application/x-thrift; protocol=\(call.frame.envelope.encoding.rawValue)",
             payload: Array(call.outbound.readableBytesView), requestID: call.requestID)
         submission.idempotencyKey = call.frame.headers["apus-idempotency-key"]
@@ -212,6 +214,16 @@ final class ThriftEdgeConnection: ChannelInboundHandler, LoopSlotTarget, Drainab
 
     /// Timeouts a caller may send: TTHeader RPC timeout (int key 12, ms), THeader `client_timeout` or
     /// `apus-timeout-ms` (ms).
+    /// The version THeader `apus-version` pins, if any; like HTTP's `X-Apus-Version` and gRPC's `apus-version`,
+    /// anything but a positive number is refused rather than ignored.
+    static func pinnedVersion(_ frame: ThriftFrame) throws(ApusError) -> Int? {
+        guard let text = frame.headers["apus-version"] else { return nil }
+        guard let number = Int(text), number > 0 else {
+            throw ApusError(.badRequest, "apus-version must be a version number (got \(text.prefix(32)))")
+        }
+        return number
+    }
+
     static func headerTimeout(_ frame: ThriftFrame) -> Duration? {
         let text = frame.intHeaders[12] ?? frame.headers["apus-timeout-ms"] ?? frame.headers["client_timeout"]
         guard let text, let milliseconds = Int64(text), milliseconds > 0 else { return nil }
