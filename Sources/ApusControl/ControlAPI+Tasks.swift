@@ -109,8 +109,7 @@ extension ControlAPI {
             if let priority = request.headers[Self.priorityField] ?? query["priority"].map(String.init) {
                 submission.priority = try TaskSubmission.parsePriority(priority)
             }
-            if let version = request.headers[Self.versionField] ?? query["version"].map(String.init) {
-                guard let number = Int(version), number > 0 else { throw ApusError(.badRequest, "version must be a version number (got \(version.prefix(32)))") }
+            if let number = try VersionPin.parse(request.headers[Self.versionField] ?? query["version"].map(String.init), name: "version") {
                 submission.pinnedVersion = number
             }
             if let path = query["path"] {

@@ -87,9 +87,8 @@ public final class InstancePool: Sendable {
         var outcome = AcquireOutcome.queued
         let actions = state.withLock { state -> [InstancePoolStateMachine.Action] in
             let now = self.now
-            if let (instanceID, port) = state.machine.takeFreeSlotAndPort(now: now, shard: shard),
-               let port = port ?? state.handles[instanceID]?.port {
-                outcome = .leased(Lease(instanceID: instanceID, port: port, since: now))
+            if let lease = Self.takeFreeLease(&state, now: now, shard: shard) {
+                outcome = .leased(lease)
                 return []
             }
             var rest: [InstancePoolStateMachine.Action] = []
@@ -131,13 +130,16 @@ public final class InstancePool: Sendable {
     /// `tryAcquire(shard:)` at `now` (a caller that read the clock already, such as a reactor loop once per
     /// pass of its events).
     public func tryAcquire(shard: UInt64?, now: ContinuousClock.Instant) -> Lease? {
-        state.withLock { state in
-            guard let (instanceID, port) = state.machine.takeFreeSlotAndPort(now: now, shard: shard),
-                  let port = port ?? state.handles[instanceID]?.port else {
-                return nil
-            }
-            return Lease(instanceID: instanceID, port: port, since: now)
+        state.withLock { Self.takeFreeLease(&$0, now: now, shard: shard) }
+    }
+
+    /// A free slot right now as a lease (nobody queued); the port comes with the slot from the state machine.
+    private static func takeFreeLease(_ state: inout State, now: ContinuousClock.Instant, shard: UInt64?) -> Lease? {
+        guard let (instanceID, port) = state.machine.takeFreeSlotAndPort(now: now, shard: shard),
+              let port = port ?? state.handles[instanceID]?.port else {
+            return nil
         }
+        return Lease(instanceID: instanceID, port: port, since: now)
     }
 
     /// The caller of a queued request went away. Returns false when the decision was already made (its callback

@@ -90,11 +90,7 @@ struct RequestHead {
 
     /// The version `X-Apus-Version` pins, if any; a value that is not a positive number is refused.
     func pinnedVersionNumber() throws(ApusError) -> Int? {
-        guard let text = pinnedVersion else { return nil }
-        guard let number = Int(text), number > 0 else {
-            throw ApusError(.badRequest, "X-Apus-Version must be a version number (got \(text.prefix(32)))")
-        }
-        return number
+        try VersionPin.parse(pinnedVersion, name: "X-Apus-Version")
     }
 
     typealias ParseError = HTTPHeadError

@@ -173,13 +173,7 @@ final class GRPCEdgeStream: EdgeStreamOwner, LoopSlotTarget, InstanceStreamOwner
         }
         let version: FunctionVersion
         do throws(ApusError) {
-            var pinned: Int?
-            if let text = pinnedVersionText {
-                guard let number = Int(text), number > 0 else {
-                    throw ApusError(.badRequest, "apus-version must be a version number (got \(text.prefix(32)))")
-                }
-                pinned = number
-            }
+            let pinned = try VersionPin.parse(pinnedVersionText, name: "apus-version")
             version = try shared.scheduler.catalog.route(function: functionName, pinnedVersion: pinned, roll: pool.roll())
             guard version.manifest.protocol == .grpc else {
                 throw ApusError(.notFound, "function \(functionName) serves \(version.manifest.protocol.rawValue), not gRPC")

@@ -19,13 +19,7 @@ extension HTTPOverHTTP2Stream {
         }
         do throws(ApusError) {
             let route = try GatewayRoute.resolve(host: host, uri: uri, domain: shared.configuration.domain)
-            var pinned: Int?
-            if let text = head.headers.first(name: "x-apus-version") {
-                guard let number = Int(text), number > 0 else {
-                    throw ApusError(.badRequest, "X-Apus-Version must be a version number (got \(text.prefix(32)))")
-                }
-                pinned = number
-            }
+            let pinned = try VersionPin.parse(head.headers.first(name: "x-apus-version"), name: "X-Apus-Version")
             let version = try shared.scheduler.catalog.route(function: route.function, pinnedVersion: pinned, roll: Int.random(in: 0..<100))
             guard version.manifest.protocol == .http else {
                 throw ApusError(.badRequest, "function \(route.function) serves \(version.manifest.protocol.rawValue); submit its tasks with a \(version.manifest.protocol.rawValue) client or the control API")

@@ -131,13 +131,7 @@ final class HTTPOverHTTP2Stream: ChannelInboundHandler, LoopSlotTarget {
         let version: FunctionVersion
         do throws(ApusError) {
             route = try GatewayRoute.resolve(host: host, uri: head.uri, domain: shared.configuration.domain, catalog: shared.scheduler.catalog)
-            var pinned: Int?
-            if let text = head.headers.first(name: "x-apus-version") {
-                guard let number = Int(text), number > 0 else {
-                    throw ApusError(.badRequest, "X-Apus-Version must be a version number (got \(text.prefix(32)))")
-                }
-                pinned = number
-            }
+            let pinned = try VersionPin.parse(head.headers.first(name: "x-apus-version"), name: "X-Apus-Version")
             version = try shared.scheduler.catalog.route(function: route.function, pinnedVersion: pinned, roll: Int.random(in: 0..<100))
             guard version.manifest.protocol == .http else {
                 throw ApusError(.badRequest, "function \(route.function) serves \(version.manifest.protocol.rawValue); call it with a \(version.manifest.protocol.rawValue) client")

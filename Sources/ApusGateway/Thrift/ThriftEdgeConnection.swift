@@ -154,7 +154,7 @@ final class ThriftEdgeConnection: ChannelInboundHandler, LoopSlotTarget, Drainab
         let version: FunctionVersion
         let pinnedVersion: Int?
         do throws(ApusError) {
-            pinnedVersion = try Self.pinnedVersion(call.frame)
+            pinnedVersion = try VersionPin.parse(call.frame.headers["apus-version"], name: "apus-version")
             version = try catalog.route(function: function, pinnedVersion: pinnedVersion, roll: Int.random(in: 0..<100))
             guard let thrift = version.manifest.thrift else {
                 throw ApusError(.badRequest, "function \(function) serves \(version.manifest.protocol.rawValue), not Thrift")
@@ -214,16 +214,6 @@ final class ThriftEdgeConnection: ChannelInboundHandler, LoopSlotTarget, Drainab
 
     /// Timeouts a caller may send: TTHeader RPC timeout (int key 12, ms), THeader `client_timeout` or
     /// `apus-timeout-ms` (ms).
-    /// The version THeader `apus-version` pins, if any; like HTTP's `X-Apus-Version` and gRPC's `apus-version`,
-    /// anything but a positive number is refused rather than ignored.
-    static func pinnedVersion(_ frame: ThriftFrame) throws(ApusError) -> Int? {
-        guard let text = frame.headers["apus-version"] else { return nil }
-        guard let number = Int(text), number > 0 else {
-            throw ApusError(.badRequest, "apus-version must be a version number (got \(text.prefix(32)))")
-        }
-        return number
-    }
-
     static func headerTimeout(_ frame: ThriftFrame) -> Duration? {
         let text = frame.intHeaders[12] ?? frame.headers["apus-timeout-ms"] ?? frame.headers["client_timeout"]
         guard let text, let milliseconds = Int64(text), milliseconds > 0 else { return nil }

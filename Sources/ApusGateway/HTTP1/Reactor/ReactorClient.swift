@@ -267,9 +267,8 @@ final class ReactorClient: ReactorSocket {
     /// The response is complete. `reusable`: the instance connection may serve another request.
     func responseComplete(reusable: Bool) {
         guard phase == .forwarding, let upstream, let target else { return }
-        let pool = target.pool
-        if let lease { pool.release(lease, now: loop.passInstant) }
-        pool.metrics.recordHTTPRequest(status: status, elapsedNanoseconds: elapsedNanoseconds)
+        giveBackSlot()
+        target.pool.metrics.recordHTTPRequest(status: status, elapsedNanoseconds: elapsedNanoseconds)
         if reusable && bodyRemaining == 0 { loop.release(upstream) } else { upstream.close() }
         endExchange()
         afterResponse(close: closeAfter || draining)
@@ -295,7 +294,7 @@ final class ReactorClient: ReactorSocket {
         if retryable, headInFlight, !responseStarted, !hasBody {
             // A kept-alive connection the instance had already closed: the NIO handler sends the request again
             // on a fresh one (it has not been answered, and it has no body).
-            if let lease, let pool = target?.pool { pool.release(lease, now: loop.passInstant) }
+            giveBackSlot()
             endExchange()
             replayPendingHead()
             handOff()
@@ -321,6 +320,11 @@ final class ReactorClient: ReactorSocket {
         replay.writeBuffer(&inbound)
         inbound = replay
         pendingHead = loop.allocator.buffer(capacity: 0)
+    }
+
+    /// The request's slot goes back to its pool (as of the loop's pass).
+    private func giveBackSlot() {
+        if let lease, let target { target.pool.release(lease, now: loop.passInstant) }
     }
 
     private func endExchange() {
@@ -365,7 +369,7 @@ final class ReactorClient: ReactorSocket {
     private func failExchange(_ error: ApusError) {
         guard phase == .forwarding else { return }
         let shared = loop.reactor.shared
-        if let lease, let pool = target?.pool { pool.release(lease, now: loop.passInstant) }
+        giveBackSlot()
         upstream?.close()
         let started = responseStarted
         target?.pool.metrics.recordRequest(
@@ -419,7 +423,7 @@ final class ReactorClient: ReactorSocket {
     func abort() {
         guard phase != .closed else { return }
         if phase == .forwarding {
-            if let lease, let pool = target?.pool { pool.release(lease, now: loop.passInstant) }
+            giveBackSlot()
             target?.pool.metrics.recordRequest(protocol: "http", code: GatewayConnectionHandler.clientClosedCode, elapsedNanoseconds: elapsedNanoseconds)
             upstream?.close()
             endExchange()
