@@ -72,7 +72,8 @@ struct ManifestTests {
         ("name: a\nruntime: python3\nprotocol: grpc\ngrpc: {services: []}\n", "grpc.services: must list"),
         ("name: a\nruntime: python3\nprotocol: grpc\ngrpc: {services: [ok.A, \"bad/name\"]}\n", "grpc.services[1]: must be a fully qualified service name"),
         ("name: a\nruntime: python3\nprotocol: grpc\ngrpc: {services: [a.B, a.B]}\n", "grpc.services: lists a.B twice"),
-        ("name: a\nruntime: python3\nprotocol: grpc\ngrpc: {services: [grpc.health.v1.Health]}\n", "belong to the gateway"),
+        ("name: a\nruntime: python3\nprotocol: grpc\ngrpc: {services: [grpc.health.v1.Health]}\n", "grpc.services[0]: grpc.health.v1.Health is served by the gateway itself"),
+        ("name: a\nruntime: python3\nprotocol: grpc\ngrpc: {services: [a.B, grpc.reflection.v1alpha.ServerReflection]}\n", "grpc.services[1]: grpc.reflection.v1alpha.ServerReflection is served by the gateway itself"),
         ("name: a\nruntime: python3\nprotocol: grpc\ngrpc: {servces: [a.B]}\n", "grpc.servces: unknown key"),
         ("- just\n- a list\n", "must be a mapping"),
         ("name: [unclosed\n", "is not valid YAML"),
@@ -94,6 +95,12 @@ struct ManifestTests {
         #expect(m.grpc?.services == ["echo.Echo", "other.v1.Things"])
         let data = try JSONEncoder().encode(m)
         #expect(try JSONDecoder().decode(FunctionManifest.self, from: data) == m)
+    }
+
+    @Test func grpcServicesUnderGRPCPackageBelongToFunctions() throws {
+        // Only the gateway's own health and reflection services are reserved; gRPC's interop service is not.
+        let m = try FunctionManifest.parse(yaml: "name: interop\nruntime: python3\nprotocol: grpc\ngrpc: {services: [grpc.testing.TestService, grpc.health.v2.Health]}\n")
+        #expect(m.grpc?.services == ["grpc.testing.TestService", "grpc.health.v2.Health"])
     }
 
     @Test func thriftManifest() throws {

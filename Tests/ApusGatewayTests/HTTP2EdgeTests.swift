@@ -145,3 +145,41 @@ struct ProtobufWriterTests {
         #expect(ProtobufWriter.topLevelFields([0x3A, 0x05, 0x41]).isEmpty)
     }
 }
+
+@Suite("First bytes of a plaintext connection")
+struct FirstBytesTests {
+    @Test(arguments: [
+        ("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", EdgePipeline.FirstBytes.http2),
+        ("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\u{0}\u{0}\u{0}\u{4}", .http2),
+        ("", .undecided),
+        ("PRI * HT", .undecided),
+        ("PRI * HTTP/2.0\r\n\r\nSM\r\n\r", .undecided),
+        ("PRI * HTTP/2.0\r\n\r\nSM\r\n\rQ", .invalidPreface),
+        ("PRI * HTTP/2.0\r\n\r\n", .undecided),
+        ("PRI * HTTP/2.0\r\nHost: x\r\n\r\n", .invalidPreface),
+        ("PRI * HTTP/2.1\r\n\r\nSM\r\n\r\n", .invalidPreface),
+        ("PRI * HTTP/1.1\r\n\r\n", .http1),
+        ("INVALID CONNECTION PREFACE\r\n\r\n", .http1),
+        ("GET / HTTP/1.1\r\n\r\n", .http1),
+        ("P", .undecided),
+        ("PUT / HTTP/1.1\r\n", .http1),
+    ])
+    func sniffs(bytes: String, expected: EdgePipeline.FirstBytes) {
+        #expect(EdgePipeline.sniff(Array(bytes.utf8)) == expected)
+    }
+
+    @Test func invalidPrefaceReplyIsSettingsThenGoawayProtocolError() {
+        var reply = EdgePipeline.invalidPrefaceReply(allocator: ByteBufferAllocator())
+        // SETTINGS: empty, stream 0.
+        #expect(reply.readBytes(length: 9) == [0, 0, 0, 0x4, 0, 0, 0, 0, 0])
+        // GOAWAY header, then last stream 0 and error code 1 (PROTOCOL_ERROR).
+        let header = reply.readBytes(length: 9)!
+        let length = Int(header[0]) << 16 | Int(header[1]) << 8 | Int(header[2])
+        #expect(header[3] == 0x7 && header[4] == 0)
+        #expect(Array(header[5...]) == [0, 0, 0, 0])
+        #expect(reply.readableBytes == length)
+        #expect(reply.readInteger(as: UInt32.self) == 0)
+        #expect(reply.readInteger(as: UInt32.self) == 1)
+        #expect(reply.readString(length: reply.readableBytes) == "invalid connection preface")
+    }
+}

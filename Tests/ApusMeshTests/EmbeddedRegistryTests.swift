@@ -63,6 +63,35 @@ struct EmbeddedRegistryTests {
         #expect(stale.index == snapshot.index)
     }
 
+    @Test func stoppingEndsEveryOpenWatchWithoutTakingTheLockTwice() async throws {
+        // Watches open on several services (as sidecars and long-polls hold them) when the daemon stops: `run`
+        // ends each one. Finishing a watch runs its termination handler, which takes the registry's lock; this
+        // crashed with "Recursive call to lock Mutex" when `run` finished them under that lock.
+        let registry = self.registry
+        _ = try await registry.register(service: "orders", endpoint: endpoint("a"), ttlSeconds: 60)
+        let runner = Task { await registry.run(interval: .milliseconds(5)) }
+        let watches = (0..<6).map { registry.snapshotChanges($0 % 2 == 0 ? "orders" : "other\($0)") }
+        let readers = watches.map { stream in
+            Task { () -> Int in
+                var seen = 0
+                for try await _ in stream { seen += 1 }
+                return seen
+            }
+        }
+        // One reader goes away before the stop (its stream terminates from the reader's side).
+        readers[5].cancel()
+        try await Task.sleep(for: .milliseconds(20))
+        runner.cancel()
+        await runner.value
+        for reader in readers.prefix(5) {
+            #expect(try await reader.value == 1, "each watch saw its first snapshot, then ended")
+        }
+        // A watch opened after the stop gets the current snapshot and ends at once.
+        var late = registry.snapshotChanges("orders").makeAsyncIterator()
+        #expect(try await late.next()?.endpoints.map(\.endpoint.id) == ["a"])
+        #expect(try await late.next() == nil)
+    }
+
     @Test func keeperRegistersAgainAfterTheLeaseIsLost() async throws {
         let registry = self.registry
         let keeper = RegistrationKeeper(registry: registry, service: "orders", endpoint: endpoint("k"), ttlSeconds: 1, logger: Logger(label: "test"))

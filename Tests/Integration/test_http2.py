@@ -11,6 +11,7 @@ import re
 import socket
 import struct
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -179,6 +180,56 @@ def test_garbage_after_preface_gets_goaway_and_the_gateway_keeps_serving(apusd, 
     r = curl(tmp_path, f"{apusd.gateway}/hello-python/?name=After", "--http2-prior-knowledge")
     assert r.rc == 0 and r.status == 200 and r.http_version == "2", r
     assert apusd.get("/hello-python/?name=After").status == 200
+
+
+INVALID_PREFACES = {
+    # h2spec 3.5/2's shape: the preface with its last octet wrong.
+    "last-octet": b"PRI * HTTP/2.0\r\n\r\nSM\r\n\rQ",
+    # Right request line, wrong rest (an HTTP/1.1 parser would have answered 505).
+    "headers-after-request-line": b"PRI * HTTP/2.0\r\nHost: x\r\n\r\n",
+    "wrong-version": b"PRI * HTTP/2.1\r\n\r\nSM\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["whole", "byte-by-byte"])
+@pytest.mark.parametrize("preface", sorted(INVALID_PREFACES))
+def test_invalid_preface_gets_goaway_protocol_error(apusd, hello, preface, split):
+    """RFC 9113 §3.4: an invalid connection preface is a connection error of type PROTOCOL_ERROR: the gateway
+    answers with its SETTINGS and GOAWAY(PROTOCOL_ERROR), then closes; whole or trickled, on the reactor's and on
+    NIO's side alike."""
+    data = INVALID_PREFACES[preface]
+    with socket.create_connection((apusd.host, apusd.http_port), timeout=10) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if split:
+            try:
+                for i in range(len(data)):
+                    sock.sendall(data[i:i + 1])
+                    time.sleep(0.002)
+            except OSError:
+                pass  # the server answered and shut its side as soon as the bytes diverged from the preface
+        else:
+            sock.sendall(data)
+        frames, closed = read_frames_until_close(sock)
+    assert frames and frames[0][0] == FRAME_SETTINGS, f"expected the server's SETTINGS first, got {frames}"
+    goaways = [f for f in frames if f[0] == FRAME_GOAWAY]
+    assert len(goaways) == 1, f"expected one GOAWAY, got frames {[(f[0], f[3]) for f in frames]}"
+    payload = goaways[0][3]
+    last_stream, error_code = int.from_bytes(payload[0:4], "big"), int.from_bytes(payload[4:8], "big")
+    assert (last_stream, error_code) == (0, PROTOCOL_ERROR), payload
+    assert b"preface" in payload[8:], payload
+    assert closed, "the server did not close the connection after its GOAWAY"
+    assert apusd.get("/hello-python/").status == 200
+
+
+def test_plain_http11_that_is_no_preface_is_still_http11(apusd, hello):
+    """Only an unmistakable attempt at the preface gets GOAWAY: other bytes stay HTTP/1.1 (and get its answers)."""
+    for request, status in [(b"GET /hello-python/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", b" 200 "),
+                            (b"INVALID CONNECTION PREFACE\r\n\r\n", b" 400 "),
+                            (b"PRI * HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", b"HTTP/1.1 ")]:
+        with socket.create_connection((apusd.host, apusd.http_port), timeout=10) as sock:
+            sock.sendall(request)
+            head = sock.recv(4096)
+        assert head.startswith(b"HTTP/1.1 ") and status in head.split(b"\r\n")[0] + b" ", (request, head)
 
 
 def test_settings_must_come_first(apusd, hello):

@@ -115,3 +115,43 @@ def test_sigterm_drains_in_flight_request(fresh_apusd):
     rc = d.wait(timeout=15)
     assert rc == 0, f"apusd exited {rc} after SIGTERM"
     assert_no_leftovers(d)
+
+
+@pytest.mark.timeout(120)
+def test_sigterm_with_registry_watches_open_exits_cleanly(fresh_apusd):
+    """Registry long-polls held by several clients (as sidecars hold them) while apusd stops: every watch is
+    answered or closed, apusd drains and exits 0 (finishing the watches used to take the registry's lock twice and
+    crash apusd with 'Recursive call to lock Mutex', leaving instances undrained)."""
+    from registry_support import long_poll, register, resolve
+
+    d = fresh_apusd
+    d.deploy(FUNCTIONS_DIR / "counter")
+    assert d.get("/counter/?sleep=0").status == 200
+    register(d, "stop.watch", "e1", port=7400, ttl=60)
+    index = resolve(d, "stop.watch")["index"]
+
+    results: dict[int, object] = {}
+
+    def watch(i: int):
+        try:
+            # Watches of the watched service and of one nobody registered, each waiting long past the stop.
+            service = "stop.watch" if i % 2 == 0 else f"stop.none{i}"
+            snapshot_index = index if i % 2 == 0 else resolve(d, service)["index"]
+            results[i] = long_poll(d, service, snapshot_index, wait="5m", timeout=60)
+        except Exception as exc:  # a connection closed by the stopping daemon is an acceptable answer
+            results[i] = exc
+
+    threads = [threading.Thread(target=watch, args=(i,), daemon=True) for i in range(6)]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)  # every watch is waiting inside apusd
+    assert not results, f"watches answered before anything changed: {results}"
+    d.signal()  # SIGTERM
+    rc = d.wait(timeout=30)
+    log = d.log_tail(200)
+    assert "Recursive call to lock" not in log and "Fatal error" not in log, log
+    assert rc == 0, f"apusd exited {rc} after SIGTERM with registry watches open:\n{log}"
+    for t in threads:
+        t.join(10)
+    assert len(results) == len(threads) and not any(t.is_alive() for t in threads), results
+    assert_no_leftovers(d)

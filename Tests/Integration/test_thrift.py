@@ -126,6 +126,33 @@ def test_every_transport_and_protocol(thrift_fns, transport, protocol):
     wait_for_log(apusd, function, f"zap {zap_id}")
 
 
+@pytest.mark.parametrize("transport,protocol", COMBINATIONS, ids=COMBO_IDS)
+def test_multiplexed_replies_carry_the_bare_method_name(thrift_fns, transport, protocol):
+    """As Apache Thrift's TMultiplexedProcessor answers: a call named `Service:method` gets its REPLY, its declared
+    EXCEPTION-carrying reply and every TApplicationException (the instance's and the gateway's own) named `method`
+    (Go's TStandardClient fails a reply named otherwise with WRONG_METHOD_NAME)."""
+    function, service = TARGETS[protocol]
+    with gw_raw(thrift_fns, transport, protocol) as conn:
+        reply = conn.call("add", Calculator.add_args(2, 3), seqid=11, service=service)
+        assert (reply.name, reply.seqid, reply.success) == ("add", 11, 5), reply
+        work = calc_types.Work(num1=1, num2=0, op=calc_types.Operation.DIVIDE)
+        reply = conn.call("calculate", Calculator.calculate_args(1, work), seqid=12, service=service)
+        assert (reply.name, reply.seqid) == ("calculate", 12), reply
+        assert not reply.is_exception and reply.value.ouch is not None, reply
+        reply = conn.call("crash", Calculator.crash_args("boom"), seqid=13, service=service)  # the instance's own
+        assert (reply.name, reply.seqid, reply.is_exception) == ("crash", 13, True), reply
+        reply = conn.call("noSuchMethod", seqid=14, service=service)  # written by the instance's processor
+        assert (reply.name, reply.seqid, reply.is_exception) == ("noSuchMethod", 14, True), reply
+        reply = conn.call("add", Calculator.add_args(1, 1), seqid=15, service="NoSuchService")  # written by the gateway
+        assert (reply.name, reply.seqid, reply.is_exception) == ("add", 15, True), reply
+        assert_app_exception(reply.value, TApplicationException.UNKNOWN_METHOD)
+        reply = conn.call("add", Calculator.add_args(1, 1), seqid=16)  # not multiplexed: routed by declared method
+        if protocol == "binary":
+            assert (reply.name, reply.seqid, reply.success) == ("add", 16, 2), reply
+        else:  # the compact copy declares no plain methods; the binary function refuses a compact call
+            assert (reply.name, reply.seqid, reply.is_exception) == ("add", 16, True), reply
+
+
 # ---- routing ----------------------------------------------------------------------------------------------------
 
 

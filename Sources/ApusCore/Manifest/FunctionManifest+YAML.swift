@@ -52,8 +52,8 @@ extension FunctionManifest {
             if let duplicate = services.first(where: { service in services.filter { $0 == service }.count > 1 }) {
                 throw ManifestReader.failure("grpc.services", "lists \(duplicate) twice")
             }
-            if services.contains(where: { $0.hasPrefix("grpc.") }) {
-                throw ManifestReader.failure("grpc.services", "grpc.* services (health, reflection) belong to the gateway")
+            for (index, service) in services.enumerated() where GRPCSettings.gatewayServices.contains(service) {
+                throw ManifestReader.failure("grpc.services[\(index)]", "\(service) is served by the gateway itself (health and reflection); every other service, grpc.* included, can be a function's")
             }
             manifest.grpc = GRPCSettings(services: services)
         } else if manifest.protocol == .grpc {

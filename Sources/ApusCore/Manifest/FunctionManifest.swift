@@ -65,6 +65,14 @@ public struct FunctionManifest: Codable, Hashable, Sendable {
         /// Fully qualified service names (`package.Service`) the gateway routes to this function.
         public var services: [String]
 
+        /// The service the gateway answers itself: health of every function (`grpc.health.v1`).
+        public static let healthService = "grpc.health.v1.Health"
+        /// The services the gateway answers itself: server reflection, both published versions.
+        public static let reflectionServices = ["grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection"]
+        /// Exactly what no function may declare; every other service, `grpc.*` included (`grpc.testing.TestService`
+        /// of gRPC's interop suite, say), belongs to the function that lists it.
+        public static let gatewayServices: Set<String> = Set([healthService] + reflectionServices)
+
         public init(services: [String]) {
             self.services = services
         }

@@ -77,32 +77,101 @@ enum EdgePipeline {
     }
 
     static let preface: [UInt8] = Array("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".utf8)
+
+    /// Bytes of the preface that make a connection unmistakably an attempt at HTTP/2 (`PRI * HTTP/2`): no HTTP/1.x
+    /// request starts so, and an HTTP/1.1 parser would only answer 505 to it.
+    static let attemptedPrefaceLength = 12
+
+    /// What a plaintext connection's first bytes say it speaks.
+    enum FirstBytes: Equatable {
+        /// The whole HTTP/2 connection preface (h2c with prior knowledge).
+        case http2
+        /// A prefix of the preface: wait for more bytes.
+        case undecided
+        /// An attempted preface that is not the preface (RFC 9113 §3.4: a connection error of type PROTOCOL_ERROR).
+        case invalidPreface
+        /// Anything else: HTTP/1.x.
+        case http1
+    }
+
+    static func sniff<Bytes: Collection<UInt8>>(_ bytes: Bytes) -> FirstBytes {
+        var index = bytes.startIndex
+        var matched = 0
+        while matched < preface.count, index != bytes.endIndex {
+            guard bytes[index] == preface[matched] else {
+                return matched >= attemptedPrefaceLength ? .invalidPreface : .http1
+            }
+            matched += 1
+            index = bytes.index(after: index)
+        }
+        return matched == preface.count ? .http2 : .undecided
+    }
+
+    /// What the server writes to an invalid preface before closing: its own (empty) SETTINGS, the server's preface,
+    /// then GOAWAY(last stream 0, PROTOCOL_ERROR) with the reason as debug data (RFC 9113 §3.4, §6.8).
+    /// How long a connection refused for its preface keeps reading (and dropping) before it closes.
+    static let lingerAfterGoaway = TimeAmount.seconds(1)
+
+    static func invalidPrefaceReply(allocator: ByteBufferAllocator) -> ByteBuffer {
+        let reason = Array("invalid connection preface".utf8)
+        var out = allocator.buffer(capacity: 9 + 9 + 8 + reason.count)
+        // SETTINGS: length 0, type 0x4, no flags, stream 0.
+        out.writeBytes([0, 0, 0, 0x4, 0])
+        out.writeInteger(UInt32(0))
+        // GOAWAY: length 8 + debug data, type 0x7, no flags, stream 0; last stream id 0, error code PROTOCOL_ERROR (1).
+        let length = 8 + reason.count
+        out.writeBytes([UInt8(length >> 16 & 0xFF), UInt8(length >> 8 & 0xFF), UInt8(length & 0xFF), 0x7, 0])
+        out.writeInteger(UInt32(0))
+        out.writeInteger(UInt32(0))
+        out.writeInteger(UInt32(1))
+        out.writeBytes(reason)
+        return out
+    }
 }
 
 /// First handler of a plaintext connection: looks at the first bytes, installs HTTP/2 (connection preface) or
-/// HTTP/1.1 (anything else) behind itself, hands them the bytes and steps aside.
+/// HTTP/1.1 (anything else) behind itself, hands them the bytes and steps aside. An attempted preface that is not
+/// the preface gets SETTINGS + GOAWAY(PROTOCOL_ERROR) and the connection closes.
 final class EdgeProtocolDetector: ChannelInboundHandler, RemovableChannelHandler {
     typealias InboundIn = ByteBuffer
     typealias InboundOut = ByteBuffer
+    typealias OutboundOut = ByteBuffer
 
     private let shared: GatewayShared
     private var buffered: ByteBuffer?
+    /// An invalid preface was answered with GOAWAY; what else arrives is dropped until the connection closes.
+    private var refused = false
 
     init(shared: GatewayShared) {
         self.shared = shared
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        guard !refused else { return }
         var incoming = unwrapInboundIn(data)
         if buffered == nil { buffered = incoming } else { buffered!.writeBuffer(&incoming) }
-        let bytes = buffered!.readableBytesView
-        let compared = min(bytes.count, EdgePipeline.preface.count)
-        let matches = bytes.prefix(compared).elementsEqual(EdgePipeline.preface.prefix(compared))
-        if matches && compared < EdgePipeline.preface.count { return }  // wait for the rest of the preface
+        let firstBytes = EdgePipeline.sniff(buffered!.readableBytesView)
         do {
-            if matches {
+            switch firstBytes {
+            case .undecided:
+                return  // wait for the rest of the preface
+            case .invalidPreface:
+                buffered = nil
+                refused = true
+                shared.logger.debug("invalid HTTP/2 connection preface; GOAWAY(PROTOCOL_ERROR)")
+                // Lingering close: the reply goes out, the write side shuts, and what the peer still sends is read
+                // and dropped for a moment, so its unread bytes do not turn the close into a reset that could
+                // discard the GOAWAY before the peer reads it.
+                let channel = context.channel
+                context.writeAndFlush(wrapOutboundOut(EdgePipeline.invalidPrefaceReply(allocator: channel.allocator)))
+                    .assumeIsolated().whenComplete { _ in
+                        channel.close(mode: .output, promise: nil)
+                        channel.eventLoop.scheduleTask(in: EdgePipeline.lingerAfterGoaway) { channel.close(promise: nil) }
+                    }
+                return
+            case .http2:
                 try EdgePipeline.configureHTTP2(context.channel, shared: shared, scheme: "http")
-            } else {
+            case .http1:
                 try EdgePipeline.configureHTTP1(context.channel, shared: shared, scheme: "http")
             }
         } catch {

@@ -10,7 +10,7 @@ final class GRPCHealthStream: ChannelInboundHandler {
     typealias InboundIn = HTTP2Frame.FramePayload
     typealias OutboundOut = HTTP2Frame.FramePayload
 
-    static let service = "grpc.health.v1.Health"
+    static let service = FunctionManifest.GRPCSettings.healthService
 
     enum ServingStatus: UInt8 {
         case serving = 1

@@ -12,7 +12,7 @@ final class GRPCReflectionStream: ChannelInboundHandler {
     typealias InboundIn = HTTP2Frame.FramePayload
     typealias OutboundOut = HTTP2Frame.FramePayload
 
-    static let services = ["grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection"]
+    static let services = FunctionManifest.GRPCSettings.reflectionServices
 
     private let shared: GatewayShared
     private var buffered = ByteBuffer()

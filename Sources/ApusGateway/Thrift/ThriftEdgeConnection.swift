@@ -326,12 +326,9 @@ final class ThriftEdgeConnection: ChannelInboundHandler, LoopSlotTarget, Drainab
         call.upstream = nil
         call.outcome = frame.envelope.type == .exception ? "exception" : "reply"
         shared.instanceThriftPool(for: context.eventLoop).release(connection)
-        var message = frame.message
-        if frame.envelope.name != call.frame.envelope.name {
-            // A multiplexed caller gets its own name back.
-            message = ThriftWire.renamed(frame.message, envelope: frame.envelope, to: call.frame.envelope.name)
-        }
-        complete(call, with: message, headers: [("apus-request-id", call.requestID)])
+        // The reply passes as the instance wrote it: named by the bare method, as TMultiplexedProcessor's replies
+        // are (a multiplexed caller such as Go's TStandardClient checks the reply's name against the bare method).
+        complete(call, with: frame.message, headers: [("apus-request-id", call.requestID)])
     }
 
     func instanceFailed(_ call: Call, reason: String) {
@@ -352,7 +349,7 @@ final class ThriftEdgeConnection: ChannelInboundHandler, LoopSlotTarget, Drainab
         }
         let envelope = call.frame.envelope
         let message = ThriftWire.applicationException(
-            name: envelope.name, seqid: envelope.seqid, encoding: envelope.encoding, oldBinary: envelope.oldBinary,
+            name: envelope.methodName, seqid: envelope.seqid, encoding: envelope.encoding, oldBinary: envelope.oldBinary,
             error: type, message: error.message)
         complete(call, with: message, headers: [("apus-request-id", call.requestID), ("apus-error-code", String(error.code.httpStatus)),
                                                  ("apus-error", error.code.name)])

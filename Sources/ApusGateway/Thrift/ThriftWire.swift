@@ -3,7 +3,8 @@ import NIOCore
 
 /// The parts of Thrift's binary and compact protocols the edge reads or writes: a message's envelope (name, type,
 /// seqid), the length of a whole message found by skipping its struct field by field without building values, a
-/// renamed envelope (multiplexed `Service:method` → `method`), and `TApplicationException` replies.
+/// renamed envelope (multiplexed `Service:method` → `method`, as the instance sees it and as every reply names it),
+/// and `TApplicationException` replies.
 /// Specs: Apache Thrift doc/specs (thrift-binary-protocol.md, thrift-compact-protocol.md).
 package enum ThriftWire {
     package typealias Encoding = FunctionManifest.ThriftSettings.Encoding
@@ -31,6 +32,13 @@ package enum ThriftWire {
         package var oldBinary = false
         /// Bytes of the envelope at the start of the message.
         var length: Int
+
+        /// The name without a multiplexing prefix (`Calculator:add` → `add`): what Apache Thrift's
+        /// TMultiplexedProcessor hands its inner processor, and so the name every reply carries.
+        package var methodName: String {
+            guard let colon = name.firstIndex(of: ":") else { return name }
+            return String(name[name.index(after: colon)...])
+        }
     }
 
     enum ScanError: Error, Equatable {

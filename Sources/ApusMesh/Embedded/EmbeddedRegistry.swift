@@ -136,25 +136,31 @@ public final class EmbeddedRegistry: SnapshottingServiceRegistry {
     public func snapshotChanges(_ service: String) -> AsyncThrowingStream<ServiceSnapshot, any Error> {
         let (stream, continuation) = AsyncThrowingStream<ServiceSnapshot, any Error>.makeStream(bufferingPolicy: .bufferingNewest(16))
         let time = now()
-        let id = state.withLock { state -> UInt64? in
-            notify(&state, state.machine.expire(now: time), time)
-            guard !state.closed else {
-                continuation.yield(state.machine.snapshot(of: service, now: time))
-                continuation.finish()
-                return nil
-            }
-            let id = state.nextWatcher
-            state.nextWatcher += 1
-            state.watchers[service, default: [:]][id] = continuation
-            continuation.yield(state.machine.snapshot(of: service, now: time))
-            return id
+        let id = state.withLock { state -> UInt64 in
+            defer { state.nextWatcher += 1 }
+            return state.nextWatcher
         }
-        guard let id else { return stream }
+        // Set before the continuation is shared: whoever ends the stream (its reader, `run`) runs this handler, and
+        // it takes the lock — so no continuation is ever finished, or released, while the lock is held.
         continuation.onTermination = { [weak self] _ in
-            self?.state.withLock { state in
-                state.watchers[service]?[id] = nil
-                if state.watchers[service]?.isEmpty == true { state.watchers[service] = nil }
+            let removed = self?.state.withLock { state in
+                defer { if state.watchers[service]?.isEmpty == true { state.watchers[service] = nil } }
+                return state.watchers[service]?.removeValue(forKey: id)
             }
+            _ = removed  // released here, outside the lock
+        }
+        let registered = state.withLock { state -> (snapshot: ServiceSnapshot, registered: Bool) in
+            notify(&state, state.machine.expire(now: time), time)
+            let snapshot = state.machine.snapshot(of: service, now: time)
+            guard !state.closed else { return (snapshot, false) }
+            state.watchers[service, default: [:]][id] = continuation
+            continuation.yield(snapshot)
+            return (snapshot, true)
+        }
+        if !registered.registered {
+            // The daemon stops: the current snapshot, then the end.
+            continuation.yield(registered.snapshot)
+            continuation.finish()
         }
         return stream
     }
@@ -192,10 +198,13 @@ public final class EmbeddedRegistry: SnapshottingServiceRegistry {
             sweep()
             try? await Task.sleep(for: interval)
         }
-        state.withLock { state in
+        // Taken out under the lock, finished outside it: finishing runs each stream's `onTermination`, which takes
+        // the lock again (finishing inside it crashed apusd at SIGTERM with a registry watch open).
+        let open = state.withLock { state in
             state.closed = true
-            for watchers in state.watchers.values { for continuation in watchers.values { continuation.finish() } }
-            state.watchers = [:]
+            defer { state.watchers = [:] }
+            return state.watchers
         }
+        for watchers in open.values { for continuation in watchers.values { continuation.finish() } }
     }
 }

@@ -244,7 +244,7 @@ final class ThriftCallRelay: ChannelInboundHandler, @unchecked Sendable {
         guard !call.isOneway, !closed else { return }
         let envelope = call.frame.envelope
         let exception = ThriftWire.applicationException(
-            name: envelope.name, seqid: envelope.seqid, encoding: envelope.encoding, oldBinary: envelope.oldBinary,
+            name: envelope.methodName, seqid: envelope.seqid, encoding: envelope.encoding, oldBinary: envelope.oldBinary,
             error: .internalError, message: message)
         let framed = ThriftFraming.encode(exception, transport: call.frame.transport, encoding: envelope.encoding,
                                           headerSeqid: call.frame.headerSeqid, allocator: context.channel.allocator)

@@ -139,14 +139,17 @@ public final class StaticRegistry: ServiceRegistry {
     public func watch(_ service: String) -> AsyncThrowingStream<[ServiceEndpoint], any Error> {
         let (stream, continuation) = AsyncThrowingStream<[ServiceEndpoint], any Error>.makeStream()
         let id = UUID()
+        // Set before the continuation is shared; the handler takes the lock, so the continuation it removes is
+        // released after the lock (never finish or drop a continuation while holding it).
+        continuation.onTermination = { [weak self] _ in
+            let removed = self?.state.withLock { $0.watchers[service]?.removeValue(forKey: id) }
+            _ = removed
+        }
         let current = state.withLock { state in
             state.watchers[service, default: [:]][id] = continuation
             return Self.list(state, service)
         }
         continuation.yield(current)
-        continuation.onTermination = { [weak self] _ in
-            self?.state.withLock { _ = $0.watchers[service]?.removeValue(forKey: id) }
-        }
         return stream
     }
 }

@@ -112,10 +112,8 @@ final class ReactorClient: ReactorSocket {
         defer { processing = false }
         while phase == .readingHead, inbound.readableBytes > 0 {
             if !sniffed {
-                let compared = min(inbound.readableBytes, EdgePipeline.preface.count)
-                let isPreface = inbound.readableBytesView.prefix(compared).elementsEqual(EdgePipeline.preface.prefix(compared))
-                if isPreface {
-                    handOff()  // HTTP/2 with prior knowledge (or the start of it)
+                if EdgePipeline.sniff(inbound.readableBytesView) != .http1 {
+                    handOff()  // HTTP/2 with prior knowledge, the start of it, or an invalid preface (GOAWAY there)
                     return
                 }
                 sniffed = true
