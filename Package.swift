@@ -19,6 +19,7 @@ let package = Package(
         .executable(name: "apus", targets: ["apus"]),
         .executable(name: "apus-example-echo", targets: ["apus-example-echo"]),
         .executable(name: "apus-sidecar", targets: ["apus-sidecar"]),
+        .executable(name: "apus-sandbox-init", targets: ["apus-sandbox-init"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.2"),
@@ -65,6 +66,16 @@ let package = Package(
         ),
         // C shims for GNU-only process APIs (pipe2, posix_spawn chdir).
         .target(name: "CApusShims"),
+        // The instance's first and last step before its code: cgroup join, privilege drop, seccomp (C, no Swift
+        // runtime: it runs inside the sandbox, where only /usr is mounted).
+        .executableTarget(
+            name: "apus-sandbox-init",
+            exclude: ["README.md"],
+            cSettings: [.unsafeFlags(["-Wall", "-Wextra", "-Werror"])],
+            // Static: it must run inside any root file system, where neither the Swift runtime SwiftPM links in nor
+            // the host's libraries need be.
+            linkerSettings: [.unsafeFlags(["-static-executable"])]
+        ),
         // Service mesh: the registry protocol and model, the embedded registry, its HTTP client, and etcd.
         .target(
             name: "ApusMesh",
@@ -181,7 +192,7 @@ let package = Package(
             name: "apusd",
             dependencies: [
                 "ApusCore", "ApusStore", "ApusRuntime", "ApusScheduler", "ApusGateway", "ApusControl", "ApusTelemetry", "ApusMesh",
-                "ApusTasks",
+                "ApusTasks", "apus-sandbox-init",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Hummingbird", package: "hummingbird"),
                 .product(name: "NIOPosix", package: "swift-nio"),
@@ -274,6 +285,11 @@ let package = Package(
         .testTarget(
             name: "ApusCoreTests",
             dependencies: ["ApusCore"],
+            swiftSettings: swiftSettings
+        ),
+        .testTarget(
+            name: "ApusRuntimeTests",
+            dependencies: ["ApusRuntime", "ApusCore", .product(name: "Logging", package: "swift-log")],
             swiftSettings: swiftSettings
         ),
         .testTarget(

@@ -23,12 +23,15 @@ public struct ControlAPI: Sendable {
         public var gateway: Gateway
         public var domain: String
         public var sandbox: String
+        /// Which isolation layers instances get on this node.
+        public var sandboxLayers: SandboxLayers?
 
-        public init(version: String, gateway: Gateway, domain: String, sandbox: String) {
+        public init(version: String, gateway: Gateway, domain: String, sandbox: String, sandboxLayers: SandboxLayers? = nil) {
             self.version = version
             self.gateway = gateway
             self.domain = domain
             self.sandbox = sandbox
+            self.sandboxLayers = sandboxLayers
         }
     }
 

@@ -15,18 +15,47 @@ public final class ControlPlane: Sendable {
         public var created: Bool
     }
 
+    /// The most a function may ask for on this node (`apusd --max-memory`, `--max-cpu`, `--max-pids`).
+    public struct DeployLimits: Sendable {
+        public var maxMemory: Int64
+        public var maxCPUMillis: Int
+        public var maxPids: Int
+
+        public init(maxMemory: Int64 = Int64.max, maxCPUMillis: Int = Int.max, maxPids: Int = Int.max) {
+            self.maxMemory = maxMemory
+            self.maxCPUMillis = maxCPUMillis
+            self.maxPids = maxPids
+        }
+
+        /// Refuses a manifest that asks for more than this node gives, naming the key and the limit.
+        public func check(_ manifest: FunctionManifest) throws(ApusError) {
+            if manifest.memory > maxMemory {
+                throw ApusError(.badRequest, "memory: \(ByteSize.format(manifest.memory)) is above this node's limit of \(ByteSize.format(maxMemory)) (apusd --max-memory)")
+            }
+            if manifest.cpuMillis > maxCPUMillis {
+                throw ApusError(.badRequest, "cpu: \(FunctionManifest.formatCPU(manifest.cpuMillis)) is above this node's limit of \(FunctionManifest.formatCPU(maxCPUMillis)) (apusd --max-cpu)")
+            }
+            if manifest.pids > maxPids {
+                throw ApusError(.badRequest, "pids: \(manifest.pids) is above this node's limit of \(maxPids) (apusd --max-pids)")
+            }
+        }
+    }
+
     public let store: any Store
     public let code: CodeStore
     public let scheduler: Scheduler
     public let logs: FunctionLogs
+    public let limits: DeployLimits
     private let logger: Logger
     public static let maxArchiveBytes = 64 << 20
 
-    public init(store: any Store, code: CodeStore, scheduler: Scheduler, logs: FunctionLogs, logger: Logger) {
+    public init(store: any Store, code: CodeStore, scheduler: Scheduler, logs: FunctionLogs, limits: DeployLimits = DeployLimits(),
+                logger: Logger) {
         self.store = store
         self.code = code
         self.scheduler = scheduler
         self.logs = logs
+        self.limits = limits
         self.logger = logger
     }
 
@@ -62,6 +91,7 @@ public final class ControlPlane: Sendable {
             throw ApusError(.badRequest, "archive has no \(FunctionManifest.fileName) at its root (\(error.message))")
         }
         let manifest = try FunctionManifest.parse(yaml: String(decoding: manifestData, as: UTF8.self))
+        try limits.check(manifest)
         for service in manifest.grpc?.services ?? [] {
             if let owner = catalog.function(servingGRPCService: service), owner != manifest.name {
                 throw ApusError(.conflict, "gRPC service \(service) is already served by function \(owner); a service belongs to one function")

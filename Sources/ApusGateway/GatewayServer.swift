@@ -19,6 +19,16 @@ final class GatewayShared: Sendable {
     let scheduler: Scheduler
     let logger: Logger
     let requestIDs = RequestIDGenerator()
+
+    /// The error for an instance that failed a call: `reason` as the relay saw it, and why the instance went when
+    /// the runtime knows (an OOM kill). `known` is true then: the call must not be sent again (it would kill the
+    /// next instance the same way).
+    func instanceFailure(_ reason: String, instanceID: String?) -> (error: ApusError, known: Bool) {
+        guard let instanceID, let why = scheduler.instanceFailureReason(instanceID) else {
+            return (ApusError(.instanceError, reason), false)
+        }
+        return (ApusError(.instanceError, "\(reason): instance \(instanceID) \(why)"), true)
+    }
     private let pools: [ObjectIdentifier: UpstreamPool]
     private let http2Pools: [ObjectIdentifier: InstanceHTTP2Pool]
     private let http1Pools: [ObjectIdentifier: InstanceHTTP1Pool]

@@ -21,13 +21,17 @@ public struct InstanceSpec: Sendable {
 public struct InstanceExit: Sendable, CustomStringConvertible {
     public var status: Int32?
     public var signal: Int32?
+    /// Set when the kernel's OOM killer ended the instance: the memory limit it hit.
+    public var outOfMemoryLimit: Int64?
 
-    public init(status: Int32?, signal: Int32?) {
+    public init(status: Int32?, signal: Int32?, outOfMemoryLimit: Int64? = nil) {
         self.status = status
         self.signal = signal
+        self.outOfMemoryLimit = outOfMemoryLimit
     }
 
     public var description: String {
+        if let outOfMemoryLimit { return "killed: out of memory (limit \(ByteSize.format(outOfMemoryLimit)))" }
         if let signal { return "killed by signal \(signal)" }
         return "exited with status \(status ?? -1)"
     }
@@ -49,8 +53,12 @@ public protocol InstanceLauncher: Sendable {
     func launch(_ spec: InstanceSpec, onExit: @escaping @Sendable (InstanceExit) -> Void) async throws(ApusError) -> any InstanceHandle
     /// Releases what the launcher keeps besides instances (prewarmed processes); called once all instances stopped.
     func shutdown() async
+    /// Why an instance failed its callers, when the launcher knows more than a closed connection tells (the OOM
+    /// killer ended it: "killed: out of memory (limit 256Mi)"); nil when nothing is known.
+    func failureReason(instanceID: String) -> String?
 }
 
 extension InstanceLauncher {
     public func shutdown() async {}
+    public func failureReason(instanceID: String) -> String? { nil }
 }

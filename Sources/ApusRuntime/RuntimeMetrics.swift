@@ -15,4 +15,9 @@ enum RuntimeMetrics {
     static func startFailed(function: String, runtime: String) {
         Counter(label: "apus_instance_start_failures_total", dimensions: [("function", function), ("runtime", runtime)]).increment()
     }
+
+    /// The kernel's OOM killer ended an instance at its memory limit: `apus_instance_oom_kills_total`.
+    static func outOfMemory(function: String) {
+        Counter(label: "apus_instance_oom_kills_total", dimensions: [("function", function)]).increment()
+    }
 }

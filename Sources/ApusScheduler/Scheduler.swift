@@ -63,6 +63,11 @@ public final class Scheduler: Service {
             shardSize: configuration.shardSize)
     }
 
+    /// Why an instance failed its callers, when the runtime knows (an OOM kill); nil otherwise.
+    public func instanceFailureReason(_ instanceID: String) -> String? {
+        launcher.failureReason(instanceID: instanceID)
+    }
+
     /// The version's instance bounds: its manifest's `scale`, under the function's `apus scale` override if any.
     public func scaleBounds(of version: FunctionVersion) -> (min: Int, max: Int) {
         let override = catalog.entry(version.function)?.record.scale

@@ -1,3 +1,6 @@
+#if canImport(Glibc)
+import Glibc
+#endif
 import ApusCore
 import Crypto
 import Foundation
@@ -54,6 +57,33 @@ public final class CodeStore: Sendable {
     }
 
     /// The directory holding the unpacked code of `digest`, unpacking it first if needed.
+    /// Instances run as uids of their own, not as the deployer: unpacked code is readable by every uid (folders
+    /// 0755, files 0644, or 0755 where the owner could execute them), whatever modes the archive carried. Only
+    /// the function's own instances ever see it (the sandbox mounts one version's code).
+    static func makeReadableByInstances(_ folder: URL) throws(ApusError) {
+        let files = FileManager.default
+        var paths = [folder.path]
+        if let walker = files.enumerator(atPath: folder.path) {
+            for case let relative as String in walker { paths.append(folder.appendingPathComponent(relative).path) }
+        }
+        for path in paths {
+            var info = stat()
+            guard lstat(path, &info) == 0 else { continue }
+            let kind = info.st_mode & S_IFMT
+            let mode: mode_t
+            if kind == S_IFDIR {
+                mode = 0o755
+            } else if kind == S_IFREG {
+                mode = info.st_mode & S_IXUSR != 0 ? 0o755 : 0o644
+            } else {
+                continue  // symlinks keep theirs
+            }
+            guard chmod(path, mode) == 0 else {
+                throw ApusError(.internal, "cannot make unpacked code readable (\(path)): \(String(cString: strerror(errno)))")
+            }
+        }
+    }
+
     public func unpacked(_ digest: String) throws(ApusError) -> URL {
         let hex = try hex(digest)
         let target = root.appendingPathComponent("unpacked/\(hex)")
@@ -61,6 +91,7 @@ public final class CodeStore: Sendable {
             if FileManager.default.fileExists(atPath: target.path) { return target }
             let temp = root.appendingPathComponent("unpacked/.\(hex).\(Identifier.make(length: 6))")
             try CodeArchive.unpack(try blobURL(digest), into: temp)
+            try Self.makeReadableByInstances(temp)
             do {
                 try FileManager.default.moveItem(at: temp, to: target)
             } catch {

@@ -95,8 +95,26 @@ struct Apusd: AsyncParsableCommand {
     @Option(help: "Directory holding the bundled runtime files (bootstrap.py); default: the copy beside the binary.")
     var runtimeDir: String?
 
-    @Flag(help: "Run instances without bubblewrap even where it works (rlimits only).")
+    @Flag(help: "Run instances without bubblewrap even where it works (rlimits only; implies --insecure-sandbox).")
     var noSandbox = false
+
+    @Flag(help: "Start even when a sandbox layer is missing (see --check); without it apusd refuses to run instances less isolated than it can.")
+    var insecureSandbox = false
+
+    @Flag(help: "Print which sandbox layers this host gives instances, then exit (0: all of them, 1: some missing).")
+    var check = false
+
+    @Option(help: "Largest memory a function may ask for (memory: in apus.yaml; default: this host's memory).")
+    var maxMemory: String?
+
+    @Option(help: "Largest CPU a function may ask for (cpu: in apus.yaml, cores or millicores; default: this host's cores).")
+    var maxCpu: String?
+
+    @Option(parsing: .unconditional, help: "Largest pids (processes and threads) a function may ask for.")
+    var maxPids = 4096
+
+    @Option(help: "Range of uids (and gids) instances run as, one per instance: FIRST-LAST.")
+    var sandboxUids = "200000-265535"
 
     @Option(parsing: .unconditional, help: "Shard size: with more ready instances than this, each gateway worker sends a version's requests to its consistent-hash subset of this many instances, spilling to the rest only when those are busy (0: off).")
     var shardSize = 0
@@ -134,6 +152,13 @@ struct Apusd: AsyncParsableCommand {
     @Option(help: "Address functions are registered in the mesh with (default: --host).")
     var advertiseAddress: String?
 
+    /// A binary installed beside apusd (apus-sidecar, apus-sandbox-init).
+    static func besideExecutable(_ name: String) -> String {
+        let executable = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe"))
+            ?? URL(fileURLWithPath: CommandLine.arguments[0]).resolvingSymlinksInPath().path
+        return URL(fileURLWithPath: executable).deletingLastPathComponent().appendingPathComponent(name).path
+    }
+
     func parseDuration(_ text: String, _ option: String) throws -> Duration {
         guard let duration = Duration(humanReadable: text) else {
             throw ValidationError("--\(option): not a duration (\(text)); use e.g. 500ms, 30s, 5m")
@@ -163,6 +188,16 @@ struct Apusd: AsyncParsableCommand {
         guard (65_535...(1 << 31) - 1).contains(h2Window) else { throw ValidationError("--h2-window: must be 65535...2147483647 (got \(h2Window))") }
         guard (1024...(1 << 30)).contains(thriftMaxFrame) else { throw ValidationError("--thrift-max-frame: must be 1024...1073741824 (got \(thriftMaxFrame))") }
         guard (1024...(16 << 20)).contains(h2MaxHeaderList) else { throw ValidationError("--h2-max-header-list: must be 1024...16777216 (got \(h2MaxHeaderList))") }
+        if let maxMemory, ByteSize.parse(maxMemory).map({ $0 >= 16 << 20 }) != true {
+            throw ValidationError("--max-memory: must be a size of at least 16Mi such as 8Gi (got \(maxMemory))")
+        }
+        if let maxCpu, FunctionManifest.parseCPU(maxCpu).map({ $0 >= 10 }) != true {
+            throw ValidationError("--max-cpu: must be cores such as 4 or millicores such as 1500m (got \(maxCpu))")
+        }
+        guard (8...65_536).contains(maxPids) else { throw ValidationError("--max-pids: must be 8...65536 (got \(maxPids))") }
+        guard SandboxIdentities.parseRange(sandboxUids) != nil else {
+            throw ValidationError("--sandbox-uids: must be FIRST-LAST with 1000 <= FIRST, LAST < 4294967295 and at least 16 uids (got \(sandboxUids))")
+        }
         guard ["reactor", "nio"].contains(http1Engine) else { throw ValidationError("--http1-engine: must be reactor or nio (got \(http1Engine))") }
         if registry != "embedded" {
             guard registry.hasPrefix("etcd://") || registry.hasPrefix("etcd+https://") else {
@@ -187,12 +222,29 @@ struct Apusd: AsyncParsableCommand {
         let grace = try parseDuration(stopGrace, "stop-grace")
 
         let dataURL = URL(fileURLWithPath: dataDir, isDirectory: true).standardizedFileURL
+        let sandbox = Sandbox.detect(
+            disabled: noSandbox, logger: logger, stateDirectory: dataURL.appendingPathComponent("sandbox"),
+            initPath: Self.besideExecutable("apus-sandbox-init"), uids: SandboxIdentities.parseRange(sandboxUids)!)
+        let layers = sandbox.layers
+        if check {
+            print("sandbox layers: \(layers.summary)")
+            for problem in sandbox.problems { print("missing: \(problem)") }
+            print("network namespaces: not implemented; instances share the host's network (docs/security.md)")
+            throw ExitCode(layers.complete ? 0 : 1)
+        }
+        if layers.complete {
+            logger.info("sandbox layers", metadata: ["layers": "\(layers.summary)"])
+        } else if insecureSandbox || noSandbox {
+            logger.warning("SANDBOX INCOMPLETE (allowed by \(noSandbox ? "--no-sandbox" : "--insecure-sandbox"))", metadata: [
+                "layers": "\(layers.summary)", "missing": "\(sandbox.problems.joined(separator: "; "))"])
+        } else {
+            throw ValidationError("refusing to start: instances would run with sandbox layers missing (\(layers.summary)): \(sandbox.problems.joined(separator: "; ")). Fix the host (docs/security.md) or pass --insecure-sandbox to run anyway.")
+        }
         try FileManager.default.createDirectory(at: dataURL, withIntermediateDirectories: true)
         let store = try SQLiteStore(path: dataURL.appendingPathComponent("apus.db").path)
         let code = try CodeStore(root: dataURL.appendingPathComponent("code"))
         let logs = try FunctionLogs(directory: dataURL.appendingPathComponent("logs"))
 
-        let sandbox = Sandbox.detect(disabled: noSandbox, logger: logger)
         let prewarmCounts = try PrewarmSettings.parseCounts(prewarm)
         let ports = BoundPorts(host: host, file: dataURL.appendingPathComponent("ports.json"))
         let mesh = try MeshSetup(registry: registry, host: host, advertiseAddress: advertiseAddress, ports: ports)
@@ -227,7 +279,12 @@ struct Apusd: AsyncParsableCommand {
             settings: .init(targetUtilisation: targetUtilisation, stableWindow: try parseDuration(autoscaleWindow, "autoscale-window"),
                             scaleToZeroGrace: try parseDuration(scaleToZeroGrace, "scale-to-zero-grace")),
             logger: Logger(label: "apus.autoscaler"))
-        let control = ControlPlane(store: store, code: code, scheduler: scheduler, logs: logs, logger: Logger(label: "apus.control"))
+        let deployLimits = ControlPlane.DeployLimits(
+            maxMemory: maxMemory.flatMap(ByteSize.parse) ?? Int64(ProcessInfo.processInfo.physicalMemory),
+            maxCPUMillis: maxCpu.flatMap(FunctionManifest.parseCPU) ?? ProcessInfo.processInfo.activeProcessorCount * 1000,
+            maxPids: maxPids)
+        let control = ControlPlane(store: store, code: code, scheduler: scheduler, logs: logs, limits: deployLimits,
+                                   logger: Logger(label: "apus.control"))
         try control.loadCatalog()
 
         for directory in deploy {
@@ -257,7 +314,8 @@ struct Apusd: AsyncParsableCommand {
             control: control,
             info: {
                 ControlAPI.Info(
-                    version: "0.1.0", gateway: .init(http: ports.gatewayURL), domain: domain, sandbox: sandbox.mode.rawValue)
+                    version: "0.1.0", gateway: .init(http: ports.gatewayURL), domain: domain, sandbox: sandbox.mode.rawValue,
+                    sandboxLayers: layers)
             },
             stopping: stopping, metrics: metrics, logger: Logger(label: "apus.api"))
         api.tasks = tasks

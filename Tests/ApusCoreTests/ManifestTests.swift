@@ -75,6 +75,11 @@ struct ManifestTests {
         ("name: a\nruntime: python3\nprotocol: grpc\ngrpc: {services: [grpc.health.v1.Health]}\n", "grpc.services[0]: grpc.health.v1.Health is served by the gateway itself"),
         ("name: a\nruntime: python3\nprotocol: grpc\ngrpc: {services: [a.B, grpc.reflection.v1alpha.ServerReflection]}\n", "grpc.services[1]: grpc.reflection.v1alpha.ServerReflection is served by the gateway itself"),
         ("name: a\nruntime: python3\nprotocol: grpc\ngrpc: {servces: [a.B]}\n", "grpc.servces: unknown key"),
+        ("name: a\nruntime: python3\ncpu: lots\n", "cpu: must be cores such as 1, 0.5 or 2, or millicores such as 250m (got \"lots\")"),
+        ("name: a\nruntime: python3\ncpu: 5m\n", "cpu: must be at least 10m (got 5m)"),
+        ("name: a\nruntime: python3\npids: 4\n", "pids: must be between 8 and 65536"),
+        ("name: a\nruntime: python3\nprotocol: thrift\nthrift: {service: S, oneway: [zap, zap]}\n", "thrift.oneway: lists zap twice"),
+        ("name: a\nruntime: python3\nprotocol: thrift\nthrift: {service: S, oneway: [\"a b\"]}\n", "thrift.oneway[0]: must be a method name"),
         ("- just\n- a list\n", "must be a mapping"),
         ("name: [unclosed\n", "is not valid YAML"),
     ])
@@ -101,6 +106,42 @@ struct ManifestTests {
         // Only the gateway's own health and reflection services are reserved; gRPC's interop service is not.
         let m = try FunctionManifest.parse(yaml: "name: interop\nruntime: python3\nprotocol: grpc\ngrpc: {services: [grpc.testing.TestService, grpc.health.v2.Health]}\n")
         #expect(m.grpc?.services == ["grpc.testing.TestService", "grpc.health.v2.Health"])
+    }
+
+    @Test func cpuPidsAndOnewayMethods() throws {
+        let m = try FunctionManifest.parse(yaml: """
+            name: calc
+            runtime: python3
+            protocol: thrift
+            cpu: 250m
+            pids: 64
+            thrift: {service: Calculator, methods: [add, zap], oneway: [zap]}
+            """)
+        #expect(m.cpuMillis == 250 && m.pids == 64)
+        #expect(m.thrift?.oneway == ["zap"])
+        let data = try JSONEncoder().encode(m)
+        #expect(try JSONDecoder().decode(FunctionManifest.self, from: data) == m)
+        let defaults = try FunctionManifest.parse(yaml: "name: a\nruntime: python3\n")
+        #expect(defaults.cpuMillis == 1000 && defaults.pids == 512)
+        #expect(try FunctionManifest.parse(yaml: "name: a\nruntime: python3\ncpu: 2\n").cpuMillis == 2000)
+        #expect(try FunctionManifest.parse(yaml: "name: a\nruntime: python3\ncpu: 0.5\n").cpuMillis == 500)
+    }
+
+    @Test func versionsStoredBeforeCPUPidsAndOnewayStillDecode() throws {
+        // A version stored by an earlier apusd has no cpu, pids or thrift.oneway: the defaults apply.
+        let stored = """
+            {"name":"calc","runtime":"python3","protocol":"thrift","concurrency":10,"scale":{"min":0,"max":5},
+             "timeout":"30s","memory":"256Mi","env":{},
+             "thrift":{"service":"Calculator","transport":"framed","protocol":"binary","methods":["add"]}}
+            """
+        let m = try JSONDecoder().decode(FunctionManifest.self, from: Data(stored.utf8))
+        #expect(m.cpuMillis == FunctionManifest.defaultCPUMillis && m.pids == FunctionManifest.defaultPids)
+        #expect(m.thrift?.oneway == [])
+    }
+
+    @Test(arguments: ["0", "0m", "-1", "abc", "1.5x", "m", ""])
+    func badCPUIsRefused(text: String) {
+        #expect(FunctionManifest.parseCPU(text) == nil)
     }
 
     @Test func thriftManifest() throws {

@@ -544,3 +544,20 @@ def wait_for_log(apusd, name: str, needle: str, timeout: float = 15.0):
                 return m
         time.sleep(0.3)
     raise AssertionError(f"{needle!r} never showed up in `apus logs {name}` within {timeout:.0f}s:\n{out[-3000:]}")
+
+
+def instance_memory_limit(apusd, function: str, instance: str):
+    """The memory limit an instance runs under, read on the host: its cgroup's (v1 memory.limit_in_bytes, v2
+    memory.max) when apusd gives instances cgroups, else None. Found through the instance's pid in the API."""
+    listed = apusd.api_json("GET", f"/v1/functions/{function}/instances")["instances"]
+    pid = next((i.get("pid") for i in listed if i["id"] == instance), None)
+    assert pid, f"instance {instance} of {function} has no pid in {listed}"
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        number, controllers, path = line.split(":", 2)
+        if "memory" in controllers.split(","):
+            limit = Path("/sys/fs/cgroup/memory") / path.lstrip("/") / "memory.limit_in_bytes"
+            return int(limit.read_text())
+        if number == "0" and (Path("/sys/fs/cgroup") / path.lstrip("/") / "memory.max").exists():
+            text = (Path("/sys/fs/cgroup") / path.lstrip("/") / "memory.max").read_text().strip()
+            return None if text == "max" else int(text)
+    return None

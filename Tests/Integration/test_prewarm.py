@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from apus_testlib import (
+    instance_memory_limit,
     APUSD,
     EXAMPLES_DIR,
     FUNCTIONS_DIR,
@@ -202,8 +203,13 @@ def test_prewarmed_instance_gets_the_functions_env_code_and_memory(warm, once):
     assert {"main.py", "helper.py", "apus.yaml"} <= set(doc["code"]), doc["code"]
     if warm.info.get("sandbox") == "bwrap":
         assert doc["cwd"] == "/code", doc
-    # RLIMIT_AS was lowered from the waiting process's 1 GiB to the manifest's memory (192Mi).
-    assert doc["memoryLimit"] == 192 * 1024 * 1024, doc
+    # The waiting process's 1 GiB became the manifest's memory (192Mi): its cgroup's limit where apusd gives
+    # instances cgroups (the address space stays unlimited), RLIMIT_AS otherwise.
+    if warm.info.get("sandboxLayers", {}).get("cgroups"):
+        assert instance_memory_limit(warm, "prewarmcheck", doc["instance"]) == 192 * 1024 * 1024
+        assert doc["memoryLimit"] == -1, doc
+    else:
+        assert doc["memoryLimit"] == 192 * 1024 * 1024, doc
 
     # The API lists the instance that answered; `apus logs` tells it came from a prewarmed process.
     listed = {i["id"] for i in live_instances(warm, "prewarmcheck")}
@@ -286,7 +292,11 @@ def test_functions_the_pool_cannot_serve_start_cold(warm, scratch):
     # The cold-started instances got what they asked for at interpreter start.
     assert warm.get("/cold-python-env/").json()["env"].get("PYTHONHASHSEED") == "7"
     assert warm.get("/cold-malloc-env/").json()["env"].get("MALLOC_ARENA_MAX") == "1"
-    assert warm.get("/cold-big-memory/").json()["memoryLimit"] == 2 * 1024 ** 3
+    big = warm.get("/cold-big-memory/").json()
+    if warm.info.get("sandboxLayers", {}).get("cgroups"):
+        assert instance_memory_limit(warm, "cold-big-memory", big["instance"]) == 2 * 1024 ** 3
+    else:
+        assert big["memoryLimit"] == 2 * 1024 ** 3
     r = warm.get("/cold-command/")
     assert r.status == 200 and r.json()["method"] == "GET", r
     assert wait_for_ready_lines(warm, "cold-command") == ["false"]
@@ -297,7 +307,11 @@ def test_functions_the_pool_cannot_serve_start_cold(warm, scratch):
 
     # 1 GiB is the waiting processes' own limit: still served from the pool, with the limit kept.
     r = warm.get("/warm-1gi/")
-    assert r.status == 200 and r.json()["memoryLimit"] == 1024 ** 3, r
+    assert r.status == 200, r
+    if warm.info.get("sandboxLayers", {}).get("cgroups"):
+        assert instance_memory_limit(warm, "warm-1gi", r.json()["instance"]) == 1024 ** 3
+    else:
+        assert r.json()["memoryLimit"] == 1024 ** 3, r
     assert wait_for_ready_lines(warm, "warm-1gi") == ["true"]
 
 

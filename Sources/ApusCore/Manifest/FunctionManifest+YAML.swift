@@ -19,7 +19,7 @@ extension FunctionManifest {
         }
         let reader = ManifestReader(mapping: mapping, path: "")
         try reader.rejectUnknownKeys(allowed: ["name", "runtime", "handler", "command", "protocol", "concurrency",
-                                               "scale", "timeout", "memory", "env", "grpc", "thrift", "shedding", "mesh",
+                                               "scale", "timeout", "memory", "cpu", "pids", "env", "grpc", "thrift", "shedding", "mesh",
                                                "async"])
 
         let name = try reader.requiredString("name")
@@ -65,7 +65,7 @@ extension FunctionManifest {
                 throw ManifestReader.failure("thrift", "is only for protocol: thrift")
             }
             let thrift = ManifestReader(mapping: thriftMapping, path: "thrift")
-            try thrift.rejectUnknownKeys(allowed: ["service", "transport", "protocol", "methods"])
+            try thrift.rejectUnknownKeys(allowed: ["service", "transport", "protocol", "methods", "oneway"])
             let service = try thrift.requiredString("service")
             guard isThriftIdentifier(service) else {
                 throw ManifestReader.failure("thrift.service", "must be a Thrift service name such as Calculator (got \"\(service)\")")
@@ -91,6 +91,15 @@ extension FunctionManifest {
                     throw ManifestReader.failure("thrift.methods", "lists \(duplicate) twice")
                 }
                 settings.methods = methods
+            }
+            if let oneway = try thrift.optionalStringList("oneway") {
+                for (index, method) in oneway.enumerated() where !isThriftIdentifier(method) {
+                    throw ManifestReader.failure("thrift.oneway[\(index)]", "must be a method name (got \"\(method)\")")
+                }
+                if let duplicate = oneway.first(where: { method in oneway.filter { $0 == method }.count > 1 }) {
+                    throw ManifestReader.failure("thrift.oneway", "lists \(duplicate) twice")
+                }
+                settings.oneway = oneway
             }
             manifest.thrift = settings
         } else if manifest.protocol == .thrift {
@@ -171,6 +180,23 @@ extension FunctionManifest {
                 throw ManifestReader.failure("memory", "must be at least 16Mi (got \(memoryText))")
             }
             manifest.memory = memory
+        }
+
+        if let cpuText = try reader.optionalString("cpu") {
+            guard let cpu = FunctionManifest.parseCPU(cpuText) else {
+                throw ManifestReader.failure("cpu", "must be cores such as 1, 0.5 or 2, or millicores such as 250m (got \"\(cpuText)\")")
+            }
+            guard cpu >= 10 else {
+                throw ManifestReader.failure("cpu", "must be at least 10m (got \(cpuText))")
+            }
+            manifest.cpuMillis = cpu
+        }
+
+        if let pids = try reader.optionalInt("pids") {
+            guard (8...65_536).contains(pids) else {
+                throw ManifestReader.failure("pids", "must be between 8 and 65536 processes and threads (got \(pids))")
+            }
+            manifest.pids = pids
         }
 
         if let sheddingMapping = try reader.optionalMapping("shedding") {

@@ -100,12 +100,28 @@ public struct FunctionManifest: Codable, Hashable, Sendable {
         public var `protocol`: Encoding
         /// Methods plain (not multiplexed) calls may reach this function by; unique across functions.
         public var methods: [String]
+        /// The IDL's `oneway` methods. Some clients (Apache Thrift's Go library) send a oneway call as an ordinary
+        /// CALL and read no reply; the gateway, which has no IDL, learns from this list not to wait for one.
+        public var oneway: [String]
 
-        public init(service: String, transport: Transport = .framed, protocol: Encoding = .binary, methods: [String] = []) {
+        public init(service: String, transport: Transport = .framed, protocol: Encoding = .binary, methods: [String] = [],
+                    oneway: [String] = []) {
             self.service = service
             self.transport = transport
             self.protocol = `protocol`
             self.methods = methods
+            self.oneway = oneway
+        }
+
+        enum CodingKeys: String, CodingKey { case service, transport, `protocol`, methods, oneway }
+
+        public init(from decoder: any Decoder) throws {
+            let c = try decoder.container(keyedBy: CodingKeys.self)
+            service = try c.decode(String.self, forKey: .service)
+            transport = try c.decode(Transport.self, forKey: .transport)
+            `protocol` = try c.decode(Encoding.self, forKey: .protocol)
+            methods = try c.decode([String].self, forKey: .methods)
+            oneway = try c.decodeIfPresent([String].self, forKey: .oneway) ?? []  // versions stored before `oneway`
         }
     }
 
@@ -151,8 +167,12 @@ public struct FunctionManifest: Codable, Hashable, Sendable {
     public var scale: Scale
     /// Per-invocation deadline.
     public var timeout: Duration
-    /// Memory limit in bytes.
+    /// Memory limit in bytes: resident memory (the instance's cgroup), its `/tmp` included.
     public var memory: Int64
+    /// CPU in thousandths of a core (`cpu: 500m` = 500, `cpu: 2` = 2000): the instance's CFS quota.
+    public var cpuMillis: Int
+    /// Processes and threads an instance may have at once.
+    public var pids: Int
     public var env: [String: String]
     /// Set exactly when `protocol` is `grpc`.
     public var grpc: GRPCSettings?
@@ -175,6 +195,8 @@ public struct FunctionManifest: Codable, Hashable, Sendable {
         scale: Scale = Scale(),
         timeout: Duration = .seconds(30),
         memory: Int64 = 256 * 1024 * 1024,
+        cpuMillis: Int = FunctionManifest.defaultCPUMillis,
+        pids: Int = FunctionManifest.defaultPids,
         env: [String: String] = [:],
         grpc: GRPCSettings? = nil,
         thrift: ThriftSettings? = nil,
@@ -191,6 +213,8 @@ public struct FunctionManifest: Codable, Hashable, Sendable {
         self.scale = scale
         self.timeout = timeout
         self.memory = memory
+        self.cpuMillis = cpuMillis
+        self.pids = pids
         self.env = env
         self.grpc = grpc
         self.thrift = thrift
@@ -200,7 +224,28 @@ public struct FunctionManifest: Codable, Hashable, Sendable {
     }
 
     enum CodingKeys: String, CodingKey {
-        case name, runtime, handler, command, `protocol`, concurrency, scale, timeout, memory, env, grpc, thrift, shedding, mesh, async
+        case name, runtime, handler, command, `protocol`, concurrency, scale, timeout, memory, cpu, pids, env, grpc, thrift, shedding, mesh, async
+    }
+
+    /// One core unless the manifest says otherwise.
+    public static let defaultCPUMillis = 1000
+    /// Enough for a threaded server (a JVM starts ~30 threads, a gRPC server one per call in flight).
+    public static let defaultPids = 512
+
+    /// Parses a CPU amount: `500m` (millicores), `1`, `0.5`, `2.25` (cores); nil when malformed or under 1m.
+    public static func parseCPU(_ text: String) -> Int? {
+        if text.hasSuffix("m") {
+            guard let millis = Int(text.dropLast()), millis >= 1 else { return nil }
+            return millis
+        }
+        guard let cores = Double(text), cores.isFinite, cores > 0, cores <= 1_000_000 else { return nil }
+        let millis = Int((cores * 1000).rounded())
+        return millis >= 1 ? millis : nil
+    }
+
+    /// `cpuMillis` as written in a manifest: whole cores as `2`, anything else as `500m`.
+    public static func formatCPU(_ millis: Int) -> String {
+        millis % 1000 == 0 ? String(millis / 1000) : "\(millis)m"
     }
 
     // Durations and sizes are stored in their human form so stored versions read like the manifest.
@@ -223,6 +268,15 @@ public struct FunctionManifest: Codable, Hashable, Sendable {
             throw DecodingError.dataCorruptedError(forKey: .memory, in: c, debugDescription: "bad size \(memoryText)")
         }
         self.memory = memory
+        if let cpuText = try c.decodeIfPresent(String.self, forKey: .cpu) {
+            guard let cpu = Self.parseCPU(cpuText) else {
+                throw DecodingError.dataCorruptedError(forKey: .cpu, in: c, debugDescription: "bad cpu \(cpuText)")
+            }
+            cpuMillis = cpu
+        } else {
+            cpuMillis = Self.defaultCPUMillis  // versions stored before `cpu:` existed
+        }
+        pids = try c.decodeIfPresent(Int.self, forKey: .pids) ?? Self.defaultPids
         env = try c.decode([String: String].self, forKey: .env)
         grpc = try c.decodeIfPresent(GRPCSettings.self, forKey: .grpc)
         thrift = try c.decodeIfPresent(ThriftSettings.self, forKey: .thrift)
@@ -242,6 +296,8 @@ public struct FunctionManifest: Codable, Hashable, Sendable {
         try c.encode(scale, forKey: .scale)
         try c.encode(timeout.humanReadable, forKey: .timeout)
         try c.encode(ByteSize.format(memory), forKey: .memory)
+        try c.encode(Self.formatCPU(cpuMillis), forKey: .cpu)
+        try c.encode(pids, forKey: .pids)
         try c.encode(env, forKey: .env)
         try c.encodeIfPresent(grpc, forKey: .grpc)
         try c.encodeIfPresent(thrift, forKey: .thrift)

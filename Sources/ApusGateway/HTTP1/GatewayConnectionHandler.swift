@@ -545,7 +545,8 @@ final class GatewayConnectionHandler: ChannelInboundHandler, RemovableChannelHan
 
     func upstreamFailed(_ reason: String) {
         guard let current = exchange else { return }
-        if !current.responseStarted, !current.retried, current.upstream?.servedBefore == true, case .none = current.head.framing {
+        let failure = shared.instanceFailure(reason, instanceID: current.lease?.instanceID)
+        if !failure.known, !current.responseStarted, !current.retried, current.upstream?.servedBefore == true, case .none = current.head.framing {
             // A kept-alive connection the instance had already closed: try once more on a fresh one.
             current.retried = true
             current.upstream = nil
@@ -554,7 +555,7 @@ final class GatewayConnectionHandler: ChannelInboundHandler, RemovableChannelHan
             return
         }
         current.upstream = nil
-        failExchange(ApusError(.instanceError, reason))
+        failExchange(failure.error)
     }
 
     func upstreamWritabilityChanged(_ writable: Bool) {

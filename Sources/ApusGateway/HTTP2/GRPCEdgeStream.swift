@@ -360,7 +360,8 @@ final class GRPCEdgeStream: EdgeStreamOwner, LoopSlotTarget, InstanceStreamOwner
     func instanceStreamFailed(_ reason: String) {
         guard phase == .relaying else { return }
         upstream = nil
-        fail(ApusError(.instanceError, "instance \(slot.lease?.instanceID ?? "?") ended the stream without a status: \(reason)"))
+        fail(shared.instanceFailure("instance \(slot.lease?.instanceID ?? "?") ended the stream without a status: \(reason)",
+                                    instanceID: slot.lease?.instanceID).error)
     }
 
     // MARK: endings

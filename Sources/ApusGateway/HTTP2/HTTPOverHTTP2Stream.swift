@@ -275,7 +275,8 @@ final class HTTPOverHTTP2Stream: ChannelInboundHandler, LoopSlotTarget {
     fileprivate func upstreamClosed() {
         guard phase == .relaying else { return }
         upstream = nil
-        fail(ApusError(.instanceError, responseStarted ? "instance closed the connection mid-response" : "instance closed the connection before answering"))
+        fail(shared.instanceFailure(responseStarted ? "instance closed the connection mid-response" : "instance closed the connection before answering",
+                                    instanceID: slot.lease?.instanceID).error)
     }
 
     // MARK: endings

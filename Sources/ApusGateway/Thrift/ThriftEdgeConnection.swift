@@ -42,7 +42,10 @@ final class ThriftEdgeConnection: ChannelInboundHandler, LoopSlotTarget, Drainab
             self.outbound = frame.message
         }
 
-        var isOneway: Bool { frame.envelope.type == .oneway }
+        /// A CALL to a method the function's manifest lists under `thrift.oneway` (Go's client sends oneway calls so).
+        var onewayByManifest = false
+
+        var isOneway: Bool { frame.envelope.type == .oneway || onewayByManifest }
     }
 
     static let maxPipelined = 64
@@ -167,6 +170,11 @@ final class ThriftEdgeConnection: ChannelInboundHandler, LoopSlotTarget, Drainab
             return
         }
         call.version = version
+        if envelope.type == .call, version.manifest.thrift?.oneway.contains(method) == true {
+            // The client reads no reply to it: it must not hold up the replies behind it.
+            call.onewayByManifest = true
+            calls.removeAll { $0 === call }
+        }
         if call.isOneway, version.manifest.async != nil, let submitter = shared.configuration.tasks {
             submitTask(call, method: method, version: version, pinnedVersion: pinnedVersion, submitter: submitter)
             return
@@ -334,7 +342,7 @@ final class ThriftEdgeConnection: ChannelInboundHandler, LoopSlotTarget, Drainab
     func instanceFailed(_ call: Call, reason: String) {
         guard !call.done else { return }
         call.upstream = nil
-        fail(call, .internalError, ApusError(.instanceError, reason))
+        fail(call, .internalError, shared.instanceFailure(reason, instanceID: call.lease?.instanceID).error)
     }
 
     // MARK: endings

@@ -151,13 +151,25 @@ final class PrewarmPool: Sendable {
         let bootstrap = sandboxed
             ? "\(Sandbox.runtimeMount)/bootstrap.py"
             : launcher.configuration.runtimeDirectory.appendingPathComponent("bootstrap.py").path
-        let argv = launcher.sandbox.wrap(
-            command: [launcher.configuration.python, bootstrap], codeDirectory: slot,
-            runtimeDirectory: launcher.configuration.runtimeDirectory, memoryLimit: settings.memoryLimit)
-        var environment = launcher.baseEnvironment()
-        environment["APUS_PREWARM"] = "1"
-        let process = try launcher.spawn(argv: argv, environment: environment, workingDirectory: slot.path,
-                                         owner: nil, onExit: nil, stdinPipe: true, slot: slot)
+        // Waiting with the pool's limits; the function's own are applied when it is taken (`specialise`).
+        let limits = ResourceLimits(memoryBytes: settings.memoryLimit, cpuMillis: FunctionManifest.defaultCPUMillis,
+                                    pids: FunctionManifest.defaultPids)
+        let confinement = try launcher.confine(name: "prewarm-" + slot.lastPathComponent, limits: limits)
+        let process: ManagedProcess
+        do throws(ApusError) {
+            let argv = try launcher.sandbox.wrap(
+                command: [launcher.configuration.python, bootstrap], codeDirectory: slot,
+                runtimeDirectory: launcher.configuration.runtimeDirectory, limits: limits,
+                uid: confinement.uid, cgroup: confinement.cgroup)
+            var environment = launcher.baseEnvironment()
+            environment["APUS_PREWARM"] = "1"
+            process = try launcher.spawn(argv: argv, environment: environment, workingDirectory: slot.path,
+                                         owner: nil, onExit: nil, stdinPipe: true, slot: slot,
+                                         confinement: confinement, memoryLimit: limits.memoryBytes)
+        } catch {
+            launcher.release(confinement)
+            throw error
+        }
         logger.debug("prewarmed python3 process started", metadata: ["pid": "\(process.pid)"])
         return process
     }
@@ -188,10 +200,13 @@ extension ManagedProcess {
             throw ApusError(.internal, "process \(pid) is not a prewarmed process")
         }
         try CodeLinker.link(contentsOf: spec.codeDirectory, into: slot)
+        try applyLimits(ResourceLimits(spec.manifest))
         guard assign(owner, onExit: onExit) else {
             throw ApusError(.unavailable, "prewarmed process \(pid) ended before it was used")
         }
-        let settings: [String: any Sendable] = ["port": port, "env": environment, "memory": spec.manifest.memory]
+        // With a cgroup the memory limit is already the cgroup's; the bootstrap lowers its address-space rlimit only
+        // where there is none.
+        let settings: [String: any Sendable] = ["port": port, "env": environment, "memory": cgroup == nil ? spec.manifest.memory : 0]
         var message: [UInt8]
         do {
             message = Array(try JSONSerialization.data(withJSONObject: settings, options: [.sortedKeys]))

@@ -46,6 +46,10 @@ public final class ProcessLauncher: InstanceLauncher {
     public let sandbox: Sandbox
     public let logs: FunctionLogs
     let logger: Logger
+    /// Processes of running instances by instance id (their cgroups tell of OOM kills), and the last instances the
+    /// OOM killer ended, for `failureReason(instanceID:)`.
+    private let instances = Mutex<(live: [String: ManagedProcess], outOfMemory: [String: Int64], order: [String])>(([:], [:], []))
+    private static let rememberedOOMKills = 256
     /// Generic runtime processes waiting to be given a function (nil when `--prewarm` asks for none).
     private let prewarmPool: PrewarmPool?
 
@@ -149,14 +153,23 @@ public final class ProcessLauncher: InstanceLauncher {
             prewarmed = true
             logs.event(function: function, version: version, instance: spec.instanceID, "starting from prewarmed process (pid \(warm.pid), port \(port), sandbox \(sandbox.mode.rawValue))")
         } else {
-            let argv = sandbox.wrap(
-                command: command(for: spec),
-                codeDirectory: spec.codeDirectory,
-                runtimeDirectory: spec.manifest.runtime == .python3 ? configuration.runtimeDirectory : nil,
-                memoryLimit: spec.manifest.memory)
+            let limits = ResourceLimits(spec.manifest)
+            let argv: [String]
             do throws(ApusError) {
-                process = try spawn(argv: argv, environment: instanceEnvironment,
-                                    workingDirectory: spec.codeDirectory.path, owner: owner, onExit: instanceOnExit)
+                let confinement = try confine(name: spec.instanceID, limits: limits)
+                do throws(ApusError) {
+                    argv = try sandbox.wrap(
+                        command: command(for: spec),
+                        codeDirectory: spec.codeDirectory,
+                        runtimeDirectory: spec.manifest.runtime == .python3 ? configuration.runtimeDirectory : nil,
+                        limits: limits, uid: confinement.uid, cgroup: confinement.cgroup)
+                    process = try spawn(argv: argv, environment: instanceEnvironment,
+                                        workingDirectory: spec.codeDirectory.path, owner: owner, onExit: instanceOnExit,
+                                        confinement: confinement, memoryLimit: limits.memoryBytes)
+                } catch {
+                    release(confinement)
+                    throw error
+                }
             } catch {
                 await sidecar?.stop(grace: .milliseconds(200))
                 throw error
@@ -182,6 +195,7 @@ public final class ProcessLauncher: InstanceLauncher {
         }
         switch outcome {
         case .success:
+            instances.withLock { $0.live[spec.instanceID] = process }
             let elapsed = ContinuousClock.now - started
             logs.event(function: function, version: version, instance: spec.instanceID, "ready in \(elapsed.milliseconds)ms\(prewarmed ? " (prewarmed)" : "")")
             logger.info("instance ready", metadata: ["coldStartMs": "\(elapsed.milliseconds)", "port": "\(port)", "prewarmed": "\(prewarmed)"])
@@ -199,18 +213,68 @@ public final class ProcessLauncher: InstanceLauncher {
         }
     }
 
+    public func failureReason(instanceID: String) -> String? {
+        let (process, limit) = instances.withLock { ($0.live[instanceID], $0.outOfMemory[instanceID]) }
+        if let limit { return InstanceExit(status: nil, signal: SIGKILL, outOfMemoryLimit: limit).description }
+        // The connection can close before the exit is seen: the cgroup already counts the kill.
+        if let process, let cgroup = process.cgroup, cgroup.oomKills > 0 {
+            return InstanceExit(status: nil, signal: SIGKILL, outOfMemoryLimit: process.memoryLimit).description
+        }
+        return nil
+    }
+
+    /// An instance's process ended: forget it, remembering an OOM kill for its callers' errors.
+    private func instanceEnded(_ instanceID: String, exit: InstanceExit) {
+        instances.withLock { state in
+            state.live[instanceID] = nil
+            guard let limit = exit.outOfMemoryLimit else { return }
+            state.outOfMemory[instanceID] = limit
+            state.order.append(instanceID)
+            if state.order.count > Self.rememberedOOMKills {
+                state.outOfMemory[state.order.removeFirst()] = nil
+            }
+        }
+    }
+
     /// Stops the prewarmed processes (instances are stopped by their pools).
     public func shutdown() async {
         await prewarmPool?.shutdown()
     }
 
+    /// What confines one process beyond the namespaces: its own uid and its cgroup, where the sandbox has them.
+    struct Confinement: Sendable {
+        var uid: UInt32?
+        var cgroup: InstanceCgroup?
+    }
+
+    /// Takes a uid and makes a cgroup with `limits` for a process about to start (`name`: unique per process).
+    func confine(name: String, limits: ResourceLimits) throws(ApusError) -> Confinement {
+        var confinement = Confinement()
+        confinement.uid = try sandbox.identities?.allocate()
+        do throws(ApusError) {
+            // A cgroup only where apus-sandbox-init puts the process in it.
+            if sandbox.initPath != nil { confinement.cgroup = try sandbox.cgroups?.create(name: name, limits: limits) }
+        } catch {
+            release(confinement)
+            throw error
+        }
+        return confinement
+    }
+
+    /// Gives back a process's uid and removes its cgroup (once it has ended, or when it never started).
+    func release(_ confinement: Confinement) {
+        confinement.cgroup?.remove()
+        if let uid = confinement.uid { sandbox.identities?.release(uid) }
+    }
+
     /// Spawns a child and starts the threads that carry its output to the function's log and notice its exit.
     func spawn(
         argv: [String], environment: [String: String], workingDirectory: String, owner: ManagedProcess.Owner?,
-        onExit: (@Sendable (InstanceExit) -> Void)?, stdinPipe: Bool = false, slot: URL? = nil
+        onExit: (@Sendable (InstanceExit) -> Void)?, stdinPipe: Bool = false, slot: URL? = nil,
+        confinement: Confinement = Confinement(), memoryLimit: Int64 = 0
     ) throws(ApusError) -> ManagedProcess {
         let child = try ChildProcess.spawn(argv: argv, environment: environment, workingDirectory: workingDirectory, stdinPipe: stdinPipe)
-        let process = ManagedProcess(child: child, owner: owner, onExit: onExit, slot: slot)
+        let process = ManagedProcess(child: child, owner: owner, onExit: onExit, slot: slot, cgroup: confinement.cgroup, memoryLimit: memoryLimit)
         let logs = self.logs
         let logger = self.logger
         for (fd, stream) in [(child.stdoutFD, "stdout"), (child.stderrFD, "stderr")] {
@@ -228,8 +292,16 @@ public final class ProcessLauncher: InstanceLauncher {
             }
         }
         Thread.detachNewThread {
-            let exit = child.waitForExit()
+            var exit = child.waitForExit()
             child.signalGroup(SIGKILL)  // leftovers in the group
+            if let cgroup = confinement.cgroup, cgroup.oomKills > 0 {
+                exit.outOfMemoryLimit = process.memoryLimit
+                if let owner = process.owner {
+                    RuntimeMetrics.outOfMemory(function: owner.function)
+                }
+            }
+            if let owner = process.owner { self.instanceEnded(owner.instanceID, exit: exit) }
+            self.release(confinement)
             let ended = process.markExited(exit)
             if let slot { try? FileManager.default.removeItem(at: slot) }
             guard let owner = ended.owner else {
@@ -354,10 +426,28 @@ final class ManagedProcess: Sendable {
     let slot: URL?
     private let state: Mutex<State>
 
-    init(child: ChildProcess, owner: Owner?, onExit: (@Sendable (InstanceExit) -> Void)?, slot: URL?) {
+    /// The process's cgroup (limits change when a prewarmed process becomes an instance); nil without cgroups.
+    let cgroup: InstanceCgroup?
+    private let memoryLimitBytes: Atomic<Int64>
+
+    init(child: ChildProcess, owner: Owner?, onExit: (@Sendable (InstanceExit) -> Void)?, slot: URL?,
+         cgroup: InstanceCgroup? = nil, memoryLimit: Int64 = 0) {
         self.child = child
         self.slot = slot
+        self.cgroup = cgroup
+        self.memoryLimitBytes = Atomic(memoryLimit)
         self.state = Mutex(State(owner: owner, onExit: onExit))
+    }
+
+    /// The memory limit in force (reported when the OOM killer ends the process).
+    var memoryLimit: Int64 {
+        get { memoryLimitBytes.load(ordering: .relaxed) }
+    }
+
+    /// Gives the process `limits` (a prewarmed process taking on a function's).
+    func applyLimits(_ limits: ResourceLimits) throws(ApusError) {
+        try cgroup?.apply(limits)
+        memoryLimitBytes.store(limits.memoryBytes, ordering: .relaxed)
     }
 
     var pid: Int32 { child.pid }

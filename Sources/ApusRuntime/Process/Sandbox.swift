@@ -1,9 +1,17 @@
+import ApusCore
 import Foundation
 import Logging
+#if canImport(Glibc)
+import Glibc
+#endif
 
-/// Decides how instances are confined. With a working bubblewrap each instance gets its own mount view:
-/// system directories and its code read-only, a private /tmp, nothing else of the host (so neither the data
-/// directory nor other functions' code). Rlimits (address space, open files) apply either way.
+/// Decides how instances are confined, and builds the argv that confines one.
+///
+/// With bubblewrap, apusd as root and `apus-sandbox-init` beside apusd, every layer is on: the instance joins its
+/// own cgroup (memory, CPU, pids) before anything else runs, gets its own mount, pid, ipc, uts and cgroup
+/// namespaces with system directories and its code read-only, a private size-capped `/tmp` and a minimal `/etc`,
+/// then drops to an unprivileged uid of its own with no capabilities, `no_new_privs` and a seccomp filter, in a new
+/// session. Without some layer apusd refuses to start unless `--insecure-sandbox` says so (`SandboxLayers`).
 public struct Sandbox: Sendable {
     public enum Mode: String, Sendable {
         case bubblewrap = "bwrap"
@@ -13,32 +21,68 @@ public struct Sandbox: Sendable {
     public let mode: Mode
     let bwrapPath: String?
     let prlimitPath: String?
+    /// `apus-sandbox-init` (privilege drop, seccomp, cgroup join); nil: instances keep apusd's uid.
+    let initPath: String?
+    /// Per-instance cgroups; nil: memory is limited by the address-space rlimit only.
+    public let cgroups: InstanceCgroups?
+    /// The uids instances run as; nil when there is no privilege drop.
+    public let identities: SandboxIdentities?
+    /// The generated files of the instances' minimal `/etc` (hosts, resolv.conf, nsswitch.conf, hostname).
+    let etcDirectory: URL?
+    /// Why each missing layer is missing (for the start-up log and `apusd --check`).
+    public let problems: [String]
     public static let openFilesLimit = 1024
 
     /// The mount point of the function's code inside the sandbox.
     public static let codeMount = "/code"
     /// The mount point of the bundled runtime files (bootstrap) inside the sandbox.
     public static let runtimeMount = "/apus"
+    /// Where `apus-sandbox-init` is inside the sandbox.
+    static let initMount = "/.apus-init"
 
-    public init(mode: Mode, bwrapPath: String?, prlimitPath: String?) {
+    public init(mode: Mode, bwrapPath: String?, prlimitPath: String?, initPath: String? = nil, cgroups: InstanceCgroups? = nil,
+                identities: SandboxIdentities? = nil, etcDirectory: URL? = nil, problems: [String] = []) {
         self.mode = mode
         self.bwrapPath = bwrapPath
         self.prlimitPath = prlimitPath
+        self.initPath = initPath
+        self.cgroups = cgroups
+        self.identities = identities
+        self.etcDirectory = etcDirectory
+        self.problems = problems
     }
 
-    /// Probes the host: uses bubblewrap when present and able to build a namespace here.
-    public static func detect(disabled: Bool, logger: Logger) -> Sandbox {
+    /// Which layers are on.
+    public var layers: SandboxLayers {
+        SandboxLayers(
+            namespaces: mode == .bubblewrap,
+            unprivileged: mode == .bubblewrap && identities != nil,
+            seccomp: mode == .bubblewrap && identities != nil,
+            minimalEtc: mode == .bubblewrap && etcDirectory != nil,
+            cgroups: cgroups?.version.rawValue)
+    }
+
+    /// Probes the host: bubblewrap when present and able to build a namespace here; the privilege layer when
+    /// apusd is root and `initPath` exists; cgroups when a tree with memory, cpu and pids is writable.
+    public static func detect(
+        disabled: Bool, logger: Logger, stateDirectory: URL? = nil, initPath: String? = nil,
+        uids: ClosedRange<UInt32> = SandboxIdentities.defaultRange, cgroupRoot: URL = URL(fileURLWithPath: "/sys/fs/cgroup")
+    ) -> Sandbox {
         let prlimit = findExecutable("prlimit")
+        var problems: [String] = []
         if prlimit == nil {
-            logger.warning("prlimit not found: instances run without memory and open-file limits")
+            problems.append("prlimit not found: no open-file limit")
         }
+        // Without the sandbox, instances run as apusd's plain children under rlimits (the address-space limit
+        // stands in for memory): no cgroups, no uid of their own.
+        let rlimitsOnly = "instances run as apusd's children with rlimits only (memory as address space, no cgroups, apusd's uid)"
         if disabled {
-            logger.warning("sandbox disabled by --no-sandbox: instances can see the whole host file system")
-            return Sandbox(mode: .rlimitsOnly, bwrapPath: nil, prlimitPath: prlimit)
+            problems.append("sandbox disabled by --no-sandbox: \(rlimitsOnly), and can see the whole host file system")
+            return Sandbox(mode: .rlimitsOnly, bwrapPath: nil, prlimitPath: prlimit, problems: problems)
         }
         guard let bwrap = findExecutable("bwrap") else {
-            logger.warning("SANDBOX UNAVAILABLE: bwrap (bubblewrap) not installed; instances run with rlimits only and can read the host file system, including the data directory")
-            return Sandbox(mode: .rlimitsOnly, bwrapPath: nil, prlimitPath: prlimit)
+            problems.append("bwrap (bubblewrap) not installed: no namespaces; \(rlimitsOnly), and can read the host file system, including the data directory")
+            return Sandbox(mode: .rlimitsOnly, bwrapPath: nil, prlimitPath: prlimit, problems: problems)
         }
         let probe = Process()
         probe.executableURL = URL(fileURLWithPath: bwrap)
@@ -49,17 +93,42 @@ public struct Sandbox: Sendable {
             try probe.run()
             probe.waitUntilExit()
         } catch {
-            logger.warning("SANDBOX UNAVAILABLE: cannot run bwrap (\(error)); instances run with rlimits only")
-            return Sandbox(mode: .rlimitsOnly, bwrapPath: nil, prlimitPath: prlimit)
+            problems.append("cannot run bwrap (\(error)): no namespaces; \(rlimitsOnly)")
+            return Sandbox(mode: .rlimitsOnly, bwrapPath: nil, prlimitPath: prlimit, problems: problems)
         }
         guard probe.terminationStatus == 0 else {
-            logger.warning("SANDBOX UNAVAILABLE: bwrap cannot create namespaces on this host (exit \(probe.terminationStatus)); instances run with rlimits only")
-            return Sandbox(mode: .rlimitsOnly, bwrapPath: nil, prlimitPath: prlimit)
+            problems.append("bwrap cannot create namespaces on this host (exit \(probe.terminationStatus)); \(rlimitsOnly)")
+            return Sandbox(mode: .rlimitsOnly, bwrapPath: nil, prlimitPath: prlimit, problems: problems)
         }
-        return Sandbox(mode: .bubblewrap, bwrapPath: bwrap, prlimitPath: prlimit)
+        var identities: SandboxIdentities?
+        var cgroups: InstanceCgroups?
+        var etc: URL?
+        if let stateDirectory {
+            if let initPath, FileManager.default.isExecutableFile(atPath: initPath) {
+                if getuid() == 0 {
+                    identities = SandboxIdentities(range: uids, directory: stateDirectory.appendingPathComponent("users"))
+                    // Instances join their cgroup through apus-sandbox-init, so cgroups come with it.
+                    switch InstanceCgroups.detect(root: cgroupRoot) {
+                    case .success(let found): cgroups = found
+                    case .failure(let error): problems.append("no cgroups: \(error.message); memory is limited as address space")
+                    }
+                } else {
+                    problems.append("apusd is not root: instances cannot be given uids of their own (run as root, see docs/security.md)")
+                }
+            } else {
+                problems.append("apus-sandbox-init not found\(initPath.map { " at \($0)" } ?? ""): instances keep apusd's uid and capabilities, no seccomp")
+            }
+            do {
+                etc = try writeMinimalEtc(into: stateDirectory.appendingPathComponent("etc"))
+            } catch {
+                problems.append("cannot write the minimal /etc: \(error.localizedDescription)")
+            }
+        }
+        return Sandbox(mode: .bubblewrap, bwrapPath: bwrap, prlimitPath: prlimit, initPath: identities == nil ? nil : initPath,
+                       cgroups: cgroups, identities: identities, etcDirectory: etc, problems: problems)
     }
 
-    /// Read-only system directories, keeping symlinked ones (merged /usr) as symlinks.
+    /// Read-only system directories, keeping symlinked ones (merged /usr) as symlinks. No /etc: see `etcArguments`.
     static func systemMountArguments() -> [String] {
         var args = ["--ro-bind", "/usr", "/usr"]
         for path in ["/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"] {
@@ -69,30 +138,94 @@ public struct Sandbox: Sendable {
                 args += ["--ro-bind", path, path]
             }
         }
-        for path in ["/etc"] where FileManager.default.fileExists(atPath: path) {
-            args += ["--ro-bind", path, path]
+        return args
+    }
+
+    /// Host entries of /etc an instance may read: what the dynamic linker, TLS, time zones, name resolution and
+    /// language runtimes need. Never passwd/shadow/group of the host, sudoers, ssh, or anything of apusd's.
+    static let hostEtcEntries = [
+        "ld.so.cache", "ld.so.conf", "ld.so.conf.d", "alternatives", "ssl", "ca-certificates", "ca-certificates.conf",
+        "localtime", "timezone", "mime.types", "protocols", "services", "gai.conf", "host.conf", "networks",
+        "os-release", "debian_version", "python3", "python3.11", "python3.12", "python3.13",
+    ]
+
+    /// The generated part of the minimal /etc, written once at start.
+    static func writeMinimalEtc(into folder: URL) throws -> URL {
+        let files = FileManager.default
+        try files.createDirectory(at: folder, withIntermediateDirectories: true)
+        let hosts = "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+        let nsswitch = "passwd: files\ngroup: files\nshadow: files\nhosts: files dns\nnetworks: files\nprotocols: files\nservices: files\n"
+        let resolv = (try? String(contentsOfFile: "/etc/resolv.conf", encoding: .utf8)) ?? ""
+        for (name, text) in [("hosts", hosts), ("nsswitch.conf", nsswitch), ("resolv.conf", resolv), ("hostname", "apus\n")] {
+            try Data(text.utf8).write(to: folder.appendingPathComponent(name), options: .atomic)
+        }
+        return folder
+    }
+
+    /// The instance's /etc: generated files, its own passwd/group, and the allowed host entries.
+    func etcArguments(accounts: URL?) -> [String] {
+        guard let etcDirectory else {
+            return FileManager.default.fileExists(atPath: "/etc") ? ["--ro-bind", "/etc", "/etc"] : []
+        }
+        // bubblewrap makes missing parents 0700: /etc itself must be readable by the instance's uid.
+        var args: [String] = ["--perms", "0755", "--dir", "/etc"]
+        for name in ["hosts", "nsswitch.conf", "resolv.conf", "hostname"] {
+            args += ["--ro-bind", etcDirectory.appendingPathComponent(name).path, "/etc/\(name)"]
+        }
+        if let accounts {
+            args += ["--ro-bind", accounts.appendingPathComponent("passwd").path, "/etc/passwd"]
+            args += ["--ro-bind", accounts.appendingPathComponent("group").path, "/etc/group"]
+        }
+        var entries = Self.hostEtcEntries
+        entries += ((try? FileManager.default.contentsOfDirectory(atPath: "/etc")) ?? []).filter { $0.hasPrefix("java-") }.sorted()
+        for name in entries {
+            let path = "/etc/\(name)"
+            if let target = try? FileManager.default.destinationOfSymbolicLink(atPath: path) {
+                args += ["--symlink", target, path]
+            } else if FileManager.default.fileExists(atPath: path) {
+                args += ["--ro-bind", path, path]
+            }
         }
         return args
     }
 
-    /// The argv that runs `command` confined. `command` must already use in-sandbox paths.
-    func wrap(command: [String], codeDirectory: URL, runtimeDirectory: URL?, memoryLimit: Int64) -> [String] {
+    /// The argv that runs `command` confined. `command` must already use in-sandbox paths. `uid` is the instance's
+    /// own (from `identities`), `cgroup` the one it joins first; without them the older, weaker layers apply.
+    func wrap(command: [String], codeDirectory: URL, runtimeDirectory: URL?, limits: ResourceLimits,
+              uid: UInt32? = nil, cgroup: InstanceCgroup? = nil) throws(ApusError) -> [String] {
         var argv: [String] = []
         if let prlimitPath {
-            argv += [prlimitPath, "--as=\(memoryLimit)", "--nofile=\(Self.openFilesLimit)", "--"]
+            // Memory is the cgroup's limit where there is one (resident memory); the address-space rlimit is only
+            // the fallback without cgroups.
+            argv += [prlimitPath, "--nofile=\(Self.openFilesLimit)"] + (cgroup == nil ? ["--as=\(limits.memoryBytes)"] : []) + ["--"]
+        }
+        if let cgroup, let initPath {
+            argv += [initPath] + cgroup.procsFiles.flatMap { ["--cgroup", $0] } + ["--"]
         }
         switch mode {
         case .rlimitsOnly:
             argv += command
         case .bubblewrap:
-            argv += [bwrapPath!, "--die-with-parent", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try"]
+            argv += [bwrapPath!, "--die-with-parent", "--new-session", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try"]
+            argv += ["--hostname", "apus"]
             argv += Self.systemMountArguments()
-            argv += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
+            let accounts = try uid.flatMap { uid throws(ApusError) in try identities?.accountFiles(for: uid) }
+            argv += etcArguments(accounts: accounts)
+            argv += ["--proc", "/proc", "--dev", "/dev"]
+            // /tmp: private, world-writable with the sticky bit, never larger than the memory limit (its pages are
+            // also charged to the instance's cgroup).
+            argv += ["--perms", "1777", "--size", String(limits.memoryBytes), "--tmpfs", "/tmp"]
             argv += ["--ro-bind", codeDirectory.path, Self.codeMount]
             if let runtimeDirectory {
                 argv += ["--ro-bind", runtimeDirectory.path, Self.runtimeMount]
             }
-            argv += ["--chdir", Self.codeMount, "--"]
+            if let uid, let initPath {
+                argv += ["--ro-bind", initPath, Self.initMount]
+                argv += ["--chdir", Self.codeMount, "--"]
+                argv += [Self.initMount, "--drop-caps", "--gid", String(uid), "--uid", String(uid), "--seccomp", "--"]
+            } else {
+                argv += ["--chdir", Self.codeMount, "--"]
+            }
             argv += command
         }
         return argv
@@ -105,5 +238,30 @@ public struct Sandbox: Sendable {
             if FileManager.default.isExecutableFile(atPath: candidate) { return candidate }
         }
         return nil
+    }
+}
+
+/// Which isolation layers are on; logged at start, printed by `apusd --check`, shown in `/v1/info`.
+public struct SandboxLayers: Sendable, Equatable, Codable {
+    /// Mount, pid, ipc, uts and cgroup namespaces (bubblewrap).
+    public var namespaces: Bool
+    /// Own unprivileged uid/gid, no capabilities, no_new_privs.
+    public var unprivileged: Bool
+    /// The seccomp filter.
+    public var seccomp: Bool
+    /// The minimal /etc instead of the host's.
+    public var minimalEtc: Bool
+    /// "v1" or "v2" when memory, CPU and pids are limited by cgroups; nil without.
+    public var cgroups: String?
+    /// Network namespaces (not yet: instances share the host's network).
+    public var network: Bool = false
+
+    /// Whether every layer apusd can have without network isolation is on.
+    public var complete: Bool { namespaces && unprivileged && seccomp && minimalEtc && cgroups != nil }
+
+    public var summary: String {
+        [("namespaces", namespaces), ("uid", unprivileged), ("seccomp", seccomp), ("etc", minimalEtc)]
+            .map { "\($0.0)=\($0.1 ? "on" : "off")" }.joined(separator: " ")
+            + " cgroups=\(cgroups ?? "off") netns=\(network ? "on" : "off")"
     }
 }

@@ -289,7 +289,8 @@ final class ReactorClient: ReactorSocket {
     func upstreamFailed(_ reason: String, retryable: Bool) {
         guard phase == .forwarding, let upstream else { return }
         upstream.close()
-        if retryable, headInFlight, !responseStarted, !hasBody {
+        let failure = loop.reactor.shared.instanceFailure(reason, instanceID: lease?.instanceID)
+        if retryable, !failure.known, headInFlight, !responseStarted, !hasBody {
             // A kept-alive connection the instance had already closed: the NIO handler sends the request again
             // on a fresh one (it has not been answered, and it has no body).
             giveBackSlot()
@@ -298,7 +299,7 @@ final class ReactorClient: ReactorSocket {
             handOff()
             return
         }
-        failExchange(ApusError(.instanceError, reason))
+        failExchange(failure.error)
     }
 
     /// The connection to the instance could not be made: nothing was sent, so the request goes to the NIO

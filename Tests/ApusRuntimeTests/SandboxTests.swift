@@ -1,0 +1,151 @@
+import ApusCore
+import Foundation
+import Logging
+import Testing
+
+@testable import ApusRuntime
+
+/// The cgroup layouts, against directories laid out as cgroup trees (the kernel's own files are written by the
+/// code under test; `createsFilesForTests` makes plain files stand in for them).
+@Suite("instance cgroups", .serialized)
+struct InstanceCgroupsTests {
+    let root: URL
+
+    init() throws {
+        root = FileManager.default.temporaryDirectory.appendingPathComponent("cgroup-test-\(UUID().uuidString)")
+        try FileManager.default.createDirectory(at: root, withIntermediateDirectories: true)
+        InstanceCgroups.createsFilesForTests = true
+    }
+
+    func read(_ path: String) -> String? {
+        try? String(contentsOf: root.appendingPathComponent(path), encoding: .utf8)
+    }
+
+    func write(_ text: String, _ path: String) throws {
+        let url = root.appendingPathComponent(path)
+        try FileManager.default.createDirectory(at: url.deletingLastPathComponent(), withIntermediateDirectories: true)
+        try Data(text.utf8).write(to: url)
+    }
+
+    @Test func v2AtTheRootOfTheTree() throws {
+        try write("cpuset cpu io memory hugetlb pids rdma misc\n", "cgroup.controllers")
+        let cgroups = try InstanceCgroups.detect(root: root, ownCgroup: "/").get()
+        #expect(cgroups.version == .v2)
+        #expect(read("cgroup.subtree_control") == "+memory +cpu +pids")
+        #expect(read("apus/cgroup.subtree_control") == "+memory +cpu +pids")
+        #expect(read("apus/instances/cgroup.subtree_control") == "+memory +cpu +pids")
+        let cgroup = try cgroups.create(name: "i-1", limits: ResourceLimits(memoryBytes: 128 << 20, cpuMillis: 250, pids: 64))
+        #expect(read("apus/instances/i-1/memory.max") == "134217728")
+        #expect(read("apus/instances/i-1/cpu.max") == "25000 100000")
+        #expect(read("apus/instances/i-1/pids.max") == "64")
+        #expect(cgroup.procsFiles == [root.appendingPathComponent("apus/instances/i-1/cgroup.procs").path])
+        #expect(cgroup.oomKills == 0)
+        try write("low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\noom_group_kill 0\n", "apus/instances/i-1/memory.events")
+        #expect(cgroup.oomKills == 1)
+        // A prewarmed process taking on a function's limits.
+        try cgroup.apply(ResourceLimits(memoryBytes: 1 << 30, cpuMillis: 2000, pids: 512))
+        #expect(read("apus/instances/i-1/cpu.max") == "200000 100000")
+    }
+
+    @Test func v2InASubtreeSystemdDelegated() throws {
+        try write("cpu memory pids\n", "cgroup.controllers")
+        try FileManager.default.createDirectory(at: root.appendingPathComponent("system.slice/apusd.service"), withIntermediateDirectories: true)
+        let cgroups = try InstanceCgroups.detect(root: root, ownCgroup: "/system.slice/apusd.service").get()
+        // apusd moved itself into a leaf before handing controllers to its children.
+        #expect(read("system.slice/apusd.service/apusd/cgroup.procs") == String(getpid()))
+        #expect(read("system.slice/apusd.service/cgroup.subtree_control") == "+memory +cpu +pids")
+        #expect(read("system.slice/apusd.service/instances/cgroup.subtree_control") == "+memory +cpu +pids")
+        _ = try cgroups.create(name: "i-2", limits: ResourceLimits(memoryBytes: 64 << 20, cpuMillis: 1000, pids: 512))
+        #expect(read("system.slice/apusd.service/instances/i-2/memory.max") == "67108864")
+    }
+
+    @Test func v2WithoutTheControllersIsRefusedWithTheReason() throws {
+        try write("cpuset io hugetlb\n", "cgroup.controllers")
+        guard case .failure(let error) = InstanceCgroups.detect(root: root, ownCgroup: "/") else {
+            Issue.record("a v2 tree without memory/cpu/pids was accepted")
+            return
+        }
+        #expect(error.message.contains("memory, cpu, pids"))
+    }
+
+    @Test func v1Hierarchies() throws {
+        for controller in ["memory", "cpu", "pids"] { try write("", "\(controller)/cgroup.procs") }
+        let cgroups = try InstanceCgroups.detect(root: root).get()
+        #expect(cgroups.version == .v1)
+        let cgroup = try cgroups.create(name: "i-3", limits: ResourceLimits(memoryBytes: 256 << 20, cpuMillis: 500, pids: 100))
+        #expect(read("memory/apus/i-3/memory.limit_in_bytes") == "268435456")
+        #expect(read("cpu/apus/i-3/cpu.cfs_period_us") == "100000")
+        #expect(read("cpu/apus/i-3/cpu.cfs_quota_us") == "50000")
+        #expect(read("pids/apus/i-3/pids.max") == "100")
+        #expect(cgroup.procsFiles.count == 3)
+        try write("oom_kill_disable 0\nunder_oom 0\noom_kill 2\n", "memory/apus/i-3/memory.oom_control")
+        #expect(cgroup.oomKills == 2)
+    }
+
+    @Test func noCgroupTreeIsRefusedWithTheReason() {
+        guard case .failure(let error) = InstanceCgroups.detect(root: root) else {
+            Issue.record("an empty directory was taken for a cgroup tree")
+            return
+        }
+        #expect(error.message.contains("no cgroup v2 with controllers and no v1 memory hierarchy"))
+    }
+}
+
+@Suite("sandbox identities and argv")
+struct SandboxArgvTests {
+    @Test func uidsAreDistinctAndReusedOnlyAfterRelease() throws {
+        let directory = FileManager.default.temporaryDirectory.appendingPathComponent("uids-\(UUID().uuidString)")
+        let ids = SandboxIdentities(range: 300_000...300_015, directory: directory)
+        var taken: [UInt32] = []
+        for _ in 0..<16 { taken.append(try ids.allocate()) }
+        #expect(Set(taken).count == 16 && taken.allSatisfy { (300_000...300_015).contains($0) })
+        #expect(throws: ApusError.self) { try ids.allocate() }
+        ids.release(taken[3])
+        #expect(try ids.allocate() == taken[3])
+        let accounts = try ids.accountFiles(for: taken[0])
+        let passwd = try String(contentsOf: accounts.appendingPathComponent("passwd"), encoding: .utf8)
+        #expect(passwd.contains("apus:x:300000:300000:"))
+    }
+
+    @Test(arguments: ["200000-265535", "1000-1015"])
+    func rangesParse(text: String) {
+        #expect(SandboxIdentities.parseRange(text) != nil)
+    }
+
+    @Test(arguments: ["0-100000", "999-5000", "5000-5001", "10-", "a-b", "300000-200000"])
+    func badRangesAreRefused(text: String) {
+        #expect(SandboxIdentities.parseRange(text) == nil)
+    }
+
+    @Test func everyLayerIsInTheArgv() throws {
+        let state = FileManager.default.temporaryDirectory.appendingPathComponent("sandbox-\(UUID().uuidString)")
+        let etc = try Sandbox.writeMinimalEtc(into: state.appendingPathComponent("etc"))
+        let identities = SandboxIdentities(range: 400_000...400_100, directory: state.appendingPathComponent("users"))
+        let sandbox = Sandbox(mode: .bubblewrap, bwrapPath: "/usr/bin/bwrap", prlimitPath: "/usr/bin/prlimit",
+                              initPath: "/opt/apus/apus-sandbox-init", identities: identities, etcDirectory: etc)
+        let cgroup = InstanceCgroup(version: .v1, directories: ["memory": URL(fileURLWithPath: "/cg/memory/apus/i-9"),
+                                                               "cpu": URL(fileURLWithPath: "/cg/cpu/apus/i-9"),
+                                                               "pids": URL(fileURLWithPath: "/cg/pids/apus/i-9")])
+        let argv = try sandbox.wrap(command: ["/usr/bin/python3", "/apus/bootstrap.py"], codeDirectory: URL(fileURLWithPath: "/data/code/x"),
+                                    runtimeDirectory: URL(fileURLWithPath: "/rt"), limits: ResourceLimits(memoryBytes: 1 << 27, cpuMillis: 500, pids: 64),
+                                    uid: 400_007, cgroup: cgroup)
+        let line = argv.joined(separator: " ")
+        // prlimit without an address-space limit (the cgroup has the memory limit), then the cgroup join, then bwrap.
+        #expect(line.hasPrefix("/usr/bin/prlimit --nofile=1024 -- /opt/apus/apus-sandbox-init --cgroup /cg/cpu/apus/i-9/cgroup.procs --cgroup /cg/memory/apus/i-9/cgroup.procs --cgroup /cg/pids/apus/i-9/cgroup.procs -- /usr/bin/bwrap "))
+        #expect(!line.contains("--as="))
+        #expect(line.contains("--new-session") && line.contains("--unshare-pid") && line.contains("--die-with-parent"))
+        #expect(line.contains("--perms 1777 --size 134217728 --tmpfs /tmp"))
+        #expect(line.contains("--perms 0755 --dir /etc"))
+        #expect(line.contains("/users/400007/passwd /etc/passwd"))
+        #expect(!line.contains("--ro-bind /etc /etc"), "never the host's whole /etc")
+        #expect(line.hasSuffix("--ro-bind /opt/apus/apus-sandbox-init /.apus-init --chdir /code -- /.apus-init --drop-caps --gid 400007 --uid 400007 --seccomp -- /usr/bin/python3 /apus/bootstrap.py"))
+    }
+
+    @Test func withoutCgroupsMemoryFallsBackToTheAddressSpaceLimit() throws {
+        let sandbox = Sandbox(mode: .rlimitsOnly, bwrapPath: nil, prlimitPath: "/usr/bin/prlimit")
+        let argv = try sandbox.wrap(command: ["./server"], codeDirectory: URL(fileURLWithPath: "/c"), runtimeDirectory: nil,
+                                    limits: ResourceLimits(memoryBytes: 1 << 28, cpuMillis: 1000, pids: 512))
+        #expect(argv == ["/usr/bin/prlimit", "--nofile=1024", "--as=268435456", "--", "./server"])
+        #expect(!sandbox.layers.complete)
+    }
+}
