@@ -46,16 +46,19 @@ public final class ControlPlane: Sendable {
     public let scheduler: Scheduler
     public let logs: FunctionLogs
     public let limits: DeployLimits
+    /// What a code archive may hold (entries, unpacked bytes, manifest size).
+    public let archiveLimits: CodeArchive.Limits
     private let logger: Logger
     public static let maxArchiveBytes = 64 << 20
 
     public init(store: any Store, code: CodeStore, scheduler: Scheduler, logs: FunctionLogs, limits: DeployLimits = DeployLimits(),
-                logger: Logger) {
+                archiveLimits: CodeArchive.Limits = CodeArchive.Limits(), logger: Logger) {
         self.store = store
         self.code = code
         self.scheduler = scheduler
         self.logs = logs
         self.limits = limits
+        self.archiveLimits = archiveLimits
         self.logger = logger
     }
 
@@ -83,6 +86,12 @@ public final class ControlPlane: Sendable {
         }
         guard archive.count > 2, archive[archive.startIndex] == 0x1f, archive[archive.startIndex + 1] == 0x8b else {
             throw ApusError(.badRequest, "upload must be a gzip-compressed tar archive of the function directory")
+        }
+        // Its table of contents first: nothing is read, kept or unpacked from an archive that holds device nodes,
+        // unpacks past the limits, or carries an oversized apus.yaml.
+        let contents = try CodeArchive.inspect(archive, limits: archiveLimits)
+        guard contents.manifestBytes != nil else {
+            throw ApusError(.badRequest, "archive has no \(FunctionManifest.fileName) at its root")
         }
         let manifestData: Data
         do {
@@ -118,6 +127,8 @@ public final class ControlPlane: Sendable {
             return DeployResult(function: manifest.name, version: latest, release: record.release, created: false)
         }
 
+        code.deployStarted(digest)
+        defer { code.deployFinished(digest) }
         try code.put(archive)
         _ = try code.unpacked(digest)  // proves the archive extracts before a version points at it
         let (version, newRelease) = try store.createVersion(manifest: manifest, codeDigest: digest, release: release, now: Date())
@@ -161,7 +172,22 @@ public final class ControlPlane: Sendable {
         catalog.remove(function)
         await scheduler.remove(function: function)
         logs.remove(function: function)
+        collectCode()
         logger.info("deleted", metadata: ["function": "\(function)"])
+    }
+
+    /// Removes code blobs and unpacked code that no version of any function refers to any more.
+    func collectCode() {
+        do throws(ApusError) {
+            var referenced: Set<String> = []
+            for record in try store.functions() {
+                for version in try store.versions(of: record.name) { referenced.insert(version.codeDigest) }
+            }
+            let removed = code.collectGarbage(keeping: referenced)
+            if removed > 0 { logger.info("code no version refers to removed", metadata: ["archives": "\(removed)"]) }
+        } catch {
+            logger.warning("cannot collect unreferenced code", metadata: ["reason": "\(error.message)"])
+        }
     }
 
     public func requireFunction(_ name: String) throws(ApusError) -> FunctionRecord {

@@ -21,6 +21,23 @@ public final class CodeStore: Sendable {
         }
     }
 
+    /// Digests (hex) of archives stored by deploys that have not finished, with how many such deploys.
+    private let deploying = Mutex<[String: Int]>([:])
+
+    /// Marks an archive as in use by a deploy until `deployFinished` (garbage collection leaves it alone).
+    public func deployStarted(_ digest: String) {
+        guard let hex = try? hex(digest) else { return }
+        deploying.withLock { $0[hex, default: 0] += 1 }
+    }
+
+    public func deployFinished(_ digest: String) {
+        guard let hex = try? hex(digest) else { return }
+        deploying.withLock { state in
+            state[hex, default: 1] -= 1
+            if state[hex] == 0 { state[hex] = nil }
+        }
+    }
+
     public static func digest(of data: Data) -> String {
         let hash = SHA256.hash(data: data)
         return "sha256:" + hash.map { String(format: "%02x", $0) }.joined()
@@ -81,6 +98,32 @@ public final class CodeStore: Sendable {
             guard chmod(path, mode) == 0 else {
                 throw ApusError(.internal, "cannot make unpacked code readable (\(path)): \(String(cString: strerror(errno)))")
             }
+        }
+    }
+
+    /// Removes every archive and unpacked folder whose digest is not in `digests`; returns how many archives went.
+    @discardableResult
+    public func collectGarbage(keeping digests: Set<String>) -> Int {
+        let keep = Set(digests.compactMap { try? hex($0) })
+        let files = FileManager.default
+        var removed = 0
+        return unpackLock.withLock { _ in
+            let blobs = root.appendingPathComponent("blobs/sha256")
+            // Archives of deploys still under way are kept too: their versions are not recorded yet.
+            let inFlight = deploying.withLock { Set($0.keys) }
+            for name in (try? files.contentsOfDirectory(atPath: blobs.path)) ?? [] where name.hasSuffix(".tar.gz") {
+                let hex = String(name.dropLast(".tar.gz".count))
+                guard !keep.contains(hex), !inFlight.contains(hex) else { continue }
+                try? files.removeItem(at: blobs.appendingPathComponent(name))
+                removed += 1
+            }
+            let unpacked = root.appendingPathComponent("unpacked")
+            for name in (try? files.contentsOfDirectory(atPath: unpacked.path)) ?? [] where !name.hasPrefix(".") && !keep.contains(name) {
+                // Unpacked only from a blob: once its blob is gone (or was never kept), it goes too.
+                guard !files.fileExists(atPath: blobs.appendingPathComponent("\(name).tar.gz").path) else { continue }
+                try? files.removeItem(at: unpacked.appendingPathComponent(name))
+            }
+            return removed
         }
     }
 

@@ -152,6 +152,13 @@ struct Apusd: AsyncParsableCommand {
     @Option(help: "Address functions are registered in the mesh with (default: --host).")
     var advertiseAddress: String?
 
+    /// `value`, once the database file it opened is made readable by apusd alone (SQLite gives its -wal and -shm
+    /// files the database's mode).
+    static func privateFile<T>(_ value: T, _ file: URL) -> T {
+        for suffix in ["", "-wal", "-shm", "-journal"] { chmod(file.path + suffix, 0o600) }
+        return value
+    }
+
     /// A binary installed beside apusd (apus-sidecar, apus-sandbox-init).
     static func besideExecutable(_ name: String) -> String {
         let executable = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe"))
@@ -241,7 +248,11 @@ struct Apusd: AsyncParsableCommand {
             throw ValidationError("refusing to start: instances would run with sandbox layers missing (\(layers.summary)): \(sandbox.problems.joined(separator: "; ")). Fix the host (docs/security.md) or pass --insecure-sandbox to run anyway.")
         }
         try FileManager.default.createDirectory(at: dataURL, withIntermediateDirectories: true)
-        let store = try SQLiteStore(path: dataURL.appendingPathComponent("apus.db").path)
+        // The data directory holds the store, every function's code and environment, and the task queue: apusd's
+        // alone (instances reach their own code through bind mounts, never through this path).
+        chmod(dataURL.path, 0o700)
+        let store = try Self.privateFile(SQLiteStore(path: dataURL.appendingPathComponent("apus.db").path),
+                                         dataURL.appendingPathComponent("apus.db"))
         let code = try CodeStore(root: dataURL.appendingPathComponent("code"))
         let logs = try FunctionLogs(directory: dataURL.appendingPathComponent("logs"))
 
@@ -306,7 +317,8 @@ struct Apusd: AsyncParsableCommand {
             configuration: .init(maxPayloadBytes: Int(maxPayload), resultLimit: Int(resultLimit),
                                  retention: try parseDuration(taskRetention, "task-retention"),
                                  cancelGrace: try parseDuration(taskCancelGrace, "task-cancel-grace")),
-            store: try TaskStore(path: dataURL.appendingPathComponent("tasks.sqlite").path, durability: durability),
+            store: try Self.privateFile(TaskStore(path: dataURL.appendingPathComponent("tasks.sqlite").path, durability: durability),
+                                        dataURL.appendingPathComponent("tasks.sqlite")),
             scheduler: scheduler, invoker: InstanceTaskInvoker(),
             apiBase: { ports.apiURL }, logger: Logger(label: "apus.tasks"))
         let stopping = ShutdownFlag()

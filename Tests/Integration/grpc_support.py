@@ -8,6 +8,7 @@ Needs the pip packages grpcio, grpcio-health-checking and protobuf (Scripts/inst
 from __future__ import annotations
 
 import os
+import queue
 import sys
 from pathlib import Path
 
@@ -88,3 +89,12 @@ def connections_to(port: int) -> int:
         if target.startswith("socket:[") and target[8:-1] in inodes:
             count += 1
     return count
+
+
+def queued_requests(outgoing: queue.Queue):
+    """A request stream fed message by message: yields what the test puts on `outgoing` until it puts None."""
+    while True:
+        item = outgoing.get()
+        if item is None:
+            return
+        yield item

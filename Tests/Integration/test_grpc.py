@@ -32,6 +32,7 @@ from grpc_support import (
     echo_stub,
     insecure_channel,
     metadata_dict,
+    queued_requests,
     req,
     secure_channel,
     wait_for_log,
@@ -119,14 +120,7 @@ def test_bidirectional_streaming_message_by_message(stub):
     not buffered until the client half-closes."""
     outgoing: queue.Queue = queue.Queue()
 
-    def requests():
-        while True:
-            item = outgoing.get()
-            if item is None:
-                return
-            yield item
-
-    responses = stub.Update(requests(), timeout=CALL_TIMEOUT)
+    responses = stub.Update(queued_requests(outgoing), timeout=CALL_TIMEOUT)
     try:
         for i in range(5):
             outgoing.put(req(text=f"m{i}"))
@@ -273,14 +267,7 @@ def test_client_cancel_reaches_the_function(apusd, stub):
     bidi_text = unique("cancel-bidi")
     outgoing: queue.Queue = queue.Queue()
 
-    def requests():
-        while True:
-            item = outgoing.get()
-            if item is None:
-                return
-            yield item
-
-    responses = stub.Update(requests(), timeout=CALL_TIMEOUT)
+    responses = stub.Update(queued_requests(outgoing), timeout=CALL_TIMEOUT)
     outgoing.put(req(text=bidi_text, sleep_ms=20000))
     wait_until_in_flight(apusd, ECHO_FUNCTION)
     time.sleep(0.3)

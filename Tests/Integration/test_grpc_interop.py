@@ -20,7 +20,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from apus_testlib import FUNCTIONS_DIR, assert_error, tar_gz_dir
-from grpc_support import CALL_TIMEOUT, insecure_channel, metadata_dict
+from grpc_support import CALL_TIMEOUT, insecure_channel, metadata_dict, queued_requests
 from test_grpc import _fields
 
 INTEROP_DIR = FUNCTIONS_DIR / "grpc-interop"
@@ -129,14 +129,7 @@ def test_ping_pong(stub):
     """FullDuplexCall, three messages: each response arrives before the next request is sent."""
     outgoing: queue.Queue = queue.Queue()
 
-    def requests():
-        while True:
-            item = outgoing.get()
-            if item is None:
-                return
-            yield item
-
-    responses = stub.FullDuplexCall(requests(), timeout=CALL_TIMEOUT)
+    responses = stub.FullDuplexCall(queued_requests(outgoing), timeout=CALL_TIMEOUT)
     try:
         for request_size, response_size in list(zip(STREAM_REQUEST_SIZES, STREAM_RESPONSE_SIZES))[:3]:
             request = output_request(response_size)

@@ -83,24 +83,19 @@ extension FunctionManifest {
                 }
                 settings.protocol = encoding
             }
-            if let methods = try thrift.optionalStringList("methods") {
+            // Lists of Thrift method names, each a name and none twice.
+            func methodList(_ key: String) throws(ApusError) -> [String]? {
+                guard let methods = try thrift.optionalStringList(key) else { return nil }
                 for (index, method) in methods.enumerated() where !isThriftIdentifier(method) {
-                    throw ManifestReader.failure("thrift.methods[\(index)]", "must be a method name (got \"\(method)\")")
+                    throw ManifestReader.failure("thrift.\(key)[\(index)]", "must be a method name (got \"\(method)\")")
                 }
                 if let duplicate = methods.first(where: { method in methods.filter { $0 == method }.count > 1 }) {
-                    throw ManifestReader.failure("thrift.methods", "lists \(duplicate) twice")
+                    throw ManifestReader.failure("thrift.\(key)", "lists \(duplicate) twice")
                 }
-                settings.methods = methods
+                return methods
             }
-            if let oneway = try thrift.optionalStringList("oneway") {
-                for (index, method) in oneway.enumerated() where !isThriftIdentifier(method) {
-                    throw ManifestReader.failure("thrift.oneway[\(index)]", "must be a method name (got \"\(method)\")")
-                }
-                if let duplicate = oneway.first(where: { method in oneway.filter { $0 == method }.count > 1 }) {
-                    throw ManifestReader.failure("thrift.oneway", "lists \(duplicate) twice")
-                }
-                settings.oneway = oneway
-            }
+            if let methods = try methodList("methods") { settings.methods = methods }
+            if let oneway = try methodList("oneway") { settings.oneway = oneway }
             manifest.thrift = settings
         } else if manifest.protocol == .thrift {
             throw ManifestReader.failure("thrift.service", "is required for protocol: thrift (e.g. thrift: {service: Calculator, transport: framed, protocol: binary})")

@@ -30,6 +30,141 @@ public enum CodeArchive {
         _ = try run("/usr/bin/env", ["tar", "--no-same-owner", "--no-same-permissions", "-xzf", archive.path, "-C", destination.path], input: nil)
     }
 
+    /// What a deployed archive may hold, checked before anything of it is kept or read.
+    public struct Limits: Sendable {
+        /// Bytes of all regular files together, unpacked.
+        public var maxUnpackedBytes: Int64
+        /// Entries of any kind.
+        public var maxEntries: Int
+        /// The size of `apus.yaml`.
+        public var maxManifestBytes: Int64
+
+        public init(maxUnpackedBytes: Int64 = 512 << 20, maxEntries: Int = 20_000, maxManifestBytes: Int64 = 64 << 10) {
+            self.maxUnpackedBytes = maxUnpackedBytes
+            self.maxEntries = maxEntries
+            self.maxManifestBytes = maxManifestBytes
+        }
+    }
+
+    /// What `inspect` found.
+    public struct Contents: Sendable, Equatable {
+        public var entries = 0
+        public var unpackedBytes: Int64 = 0
+        public var manifestBytes: Int64?
+    }
+
+    /// Walks an archive's table of contents (tar's verbose listing, read as it streams) and refuses, naming the
+    /// member: device nodes, FIFOs and sockets; absolute names and `..`; more entries or unpacked bytes than
+    /// `limits` allow (a gzip bomb is stopped at the first header past the limit, not after unpacking it); an
+    /// `apus.yaml` larger than its limit.
+    public static func inspect(_ archive: Data, limits: Limits = Limits()) throws(ApusError) -> Contents {
+        var contents = Contents()
+        var failure: ApusError?
+        var pending = ""
+        try stream("/usr/bin/env", ["tar", "--numeric-owner", "--absolute-names", "-tvzf", "-"], input: archive) { chunk in
+            pending += chunk
+            while let newline = pending.firstIndex(of: "\n") {
+                let line = String(pending[..<newline])
+                pending.removeSubrange(...newline)
+                if let error = check(line: line, limits: limits, contents: &contents) {
+                    failure = error
+                    return false
+                }
+            }
+            return true
+        }
+        if let failure { throw failure }
+        if !pending.isEmpty, let error = check(line: pending, limits: limits, contents: &contents) { throw error }
+        return contents
+    }
+
+    /// One line of `tar -tv`: `-rw-r--r-- 0/0  1234 1970-01-01 00:00 ./name` (devices show `major,minor` as size).
+    static func check(line: String, limits: Limits, contents: inout Contents) -> ApusError? {
+        let fields = line.split(separator: " ", maxSplits: 5, omittingEmptySubsequences: true)
+        guard fields.count == 6, let kind = fields[0].first else {
+            return ApusError(.badRequest, "code archive: unreadable entry \"\(line.prefix(200))\"")
+        }
+        var name = String(fields[5])
+        if kind == "l", let arrow = name.range(of: " -> ") { name = String(name[..<arrow.lowerBound]) }
+        if kind == "h", let link = name.range(of: " link to ") { name = String(name[..<link.lowerBound]) }
+        contents.entries += 1
+        guard contents.entries <= limits.maxEntries else {
+            return ApusError(.tooLarge, "code archive: more than \(limits.maxEntries) entries")
+        }
+        switch kind {
+        case "-", "d", "l", "h":
+            break
+        case "c", "b":
+            return ApusError(.badRequest, "code archive: \(name) is a device node; only files, folders and links are accepted")
+        case "p":
+            return ApusError(.badRequest, "code archive: \(name) is a FIFO; only files, folders and links are accepted")
+        case "s":
+            return ApusError(.badRequest, "code archive: \(name) is a socket; only files, folders and links are accepted")
+        default:
+            return ApusError(.badRequest, "code archive: \(name) is of an unsupported kind (\(kind)); only files, folders and links are accepted")
+        }
+        if name.hasPrefix("/") || name.split(separator: "/").contains("..") {
+            return ApusError(.badRequest, "code archive: \(name) points outside the function folder")
+        }
+        guard kind == "-" else { return nil }
+        guard let size = Int64(fields[2]), size >= 0 else {
+            return ApusError(.badRequest, "code archive: unreadable size of \(name)")
+        }
+        contents.unpackedBytes += size
+        if contents.unpackedBytes > limits.maxUnpackedBytes {
+            return ApusError(.tooLarge, "code archive: unpacks to more than \(ByteSize.format(limits.maxUnpackedBytes)) (at \(name))")
+        }
+        if name == FunctionManifest.fileName || name == "./\(FunctionManifest.fileName)" {
+            contents.manifestBytes = size
+            if size > limits.maxManifestBytes {
+                return ApusError(.tooLarge, "code archive: \(FunctionManifest.fileName) is \(ByteSize.format(size)); the limit is \(ByteSize.format(limits.maxManifestBytes))")
+            }
+        }
+        return nil
+    }
+
+    /// Runs a command, handing its stdout to `body` as it arrives; `body` returns false to stop it early.
+    static func stream(_ executable: String, _ arguments: [String], input: Data, _ body: (String) -> Bool) throws(ApusError) {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: executable)
+        process.arguments = arguments
+        let stdout = Pipe()
+        let stderr = Pipe()
+        let stdin = Pipe()
+        process.standardOutput = stdout
+        process.standardError = stderr
+        process.standardInput = stdin
+        do {
+            try process.run()
+        } catch {
+            throw ApusError(.internal, "cannot run \(arguments.first ?? executable): \(error)")
+        }
+        let writer = stdin.fileHandleForWriting
+        Thread.detachNewThread {
+            writer.write(input)
+            try? writer.close()
+        }
+        let errorReader = ErrorCollector(stderr.fileHandleForReading)
+        let reader = stdout.fileHandleForReading
+        var stopped = false
+        while true {
+            let data = reader.availableData
+            if data.isEmpty { break }
+            if !body(String(decoding: data, as: UTF8.self)) {
+                stopped = true
+                process.terminate()
+                break
+            }
+        }
+        try? reader.close()
+        process.waitUntilExit()
+        let errorText = errorReader.finish()
+        guard stopped || process.terminationStatus == 0 else {
+            let reason = errorText.split(separator: "\n").first.map(String.init) ?? "exit status \(process.terminationStatus)"
+            throw ApusError(.badRequest, "code archive: \(arguments.first ?? executable) failed: \(reason)")
+        }
+    }
+
     /// Reads one member of an archive without extracting the rest.
     /// Archives made by `apus deploy` name members `./x`; other tools write bare `x`. Both are accepted.
     public static func readMember(_ name: String, of archive: Data) throws(ApusError) -> Data {
