@@ -12,10 +12,18 @@ final class CallbackSender: Sendable {
 
     init(logger: Logger) {
         var configuration = HTTPClient.Configuration()
-        configuration.redirectConfiguration = .follow(max: 3, allowCycles: false)
+        // A redirect could lead anywhere, the node itself included: not followed (a 3xx is a failed attempt).
+        configuration.redirectConfiguration = .disallow
         configuration.timeout = .init(connect: .seconds(5), read: .seconds(30))
         client = HTTPClient(eventLoopGroupProvider: .singleton, configuration: configuration)
         self.logger = logger
+    }
+
+    /// `policy.refusal(for:resolve:)` on a thread of its own (name resolution blocks).
+    static func refusal(_ policy: CallbackPolicy, _ url: String) async -> String? {
+        await withCheckedContinuation { continuation in
+            Thread.detachNewThread { continuation.resume(returning: policy.refusal(for: url, resolve: true)) }
+        }
     }
 
     func shutdown() async {
@@ -23,9 +31,15 @@ final class CallbackSender: Sendable {
     }
 
     /// Returns whether it was delivered, and after how many attempts.
-    func deliver(_ body: Data, to url: String, attempts: Int, backoff: Duration, task: String) async -> (Bool, Int) {
+    func deliver(_ body: Data, to url: String, attempts: Int, backoff: Duration, task: String,
+                 policy: CallbackPolicy = CallbackPolicy()) async -> (Bool, Int) {
         var delay = backoff
         for attempt in 1...max(1, attempts) {
+            // What the host resolves to now (a name may have been pointed at this node since it was accepted).
+            if let refusal = await Self.refusal(policy, url) {
+                logger.warning("task callback refused", metadata: ["task": "\(task)", "url": "\(url)", "reason": "\(refusal)"])
+                return (false, attempt)
+            }
             var request = HTTPClientRequest(url: url)
             request.method = .POST
             request.headers.add(name: "Content-Type", value: "application/json")

@@ -30,6 +30,8 @@ public final class TaskManager: Service, AsyncTaskSubmitter {
         /// Callback deliveries: attempts and the first delay between them (doubling).
         public var callbackAttempts: Int
         public var callbackBackoff: Duration
+        /// Where callbacks may go (by default not to this node: loopback, link-local, its own addresses).
+        public var callbackPolicy = CallbackPolicy()
 
         public init(maxPayloadBytes: Int = 6 << 20, resultLimit: Int = 1 << 20, retention: Duration = .seconds(7 * 86_400),
                     cancelGrace: Duration = .seconds(5), slotWait: Duration = .seconds(30), tickInterval: Duration = .milliseconds(100),
@@ -139,6 +141,9 @@ public final class TaskManager: Service, AsyncTaskSubmitter {
         if let key = submission.idempotencyKey { try TaskSubmission.validateIdempotencyKey(key) }
         if let url = submission.callbackURL, !FunctionManifest.isCallbackURL(url) {
             throw ApusError(.badRequest, "callback URL must be an absolute http:// or https:// URL (got \"\(url.prefix(200))\")")
+        }
+        if let url = submission.callbackURL, let refusal = configuration.callbackPolicy.refusal(for: url, resolve: false) {
+            throw ApusError(.badRequest, refusal)
         }
         let version = try scheduler.catalog.route(function: submission.function, pinnedVersion: submission.pinnedVersion, roll: 0)
         let wire = version.manifest.protocol
@@ -503,7 +508,8 @@ public final class TaskManager: Service, AsyncTaskSubmitter {
             return
         }
         let (delivered, attempts) = await callbacks.deliver(body, to: url, attempts: configuration.callbackAttempts,
-                                                            backoff: configuration.callbackBackoff, task: id)
+                                                            backoff: configuration.callbackBackoff, task: id,
+                                                            policy: configuration.callbackPolicy)
         try? await store.apply([.callback(id: id, state: delivered ? "delivered" : "failed", attempts: attempts)])
     }
 

@@ -113,6 +113,9 @@ struct Apusd: AsyncParsableCommand {
     @Option(parsing: .unconditional, help: "Largest pids (processes and threads) a function may ask for.")
     var maxPids = 4096
 
+    @Option(help: "Task callbacks may go to this host, address or CIDR (repeatable); loopback, link-local and this node's own addresses are refused unless listed.")
+    var callbackAllow: [String] = []
+
     @Option(help: "Range of uids (and gids) instances run as, one per instance: FIRST-LAST.")
     var sandboxUids = "200000-265535"
 
@@ -202,6 +205,7 @@ struct Apusd: AsyncParsableCommand {
             throw ValidationError("--max-cpu: must be cores such as 4 or millicores such as 1500m (got \(maxCpu))")
         }
         guard (8...65_536).contains(maxPids) else { throw ValidationError("--max-pids: must be 8...65536 (got \(maxPids))") }
+        if case .failure(let error) = CallbackPolicy.parse(callbackAllow) { throw ValidationError(error.message) }
         guard SandboxIdentities.parseRange(sandboxUids) != nil else {
             throw ValidationError("--sandbox-uids: must be FIRST-LAST with 1000 <= FIRST, LAST < 4294967295 and at least 16 uids (got \(sandboxUids))")
         }
@@ -313,10 +317,13 @@ struct Apusd: AsyncParsableCommand {
         guard let durability = TaskStore.Durability(rawValue: taskDurability) else {
             throw ValidationError("--task-durability: must be full or normal (got \(taskDurability))")
         }
+        var taskConfiguration = TaskManager.Configuration(
+            maxPayloadBytes: Int(maxPayload), resultLimit: Int(resultLimit),
+            retention: try parseDuration(taskRetention, "task-retention"),
+            cancelGrace: try parseDuration(taskCancelGrace, "task-cancel-grace"))
+        taskConfiguration.callbackPolicy = try CallbackPolicy.parse(callbackAllow).get()
         let tasks = try TaskManager(
-            configuration: .init(maxPayloadBytes: Int(maxPayload), resultLimit: Int(resultLimit),
-                                 retention: try parseDuration(taskRetention, "task-retention"),
-                                 cancelGrace: try parseDuration(taskCancelGrace, "task-cancel-grace")),
+            configuration: taskConfiguration,
             store: try Self.privateFile(TaskStore(path: dataURL.appendingPathComponent("tasks.sqlite").path, durability: durability),
                                         dataURL.appendingPathComponent("tasks.sqlite")),
             scheduler: scheduler, invoker: InstanceTaskInvoker(),

@@ -348,6 +348,10 @@ class Apusd:
             # Short autoscaler windows, so that instances of these tests still go idle within IDLE_TIMEOUT
             # after their traffic (the autoscaler's own behaviour has its own tests).
             cmd += ["--autoscale-window", "2s", "--scale-to-zero-grace", "0s"]
+        if "--callback-allow" not in self.extra_args and apusd_has_option("--callback-allow"):
+            # The tests' callback sinks listen on loopback, which apusd refuses by default (test_tasks.py has the
+            # refusals, on a daemon of their own).
+            cmd += ["--callback-allow", "127.0.0.1"]
         if "--thrift-port" not in self.extra_args and apusd_has_option("--thrift-port"):
             # Every daemon gets a Thrift port too (a free one) once apusd has the listener.
             cmd += ["--thrift-port", "0"]

@@ -13,7 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from apus_testlib import FUNCTIONS_DIR, KeepAliveClient, assert_error, copy_function, http_request
+from apus_testlib import FUNCTIONS_DIR, Apusd, KeepAliveClient, assert_error, copy_function, http_request
 
 TASKER = FUNCTIONS_DIR / "tasker"
 FINAL = {"succeeded", "failed", "cancelled", "timed_out", "expired"}
@@ -371,6 +371,87 @@ def test_callback_receives_the_outcome_with_retries(apusd, deployed):
         assert get_task(apusd, task_id)["callbackState"] == "delivered"
     finally:
         sink.close()
+
+
+class RedirectingSink:
+    """Answers every POST with a 307 redirect to `target` (another sink): a redirect must not be followed."""
+
+    def __init__(self, target: str):
+        self.hits = 0
+        sink = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                sink.hits += 1
+                self.send_response(307)
+                self.send_header("Location", target)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.timeout(120)
+def test_callbacks_to_this_node_are_refused_by_default(tmp_path):
+    """SSRF: an anonymous caller may not make apusd POST to the node's own services. Without --callback-allow,
+    loopback, link-local (the cloud metadata address) and unspecified addresses are refused at submission with the
+    reason, and a host name that resolves to loopback is refused at delivery (the callback fails, nothing is sent)."""
+    d = Apusd(tmp_path / "apusd", extra_args=("--callback-allow", "203.0.113.7"))  # not loopback: the default holds
+    sink = CallbackSink()
+    try:
+        d.start()
+        name = deploy_tasker(d, tmp_path, "tasker-ssrf")
+        for url in (sink.url, "http://127.1.2.3:9/admin", "http://[::1]:7070/v1/functions",
+                    "http://169.254.169.254/latest/meta-data/", "http://0.0.0.0:7070/", "http://localhost:9/x"):
+            r = submit(d, name, body=b"x", headers={"X-Apus-Callback-Url": url}, expect=400)
+            message = r.json()["error"]["message"]
+            assert "callback" in message and "--callback-allow" in message, (url, message)
+        # A name that is not an address literal is judged when the callback is sent, by what it resolves to: this
+        # machine's own host name resolves to loopback or to one of its interfaces, both refused.
+        hostname = socket.gethostname()
+        try:
+            socket.getaddrinfo(hostname, None)
+        except OSError:
+            pytest.skip(f"this machine's host name {hostname!r} does not resolve")
+        task_id = submit(d, name, body=b"x", headers={"X-Apus-Callback-Url": f"http://{hostname}:{sink.url.rsplit(':', 1)[1]}"}).json()["id"]
+        wait_task(d, task_id)
+        deadline = time.monotonic() + 10
+        while get_task(d, task_id).get("callbackState") not in ("failed", "delivered") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert get_task(d, task_id).get("callbackState") == "failed", get_task(d, task_id)
+        assert not sink.received, f"apusd called back to loopback: {sink.received}"
+        assert "task callback refused" in d.log_tail(200)
+    finally:
+        sink.close()
+        d.teardown()
+
+
+def test_callback_redirects_are_not_followed(apusd, deployed):
+    """An allowed callback host that redirects elsewhere (here: to another loopback sink) is not followed."""
+    name = deployed.fixture("tasker")
+    target = CallbackSink()
+    redirect = RedirectingSink(target.url)
+    try:
+        task_id = submit(apusd, name, body=b"r", headers={"X-Apus-Callback-Url": redirect.url}).json()["id"]
+        deadline = time.monotonic() + 20
+        while redirect.hits == 0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert redirect.hits >= 1, "the callback never reached the redirecting host"
+        time.sleep(1.5)
+        assert not target.received, "the callback followed a redirect"
+    finally:
+        target.close()
+        redirect.close()
 
 
 @pytest.mark.timeout(180)
