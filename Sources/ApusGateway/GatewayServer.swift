@@ -1,3 +1,6 @@
+#if canImport(Glibc)
+import Glibc
+#endif
 import ApusCore
 import ApusScheduler
 import Logging
@@ -19,6 +22,40 @@ final class GatewayShared: Sendable {
     let scheduler: Scheduler
     let logger: Logger
     let requestIDs = RequestIDGenerator()
+    /// Client connections held now, over every listener (`configuration.maxConnections` at most).
+    let admitted = Atomic<Int>(0)
+    /// Connections closed at accept because `maxConnections` were held.
+    let refusedConnections = Atomic<Int>(0)
+
+    /// Takes a place for a new client connection; false (and counted) when every place is taken.
+    func admit() -> Bool {
+        let now = admitted.wrappingAdd(1, ordering: .relaxed).newValue
+        guard now > configuration.maxConnections else { return true }
+        admitted.wrappingSubtract(1, ordering: .relaxed)
+        let refused = refusedConnections.wrappingAdd(1, ordering: .relaxed).newValue
+        if refused == 1 || refused % 1000 == 0 {
+            logger.warning("connection limit reached: new connections are closed at accept", metadata: [
+                "maxConnections": "\(configuration.maxConnections)", "refused": "\(refused)"])
+        }
+        return false
+    }
+
+    func leave() {
+        admitted.wrappingSubtract(1, ordering: .relaxed)
+    }
+
+    /// For a NIO listener's new child channel: admits it (or closes it) and gives its place back when it closes.
+    /// `force`: a connection the reactor already admitted, handed over.
+    func admit(_ channel: any Channel, force: Bool = false) -> Bool {
+        if force {
+            admitted.wrappingAdd(1, ordering: .relaxed)
+        } else if !admit() {
+            channel.close(promise: nil)
+            return false
+        }
+        channel.closeFuture.whenComplete { [self] _ in leave() }
+        return true
+    }
 
     /// The error for an instance that failed a call: `reason` as the relay saw it, and why the instance went when
     /// the runtime knows (an OOM kill). `known` is true then: the call must not be sent again (it would kill the
@@ -172,6 +209,27 @@ public final class GatewayServer: Service {
         /// Serve plaintext HTTP/1.1 on reactor threads of the gateway's own (`EdgeReactor`), handing every
         /// other case to SwiftNIO; false: SwiftNIO serves the HTTP port alone.
         public var http1Reactor: Bool = true
+        /// Client connections the gateway holds at once, over all its listeners; past it new ones are closed at
+        /// once (existing ones are served on). Default: what the process's descriptor limit leaves for them.
+        public var maxConnections: Int = GatewayServer.Configuration.defaultMaxConnections()
+        /// An HTTP/1.1 connection waiting for its next request is closed after this long (keep-alive timeout).
+        public var idleTimeout: Duration = .seconds(60)
+        /// A request head must arrive whole within this long of the connection becoming ready for it
+        /// (slowloris); past it the client gets 408 and the connection closes.
+        public var headTimeout: Duration = .seconds(10)
+
+        /// Raises the soft descriptor limit to the hard one and keeps half of it for client connections; the
+        /// rest is for instance connections, instances' pipes, the stores and logs.
+        public static func defaultMaxConnections() -> Int {
+            var limit = rlimit()
+            guard getrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit) == 0 else { return 4096 }
+            if limit.rlim_cur < limit.rlim_max {
+                var raised = limit
+                raised.rlim_cur = limit.rlim_max
+                if setrlimit(Int32(RLIMIT_NOFILE.rawValue), &raised) == 0 { limit = raised }
+            }
+            return max(64, Int(min(limit.rlim_cur, 1 << 20)) / 2)
+        }
 
         public init(host: String = "127.0.0.1", port: Int = 8080, domain: String = "apus.localhost",
                     maxRequestBytes: Int = 32 << 20, drainTimeout: Duration = .seconds(60),
@@ -247,6 +305,7 @@ public final class GatewayServer: Service {
                 .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
                 .childChannelInitializer { channel in
                     channel.eventLoop.makeCompletedFuture {
+                        guard shared.admit(channel) else { return }
                         try channel.pipeline.syncOperations.addHandler(EdgeProtocolDetector(shared: shared))
                     }
                 }
@@ -268,6 +327,7 @@ public final class GatewayServer: Service {
                 .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
                 .childChannelInitializer { channel in
                     channel.eventLoop.makeCompletedFuture {
+                        guard shared.admit(channel) else { return }
                         try EdgePipeline.configureTLS(channel, shared: shared, sslHandler: NIOSSLServerHandler(context: context))
                     }
                 }
@@ -284,6 +344,7 @@ public final class GatewayServer: Service {
                 .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
                 .childChannelInitializer { channel in
                     channel.eventLoop.makeCompletedFuture {
+                        guard shared.admit(channel) else { return }
                         try channel.pipeline.syncOperations.addHandler(ByteToMessageHandler(ThriftFrameDecoder(maxFrameSize: maxFrame)))
                         try channel.pipeline.syncOperations.addHandler(ThriftEdgeConnection(shared: shared))
                     }

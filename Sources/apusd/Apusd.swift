@@ -116,6 +116,15 @@ struct Apusd: AsyncParsableCommand {
     @Option(help: "Task callbacks may go to this host, address or CIDR (repeatable); loopback, link-local and this node's own addresses are refused unless listed.")
     var callbackAllow: [String] = []
 
+    @Option(parsing: .unconditional, help: "Client connections the gateway holds at once over all its listeners; past it new ones are closed at accept (default: half the descriptor limit, raised to its hard limit).")
+    var maxConnections: Int?
+
+    @Option(help: "Gateway: an HTTP/1.1 connection waiting for its next request is closed after this long.")
+    var connectionIdleTimeout = "60s"
+
+    @Option(help: "Gateway: a request head must arrive whole within this long (else 408 and the connection closes).")
+    var requestHeadTimeout = "10s"
+
     @Option(help: "Range of uids (and gids) instances run as, one per instance: FIRST-LAST.")
     var sandboxUids = "200000-265535"
 
@@ -206,6 +215,9 @@ struct Apusd: AsyncParsableCommand {
         }
         guard (8...65_536).contains(maxPids) else { throw ValidationError("--max-pids: must be 8...65536 (got \(maxPids))") }
         if case .failure(let error) = CallbackPolicy.parse(callbackAllow) { throw ValidationError(error.message) }
+        if let maxConnections, !(1...1_000_000).contains(maxConnections) {
+            throw ValidationError("--max-connections: must be 1...1000000 (got \(maxConnections))")
+        }
         guard SandboxIdentities.parseRange(sandboxUids) != nil else {
             throw ValidationError("--sandbox-uids: must be FIRST-LAST with 1000 <= FIRST, LAST < 4294967295 and at least 16 uids (got \(sandboxUids))")
         }
@@ -349,6 +361,9 @@ struct Apusd: AsyncParsableCommand {
             host: host, port: httpPort, domain: domain, http2: http2Limits, tls: tls,
             thriftPort: thriftPort, thriftMaxFrameBytes: thriftMaxFrame, tasks: tasks)
         gatewayConfiguration.http1Reactor = http1Engine == "reactor"
+        gatewayConfiguration.maxConnections = maxConnections ?? GatewayServer.Configuration.defaultMaxConnections()
+        gatewayConfiguration.idleTimeout = try parseDuration(connectionIdleTimeout, "connection-idle-timeout")
+        gatewayConfiguration.headTimeout = try parseDuration(requestHeadTimeout, "request-head-timeout")
         let gateway = GatewayServer(
             configuration: gatewayConfiguration,
             scheduler: scheduler, logger: Logger(label: "apus.gateway"),

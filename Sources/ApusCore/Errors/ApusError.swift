@@ -14,6 +14,8 @@ public struct ApusError: Error, Hashable, Sendable, CustomStringConvertible {
         public static let badRequest = Code("bad_request", 400)
         /// No such function, version or resource.
         public static let notFound = Code("not_found", 404)
+        /// The client did not send a whole request head in time.
+        public static let requestTimeout = Code("request_timeout", 408)
         /// The resource exists already or the change conflicts with current state.
         public static let conflict = Code("conflict", 409)
         /// The body is larger than the configured limit.

@@ -671,6 +671,7 @@ final class GatewayConnectionHandler: ChannelInboundHandler, RemovableChannelHan
         switch status {
         case 400: "Bad Request"
         case 404: "Not Found"
+        case 408: "Request Timeout"
         case 413: "Content Too Large"
         case 429: "Too Many Requests"
         case 431: "Request Header Fields Too Large"

@@ -93,6 +93,7 @@ final class EdgeReactor: @unchecked Sendable {
         let shared = self.shared
         let bootstrap = ClientBootstrap(group: loop).channelInitializer { channel in
             channel.eventLoop.makeCompletedFuture {
+                _ = shared.admit(channel, force: true)  // admitted by the reactor already
                 try channel.pipeline.syncOperations.addHandler(ReplayReadBytes(bytes))
                 try channel.pipeline.syncOperations.addHandler(EdgeProtocolDetector(shared: shared))
             }

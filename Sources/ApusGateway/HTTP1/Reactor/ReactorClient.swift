@@ -51,6 +51,9 @@ final class ReactorClient: ReactorSocket {
     /// The request's head as the client sent it, until the response begins: what a hand-over replays.
     private var pendingHead: ByteBuffer
     private var headInFlight = false
+    /// When the connection became ready for its next request (opened, or its last response handed over): the
+    /// idle and request-head timeouts count from here.
+    private var readySince: UInt64
 
     static let maxHead = 64 << 10
     /// Bytes buffered in one direction before the other side stops being read.
@@ -61,6 +64,7 @@ final class ReactorClient: ReactorSocket {
         inbound = loop.allocator.buffer(capacity: 0)
         out = loop.allocator.buffer(capacity: 0)
         pendingHead = loop.allocator.buffer(capacity: 0)
+        readySince = loop.passNanoseconds
         super.init(fd: fd, loop: loop)
     }
 
@@ -280,6 +284,7 @@ final class ReactorClient: ReactorSocket {
             flush()
         } else {
             phase = .readingHead
+            readySince = loop.passNanoseconds
             flush()
             serveMore()
         }
@@ -360,6 +365,23 @@ final class ReactorClient: ReactorSocket {
     private var elapsedNanoseconds: Int64 { Int64(truncatingIfNeeded: loop.passNanoseconds &- arrivedAt) }
 
     func checkDeadline(now: UInt64) {
+        if phase == .readingHead, out.readableBytes == 0, !closeWhenFlushed {
+            // Between requests: an idle keep-alive connection goes after the idle timeout; one that started a
+            // head and has not finished it (slowloris) gets 408 after the head timeout.
+            let waited = now &- readySince
+            if inbound.readableBytes == 0 {
+                if waited > loop.idleTimeoutNanoseconds { close() }
+            } else if waited > loop.headTimeoutNanoseconds {
+                let timeout = Duration.nanoseconds(Int64(loop.headTimeoutNanoseconds))
+                var response = GatewayConnectionHandler.errorResponse(
+                    ApusError(.requestTimeout, "the request head did not arrive whole within \(timeout.humanReadable)"),
+                    requestID: loop.reactor.shared.requestIDs.next(), version: nil, close: true, allocator: loop.allocator)
+                inbound.clear()
+                out.writeBuffer(&response)
+                afterResponse(close: true)
+            }
+            return
+        }
         guard phase == .forwarding, deadline <= now, let target else { return }
         failExchange(ApusError(.deadlineExceeded, "function did not answer within its timeout of \(target.timeout.humanReadable)"))
     }

@@ -63,6 +63,13 @@ final class ReactorLoop: @unchecked Sendable {
     static let maxIdlePerInstance = 256
     /// How often requests are checked against their deadlines.
     static let deadlineScanInterval: UInt64 = 20_000_000  // 20 ms
+    /// The gateway's keep-alive and request-head timeouts, in nanoseconds.
+    lazy var idleTimeoutNanoseconds = Self.nanoseconds(reactor.shared.configuration.idleTimeout)
+    lazy var headTimeoutNanoseconds = Self.nanoseconds(reactor.shared.configuration.headTimeout)
+
+    static func nanoseconds(_ duration: Duration) -> UInt64 {
+        UInt64(max(0, duration.components.seconds)) * 1_000_000_000 + UInt64(max(0, duration.components.attoseconds / 1_000_000_000))
+    }
 
     /// The monotonic clock in nanoseconds, for request arrival times and deadlines.
     static func now() -> UInt64 {
@@ -190,6 +197,10 @@ final class ReactorLoop: @unchecked Sendable {
         while !drainingSeen {
             let fd = apus_accept(reactor.listenFD)
             guard fd >= 0 else { return }
+            guard reactor.shared.admit() else {
+                Glibc.close(fd)  // at the connection limit: refused, the ones held are served on
+                continue
+            }
             var one: Int32 = 1
             setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
             reactor.openConnections.add(1, ordering: .relaxed)
@@ -247,6 +258,7 @@ final class ReactorLoop: @unchecked Sendable {
 
     func clientClosed() {
         reactor.openConnections.subtract(1, ordering: .relaxed)
+        reactor.shared.leave()
     }
 
     // MARK: routing
