@@ -7,6 +7,13 @@
 //   --drop-caps        empty the capability bounding and ambient sets (needs CAP_SETPCAP: before --uid)
 //   --no-new-privs     PR_SET_NO_NEW_PRIVS: no setuid binary or file capability can give privileges back
 //   --seccomp          install the instance filter (see seccomp_filter below); implies --no-new-privs
+//   --wait             stop reading options; read the command from standard input instead of after `--`, then
+//                      run it with standard input on /dev/null. The input is NUL-terminated strings: the argv (the
+//                      first an absolute path), an empty string, the environment (`KEY=VALUE`), then end of input.
+//
+// `--wait` is how apusd keeps sandbox slots ready: processes that have already joined a spare cgroup (a join costs
+// an RCU grace period, milliseconds to tens of them, when no other join happened just before) and wait for the
+// instance they will become, as prewarmed Python processes wait for their function.
 //
 // apusd runs it twice per instance: outside the sandbox as root (`--cgroup ...`, so the instance is counted from
 // its first instruction), and inside bubblewrap (`--drop-caps --gid N --uid N --seccomp`), so the function never
@@ -123,6 +130,47 @@ static void install_seccomp(void) {
     if (syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, 0, &fprog) < 0) die("cannot install the seccomp filter", NULL);
 }
 
+// Reads the whole of standard input (at most 1 MiB) and executes the command it names; never returns.
+static void exec_from_stdin(void) {
+    enum { max_input = 1 << 20, max_strings = 16384 };
+    char *input = malloc(max_input + 1);
+    char **argv = calloc(max_strings + 1, sizeof(char *));
+    char **envp = calloc(max_strings + 1, sizeof(char *));
+    if (!input || !argv || !envp) die("out of memory", NULL);
+    size_t length = 0;
+    for (;;) {
+        ssize_t n = read(0, input + length, max_input - length);
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0) die("cannot read the command", NULL);
+        if (n == 0) break;
+        length += (size_t)n;
+        if (length == max_input) { errno = E2BIG; die("command too long", NULL); }
+    }
+    if (length == 0) exit(0);  // apusd closed the slot without using it (it is stopping)
+    input[length] = '\0';
+    size_t argc = 0, envc = 0, at = 0;
+    int in_env = 0;
+    while (at < length) {
+        char *string = input + at;
+        size_t size = strlen(string);
+        at += size + 1;
+        if (!in_env && size == 0) { in_env = 1; continue; }
+        if (in_env) {
+            if (envc == max_strings) { errno = E2BIG; die("environment too long", NULL); }
+            envp[envc++] = string;
+        } else {
+            if (argc == max_strings) { errno = E2BIG; die("command too long", NULL); }
+            argv[argc++] = string;
+        }
+    }
+    if (argc == 0 || argv[0][0] != '/') { errno = EINVAL; die("the command must start with an absolute path", NULL); }
+    int null = open("/dev/null", O_RDONLY | O_CLOEXEC);
+    if (null < 0 || dup2(null, 0) < 0) die("cannot open /dev/null", NULL);
+    close(null);
+    execve(argv[0], argv, envp);
+    die("cannot execute", argv[0]);
+}
+
 int main(int argc, char **argv) {
     int i = 1;
     long uid = -1, gid = -1;
@@ -146,6 +194,8 @@ int main(int argc, char **argv) {
             if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0) die("cannot set no_new_privs", NULL);
         } else if (strcmp(option, "--seccomp") == 0) {
             install_seccomp();
+        } else if (strcmp(option, "--wait") == 0) {
+            exec_from_stdin();
         } else {
             errno = EINVAL;
             die("unknown option or missing value:", option);
@@ -154,7 +204,7 @@ int main(int argc, char **argv) {
     (void)gid;
     if (i >= argc) {
         errno = EINVAL;
-        die("usage: apus-sandbox-init [--cgroup FILE]... [--drop-caps] [--gid N] [--uid N] [--no-new-privs] [--seccomp] -- COMMAND [ARG]...", NULL);
+        die("usage: apus-sandbox-init [--cgroup FILE]... [--drop-caps] [--gid N] [--uid N] [--no-new-privs] [--seccomp] (-- COMMAND [ARG]... | --wait)", NULL);
     }
     execvp(argv[i], &argv[i]);
     die("cannot execute", argv[i]);

@@ -125,6 +125,9 @@ struct Apusd: AsyncParsableCommand {
     @Option(help: "Gateway: a request head must arrive whole within this long (else 408 and the connection closes).")
     var requestHeadTimeout = "10s"
 
+    @Option(parsing: .unconditional, help: "Sandbox slots kept waiting, already in cgroups of their own, so a cold start skips the cgroup join (0: none).")
+    var sandboxSlots = 2
+
     @Option(help: "Range of uids (and gids) instances run as, one per instance: FIRST-LAST.")
     var sandboxUids = "200000-265535"
 
@@ -213,6 +216,7 @@ struct Apusd: AsyncParsableCommand {
         if let maxCpu, FunctionManifest.parseCPU(maxCpu).map({ $0 >= 10 }) != true {
             throw ValidationError("--max-cpu: must be cores such as 4 or millicores such as 1500m (got \(maxCpu))")
         }
+        guard (0...64).contains(sandboxSlots) else { throw ValidationError("--sandbox-slots: must be 0...64 (got \(sandboxSlots))") }
         guard (8...65_536).contains(maxPids) else { throw ValidationError("--max-pids: must be 8...65536 (got \(maxPids))") }
         if case .failure(let error) = CallbackPolicy.parse(callbackAllow) { throw ValidationError(error.message) }
         if let maxConnections, !(1...1_000_000).contains(maxConnections) {
@@ -282,7 +286,8 @@ struct Apusd: AsyncParsableCommand {
                 runtimeDirectory: runtimeDir.map { URL(fileURLWithPath: $0, isDirectory: true) }
                     ?? ProcessLauncher.Configuration.bundledRuntimeDirectory,
                 prewarm: PrewarmSettings(python3: prewarmCounts["python3"] ?? 0, directory: dataURL.appendingPathComponent("prewarm")),
-                sidecar: SidecarSettings(binary: sidecarBinary ?? SidecarSettings.defaultBinary, registryURL: mesh.sidecarRegistryURL)),
+                sidecar: SidecarSettings(binary: sidecarBinary ?? SidecarSettings.defaultBinary, registryURL: mesh.sidecarRegistryURL),
+                sandboxSlots: sandboxSlots),
             sandbox: sandbox, logs: logs, logger: Logger(label: "apus.runtime"))
 
         var http2Limits = GatewayServer.HTTP2Limits()

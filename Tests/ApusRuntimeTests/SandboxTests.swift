@@ -135,9 +135,15 @@ struct SandboxArgvTests {
         #expect(!line.contains("--as="))
         #expect(line.contains("--new-session") && line.contains("--unshare-pid") && line.contains("--die-with-parent"))
         #expect(line.contains("--perms 1777 --size 134217728 --tmpfs /tmp"))
-        #expect(line.contains("--perms 0755 --dir /etc"))
-        #expect(line.contains("/users/400007/passwd /etc/passwd"))
+        #expect(line.contains("--ro-bind \(etc.path) /etc --ro-bind \(state.path)/users/400007/passwd /etc/passwd"))
         #expect(!line.contains("--ro-bind /etc /etc"), "never the host's whole /etc")
+        // The prepared /etc: generated files, placeholders for the accounts, host entries copied, no TLS keys.
+        let listing = try FileManager.default.contentsOfDirectory(atPath: etc.path)
+        #expect(Set(["hosts", "resolv.conf", "nsswitch.conf", "hostname", "passwd", "group"]).isSubset(of: listing))
+        #expect(!listing.contains("shadow") && !listing.contains("sudoers"))
+        if FileManager.default.fileExists(atPath: "/etc/ssl/private") {
+            #expect(!FileManager.default.fileExists(atPath: etc.appendingPathComponent("ssl/private").path))
+        }
         #expect(line.hasSuffix("--ro-bind /opt/apus/apus-sandbox-init /.apus-init --chdir /code -- /.apus-init --drop-caps --gid 400007 --uid 400007 --seccomp -- /usr/bin/python3 /apus/bootstrap.py"))
     }
 

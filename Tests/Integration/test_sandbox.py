@@ -406,3 +406,21 @@ def test_python_grpc_serves_50_concurrent_calls_at_default_memory(sandboxed, dep
     else:
         docs = [json.loads(o) for o in outcomes]
         assert all(d["thread"].startswith("worker") for d in docs), docs[:3]
+
+
+def test_cold_starts_take_ready_sandbox_slots_with_the_functions_limits(sandboxed, deployed):
+    """A cold start takes a sandbox slot that already joined a cgroup of its own (the join costs an RCU grace period
+    on the request path otherwise): the instance runs in it with the function's limits and its own uid."""
+    from apus_testlib import instance_memory_limit
+
+    # Below and above what a waiting slot's cgroup allows (256Mi): the limit shrinks or grows in place (cgroup v1
+    # wants its memory+swap limit raised first when growing).
+    for name, memory in (("escapist-slot", 192), ("escapist-slot-big", 512)):
+        name = variant(deployed, name, f"memory: {memory}Mi\ncpu: 500m")
+        doc = assert_serving(sandboxed, name)
+        log = wait_for_log(sandboxed, name, "ready slot", timeout=15)
+        assert log["instance"] == doc["instance"], log
+        assert instance_memory_limit(sandboxed, name, doc["instance"]) == memory * MIB
+        status = attack_ok(sandboxed, name, "status")["status"]
+        assert status_ids(status["Uid"])[0] >= UNPRIVILEGED_UID_MIN and int(status["CapEff"], 16) == 0, status
+    assert "sandbox slot could not be used" not in sandboxed.log_tail(400)

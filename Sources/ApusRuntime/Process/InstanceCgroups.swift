@@ -183,7 +183,8 @@ public final class InstanceCgroup: Sendable {
             let memsw = memory.appendingPathComponent("memory.memsw.limit_in_bytes")
             let hasMemsw = FileManager.default.fileExists(atPath: memsw.path)
             // memsw must stay >= the memory limit: raise memory first when growing, memsw first when shrinking.
-            let current = Int64(Self.read(memory.appendingPathComponent("memory.limit_in_bytes")) ?? "") ?? Int64.max
+            let currentText = Self.read(memory.appendingPathComponent("memory.limit_in_bytes"))?.trimmingCharacters(in: .whitespacesAndNewlines)
+            let current = currentText.flatMap { Int64($0) } ?? Int64.max
             if hasMemsw && limits.memoryBytes > current {
                 try InstanceCgroups.write(String(limits.memoryBytes), to: memsw)
                 try InstanceCgroups.write(String(limits.memoryBytes), to: memory.appendingPathComponent("memory.limit_in_bytes"))

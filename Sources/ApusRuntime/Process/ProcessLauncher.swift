@@ -22,14 +22,17 @@ public final class ProcessLauncher: InstanceLauncher {
         public var prewarm: PrewarmSettings?
         /// The sidecar started beside instances of `mesh.sidecar: true` functions (nil: such functions fail to start).
         public var sidecar: SidecarSettings?
+        /// Sandbox slots kept waiting in cgroups of their own for cold starts (`SandboxSlotPool`; 0: none).
+        public var sandboxSlots: Int
 
         public init(python: String, startTimeout: Duration, runtimeDirectory: URL, prewarm: PrewarmSettings? = nil,
-                    sidecar: SidecarSettings? = nil) {
+                    sidecar: SidecarSettings? = nil, sandboxSlots: Int = 2) {
             self.python = python
             self.startTimeout = startTimeout
             self.runtimeDirectory = runtimeDirectory
             self.prewarm = prewarm
             self.sidecar = sidecar
+            self.sandboxSlots = sandboxSlots
         }
 
         /// The bundled runtime files shipped with this module.
@@ -52,6 +55,8 @@ public final class ProcessLauncher: InstanceLauncher {
     private static let rememberedOOMKills = 256
     /// Generic runtime processes waiting to be given a function (nil when `--prewarm` asks for none).
     private let prewarmPool: PrewarmPool?
+    /// Processes waiting in cgroups of their own to become an instance (nil without cgroups or when none asked).
+    private let slotPool: SandboxSlotPool?
 
     public init(configuration: Configuration, sandbox: Sandbox, logs: FunctionLogs, logger: Logger) {
         self.configuration = configuration
@@ -63,7 +68,13 @@ public final class ProcessLauncher: InstanceLauncher {
         } else {
             self.prewarmPool = nil
         }
+        if configuration.sandboxSlots > 0, sandbox.mode == .bubblewrap, sandbox.cgroups != nil, sandbox.initPath != nil {
+            self.slotPool = SandboxSlotPool(size: configuration.sandboxSlots, logger: logger)
+        } else {
+            self.slotPool = nil
+        }
         prewarmPool?.attach(self)
+        slotPool?.attach(self)
     }
 
     /// The argv of the function's own process, with paths as the instance sees them.
@@ -152,6 +163,11 @@ public final class ProcessLauncher: InstanceLauncher {
             process = warm
             prewarmed = true
             logs.event(function: function, version: version, instance: spec.instanceID, "starting from prewarmed process (pid \(warm.pid), port \(port), sandbox \(sandbox.mode.rawValue))")
+        } else if let slot = slotPool?.take(), let started = await startInSlot(slot, spec: spec, environment: instanceEnvironment,
+                                                                                owner: owner, onExit: instanceOnExit, logger: logger) {
+            process = started
+            prewarmed = false
+            logs.event(function: function, version: version, instance: spec.instanceID, "starting (pid \(process.pid), port \(port), sandbox \(sandbox.mode.rawValue), ready slot)")
         } else {
             let limits = ResourceLimits(spec.manifest)
             let argv: [String]
@@ -236,9 +252,32 @@ public final class ProcessLauncher: InstanceLauncher {
         }
     }
 
-    /// Stops the prewarmed processes (instances are stopped by their pools).
+    /// Stops the prewarmed processes and sandbox slots (instances are stopped by their pools).
     public func shutdown() async {
         await prewarmPool?.shutdown()
+        await slotPool?.shutdown()
+    }
+
+    /// Starts the instance in a waiting sandbox slot; nil (the slot is stopped) when that fails, and the caller
+    /// starts it the ordinary way.
+    private func startInSlot(_ slot: ManagedProcess, spec: InstanceSpec, environment: [String: String], owner: ManagedProcess.Owner,
+                             onExit: @escaping @Sendable (InstanceExit) -> Void, logger: Logger) async -> ManagedProcess? {
+        let limits = ResourceLimits(spec.manifest)
+        var uid: UInt32?
+        do throws(ApusError) {
+            uid = try sandbox.identities?.allocate()
+            let command = try sandbox.confined(
+                command: command(for: spec), codeDirectory: spec.codeDirectory,
+                runtimeDirectory: spec.manifest.runtime == .python3 ? configuration.runtimeDirectory : nil,
+                limits: limits, uid: uid)
+            try slot.startInSlot(command: command, environment: environment, limits: limits, uid: uid, owner: owner, onExit: onExit)
+            return slot
+        } catch {
+            if let uid, slot.assignedUID == nil { sandbox.identities?.release(uid) }
+            logger.warning("sandbox slot could not be used, starting the instance anew", metadata: ["reason": "\(error.message)"])
+            await slot.stop(grace: .milliseconds(200))
+            return nil
+        }
     }
 
     /// What confines one process beyond the namespaces: its own uid and its cgroup, where the sandbox has them.
@@ -301,6 +340,8 @@ public final class ProcessLauncher: InstanceLauncher {
                 }
             }
             if let owner = process.owner { self.instanceEnded(owner.instanceID, exit: exit) }
+            var confinement = confinement
+            if confinement.uid == nil { confinement.uid = process.assignedUID }  // a sandbox slot gets its uid late
             self.release(confinement)
             let ended = process.markExited(exit)
             if let slot { try? FileManager.default.removeItem(at: slot) }
@@ -437,6 +478,18 @@ final class ManagedProcess: Sendable {
         self.cgroup = cgroup
         self.memoryLimitBytes = Atomic(memoryLimit)
         self.state = Mutex(State(owner: owner, onExit: onExit))
+    }
+
+    private let uidAssigned = Atomic<UInt32>(0)
+
+    /// The uid a sandbox slot was given when it became an instance (released when it ends).
+    var assignedUID: UInt32? {
+        let uid = uidAssigned.load(ordering: .acquiring)
+        return uid == 0 ? nil : uid
+    }
+
+    func assignUID(_ uid: UInt32) {
+        uidAssigned.store(uid, ordering: .releasing)
     }
 
     /// The memory limit in force (reported when the OOM killer ends the process).

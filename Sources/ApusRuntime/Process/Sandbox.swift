@@ -149,42 +149,62 @@ public struct Sandbox: Sendable {
         "os-release", "debian_version", "python3", "python3.11", "python3.12", "python3.13",
     ]
 
-    /// The generated part of the minimal /etc, written once at start.
+    /// The instances' /etc, prepared once at start in one folder (one bind per instance instead of one per entry):
+    /// generated hosts, resolv.conf, nsswitch.conf and hostname, empty passwd and group (each instance's own are
+    /// bound over them), and copies of the allowed host entries (`hostEtcEntries`, `java-*`; symbolic links kept as
+    /// links, `/etc/ssl/private` never). Host changes to those entries are seen after apusd restarts.
     static func writeMinimalEtc(into folder: URL) throws -> URL {
         let files = FileManager.default
+        try? files.removeItem(at: folder)
         try files.createDirectory(at: folder, withIntermediateDirectories: true)
+        chmod(folder.path, 0o755)
         let hosts = "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
         let nsswitch = "passwd: files\ngroup: files\nshadow: files\nhosts: files dns\nnetworks: files\nprotocols: files\nservices: files\n"
         let resolv = (try? String(contentsOfFile: "/etc/resolv.conf", encoding: .utf8)) ?? ""
-        for (name, text) in [("hosts", hosts), ("nsswitch.conf", nsswitch), ("resolv.conf", resolv), ("hostname", "apus\n")] {
+        for (name, text) in [("hosts", hosts), ("nsswitch.conf", nsswitch), ("resolv.conf", resolv), ("hostname", "apus\n"),
+                             ("passwd", ""), ("group", "")] {
             try Data(text.utf8).write(to: folder.appendingPathComponent(name), options: .atomic)
+            chmod(folder.appendingPathComponent(name).path, 0o644)
+        }
+        var entries = hostEtcEntries
+        entries += ((try? files.contentsOfDirectory(atPath: "/etc")) ?? []).filter { $0.hasPrefix("java-") }.sorted()
+        for name in entries {
+            try copyHostEntry(URL(fileURLWithPath: "/etc/\(name)"), to: folder.appendingPathComponent(name))
         }
         return folder
     }
 
-    /// The instance's /etc: generated files, its own passwd/group, and the allowed host entries.
+    /// Copies one host /etc entry, keeping symbolic links as links and modes as they are; `ssl/private` (TLS keys)
+    /// is left out.
+    static func copyHostEntry(_ source: URL, to target: URL) throws {
+        let files = FileManager.default
+        if let link = try? files.destinationOfSymbolicLink(atPath: source.path) {
+            try files.createSymbolicLink(atPath: target.path, withDestinationPath: link)
+            return
+        }
+        var isDirectory: ObjCBool = false
+        guard files.fileExists(atPath: source.path, isDirectory: &isDirectory) else { return }
+        guard isDirectory.boolValue else {
+            guard files.isReadableFile(atPath: source.path) else { return }
+            try files.copyItem(at: source, to: target)
+            return
+        }
+        try files.createDirectory(at: target, withIntermediateDirectories: false)
+        chmod(target.path, 0o755)
+        for child in try files.contentsOfDirectory(atPath: source.path) where !(source.path == "/etc/ssl" && child == "private") {
+            try copyHostEntry(source.appendingPathComponent(child), to: target.appendingPathComponent(child))
+        }
+    }
+
+    /// The instance's /etc: the prepared folder, and its own passwd/group over the empty ones.
     func etcArguments(accounts: URL?) -> [String] {
         guard let etcDirectory else {
             return FileManager.default.fileExists(atPath: "/etc") ? ["--ro-bind", "/etc", "/etc"] : []
         }
-        // bubblewrap makes missing parents 0700: /etc itself must be readable by the instance's uid.
-        var args: [String] = ["--perms", "0755", "--dir", "/etc"]
-        for name in ["hosts", "nsswitch.conf", "resolv.conf", "hostname"] {
-            args += ["--ro-bind", etcDirectory.appendingPathComponent(name).path, "/etc/\(name)"]
-        }
+        var args: [String] = ["--ro-bind", etcDirectory.path, "/etc"]
         if let accounts {
             args += ["--ro-bind", accounts.appendingPathComponent("passwd").path, "/etc/passwd"]
             args += ["--ro-bind", accounts.appendingPathComponent("group").path, "/etc/group"]
-        }
-        var entries = Self.hostEtcEntries
-        entries += ((try? FileManager.default.contentsOfDirectory(atPath: "/etc")) ?? []).filter { $0.hasPrefix("java-") }.sorted()
-        for name in entries {
-            let path = "/etc/\(name)"
-            if let target = try? FileManager.default.destinationOfSymbolicLink(atPath: path) {
-                args += ["--symlink", target, path]
-            } else if FileManager.default.fileExists(atPath: path) {
-                args += ["--ro-bind", path, path]
-            }
         }
         return args
     }
@@ -193,6 +213,14 @@ public struct Sandbox: Sendable {
     /// own (from `identities`), `cgroup` the one it joins first; without them the older, weaker layers apply.
     func wrap(command: [String], codeDirectory: URL, runtimeDirectory: URL?, limits: ResourceLimits,
               uid: UInt32? = nil, cgroup: InstanceCgroup? = nil) throws(ApusError) -> [String] {
+        let outer = outerArguments(limits: limits, cgroup: cgroup)
+        return (outer.isEmpty ? [] : outer + ["--"])
+            + (try confined(command: command, codeDirectory: codeDirectory, runtimeDirectory: runtimeDirectory, limits: limits, uid: uid))
+    }
+
+    /// What runs before the sandbox: rlimits, then the cgroup join (its last element is the command to come,
+    /// `--` in `wrap`, `--wait` for a sandbox slot). Empty when neither applies.
+    func outerArguments(limits: ResourceLimits, cgroup: InstanceCgroup?) -> [String] {
         var argv: [String] = []
         if let prlimitPath {
             // Memory is the cgroup's limit where there is one (resident memory); the address-space rlimit is only
@@ -200,8 +228,18 @@ public struct Sandbox: Sendable {
             argv += [prlimitPath, "--nofile=\(Self.openFilesLimit)"] + (cgroup == nil ? ["--as=\(limits.memoryBytes)"] : []) + ["--"]
         }
         if let cgroup, let initPath {
-            argv += [initPath] + cgroup.procsFiles.flatMap { ["--cgroup", $0] } + ["--"]
+            argv += [initPath] + cgroup.procsFiles.flatMap { ["--cgroup", $0] }
+        } else if !argv.isEmpty {
+            argv.removeLast()  // `wrap` adds the `--` back
         }
+        return argv
+    }
+
+    /// The sandbox itself (bubblewrap and the privilege drop inside it) around `command`; `command` alone without
+    /// bubblewrap.
+    func confined(command: [String], codeDirectory: URL, runtimeDirectory: URL?, limits: ResourceLimits,
+                  uid: UInt32?) throws(ApusError) -> [String] {
+        var argv: [String] = []
         switch mode {
         case .rlimitsOnly:
             argv += command
