@@ -319,6 +319,13 @@ def test_result_larger_than_limit_fails_clearly(apusd, deployed):
     assert small["state"] == "succeeded" and small["result"] == "x" * 1000
 
 
+def serve_hook(handler) -> tuple[ThreadingHTTPServer, str]:
+    """A real HTTP server on loopback with `handler`, serving in a thread; returns it and its /hook URL."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}/hook"
+
+
 class CallbackSink:
     """A real HTTP server that records callback POSTs; fails the first `fail_first` of them with 503."""
 
@@ -343,9 +350,7 @@ class CallbackSink:
             def log_message(self, *args):
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.server, self.url = serve_hook(Handler)
 
     def close(self):
         self.server.shutdown()
@@ -392,9 +397,7 @@ class RedirectingSink:
             def log_message(self, *args):
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.server, self.url = serve_hook(Handler)
 
     def close(self):
         self.server.shutdown()

@@ -60,21 +60,26 @@ public enum CodeArchive {
     public static func inspect(_ archive: Data, limits: Limits = Limits()) throws(ApusError) -> Contents {
         var contents = Contents()
         var failure: ApusError?
-        var pending = ""
-        try stream("/usr/bin/env", ["tar", "--numeric-owner", "--absolute-names", "-tvzf", "-"], input: archive) { chunk in
+        var pending: [UInt8] = []  // bytes of a line not yet ended (a chunk may end inside a character)
+        try stream("/usr/bin/env", ["tar", "--numeric-owner", "--absolute-names", "-tvzf", "-"], input: archive,
+                   failureCode: .badRequest, failurePrefix: "code archive: ") { chunk in
             pending += chunk
-            while let newline = pending.firstIndex(of: "\n") {
-                let line = String(pending[..<newline])
-                pending.removeSubrange(...newline)
+            var start = 0
+            while let newline = pending[start...].firstIndex(of: UInt8(ascii: "\n")) {
+                let line = String(decoding: pending[start..<newline], as: UTF8.self)
+                start = newline + 1
                 if let error = check(line: line, limits: limits, contents: &contents) {
                     failure = error
                     return false
                 }
             }
+            pending.removeFirst(start)
             return true
         }
         if let failure { throw failure }
-        if !pending.isEmpty, let error = check(line: pending, limits: limits, contents: &contents) { throw error }
+        if !pending.isEmpty, let error = check(line: String(decoding: pending, as: UTF8.self), limits: limits, contents: &contents) {
+            throw error
+        }
         return contents
     }
 
@@ -123,60 +128,11 @@ public enum CodeArchive {
         return nil
     }
 
-    /// Runs a command, handing its stdout to `body` as it arrives; `body` returns false to stop it early.
-    static func stream(_ executable: String, _ arguments: [String], input: Data, _ body: (String) -> Bool) throws(ApusError) {
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: executable)
-        process.arguments = arguments
-        let stdout = Pipe()
-        let stderr = Pipe()
-        let stdin = Pipe()
-        process.standardOutput = stdout
-        process.standardError = stderr
-        process.standardInput = stdin
-        do {
-            try process.run()
-        } catch {
-            throw ApusError(.internal, "cannot run \(arguments.first ?? executable): \(error)")
-        }
-        let writer = stdin.fileHandleForWriting
-        Thread.detachNewThread {
-            writer.write(input)
-            try? writer.close()
-        }
-        let errorReader = ErrorCollector(stderr.fileHandleForReading)
-        let reader = stdout.fileHandleForReading
-        var stopped = false
-        while true {
-            let data = reader.availableData
-            if data.isEmpty { break }
-            if !body(String(decoding: data, as: UTF8.self)) {
-                stopped = true
-                process.terminate()
-                break
-            }
-        }
-        try? reader.close()
-        process.waitUntilExit()
-        let errorText = errorReader.finish()
-        guard stopped || process.terminationStatus == 0 else {
-            let reason = errorText.split(separator: "\n").first.map(String.init) ?? "exit status \(process.terminationStatus)"
-            throw ApusError(.badRequest, "code archive: \(arguments.first ?? executable) failed: \(reason)")
-        }
-    }
-
-    /// Reads one member of an archive without extracting the rest.
-    /// Archives made by `apus deploy` name members `./x`; other tools write bare `x`. Both are accepted.
-    public static func readMember(_ name: String, of archive: Data) throws(ApusError) -> Data {
-        do {
-            return try run("/usr/bin/env", ["tar", "-xzOf", "-", "./\(name)"], input: archive, failureCode: .badRequest)
-        } catch {
-            return try run("/usr/bin/env", ["tar", "-xzOf", "-", name], input: archive, failureCode: .badRequest)
-        }
-    }
-
-    @discardableResult
-    static func run(_ executable: String, _ arguments: [String], input: Data?, failureCode: ApusError.Code = .internal) throws(ApusError) -> Data {
+    /// Runs a command, handing its stdout to `body` as it arrives; `body` returns false to stop it early (then the
+    /// command's exit status does not matter). A failure is `failureCode` with `failurePrefix` and the command's first
+    /// line of stderr.
+    static func stream(_ executable: String, _ arguments: [String], input: Data?, failureCode: ApusError.Code = .internal,
+                       failurePrefix: String = "", _ body: (Data) -> Bool) throws(ApusError) {
         let process = Process()
         process.executableURL = URL(fileURLWithPath: executable)
         process.arguments = arguments
@@ -200,12 +156,42 @@ public enum CodeArchive {
             }
         }
         let errorReader = ErrorCollector(stderr.fileHandleForReading)
-        let output = stdout.fileHandleForReading.readDataToEndOfFile()
+        let reader = stdout.fileHandleForReading
+        var stopped = false
+        while true {
+            let data = reader.availableData
+            if data.isEmpty { break }
+            if !body(data) {
+                stopped = true
+                process.terminate()
+                break
+            }
+        }
+        try? reader.close()
         process.waitUntilExit()
         let errorText = errorReader.finish()
-        guard process.terminationStatus == 0 else {
+        guard stopped || process.terminationStatus == 0 else {
             let reason = errorText.split(separator: "\n").first.map(String.init) ?? "exit status \(process.terminationStatus)"
-            throw ApusError(failureCode, "\(arguments.first ?? executable) failed: \(reason)")
+            throw ApusError(failureCode, "\(failurePrefix)\(arguments.first ?? executable) failed: \(reason)")
+        }
+    }
+
+    /// Reads one member of an archive without extracting the rest.
+    /// Archives made by `apus deploy` name members `./x`; other tools write bare `x`. Both are accepted.
+    public static func readMember(_ name: String, of archive: Data) throws(ApusError) -> Data {
+        do {
+            return try run("/usr/bin/env", ["tar", "-xzOf", "-", "./\(name)"], input: archive, failureCode: .badRequest)
+        } catch {
+            return try run("/usr/bin/env", ["tar", "-xzOf", "-", name], input: archive, failureCode: .badRequest)
+        }
+    }
+
+    @discardableResult
+    static func run(_ executable: String, _ arguments: [String], input: Data?, failureCode: ApusError.Code = .internal) throws(ApusError) -> Data {
+        var output = Data()
+        try stream(executable, arguments, input: input, failureCode: failureCode) { chunk in
+            output.append(chunk)
+            return true
         }
         return output
     }

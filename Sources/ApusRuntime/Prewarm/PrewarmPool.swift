@@ -55,30 +55,23 @@ public struct PrewarmSettings: Sendable, Equatable {
 /// Each waiting process runs in the same sandbox an instance gets, with its own empty code folder mounted as the
 /// code directory, so a specialised process is confined exactly like a cold-started one.
 final class PrewarmPool: Sendable {
-    private struct State {
-        var idle: [ManagedProcess] = []
-        var spawning = 0
-        var closed = false
-        var launcher: ProcessLauncher?
-    }
-
     let settings: PrewarmSettings
-    private let state = Mutex(State())
+    private let waiting: WaitingProcesses
     /// How long after a specialised instance is ready its replacement starts.
     static let replenishDelay: Duration = .milliseconds(200)
-    private let logger: Logger
 
     init(settings: PrewarmSettings, logger: Logger) {
         self.settings = settings
-        self.logger = logger
+        self.waiting = WaitingProcesses(size: settings.python3, kind: "prewarmed python3 process", logger: logger) {
+            launcher throws(ApusError) in try Self.spawnWaiting(launcher, settings: settings)
+        }
         try? FileManager.default.removeItem(at: settings.directory)
         try? FileManager.default.createDirectory(at: settings.directory, withIntermediateDirectories: true)
     }
 
     /// Connects the pool to the launcher that spawns its processes and fills it.
     func attach(_ launcher: ProcessLauncher) {
-        state.withLock { $0.launcher = launcher }
-        replenish()
+        waiting.attach(launcher)
     }
 
     /// Environment keys read when the interpreter starts: a function setting one cannot reuse a started process.
@@ -97,12 +90,7 @@ final class PrewarmPool: Sendable {
     /// needs a fresh interpreter. Starts a replacement either way.
     func take(for spec: InstanceSpec) -> ManagedProcess? {
         guard canServe(spec) else { return nil }
-        let taken = state.withLock { state -> ManagedProcess? in
-            state.idle.removeAll { $0.exit != nil }
-            guard !state.idle.isEmpty else { return nil }
-            let index = state.idle.firstIndex { $0.isPrewarmReady } ?? 0
-            return state.idle.remove(at: index)
-        }
+        let taken = waiting.take(preferred: { $0.isPrewarmReady })
         if taken == nil {
             Task { self.replenish() }  // any that died while waiting
         }
@@ -113,34 +101,10 @@ final class PrewarmPool: Sendable {
 
     /// Starts processes until `python3` are waiting or starting.
     func replenish() {
-        let (launcher, wanted) = state.withLock { state -> (ProcessLauncher?, Int) in
-            state.idle.removeAll { $0.exit != nil }
-            guard !state.closed, let launcher = state.launcher else { return (nil, 0) }
-            let wanted = max(0, settings.python3 - state.idle.count - state.spawning)
-            state.spawning += wanted
-            return (launcher, wanted)
-        }
-        guard let launcher else { return }
-        for _ in 0..<wanted {
-            let process: ManagedProcess?
-            do throws(ApusError) {
-                process = try spawnWaiting(launcher)
-            } catch {
-                logger.warning("cannot start a prewarmed python3 process", metadata: ["reason": "\(error.message)"])
-                process = nil
-            }
-            let extra = state.withLock { state -> ManagedProcess? in
-                state.spawning -= 1
-                guard let process else { return nil }
-                if state.closed { return process }
-                state.idle.append(process)
-                return nil
-            }
-            if let extra { Task { await extra.stop(grace: .milliseconds(200)) } }
-        }
+        waiting.replenish()
     }
 
-    private func spawnWaiting(_ launcher: ProcessLauncher) throws(ApusError) -> ManagedProcess {
+    private static func spawnWaiting(_ launcher: ProcessLauncher, settings: PrewarmSettings) throws(ApusError) -> ManagedProcess {
         let slot = settings.directory.appendingPathComponent(Identifier.make(prefix: "slot-", length: 12))
         do {
             try FileManager.default.createDirectory(at: slot, withIntermediateDirectories: true)
@@ -170,22 +134,12 @@ final class PrewarmPool: Sendable {
             launcher.release(confinement)
             throw error
         }
-        logger.debug("prewarmed python3 process started", metadata: ["pid": "\(process.pid)"])
         return process
     }
 
     /// Stops every waiting process; none are started afterwards.
     func shutdown() async {
-        let idle = state.withLock { state -> [ManagedProcess] in
-            state.closed = true
-            defer { state.idle.removeAll() }
-            return state.idle
-        }
-        await withTaskGroup(of: Void.self) { group in
-            for process in idle {
-                group.addTask { await process.stop(grace: .milliseconds(500)) }
-            }
-        }
+        await waiting.shutdown()
     }
 }
 

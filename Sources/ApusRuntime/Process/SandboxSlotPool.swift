@@ -13,101 +13,53 @@ import Synchronization
 /// slot's cgroup, the sandbox's command line is written to the waiting process, which executes it; a replacement
 /// slot is started off the request path.
 final class SandboxSlotPool: Sendable {
-    /// Slots kept waiting.
-    let size: Int
-    private let logger: Logger
-    private struct State {
-        var idle: [ManagedProcess] = []
-        var spawning = 0
-        var closed = false
-        var launcher: ProcessLauncher?
-    }
-    private let state = Mutex(State())
+    private let waiting: WaitingProcesses
 
     /// A waiting slot's limits until it is taken (what a function gets by default).
     static let waitingLimits = ResourceLimits(memoryBytes: 256 << 20, cpuMillis: FunctionManifest.defaultCPUMillis,
                                               pids: FunctionManifest.defaultPids)
 
+    /// `size` slots kept waiting.
     init(size: Int, logger: Logger) {
-        self.size = size
-        self.logger = logger
+        waiting = WaitingProcesses(size: size, kind: "sandbox slot", logger: logger) { launcher throws(ApusError) in
+            try Self.spawnWaiting(launcher)
+        }
     }
 
     func attach(_ launcher: ProcessLauncher) {
-        state.withLock { $0.launcher = launcher }
-        replenish()
+        waiting.attach(launcher)
     }
 
     /// A waiting slot, or nil when none is waiting (a replacement is started either way, after a moment).
     func take() -> ManagedProcess? {
-        let taken = state.withLock { state -> ManagedProcess? in
-            state.idle.removeAll { $0.exit != nil }
-            return state.idle.isEmpty ? nil : state.idle.removeFirst()
-        }
+        let taken = waiting.take()
         Task {
             if taken != nil { try? await Task.sleep(for: PrewarmPool.replenishDelay) }
-            self.replenish()
+            self.waiting.replenish()
         }
         return taken
     }
 
-    /// Starts slots until `size` are waiting or starting.
-    func replenish() {
-        let (launcher, wanted) = state.withLock { state -> (ProcessLauncher?, Int) in
-            state.idle.removeAll { $0.exit != nil }
-            guard !state.closed, let launcher = state.launcher else { return (nil, 0) }
-            let wanted = max(0, size - state.idle.count - state.spawning)
-            state.spawning += wanted
-            return (launcher, wanted)
-        }
-        guard let launcher else { return }
-        for _ in 0..<wanted {
-            var slot: ManagedProcess?
-            do throws(ApusError) {
-                slot = try spawnWaiting(launcher)
-            } catch {
-                logger.warning("cannot start a sandbox slot", metadata: ["reason": "\(error.message)"])
-            }
-            let extra = state.withLock { state -> ManagedProcess? in
-                state.spawning -= 1
-                guard let slot else { return nil }
-                if state.closed { return slot }
-                state.idle.append(slot)
-                return nil
-            }
-            if let extra { Task { await extra.stop(grace: .milliseconds(200)) } }
-        }
-    }
-
-    private func spawnWaiting(_ launcher: ProcessLauncher) throws(ApusError) -> ManagedProcess {
-        let confinement = try launcher.confine(name: Identifier.make(prefix: "slot-", length: 12), limits: Self.waitingLimits)
+    private static func spawnWaiting(_ launcher: ProcessLauncher) throws(ApusError) -> ManagedProcess {
+        let confinement = try launcher.confine(name: Identifier.make(prefix: "slot-", length: 12), limits: waitingLimits)
         guard confinement.cgroup != nil else {
             launcher.release(confinement)
             throw ApusError(.unavailable, "sandbox slots need cgroups")
         }
-        let argv = launcher.sandbox.outerArguments(limits: Self.waitingLimits, cgroup: confinement.cgroup) + ["--wait"]
+        let argv = launcher.sandbox.outerArguments(limits: waitingLimits, cgroup: confinement.cgroup) + ["--wait"]
         do throws(ApusError) {
             return try launcher.spawn(argv: argv, environment: ["PATH": "/usr/bin:/bin"], workingDirectory: "/",
                                       owner: nil, onExit: nil, stdinPipe: true, confinement: confinement,
-                                      memoryLimit: Self.waitingLimits.memoryBytes)
+                                      memoryLimit: waitingLimits.memoryBytes)
         } catch {
             launcher.release(confinement)
             throw error
         }
     }
 
-    /// Ends every waiting slot (closing its input ends it); none are started afterwards.
+    /// Ends every waiting slot; none are started afterwards.
     func shutdown() async {
-        let idle = state.withLock { state -> [ManagedProcess] in
-            state.closed = true
-            defer { state.idle.removeAll() }
-            return state.idle
-        }
-        await withTaskGroup(of: Void.self) { group in
-            for slot in idle {
-                group.addTask { await slot.stop(grace: .milliseconds(500)) }
-            }
-        }
+        await waiting.shutdown()
     }
 }
 
