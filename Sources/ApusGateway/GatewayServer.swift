@@ -306,6 +306,7 @@ public final class GatewayServer: Service {
                 .childChannelInitializer { channel in
                     channel.eventLoop.makeCompletedFuture {
                         guard shared.admit(channel) else { return }
+                        try channel.pipeline.syncOperations.addHandler(ConnectionTimeouts(shared.configuration))
                         try channel.pipeline.syncOperations.addHandler(EdgeProtocolDetector(shared: shared))
                     }
                 }
@@ -328,6 +329,7 @@ public final class GatewayServer: Service {
                 .childChannelInitializer { channel in
                     channel.eventLoop.makeCompletedFuture {
                         guard shared.admit(channel) else { return }
+                        try channel.pipeline.syncOperations.addHandler(ConnectionTimeouts(shared.configuration))
                         try EdgePipeline.configureTLS(channel, shared: shared, sslHandler: NIOSSLServerHandler(context: context))
                     }
                 }
@@ -345,6 +347,7 @@ public final class GatewayServer: Service {
                 .childChannelInitializer { channel in
                     channel.eventLoop.makeCompletedFuture {
                         guard shared.admit(channel) else { return }
+                        try channel.pipeline.syncOperations.addHandler(ConnectionTimeouts(shared.configuration))
                         try channel.pipeline.syncOperations.addHandler(ByteToMessageHandler(ThriftFrameDecoder(maxFrameSize: maxFrame)))
                         try channel.pipeline.syncOperations.addHandler(ThriftEdgeConnection(shared: shared))
                     }

@@ -12,6 +12,7 @@ import ApusTelemetry
 import ArgumentParser
 import Foundation
 import Hummingbird
+import HummingbirdCore
 import Logging
 import NIOPosix
 import ServiceLifecycle
@@ -125,6 +126,12 @@ struct Apusd: AsyncParsableCommand {
     @Option(help: "Gateway: a request head must arrive whole within this long (else 408 and the connection closes).")
     var requestHeadTimeout = "10s"
 
+    @Option(parsing: .unconditional, help: "Control API: connections held at once; past it new ones wait in the listen backlog.")
+    var apiMaxConnections = 1024
+
+    @Option(help: "Control API: a connection with no request in progress is closed after this long.")
+    var apiIdleTimeout = "60s"
+
     @Option(parsing: .unconditional, help: "Sandbox slots kept waiting, already in cgroups of their own, so a cold start skips the cgroup join (0: none).")
     var sandboxSlots = 2
 
@@ -215,6 +222,9 @@ struct Apusd: AsyncParsableCommand {
         }
         if let maxCpu, FunctionManifest.parseCPU(maxCpu).map({ $0 >= 10 }) != true {
             throw ValidationError("--max-cpu: must be cores such as 4 or millicores such as 1500m (got \(maxCpu))")
+        }
+        guard (1...1_000_000).contains(apiMaxConnections) else {
+            throw ValidationError("--api-max-connections: must be 1...1000000 (got \(apiMaxConnections))")
         }
         guard (0...64).contains(sandboxSlots) else { throw ValidationError("--sandbox-slots: must be 0...64 (got \(sandboxSlots))") }
         guard (8...65_536).contains(maxPids) else { throw ValidationError("--max-pids: must be 8...65536 (got \(maxPids))") }
@@ -357,10 +367,18 @@ struct Apusd: AsyncParsableCommand {
         api.tasks = tasks
         let router = api.makeRouter()
         RegistryAPI(registry: mesh.registry, stopping: stopping).addRoutes(to: router)
+        // The control API on an event loop of its own, so the gateway's load cannot stall it; past
+        // --api-max-connections it stops accepting until connections close; idle connections close after
+        // --api-idle-timeout (requests in progress, long-polls included, are not idle).
+        let apiIdle = try parseDuration(apiIdleTimeout, "api-idle-timeout")
         let apiApp = Application(
             router: router,
-            configuration: .init(address: .hostname(host, port: apiPort), serverName: "apus-api"),
+            server: .http1(configuration: .init(idleTimeout: .nanoseconds(Int64(apiIdle.components.seconds) * 1_000_000_000
+                                                                            + apiIdle.components.attoseconds / 1_000_000_000))),
+            configuration: .init(address: .hostname(host, port: apiPort), serverName: "apus-api",
+                                 availableConnectionsDelegate: MaximumAvailableConnections(apiMaxConnections)),
             onServerRunning: { channel in ports.bound(api: channel.localAddress?.port ?? 0) },
+            eventLoopGroupProvider: .shared(MultiThreadedEventLoopGroup(numberOfThreads: 1)),
             logger: Logger(label: "apus.api"))
         var gatewayConfiguration = GatewayServer.Configuration(
             host: host, port: httpPort, domain: domain, http2: http2Limits, tls: tls,

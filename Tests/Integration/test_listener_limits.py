@@ -8,11 +8,12 @@ after --request-head-timeout.
 from __future__ import annotations
 
 import socket
+import subprocess
 import time
 
 import pytest
 
-from apus_testlib import EXAMPLES_DIR, Apusd, apusd_has_option
+from apus_testlib import EXAMPLES_DIR, FUNCTIONS_DIR, Apusd, apusd_has_option
 
 pytestmark = pytest.mark.skipif(not apusd_has_option("--max-connections"), reason="apusd has no --max-connections")
 
@@ -46,7 +47,7 @@ def get_on(sock: socket.socket, path: str) -> bytes:
 def limited(tmp_path_factory):
     d = Apusd(tmp_path_factory.mktemp("apusd-limits"),
               extra_args=("--max-connections", str(LIMIT), "--connection-idle-timeout", "2s",
-                          "--request-head-timeout", "2s"))
+                          "--request-head-timeout", "2s", "--api-idle-timeout", "2s"))
     try:
         d.start()
         d.deploy(EXAMPLES_DIR / "hello-python")
@@ -70,6 +71,8 @@ def test_connections_past_the_limit_are_refused_and_held_ones_served(limited):
             extra = socket.create_connection((d.host, port), timeout=10)
             assert closed_at_once(extra), f"a connection past --max-connections {LIMIT} on port {port} was kept"
             extra.close()
+        # The control API has listeners, limits and an event loop of its own: it answers while the gateway is full.
+        assert d.api_call("GET", "/v1/info").status == 200
         # The held ones are served (within their idle timeout).
         for s in held[:5]:
             assert b" 200 " in get_on(s, "/hello-python/").split(b"\r\n")[0] + b" "
@@ -131,3 +134,77 @@ def test_slowloris_head_gets_408_and_the_connection_closes(limited):
         assert data.startswith(b"HTTP/1.1 408 "), data[:200]
         assert b"did not arrive whole within 2s" in data, data
     assert d.get("/hello-python/").status == 200
+
+
+@pytest.mark.timeout(60)
+def test_idle_api_connection_is_closed_after_its_idle_timeout(limited):
+    d = limited
+    port = int(d.api.rsplit(":", 1)[1])
+    with socket.create_connection((d.host, port), timeout=10) as s:
+        assert b" 200 " in get_on(s, "/v1/info")
+        started = time.monotonic()
+        s.settimeout(10)
+        data = b""
+        try:
+            while True:  # the rest of the /v1/info body, then the close
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        except (socket.timeout, ConnectionResetError):
+            pass
+        waited = time.monotonic() - started
+        assert 1.5 <= waited <= 8, f"the idle API connection closed after {waited:.1f}s with --api-idle-timeout 2s"
+
+
+@pytest.mark.timeout(60)
+def test_thrift_partial_frame_held_open_is_closed_after_the_head_timeout(limited):
+    """A framed Thrift message announced and never completed (a byte every half second): closed after the head
+    timeout, as a slowloris HTTP head is; an idle Thrift connection after the idle timeout."""
+    d = limited
+    with socket.create_connection((d.host, d.thrift_port), timeout=10) as s:
+        s.sendall((1 << 20).to_bytes(4, "big"))  # a 1 MiB frame is coming
+        started, closed = time.monotonic(), False
+        while time.monotonic() - started < 15:
+            try:
+                s.sendall(b"\x80")
+                s.settimeout(0.5)
+                if s.recv(1) == b"":
+                    closed = True
+                    break
+            except socket.timeout:
+                continue
+            except OSError:
+                closed = True
+                break
+        assert closed, "a partial Thrift frame kept its connection open past --request-head-timeout"
+        assert time.monotonic() - started <= 8
+    with socket.create_connection((d.host, d.thrift_port), timeout=10) as s:
+        started = time.monotonic()
+        assert closed_at_once(s, timeout=10), "an idle Thrift connection was never closed"
+        assert 1.5 <= time.monotonic() - started <= 8
+
+
+@pytest.mark.timeout(60)
+def test_idle_http2_connection_is_closed_and_busy_ones_are_not(limited):
+    """HTTP/2 with prior knowledge (served by SwiftNIO): an idle connection closes after the idle timeout; one
+    whose stream waits on a slow function longer than that is kept until the answer."""
+    d = limited
+    with socket.create_connection((d.host, d.http_port), timeout=10) as s:
+        s.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")  # preface + SETTINGS
+        started = time.monotonic()
+        s.settimeout(10)
+        closed = False
+        try:
+            while time.monotonic() - started < 10:
+                if s.recv(65536) == b"":
+                    closed = True
+                    break
+        except (socket.timeout, ConnectionResetError):
+            closed = True
+        assert closed and 1.5 <= time.monotonic() - started <= 8, time.monotonic() - started
+    # A stream waiting 3 s on its function, past the 2 s idle timeout, keeps its connection (curl, h2c).
+    d.deploy(FUNCTIONS_DIR / "counter")
+    p = subprocess.run(["curl", "-sS", "--http2-prior-knowledge", "--max-time", "30", "-o", "/dev/null", "-w",
+                        "%{http_code} %{http_version}", f"{d.gateway}/counter/?sleep=3"], capture_output=True, text=True)
+    assert p.stdout == "200 2", (p.stdout, p.stderr)

@@ -65,6 +65,8 @@ final class GatewayConnectionHandler: ChannelInboundHandler, RemovableChannelHan
     private var upstreams: UpstreamPool!
     var phase = Phase.readingHead
     private var exchange: Exchange?
+    /// Whether a request is being served (for `ConnectionTimeouts`).
+    var hasExchangeInProgress: Bool { exchange != nil }
     var inbound: ByteBuffer?
     private var readPaused = false
     private var upstreamWritable = true

@@ -200,6 +200,8 @@ final class HTTP2ConnectionGuard: ChannelInboundHandler, DrainableConnection {
     private let shared: GatewayShared
     private var context: ChannelHandlerContext?
     private var openStreams = 0
+    /// Whether streams are open (for `ConnectionTimeouts`).
+    var hasStreamsOpen: Bool { openStreams > 0 }
     private var draining = false
 
     init(shared: GatewayShared) {

@@ -53,6 +53,8 @@ final class ThriftEdgeConnection: ChannelInboundHandler, LoopSlotTarget, Drainab
     private let shared: GatewayShared
     private var context: ChannelHandlerContext!
     private var calls: [Call] = []
+    /// Whether calls wait for their replies (for `ConnectionTimeouts`).
+    var hasCallsInProgress: Bool { !calls.isEmpty }
     private var slotWaiter: LoopSlotWaiter?
     private var closed = false
     private var draining = false

@@ -94,6 +94,7 @@ final class EdgeReactor: @unchecked Sendable {
         let bootstrap = ClientBootstrap(group: loop).channelInitializer { channel in
             channel.eventLoop.makeCompletedFuture {
                 _ = shared.admit(channel, force: true)  // admitted by the reactor already
+                try channel.pipeline.syncOperations.addHandler(ConnectionTimeouts(shared.configuration))
                 try channel.pipeline.syncOperations.addHandler(ReplayReadBytes(bytes))
                 try channel.pipeline.syncOperations.addHandler(EdgeProtocolDetector(shared: shared))
             }
