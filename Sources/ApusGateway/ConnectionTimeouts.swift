@@ -1,3 +1,4 @@
+import ApusCore
 import NIOCore
 
 /// Idle and message-head timeouts for a client connection SwiftNIO serves (Thrift, HTTP/2, TLS, the `nio` HTTP/1.1
@@ -42,8 +43,13 @@ final class ConnectionTimeouts: ChannelDuplexHandler, RemovableChannelHandler {
 
     private let idleTimeout: TimeAmount
     private let headTimeout: TimeAmount
+    /// Reads and writes only raise flags (no clock read on the data path); the once-a-second check turns them into
+    /// times, so both timeouts are exact to a second.
+    private var active = false
     private var lastActivity = NIODeadline.now()
-    /// When bytes arrived while no work was in progress and no message has completed since.
+    /// Bytes arrived while no work was in progress, and no answer went out since.
+    private var headPending = false
+    /// When the check first saw `headPending`.
     private var headStarted: NIODeadline?
     private var tick: RepeatedTask?
 
@@ -53,11 +59,8 @@ final class ConnectionTimeouts: ChannelDuplexHandler, RemovableChannelHandler {
     }
 
     convenience init(_ configuration: GatewayServer.Configuration) {
-        self.init(idleTimeout: Self.amount(configuration.idleTimeout), headTimeout: Self.amount(configuration.headTimeout))
-    }
-
-    static func amount(_ duration: Duration) -> TimeAmount {
-        .nanoseconds(duration.components.seconds * 1_000_000_000 + duration.components.attoseconds / 1_000_000_000)
+        self.init(idleTimeout: .nanoseconds(configuration.idleTimeout.nanoseconds),
+                  headTimeout: .nanoseconds(configuration.headTimeout.nanoseconds))
     }
 
     func handlerAdded(context: ChannelHandlerContext) {
@@ -80,24 +83,34 @@ final class ConnectionTimeouts: ChannelDuplexHandler, RemovableChannelHandler {
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        lastActivity = .now()
-        if headStarted == nil, !busy(context.pipeline.syncOperations).busy { headStarted = lastActivity }
+        active = true
+        if !headPending, !busy(context.pipeline.syncOperations).busy { headPending = true }
         context.fireChannelRead(data)
     }
 
     func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
-        lastActivity = .now()
-        headStarted = nil  // an answer went out: the message before it was whole
+        active = true
+        headPending = false  // an answer went out: the message before it was whole
         context.write(data, promise: promise)
     }
 
     private func check(context: ChannelHandlerContext) {
         guard context.channel.isActive else { return }
-        let (busy, headApplies) = busy(context.pipeline.syncOperations)
         let now = NIODeadline.now()
+        if active {
+            active = false
+            lastActivity = now
+        }
+        let (busy, headApplies) = busy(context.pipeline.syncOperations)
         if busy {
+            headPending = false
             headStarted = nil
             return
+        }
+        if !headPending {
+            headStarted = nil
+        } else if headStarted == nil {
+            headStarted = now
         }
         if headApplies, let headStarted, now - headStarted > headTimeout {
             context.close(promise: nil)

@@ -1,3 +1,4 @@
+import ApusCore
 import Metrics
 
 /// The runtime's metrics (swift-metrics; exported by whichever backend the daemon bootstraps).
@@ -7,8 +8,7 @@ enum RuntimeMetrics {
     static func coldStart(function: String, runtime: String, prewarmed: Bool, duration: Duration) {
         let dimensions = [("function", function), ("runtime", runtime), ("prewarmed", prewarmed ? "true" : "false")]
         Counter(label: "apus_cold_starts_total", dimensions: dimensions).increment()
-        Timer(label: "apus_cold_start_duration_seconds", dimensions: dimensions).recordNanoseconds(
-            duration.components.seconds * 1_000_000_000 + duration.components.attoseconds / 1_000_000_000)
+        Timer(label: "apus_cold_start_duration_seconds", dimensions: dimensions).recordNanoseconds(duration.nanoseconds)
     }
 
     /// An instance never became ready.

@@ -373,8 +373,7 @@ struct Apusd: AsyncParsableCommand {
         let apiIdle = try parseDuration(apiIdleTimeout, "api-idle-timeout")
         let apiApp = Application(
             router: router,
-            server: .http1(configuration: .init(idleTimeout: .nanoseconds(Int64(apiIdle.components.seconds) * 1_000_000_000
-                                                                            + apiIdle.components.attoseconds / 1_000_000_000))),
+            server: .http1(configuration: .init(idleTimeout: .nanoseconds(apiIdle.nanoseconds))),
             configuration: .init(address: .hostname(host, port: apiPort), serverName: "apus-api",
                                  availableConnectionsDelegate: MaximumAvailableConnections(apiMaxConnections)),
             onServerRunning: { channel in ports.bound(api: channel.localAddress?.port ?? 0) },

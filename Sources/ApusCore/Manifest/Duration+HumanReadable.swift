@@ -53,6 +53,12 @@ extension Duration {
         return "\(ms)ms"
     }
 
+    /// The whole duration in nanoseconds (what NIO's `TimeAmount` and monotonic clocks count in).
+    public var nanoseconds: Int64 {
+        let (seconds, attoseconds) = components
+        return seconds * 1_000_000_000 + attoseconds / 1_000_000_000
+    }
+
     public var milliseconds: Int64 {
         let (seconds, attoseconds) = components
         return seconds * 1000 + attoseconds / 1_000_000_000_000_000

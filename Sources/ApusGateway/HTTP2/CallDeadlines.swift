@@ -49,7 +49,7 @@ final class CallDeadlines {
         timer?.cancel()
         timerDeadline = deadline
         let delay = ContinuousClock.now.duration(to: deadline)
-        let nanoseconds = max(0, delay.components.seconds * 1_000_000_000 + delay.components.attoseconds / 1_000_000_000)
+        let nanoseconds = max(0, delay.nanoseconds)
         timer = eventLoop.assumeIsolated().scheduleTask(in: .nanoseconds(nanoseconds)) { [self] in fire() }
     }
 

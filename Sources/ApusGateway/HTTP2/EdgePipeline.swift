@@ -107,11 +107,11 @@ enum EdgePipeline {
         return matched == preface.count ? .http2 : .undecided
     }
 
-    /// What the server writes to an invalid preface before closing: its own (empty) SETTINGS, the server's preface,
-    /// then GOAWAY(last stream 0, PROTOCOL_ERROR) with the reason as debug data (RFC 9113 §3.4, §6.8).
     /// How long a connection refused for its preface keeps reading (and dropping) before it closes.
     static let lingerAfterGoaway = TimeAmount.seconds(1)
 
+    /// What the server writes to an invalid preface before closing: its own (empty) SETTINGS, the server's preface,
+    /// then GOAWAY(last stream 0, PROTOCOL_ERROR) with the reason as debug data (RFC 9113 §3.4, §6.8).
     static func invalidPrefaceReply(allocator: ByteBufferAllocator) -> ByteBuffer {
         let reason = Array("invalid connection preface".utf8)
         var out = allocator.buffer(capacity: 9 + 9 + 8 + reason.count)

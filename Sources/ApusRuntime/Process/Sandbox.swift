@@ -27,7 +27,7 @@ public struct Sandbox: Sendable {
     public let cgroups: InstanceCgroups?
     /// The uids instances run as; nil when there is no privilege drop.
     public let identities: SandboxIdentities?
-    /// The generated files of the instances' minimal `/etc` (hosts, resolv.conf, nsswitch.conf, hostname).
+    /// The instances' minimal `/etc`, prepared at start (`writeMinimalEtc`); nil: the host's is bound whole.
     let etcDirectory: URL?
     /// Why each missing layer is missing (for the start-up log and `apusd --check`).
     public let problems: [String]

@@ -64,12 +64,8 @@ final class ReactorLoop: @unchecked Sendable {
     /// How often requests are checked against their deadlines.
     static let deadlineScanInterval: UInt64 = 20_000_000  // 20 ms
     /// The gateway's keep-alive and request-head timeouts, in nanoseconds.
-    lazy var idleTimeoutNanoseconds = Self.nanoseconds(reactor.shared.configuration.idleTimeout)
-    lazy var headTimeoutNanoseconds = Self.nanoseconds(reactor.shared.configuration.headTimeout)
-
-    static func nanoseconds(_ duration: Duration) -> UInt64 {
-        UInt64(max(0, duration.components.seconds)) * 1_000_000_000 + UInt64(max(0, duration.components.attoseconds / 1_000_000_000))
-    }
+    lazy var idleTimeoutNanoseconds = UInt64(max(0, reactor.shared.configuration.idleTimeout.nanoseconds))
+    lazy var headTimeoutNanoseconds = UInt64(max(0, reactor.shared.configuration.headTimeout.nanoseconds))
 
     /// The monotonic clock in nanoseconds, for request arrival times and deadlines.
     static func now() -> UInt64 {
