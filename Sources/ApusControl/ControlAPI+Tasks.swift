@@ -210,6 +210,12 @@ extension ControlAPI {
             return try Self.json(manager.view(record), status: record.state.isTerminal ? .ok : .accepted)
         }
 
+        Self.addProgressRoute(to: router, tasks: manager)
+    }
+
+    /// `POST /v1/tasks/{id}/progress`, where instances report progress: on the control API, and alone on the
+    /// instance API (`instanceRouter`) that instances in network namespaces of their own reach.
+    static func addProgressRoute(to router: Router<BasicRequestContext>, tasks manager: TaskManager) {
         router.post("/v1/tasks/:id/progress") { request, context in
             guard let id = context.parameters.get("id") else { throw ApusError(.badRequest, "missing task id") }
             struct Report: Decodable { var progress: Double?; var message: String? }
@@ -225,5 +231,14 @@ extension ControlAPI {
             }
             return try Self.json(try await manager.progress(id, progress: report.progress, message: report.message))
         }
+    }
+
+    /// The instance API: the progress route and nothing else (no function, release or registry route), served on
+    /// the address instances in network namespaces reach (`InstanceNetworks.servicesAddress`).
+    public static func instanceRouter(tasks: TaskManager) -> Router<BasicRequestContext> {
+        let router = Router(context: BasicRequestContext.self)
+        router.add(middleware: ErrorMiddleware())
+        addProgressRoute(to: router, tasks: tasks)
+        return router
     }
 }

@@ -1,11 +1,15 @@
+import ApusCore
 import NIOCore
 import NIOPosix
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// A connection to an instance that can wait in a per-instance idle list between calls.
 protocol PooledInstanceConnection: AnyObject {
     var channel: any Channel { get }
     var instanceID: String { get }
-    var port: Int { get }
+    var endpoint: InstanceEndpoint { get }
     /// Set once the pool watches the channel's closing (so it is watched once).
     var watchedWhileIdle: Bool { get set }
 }
@@ -21,10 +25,10 @@ final class IdleConnections<Connection: PooledInstanceConnection> {
     }
 
     /// An open idle connection to the instance on `port` that `fits`; others met on the way are closed.
-    func take(instanceID: String, port: Int, fits: (Connection) -> Bool = { _ in true }) -> Connection? {
+    func take(instanceID: String, endpoint: InstanceEndpoint, fits: (Connection) -> Bool = { _ in true }) -> Connection? {
         while let connection = idle[instanceID]?.popLast() {
             if idle[instanceID]?.isEmpty == true { idle[instanceID] = nil }
-            if connection.channel.isActive, connection.port == port, fits(connection) { return connection }
+            if connection.channel.isActive, connection.endpoint == endpoint, fits(connection) { return connection }
             connection.channel.close(promise: nil)
         }
         return nil
@@ -58,16 +62,21 @@ final class IdleConnections<Connection: PooledInstanceConnection> {
     }
 }
 
-/// A TCP connection from `loop` to an instance on loopback, made the way every instance pool makes one (no Nagle
-/// delay, 2 s connect timeout); `configure` sets up its pipeline.
+/// A TCP connection from `loop` to an instance (on loopback, or at its address in its own network namespace), made
+/// the way every instance pool makes one (no Nagle delay, 2 s connect timeout); `configure` sets up its pipeline.
 func connectToInstance(
-    port: Int, on loop: any EventLoop, configure: @escaping @Sendable (any Channel) throws -> Void
+    endpoint: InstanceEndpoint, on loop: any EventLoop, configure: @escaping @Sendable (any Channel) throws -> Void
 ) -> EventLoopFuture<any Channel> {
-    ClientBootstrap(group: loop)
+    var raw = sockaddr_in()
+    raw.sin_family = sa_family_t(AF_INET)
+    raw.sin_port = UInt16(endpoint.port).bigEndian
+    raw.sin_addr.s_addr = endpoint.address.bigEndian
+    let address = SocketAddress(raw, host: endpoint.host)
+    return ClientBootstrap(group: loop)
         .channelOption(.socketOption(.tcp_nodelay), value: 1)
         .connectTimeout(.seconds(2))
         .channelInitializer { channel in
             channel.eventLoop.makeCompletedFuture { try configure(channel) }
         }
-        .connect(host: "127.0.0.1", port: port)
+        .connect(to: address)
 }

@@ -40,8 +40,10 @@ public struct InstanceExit: Sendable, CustomStringConvertible {
 /// A started, ready instance.
 public protocol InstanceHandle: Sendable {
     var instanceID: String { get }
-    /// Loopback port the instance serves on.
+    /// The port the instance serves on (`endpoint.port`).
     var port: Int { get }
+    /// Where the instance serves: loopback, or its address in its own network namespace.
+    var endpoint: InstanceEndpoint { get }
     var pid: Int32 { get }
     /// SIGTERM, then SIGKILL after `grace`; returns once the instance is gone.
     func stop(grace: Duration) async
@@ -56,6 +58,10 @@ public protocol InstanceLauncher: Sendable {
     /// Why an instance failed its callers, when the launcher knows more than a closed connection tells (the OOM
     /// killer ended it: "killed: out of memory (limit 256Mi)"); nil when nothing is known.
     func failureReason(instanceID: String) -> String?
+}
+
+extension InstanceHandle {
+    public var endpoint: InstanceEndpoint { .loopback(port: port) }
 }
 
 extension InstanceLauncher {

@@ -10,13 +10,16 @@ public final class InstancePool: Sendable {
     /// A slot on one instance, held for one request. Give it back with `release(_:)`.
     public struct Lease: Sendable {
         public let instanceID: String
-        public let port: Int
+        /// Where the instance serves (loopback, or its address in its own network namespace).
+        public let endpoint: InstanceEndpoint
         /// When the slot was handed out (service time is measured from here).
         public let since: ContinuousClock.Instant
 
-        init(instanceID: String, port: Int, since: ContinuousClock.Instant = .now) {
+        public var port: Int { endpoint.port }
+
+        init(instanceID: String, endpoint: InstanceEndpoint, since: ContinuousClock.Instant = .now) {
             self.instanceID = instanceID
-            self.port = port
+            self.endpoint = endpoint
             self.since = since
         }
     }
@@ -26,6 +29,8 @@ public final class InstancePool: Sendable {
         public var version: Int
         public var state: String
         public var port: Int?
+        /// The instance's IPv4 address: 127.0.0.1, or its address in its own network namespace.
+        public var address: String?
         public var pid: Int32?
         public var inFlight: Int
         public var startedAt: Date
@@ -96,7 +101,7 @@ public final class InstancePool: Sendable {
                 switch action {
                 case .dispatch(let id, let instanceID) where id == requestID:
                     // A ready instance always has its handle: both change under this lock.
-                    outcome = .leased(Lease(instanceID: instanceID, port: state.handles[instanceID]!.port))
+                    outcome = .leased(Lease(instanceID: instanceID, endpoint: state.handles[instanceID]!.endpoint))
                 case .fail(let id, let error) where id == requestID:
                     metrics.recordRejection(error.code.name)
                     outcome = .failed(error)
@@ -133,13 +138,13 @@ public final class InstancePool: Sendable {
         state.withLock { Self.takeFreeLease(&$0, now: now, shard: shard) }
     }
 
-    /// A free slot right now as a lease (nobody queued); the port comes with the slot from the state machine.
+    /// A free slot right now as a lease (nobody queued); the endpoint comes with the slot from the state machine.
     private static func takeFreeLease(_ state: inout State, now: ContinuousClock.Instant, shard: UInt64?) -> Lease? {
-        guard let (instanceID, port) = state.machine.takeFreeSlotAndPort(now: now, shard: shard),
-              let port = port ?? state.handles[instanceID]?.port else {
+        guard let (instanceID, endpoint) = state.machine.takeFreeSlotAndEndpoint(now: now, shard: shard),
+              let endpoint = endpoint ?? state.handles[instanceID]?.endpoint else {
             return nil
         }
-        return Lease(instanceID: instanceID, port: port, since: now)
+        return Lease(instanceID: instanceID, endpoint: endpoint, since: now)
     }
 
     /// The caller of a queued request went away. Returns false when the decision was already made (its callback
@@ -186,6 +191,18 @@ public final class InstancePool: Sendable {
     public func reportUnreachable(_ lease: Lease) {
         logger.warning("instance unreachable, taken out of service", metadata: ["instance": "\(lease.instanceID)"])
         perform(state.withLock { $0.machine.instanceUnreachable(lease.instanceID, now: now) })
+    }
+
+    /// Takes the instance out of service when it is one of this pool's (its failure is known); false when not.
+    func takeOutOfService(instanceID: String) -> Bool {
+        let actions = state.withLock { state -> [InstancePoolStateMachine.Action]? in
+            guard state.machine.instances[instanceID] != nil else { return nil }
+            return state.machine.instanceUnreachable(instanceID, now: now)
+        }
+        guard let actions else { return false }
+        logger.warning("instance failed, taken out of service", metadata: ["instance": "\(instanceID)"])
+        perform(actions)
+        return true
     }
 
     func tick() {
@@ -271,7 +288,7 @@ public final class InstancePool: Sendable {
                 let handle = state.handles[instance.id]
                 return InstanceInfo(
                     id: instance.id, version: version.number, state: instance.state.rawValue,
-                    port: handle?.port, pid: handle?.pid, inFlight: instance.inFlight,
+                    port: handle?.port, address: handle?.endpoint.host, pid: handle?.pid, inFlight: instance.inFlight,
                     startedAt: Date(timeIntervalSinceNow: -(now - instance.startedAt).seconds),
                     ageSeconds: (now - instance.startedAt).seconds)
             }
@@ -286,17 +303,17 @@ public final class InstancePool: Sendable {
         for action in actions {
             switch action {
             case .dispatch(let requestID, let instanceID):
-                let (continuation, timer, port) = state.withLock { state in
-                    (state.waiting.removeValue(forKey: requestID), state.timers.removeValue(forKey: requestID), state.handles[instanceID]?.port)
+                let (continuation, timer, endpoint) = state.withLock { state in
+                    (state.waiting.removeValue(forKey: requestID), state.timers.removeValue(forKey: requestID), state.handles[instanceID]?.endpoint)
                 }
                 timer?.cancel()
-                guard let continuation, let port else {
+                guard let continuation, let endpoint else {
                     // The caller left meanwhile (or the instance vanished): hand the slot back.
                     perform(state.withLock { $0.machine.release(instanceID: instanceID, now: now) })
                     continuation?.slotDecided(requestID: requestID, .failure(ApusError(.instanceError, "instance \(instanceID) is gone")))
                     continue
                 }
-                continuation.slotDecided(requestID: requestID, .success(Lease(instanceID: instanceID, port: port)))
+                continuation.slotDecided(requestID: requestID, .success(Lease(instanceID: instanceID, endpoint: endpoint)))
 
             case .fail(let requestID, let error):
                 let (continuation, timer) = state.withLock { state in
@@ -346,7 +363,7 @@ public final class InstancePool: Sendable {
                 actions = state.withLock { state in
                     state.launching -= 1
                     state.handles[instanceID] = handle
-                    return state.machine.instanceReady(instanceID, now: now, port: handle.port)
+                    return state.machine.instanceReady(instanceID, now: now, endpoint: handle.endpoint)
                 }
             } catch {
                 actions = state.withLock { state in

@@ -59,7 +59,7 @@ public struct InstancePoolStateMachine: Sendable {
         public var startedAt: Instant
         public var readyAt: Instant?
         /// Where the instance listens, once ready (leases carry it).
-        public var port: Int?
+        public var endpoint: InstanceEndpoint?
     }
 
     /// After a failed start the next start waits (requests stay queued meanwhile): 0.5 s, doubling per consecutive
@@ -172,18 +172,18 @@ public struct InstancePoolStateMachine: Sendable {
     /// The hot path of `request`: takes a free slot when nobody is queued, without building actions.
     /// Returns nil when the request has to go through `request` (no free slot, queue not empty, closed).
     public mutating func takeFreeSlot(now: Instant, shard: UInt64? = nil) -> String? {
-        takeFreeSlotAndPort(now: now, shard: shard)?.instanceID
+        takeFreeSlotAndEndpoint(now: now, shard: shard)?.instanceID
     }
 
-    /// `takeFreeSlot` with the instance's port (nil if `instanceReady` was not told it).
-    public mutating func takeFreeSlotAndPort(now: Instant, shard: UInt64? = nil) -> (instanceID: String, port: Int?)? {
+    /// `takeFreeSlot` with the instance's endpoint (nil if `instanceReady` was not told it).
+    public mutating func takeFreeSlotAndEndpoint(now: Instant, shard: UInt64? = nil) -> (instanceID: String, endpoint: InstanceEndpoint?)? {
         guard !isClosed, waiters.isEmpty, let index = pickInstanceIndex(shard: shard) else { return nil }
         admitted += 1
         // Through the index: one hash of the id for the updates and the reads (this runs for every request).
         instances.values[index].inFlight += 1
         instances.values[index].lastActive = now
         let instance = instances.values[index]
-        return (instance.id, instance.port)
+        return (instance.id, instance.endpoint)
     }
 
     /// A dispatched request finished with its slot after holding it `serviceTime` (feeds the queue-wait estimate).
@@ -209,7 +209,7 @@ public struct InstancePoolStateMachine: Sendable {
         return dispatchWaiters(now: now)
     }
 
-    public mutating func instanceReady(_ instanceID: String, now: Instant, port: Int? = nil) -> [Action] {
+    public mutating func instanceReady(_ instanceID: String, now: Instant, endpoint: InstanceEndpoint? = nil) -> [Action] {
         guard var instance = instances[instanceID] else {
             // Forgotten while starting (closed or scaled down): stop it.
             return [.stopInstance(instanceID: instanceID)]
@@ -218,7 +218,7 @@ public struct InstancePoolStateMachine: Sendable {
         instance.state = .ready
         instance.lastActive = now
         instance.readyAt = now
-        instance.port = port
+        instance.endpoint = endpoint
         instances[instanceID] = instance
         membershipGeneration += 1
         consecutiveStartFailures = 0

@@ -63,9 +63,13 @@ public final class Scheduler: Service {
             shardSize: configuration.shardSize)
     }
 
-    /// Why an instance failed its callers, when the runtime knows (an OOM kill); nil otherwise.
+    /// Why an instance failed its callers, when the runtime knows (an OOM kill); nil otherwise. An instance with a
+    /// known failure is dead even if its exit has not been seen yet: it is taken out of service at once, so the
+    /// next request does not reach its closing socket.
     public func instanceFailureReason(_ instanceID: String) -> String? {
-        launcher.failureReason(instanceID: instanceID)
+        guard let reason = launcher.failureReason(instanceID: instanceID) else { return nil }
+        for pool in allPools where pool.takeOutOfService(instanceID: instanceID) { break }
+        return reason
     }
 
     /// The version's instance bounds: its manifest's `scale`, under the function's `apus scale` override if any.

@@ -58,7 +58,7 @@ public final class InstanceTaskInvoker: TaskInvoker {
 
     private func invokeHTTP(_ invocation: TaskInvocation) async -> InvocationResult {
         let task = invocation.task
-        var request = HTTPClientRequest(url: "http://127.0.0.1:\(invocation.port)\(task.path.hasPrefix("/") ? task.path : "/" + task.path)")
+        var request = HTTPClientRequest(url: "http://\(invocation.endpoint)\(task.path.hasPrefix("/") ? task.path : "/" + task.path)")
         request.method = HTTPMethod(rawValue: task.method)
         if let contentType = task.contentType { request.headers.add(name: "Content-Type", value: contentType) }
         request.headers.add(name: "X-Apus-Task-Id", value: task.id)
@@ -106,7 +106,7 @@ public final class InstanceTaskInvoker: TaskInvoker {
             let (connection, multiplexer) = try await ClientBootstrap(group: group)
                 .channelOption(.socketOption(.tcp_nodelay), value: 1)
                 .connectTimeout(.seconds(5))
-                .connect(host: "127.0.0.1", port: invocation.port) { channel in
+                .connect(host: invocation.endpoint.host, port: invocation.port) { channel in
                     channel.eventLoop.makeCompletedFuture {
                         (channel, try channel.pipeline.syncOperations.configureAsyncHTTP2Pipeline(mode: .client) { stream in
                             stream.eventLoop.makeSucceededVoidFuture()
@@ -121,7 +121,7 @@ public final class InstanceTaskInvoker: TaskInvoker {
             }
             let timeoutMs = max(1, Int64(invocation.timeout * 1000))
             let headers: HPACKHeaders = [
-                ":method": "POST", ":scheme": "http", ":path": task.method, ":authority": "127.0.0.1:\(invocation.port)",
+                ":method": "POST", ":scheme": "http", ":path": task.method, ":authority": "\(invocation.endpoint)",
                 "content-type": task.contentType ?? "application/grpc", "te": "trailers",
                 "grpc-timeout": "\(min(timeoutMs, 99_999_999))m",
                 "apus-task-id": task.id, "apus-attempt": String(invocation.attempt), "apus-progress-url": invocation.progressURL,
@@ -207,7 +207,7 @@ public final class InstanceTaskInvoker: TaskInvoker {
             let channel = try await ClientBootstrap(group: group)
                 .connectTimeout(.seconds(5))
                 .channelOption(.allowRemoteHalfClosure, value: true)
-                .connect(host: "127.0.0.1", port: invocation.port) { channel in
+                .connect(host: invocation.endpoint.host, port: invocation.port) { channel in
                     channel.eventLoop.makeCompletedFuture {
                         try NIOAsyncChannel<ByteBuffer, ByteBuffer>(
                             wrappingChannelSynchronously: channel,

@@ -8,7 +8,9 @@ public struct TaskInvocation: Sendable {
     public var attempt: Int
     public var version: FunctionVersion
     public var instanceID: String
-    public var port: Int
+    /// Where the instance serves.
+    public var endpoint: InstanceEndpoint
+    public var port: Int { endpoint.port }
     /// Seconds the attempt may still run.
     public var timeout: Double
     /// Where the function posts progress (and heartbeats) for this task.
@@ -16,14 +18,14 @@ public struct TaskInvocation: Sendable {
     /// Largest result kept; a larger one fails the task.
     public var resultLimit: Int
 
-    public init(task: TaskRecord, payload: [UInt8], attempt: Int, version: FunctionVersion, instanceID: String, port: Int,
+    public init(task: TaskRecord, payload: [UInt8], attempt: Int, version: FunctionVersion, instanceID: String, endpoint: InstanceEndpoint,
                 timeout: Double, progressURL: String, resultLimit: Int) {
         self.task = task
         self.payload = payload
         self.attempt = attempt
         self.version = version
         self.instanceID = instanceID
-        self.port = port
+        self.endpoint = endpoint
         self.timeout = timeout
         self.progressURL = progressURL
         self.resultLimit = resultLimit

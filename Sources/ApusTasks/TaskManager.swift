@@ -74,6 +74,8 @@ public final class TaskManager: Service, AsyncTaskSubmitter {
     private let invoker: any TaskInvoker
     private let callbacks: CallbackSender
     private let apiBase: @Sendable () -> String?
+    /// Where instances in network namespaces of their own post progress (apusd's instance API); nil: the API.
+    private let instanceAPIBase: String?
     private let state: Mutex<State>
     private let logger: Logger
     private let clock: @Sendable () -> Double
@@ -81,8 +83,9 @@ public final class TaskManager: Service, AsyncTaskSubmitter {
     public var maxPayloadBytes: Int { configuration.maxPayloadBytes }
 
     public init(configuration: Configuration, store: TaskStore, scheduler: Scheduler, invoker: any TaskInvoker,
-                apiBase: @escaping @Sendable () -> String?, logger: Logger,
+                apiBase: @escaping @Sendable () -> String?, instanceAPIBase: String? = nil, logger: Logger,
                 clock: @escaping @Sendable () -> Double = { Date().timeIntervalSince1970 }) throws(ApusError) {
+        self.instanceAPIBase = instanceAPIBase
         self.configuration = configuration
         self.store = store
         self.scheduler = scheduler
@@ -131,6 +134,15 @@ public final class TaskManager: Service, AsyncTaskSubmitter {
     }
 
     func statusURL(_ id: String) -> String { (apiBase() ?? "") + "/v1/tasks/\(id)" }
+
+    /// Where the instance at `endpoint` posts the task's progress: the instance API when the instance has a network
+    /// namespace of its own (it cannot reach the control API), else the control API.
+    func progressURL(_ id: String, endpoint: InstanceEndpoint) -> String {
+        if let instanceAPIBase, endpoint != .loopback(port: endpoint.port) {
+            return instanceAPIBase + "/v1/tasks/\(id)/progress"
+        }
+        return statusURL(id) + "/progress"
+    }
 
     // MARK: submitting
 
@@ -465,7 +477,8 @@ public final class TaskManager: Service, AsyncTaskSubmitter {
             Task { try? await store.apply([placed]) }
             let invocation = TaskInvocation(
                 task: record, payload: payload, attempt: dispatch.attempt, version: version, instanceID: lease.instanceID,
-                port: lease.port, timeout: max(0.01, dispatch.deadline - clock()), progressURL: statusURL(id) + "/progress",
+                endpoint: lease.endpoint, timeout: max(0.01, dispatch.deadline - clock()),
+                progressURL: progressURL(id, endpoint: lease.endpoint),
                 resultLimit: configuration.resultLimit)
             result = await invoker.invoke(invocation)
             let releaseLease = state.withLock { state -> Bool in

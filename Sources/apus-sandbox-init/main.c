@@ -2,6 +2,9 @@
 //
 // Options are applied in the order given, then the command after `--` is executed in place of this process:
 //   --cgroup FILE      write "0" to FILE (a cgroup.procs file): this process, and all it starts, joins that cgroup
+//   --netns FILE       join the network namespace FILE names (/run/netns/NAME, made by apusd's InstanceNetworks)
+//   --default-route IP add a default route via IP (IPv4) in the current network namespace: egress for the instance
+//                      (needs CAP_NET_ADMIN: before --uid); without it the namespace reaches only its own link
 //   --gid N            drop supplementary groups, set real/effective/saved gid to N
 //   --uid N            set real/effective/saved uid to N (after --gid); every capability goes with it
 //   --drop-caps        empty the capability bounding and ambient sets (needs CAP_SETPCAP: before --uid)
@@ -15,14 +18,20 @@
 // an RCU grace period, milliseconds to tens of them, when no other join happened just before) and wait for the
 // instance they will become, as prewarmed Python processes wait for their function.
 //
-// apusd runs it twice per instance: outside the sandbox as root (`--cgroup ...`, so the instance is counted from
-// its first instruction), and inside bubblewrap (`--drop-caps --gid N --uid N --seccomp`), so the function never
+// apusd runs it twice per instance: outside the sandbox as root (`--cgroup ... --netns ...`, so the instance is
+// counted from its first instruction and never sees the host's network), and inside bubblewrap
+// (`[--default-route IP] --drop-caps --gid N --uid N --seccomp`), so the function never
 // runs as root, never holds a capability and cannot make the system calls a server has no use for.
 // Any failure is fatal: the instance must not start with a layer missing.
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <arpa/inet.h>
 #include <grp.h>
+#include <linux/netlink.h>
+#include <linux/rtnetlink.h>
+#include <sched.h>
+#include <sys/socket.h>
 #include <linux/audit.h>
 #include <linux/capability.h>
 #include <linux/filter.h>
@@ -56,6 +65,53 @@ static void join_cgroup(const char *path) {
     int fd = open(path, O_WRONLY | O_CLOEXEC);
     if (fd < 0) die("cannot open", path);
     if (write(fd, "0\n", 2) != 2) die("cannot join cgroup", path);
+    close(fd);
+}
+
+static void join_network_namespace(const char *path) {
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) die("cannot open network namespace", path);
+    if (setns(fd, CLONE_NEWNET) < 0) die("cannot join network namespace", path);
+    close(fd);
+}
+
+// RTM_NEWROUTE for 0.0.0.0/0 via `gateway` in the main table, acknowledged by the kernel.
+static void add_default_route(const char *gateway) {
+    struct in_addr via;
+    if (inet_pton(AF_INET, gateway, &via) != 1) { errno = EINVAL; die("--default-route: not an IPv4 address:", gateway); }
+    struct {
+        struct nlmsghdr header;
+        struct rtmsg route;
+        char attributes[64];
+    } request;
+    memset(&request, 0, sizeof request);
+    request.header.nlmsg_len = NLMSG_LENGTH(sizeof(struct rtmsg));
+    request.header.nlmsg_type = RTM_NEWROUTE;
+    request.header.nlmsg_flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL;
+    request.header.nlmsg_seq = 1;
+    request.route.rtm_family = AF_INET;
+    request.route.rtm_dst_len = 0;
+    request.route.rtm_table = RT_TABLE_MAIN;
+    request.route.rtm_protocol = RTPROT_BOOT;
+    request.route.rtm_scope = RT_SCOPE_UNIVERSE;
+    request.route.rtm_type = RTN_UNICAST;
+    struct rtattr *attribute = (struct rtattr *)((char *)&request + NLMSG_ALIGN(request.header.nlmsg_len));
+    attribute->rta_type = RTA_GATEWAY;
+    attribute->rta_len = RTA_LENGTH(sizeof via);
+    memcpy(RTA_DATA(attribute), &via, sizeof via);
+    request.header.nlmsg_len = NLMSG_ALIGN(request.header.nlmsg_len) + RTA_ALIGN(attribute->rta_len);
+
+    int fd = socket(AF_NETLINK, SOCK_RAW | SOCK_CLOEXEC, NETLINK_ROUTE);
+    if (fd < 0) die("cannot open a netlink socket", NULL);
+    struct sockaddr_nl kernel = {.nl_family = AF_NETLINK};
+    if (sendto(fd, &request, request.header.nlmsg_len, 0, (struct sockaddr *)&kernel, sizeof kernel) < 0) die("cannot send the route", NULL);
+    char answer[512];
+    ssize_t n = recv(fd, answer, sizeof answer, 0);
+    if (n < (ssize_t)NLMSG_LENGTH(sizeof(struct nlmsgerr))) die("no answer from netlink for the route", NULL);
+    struct nlmsghdr *reply = (struct nlmsghdr *)answer;
+    if (reply->nlmsg_type != NLMSG_ERROR) { errno = EPROTO; die("unexpected netlink answer for the route", NULL); }
+    struct nlmsgerr *outcome = NLMSG_DATA(reply);
+    if (outcome->error != 0) { errno = -outcome->error; die("cannot add the default route via", gateway); }
     close(fd);
 }
 
@@ -179,6 +235,10 @@ int main(int argc, char **argv) {
         if (strcmp(option, "--") == 0) { i++; break; }
         if (strcmp(option, "--cgroup") == 0 && i + 1 < argc) {
             join_cgroup(argv[++i]);
+        } else if (strcmp(option, "--netns") == 0 && i + 1 < argc) {
+            join_network_namespace(argv[++i]);
+        } else if (strcmp(option, "--default-route") == 0 && i + 1 < argc) {
+            add_default_route(argv[++i]);
         } else if (strcmp(option, "--gid") == 0 && i + 1 < argc) {
             gid = number(argv[++i], option);
             if (setgroups(0, NULL) < 0) die("cannot drop supplementary groups", NULL);
@@ -204,7 +264,7 @@ int main(int argc, char **argv) {
     (void)gid;
     if (i >= argc) {
         errno = EINVAL;
-        die("usage: apus-sandbox-init [--cgroup FILE]... [--drop-caps] [--gid N] [--uid N] [--no-new-privs] [--seccomp] (-- COMMAND [ARG]... | --wait)", NULL);
+        die("usage: apus-sandbox-init [--cgroup FILE]... [--netns FILE] [--default-route IP] [--drop-caps] [--gid N] [--uid N] [--no-new-privs] [--seccomp] (-- COMMAND [ARG]... | --wait)", NULL);
     }
     execvp(argv[i], &argv[i]);
     die("cannot execute", argv[i]);

@@ -105,6 +105,9 @@ struct Apusd: AsyncParsableCommand {
     @Flag(help: "Print which sandbox layers this host gives instances, then exit (0: all of them, 1: some missing).")
     var check = false
 
+    @Option(help: "IPv4 range instance network namespaces are numbered from (each apusd on the host claims a /20 of it: 1023 instances); the range is refused as a destination from every instance.")
+    var instanceNetwork = InstanceNetworks.defaultRange
+
     @Option(help: "Largest memory a function may ask for (memory: in apus.yaml; default: this host's memory).")
     var maxMemory: String?
 
@@ -261,12 +264,16 @@ struct Apusd: AsyncParsableCommand {
         let dataURL = URL(fileURLWithPath: dataDir, isDirectory: true).standardizedFileURL
         let sandbox = Sandbox.detect(
             disabled: noSandbox, logger: logger, stateDirectory: dataURL.appendingPathComponent("sandbox"),
-            initPath: Self.besideExecutable("apus-sandbox-init"), uids: SandboxIdentities.parseRange(sandboxUids)!)
+            initPath: Self.besideExecutable("apus-sandbox-init"), uids: SandboxIdentities.parseRange(sandboxUids)!,
+            instanceNetwork: noSandbox ? nil : instanceNetwork)
         let layers = sandbox.layers
         if check {
             print("sandbox layers: \(layers.summary)")
             for problem in sandbox.problems { print("missing: \(problem)") }
-            print("network namespaces: not implemented; instances share the host's network (docs/security.md)")
+            if let networks = sandbox.networks {
+                print("instance networks: \(networks.name), instance API at \(InstanceEndpoint.format(networks.servicesAddress)):\(InstanceNetworks.servicesPort)")
+                networks.tearDown()
+            }
             throw ExitCode(layers.complete ? 0 : 1)
         }
         if layers.complete {
@@ -354,7 +361,9 @@ struct Apusd: AsyncParsableCommand {
             store: try Self.privateFile(TaskStore(path: dataURL.appendingPathComponent("tasks.sqlite").path, durability: durability),
                                         dataURL.appendingPathComponent("tasks.sqlite")),
             scheduler: scheduler, invoker: InstanceTaskInvoker(),
-            apiBase: { ports.apiURL }, logger: Logger(label: "apus.tasks"))
+            apiBase: { ports.apiURL },
+            instanceAPIBase: sandbox.networks.map { "http://\(InstanceEndpoint.format($0.servicesAddress)):\(InstanceNetworks.servicesPort)" },
+            logger: Logger(label: "apus.tasks"))
         let stopping = ShutdownFlag()
         var api = ControlAPI(
             control: control,
@@ -379,6 +388,18 @@ struct Apusd: AsyncParsableCommand {
             onServerRunning: { channel in ports.bound(api: channel.localAddress?.port ?? 0) },
             eventLoopGroupProvider: .shared(MultiThreadedEventLoopGroup(numberOfThreads: 1)),
             logger: Logger(label: "apus.api"))
+        // Instances in network namespaces of their own reach apusd at one address only: the instance API, which
+        // serves task progress and nothing else.
+        let instanceAPI = sandbox.networks.map { networks in
+            Application(
+                router: ControlAPI.instanceRouter(tasks: tasks),
+                server: .http1(configuration: .init(idleTimeout: .nanoseconds(apiIdle.nanoseconds))),
+                configuration: .init(address: .hostname(InstanceEndpoint.format(networks.servicesAddress), port: InstanceNetworks.servicesPort),
+                                     serverName: "apus-instance-api",
+                                     availableConnectionsDelegate: MaximumAvailableConnections(apiMaxConnections)),
+                eventLoopGroupProvider: .shared(MultiThreadedEventLoopGroup(numberOfThreads: 1)),
+                logger: Logger(label: "apus.instance-api"))
+        }
         var gatewayConfiguration = GatewayServer.Configuration(
             host: host, port: httpPort, domain: domain, http2: http2Limits, tls: tls,
             thriftPort: thriftPort, thriftMaxFrameBytes: thriftMaxFrame, tasks: tasks)
@@ -400,6 +421,7 @@ struct Apusd: AsyncParsableCommand {
                 .init(service: autoscaler, serviceName: "autoscaler"),
                 .init(service: tasks, serviceName: "tasks"),
                 .init(service: apiApp, serviceName: "api"),
+            ] + (instanceAPI.map { [.init(service: $0, serviceName: "instance-api")] } ?? []) + [
                 .init(service: mesh.registryService, serviceName: "registry"),
                 .init(service: mesh.publisherService(catalog: catalog), serviceName: "mesh-publisher"),
                 .init(service: FlagOnShutdown(flag: stopping), serviceName: "log-streams"),

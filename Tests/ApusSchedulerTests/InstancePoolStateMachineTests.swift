@@ -101,18 +101,18 @@ struct InstancePoolStateMachineTests {
         #expect(perInstance == ["i1": 2, "i2": 2])
     }
 
-    @Test func freeSlotComesWithThePortTheInstanceWasReadyOn() {
+    @Test func freeSlotComesWithTheEndpointTheInstanceWasReadyOn() {
         let clock = TestClock()
         var m = Self.makeMachine(concurrency: 1, min: 2, max: 2)
         _ = m.ensureMinimum(now: clock.now)
-        _ = m.instanceReady("i1", now: clock.now, port: 41001)
-        _ = m.instanceReady("i2", now: clock.now)  // no port told: the caller looks it up itself
-        var taken: [String: Int] = [:]
-        while let slot = m.takeFreeSlotAndPort(now: clock.now) { taken[slot.instanceID] = slot.port ?? -1 }
-        #expect(taken == ["i1": 41001, "i2": -1])
+        _ = m.instanceReady("i1", now: clock.now, endpoint: InstanceEndpoint(address: 0x0AD5_0002, port: 41001))
+        _ = m.instanceReady("i2", now: clock.now)  // no endpoint told: the caller looks it up itself
+        var taken: [String: String] = [:]
+        while let slot = m.takeFreeSlotAndEndpoint(now: clock.now) { taken[slot.instanceID] = slot.endpoint?.description ?? "-" }
+        #expect(taken == ["i1": "10.213.0.2:41001", "i2": "-"])
         #expect(m.instances["i1"]?.inFlight == 1 && m.instances["i2"]?.inFlight == 1)
         _ = m.release(instanceID: "i1", now: clock.now)
-        #expect(m.takeFreeSlotAndPort(now: clock.now).map { "\($0.instanceID):\($0.port ?? 0)" } == "i1:41001")
+        #expect(m.takeFreeSlotAndEndpoint(now: clock.now).map { "\($0.instanceID) \($0.endpoint?.description ?? "-")" } == "i1 10.213.0.2:41001")
     }
 
     @Test func fullQueueIsRefusedAsOverloaded() {

@@ -90,11 +90,15 @@ def test_connections_past_the_limit_are_refused_and_held_ones_served(limited):
     finally:
         for s in held:
             s.close()
-    # Places come back when connections close.
+    # Places come back when connections close (once the gateway has seen the closes: until then a new connection
+    # may still be closed at accept).
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        if d.get("/hello-python/").status == 200:
-            break
+        try:
+            if d.get("/hello-python/").status == 200:
+                break
+        except OSError:
+            pass
         time.sleep(0.2)
     assert d.get("/hello-python/").status == 200
     assert "connection limit reached" in d.log_tail(400)

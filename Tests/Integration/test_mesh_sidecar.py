@@ -37,7 +37,7 @@ class Proxy(BaseHTTPRequestHandler):
     def log_message(self, *a):
         pass
 
-server = ThreadingHTTPServer(("127.0.0.1", int(opts["outbound-port"])), Proxy)
+server = ThreadingHTTPServer((opts.get("outbound-address", "127.0.0.1"), int(opts["outbound-port"])), Proxy)
 server.daemon_threads = True
 signal.signal(signal.SIGTERM, lambda *a: threading.Thread(target=server.shutdown, daemon=True).start())
 print("stand-in sidecar for %s on %s" % (opts["service"], opts["outbound-port"]), flush=True)
@@ -99,15 +99,23 @@ def test_sidecar_started_beside_each_instance_with_the_contract(tmp_path):
         seen = r.json()
         # The instance reached its sidecar through APUS_SIDECAR, naming the upstream service in Host.
         assert seen["reply"] == {"sidecar": True, "host": "orders.list", "path": "/items?n=2", "service": "side.caller"}, seen
-        assert seen["sidecarEnv"].startswith("http://127.0.0.1:"), seen
-
         record = json.loads((sidecar_dir / f"sidecar-{seen['instance']}.json").read_text())
-        outbound = seen["sidecarEnv"].rsplit(":", 1)[1]
+        outbound_host, outbound = seen["sidecarEnv"].removeprefix("http://").rsplit(":", 1)
+        instance = next(i for i in d.api_json("GET", "/v1/functions/side-caller/instances")["instances"]
+                        if i["id"] == seen["instance"])
+        if (d.info.get("sandboxLayers") or {}).get("network"):
+            # Its own network namespace: the sidecar listens on apusd's end of the instance's link, port 15001, and
+            # reaches the instance at its address there.
+            assert outbound == "15001" and outbound_host.startswith("10.213."), seen
+            assert instance["address"].startswith("10.213.") and instance["address"] != outbound_host, instance
+        else:
+            assert outbound_host == "127.0.0.1" and instance["address"] == "127.0.0.1", (seen, instance)
         argv = record["argv"]
         inbound = argv[argv.index("--inbound-port") + 1]
-        assert argv == ["--registry", d.api, "--outbound-port", outbound, "--inbound-port", inbound,
-                        "--app-port", seen["port"], "--app-protocol", "http", "--service", "side.caller",
-                        "--instance-id", seen["instance"], "--no-register"], argv
+        assert argv == ["--registry", d.api, "--outbound-address", outbound_host, "--outbound-port", outbound,
+                        "--inbound-port", inbound, "--app-address", instance["address"], "--app-port", seen["port"],
+                        "--app-protocol", "http", "--service", "side.caller", "--instance-id", seen["instance"],
+                        "--no-register"], argv
         assert inbound.isdigit() and inbound not in (outbound, seen["port"])
         assert pid_alive(record["pid"])
         logs = d.cli_ok("logs", "side-caller")

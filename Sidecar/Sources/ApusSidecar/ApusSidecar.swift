@@ -25,6 +25,10 @@ struct ApusSidecar: AsyncParsableCommand {
     var inboundPort: Int?
     @Option(name: .customLong("app-port"), parsing: .unconditional, help: "The app's own port (inbound traffic goes there).")
     var appPort: Int?
+    @Option(name: .customLong("app-address"), help: "The app's address (default 127.0.0.1; its namespace's address when it has one).")
+    var appAddress: String?
+    @Option(name: .customLong("outbound-address"), help: "Address the outbound listener binds (default --address): where the app reaches its sidecar.")
+    var outboundAddress: String?
     @Option(name: .customLong("app-protocol"), help: "http, grpc or thrift.")
     var appProtocol: String?
     @Option(name: .customLong("admin-port"), parsing: .unconditional, help: "Admin port: /metrics, /healthz, /upstreams.")
@@ -68,6 +72,8 @@ struct ApusSidecar: AsyncParsableCommand {
         if let outboundPort { loaded.outboundPort = outboundPort }
         if let inboundPort { loaded.inboundPort = inboundPort }
         if let appPort { loaded.appPort = appPort }
+        if let appAddress { loaded.appAddress = appAddress }
+        if let outboundAddress { loaded.outboundAddress = outboundAddress }
         if let appProtocol {
             guard ["http", "grpc", "thrift"].contains(appProtocol) else { throw ValidationError("--app-protocol must be http, grpc or thrift") }
             loaded.appProtocol = appProtocol

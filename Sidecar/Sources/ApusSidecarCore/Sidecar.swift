@@ -61,7 +61,7 @@ public final class Sidecar: Sendable {
         var ports = BoundPorts(thrift: [:])
         if let port = config.outboundPort {
             let channel = try await bindNamed("outbound", port) {
-                try await ProxyPipeline.bind(group: group, host: config.address, port: port, shared: shared, side: .outbound)
+                try await ProxyPipeline.bind(group: group, host: config.outboundAddress ?? config.address, port: port, shared: shared, side: .outbound)
             }
             state.withLock { $0.outbound = channel }
             ports.outbound = channel.localAddress?.port
@@ -190,7 +190,7 @@ public final class Sidecar: Sendable {
     private func healthLoop() async {
         let config = state.withLock { $0.config }
         guard let appPort = config.appPort else { return }
-        let checker = AppHealthChecker(group: group, host: "127.0.0.1", port: appPort)
+        let checker = AppHealthChecker(group: group, host: config.appAddress, port: appPort)
         var failures = 0
         while !Task.isCancelled {
             let check = state.withLock { $0.config.inbound.healthCheck }

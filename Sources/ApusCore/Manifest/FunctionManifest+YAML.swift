@@ -20,7 +20,7 @@ extension FunctionManifest {
         let reader = ManifestReader(mapping: mapping, path: "")
         try reader.rejectUnknownKeys(allowed: ["name", "runtime", "handler", "command", "protocol", "concurrency",
                                                "scale", "timeout", "memory", "cpu", "pids", "env", "grpc", "thrift", "shedding", "mesh",
-                                               "async"])
+                                               "async", "network"])
 
         let name = try reader.requiredString("name")
         try validateName(name, key: "name")
@@ -234,6 +234,7 @@ extension FunctionManifest {
             manifest.env = env
         }
         manifest.mesh = try parseMesh(reader)
+        manifest.network = try parseNetwork(reader, mesh: manifest.mesh)
         return manifest
     }
 

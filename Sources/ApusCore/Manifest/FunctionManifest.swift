@@ -184,6 +184,8 @@ public struct FunctionManifest: Codable, Hashable, Sendable {
     public var mesh: MeshSettings?
     /// Asynchronous task settings (`async:`); nil: the defaults apply to tasks, and Thrift oneway calls stay calls.
     public var async: AsyncSettings?
+    /// What the instance's network may reach (`network: {egress}`); nil: `egress: all`.
+    public var network: NetworkSettings?
 
     public init(
         name: String,
@@ -202,7 +204,8 @@ public struct FunctionManifest: Codable, Hashable, Sendable {
         thrift: ThriftSettings? = nil,
         shedding: Shedding? = nil,
         mesh: MeshSettings? = nil,
-        async: AsyncSettings? = nil
+        async: AsyncSettings? = nil,
+        network: NetworkSettings? = nil
     ) {
         self.name = name
         self.runtime = runtime
@@ -221,10 +224,11 @@ public struct FunctionManifest: Codable, Hashable, Sendable {
         self.shedding = shedding
         self.mesh = mesh
         self.async = async
+        self.network = network
     }
 
     enum CodingKeys: String, CodingKey {
-        case name, runtime, handler, command, `protocol`, concurrency, scale, timeout, memory, cpu, pids, env, grpc, thrift, shedding, mesh, async
+        case name, runtime, handler, command, `protocol`, concurrency, scale, timeout, memory, cpu, pids, env, grpc, thrift, shedding, mesh, async, network
     }
 
     /// One core unless the manifest says otherwise.
@@ -283,6 +287,7 @@ public struct FunctionManifest: Codable, Hashable, Sendable {
         shedding = try c.decodeIfPresent(Shedding.self, forKey: .shedding)
         mesh = try c.decodeIfPresent(MeshSettings.self, forKey: .mesh)
         self.async = try c.decodeIfPresent(AsyncSettings.self, forKey: .async)
+        network = try c.decodeIfPresent(NetworkSettings.self, forKey: .network)
     }
 
     public func encode(to encoder: any Encoder) throws {
@@ -304,5 +309,6 @@ public struct FunctionManifest: Codable, Hashable, Sendable {
         try c.encodeIfPresent(shedding, forKey: .shedding)
         try c.encodeIfPresent(mesh, forKey: .mesh)
         try c.encodeIfPresent(async, forKey: .async)
+        try c.encodeIfPresent(network, forKey: .network)
     }
 }

@@ -416,7 +416,7 @@ final class GatewayConnectionHandler: ChannelInboundHandler, RemovableChannelHan
             return
         }
         let requestID = current.invocation.requestID
-        upstreams.connect(instanceID: lease.instanceID, port: lease.port) { [self] result in
+        upstreams.connect(instanceID: lease.instanceID, endpoint: lease.endpoint) { [self] result in
             guard phase == .connecting, let current = exchange, current.invocation.requestID == requestID else {
                 if case .success(let connection) = result { upstreams.release(connection) }
                 return

@@ -1,3 +1,4 @@
+import ApusCore
 import NIOCore
 import NIOPosix
 
@@ -22,7 +23,7 @@ final class UpstreamConnection: ChannelInboundHandler {
     typealias InboundIn = ByteBuffer
     typealias OutboundOut = ByteBuffer
 
-    let port: Int
+    let endpoint: InstanceEndpoint
     /// The instance this connection belongs to; ports can be reused by a later instance.
     let instanceID: String
     private(set) var channel: (any Channel)?
@@ -36,9 +37,9 @@ final class UpstreamConnection: ChannelInboundHandler {
     /// Whether this connection already served a request (a failure on reuse may be retried).
     private(set) var servedBefore = false
 
-    init(instanceID: String, port: Int) {
+    init(instanceID: String, endpoint: InstanceEndpoint) {
         self.instanceID = instanceID
-        self.port = port
+        self.endpoint = endpoint
     }
 
     var isActive: Bool { channel?.isActive ?? false }
@@ -203,11 +204,11 @@ final class UpstreamPool: @unchecked Sendable {
     }
 
     /// A new connection to the instance, reported once connected.
-    func connect(instanceID: String, port: Int, _ completion: @escaping (Result<UpstreamConnection, any Error>) -> Void) {
+    func connect(instanceID: String, endpoint: InstanceEndpoint, _ completion: @escaping (Result<UpstreamConnection, any Error>) -> Void) {
         eventLoop.assertInEventLoop()
-        let connection = UpstreamConnection(instanceID: instanceID, port: port)
+        let connection = UpstreamConnection(instanceID: instanceID, endpoint: endpoint)
         let bound = NIOLoopBound(connection, eventLoop: eventLoop)
-        let future = connectToInstance(port: port, on: eventLoop) { channel in
+        let future = connectToInstance(endpoint: endpoint, on: eventLoop) { channel in
             try channel.pipeline.syncOperations.addHandler(bound.value)
         }
         future.assumeIsolated().whenComplete { result in

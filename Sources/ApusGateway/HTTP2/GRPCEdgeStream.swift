@@ -251,7 +251,7 @@ final class GRPCEdgeStream: EdgeStreamOwner, LoopSlotTarget, InstanceStreamOwner
         guard let lease = slot.lease else { return }
         phase = .connecting
         let requestID = self.requestID
-        (loopPool ?? shared.instanceHTTP2Pool(for: eventLoop)).connection(instanceID: lease.instanceID, port: lease.port) { [self] result in
+        (loopPool ?? shared.instanceHTTP2Pool(for: eventLoop)).connection(instanceID: lease.instanceID, endpoint: lease.endpoint) { [self] result in
             guard phase == .connecting, requestID == self.requestID else { return }
             switch result {
             case .success(let connection):

@@ -204,7 +204,7 @@ final class HTTPOverHTTP2Stream: ChannelInboundHandler, LoopSlotTarget {
         guard let lease = slot.lease else { return }
         phase = .connecting
         let requestID = self.requestID
-        shared.instanceHTTP1Pool(for: context.eventLoop).connection(instanceID: lease.instanceID, port: lease.port) { [self] result in
+        shared.instanceHTTP1Pool(for: context.eventLoop).connection(instanceID: lease.instanceID, endpoint: lease.endpoint) { [self] result in
             guard phase == .connecting, requestID == self.requestID else {
                 if case .success(let connection) = result { connection.channel.close(promise: nil) }
                 return
@@ -344,15 +344,15 @@ final class InstanceHTTP1Pool: @unchecked Sendable {
         self.eventLoop = eventLoop
     }
 
-    func connection(instanceID: String, port: Int, _ completion: @escaping (Result<InstanceHTTP1Connection, any Error>) -> Void) {
+    func connection(instanceID: String, endpoint: InstanceEndpoint, _ completion: @escaping (Result<InstanceHTTP1Connection, any Error>) -> Void) {
         eventLoop.assertInEventLoop()
-        if let connection = idle.take(instanceID: instanceID, port: port) {
+        if let connection = idle.take(instanceID: instanceID, endpoint: endpoint) {
             completion(.success(connection))
             return
         }
         let handler = InstanceHTTP1Handler()
         let bound = NIOLoopBound(handler, eventLoop: eventLoop)
-        connectToInstance(port: port, on: eventLoop) { channel in
+        connectToInstance(endpoint: endpoint, on: eventLoop) { channel in
             try channel.pipeline.syncOperations.addHTTPClientHandlers()
             try channel.pipeline.syncOperations.addHandler(bound.value)
         }
@@ -360,7 +360,7 @@ final class InstanceHTTP1Pool: @unchecked Sendable {
             .whenComplete { result in
                 switch result {
                 case .success(let channel):
-                    let connection = InstanceHTTP1Connection(channel: channel, instanceID: instanceID, port: port)
+                    let connection = InstanceHTTP1Connection(channel: channel, instanceID: instanceID, endpoint: endpoint)
                     bound.value.connection = connection
                     completion(.success(connection))
                 case .failure(let error):
@@ -381,16 +381,16 @@ final class InstanceHTTP1Pool: @unchecked Sendable {
 final class InstanceHTTP1Connection: PooledInstanceConnection {
     let channel: any Channel
     let instanceID: String
-    let port: Int
+    let endpoint: InstanceEndpoint
     var watchedWhileIdle = false
     /// False once the instance asked to close (Connection: close, HTTP/1.0).
     fileprivate(set) var keepAlive = true
     fileprivate weak var exchange: HTTPOverHTTP2Stream?
 
-    init(channel: any Channel, instanceID: String, port: Int) {
+    init(channel: any Channel, instanceID: String, endpoint: InstanceEndpoint) {
         self.channel = channel
         self.instanceID = instanceID
-        self.port = port
+        self.endpoint = endpoint
     }
 }
 

@@ -1,3 +1,4 @@
+import ApusCore
 import NIOCore
 import NIOHTTP2
 import NIOPosix
@@ -40,15 +41,15 @@ final class InstanceHTTP2Pool: @unchecked Sendable {
     /// Hands the instance's connection (connecting first when needed) to `completion`, at once when it is
     /// ready; the caller then starts its stream on it (`InstanceConnectionHandler.startStream`).
     func connection(
-        instanceID: String, port: Int,
+        instanceID: String, endpoint: InstanceEndpoint,
         completion: @escaping (Result<InstanceConnectionHandler, InstanceStreamError>) -> Void
     ) {
         eventLoop.assertInEventLoop()
         let connection: InstanceHTTP2Connection
-        if let existing = connections[instanceID], !existing.isClosed, existing.port == port {
+        if let existing = connections[instanceID], !existing.isClosed, existing.endpoint == endpoint {
             connection = existing
         } else {
-            connection = InstanceHTTP2Connection(instanceID: instanceID, port: port)
+            connection = InstanceHTTP2Connection(instanceID: instanceID, endpoint: endpoint)
             connections[instanceID] = connection
             connect(connection)
         }
@@ -76,7 +77,7 @@ final class InstanceHTTP2Pool: @unchecked Sendable {
         let loop = eventLoop
         let bound = NIOLoopBound(connection, eventLoop: loop)
         let pool = NIOLoopBound(self, eventLoop: loop)
-        connectToInstance(port: connection.port, on: loop) { channel in
+        connectToInstance(endpoint: connection.endpoint, on: loop) { channel in
             let handler = InstanceConnectionHandler(
                 streamWindow: streamWindow, connectionWindow: connectionWindow, deferredFlushes: pool.value.deferredFlushes)
             let connection = bound.value
@@ -111,15 +112,15 @@ final class InstanceHTTP2Pool: @unchecked Sendable {
 /// One HTTP/2 connection to an instance. Calls asked for while it connects wait in `pending`.
 final class InstanceHTTP2Connection {
     let instanceID: String
-    let port: Int
+    let endpoint: InstanceEndpoint
     private var handler: InstanceConnectionHandler?
     private var pending: [(Result<InstanceConnectionHandler, InstanceStreamError>) -> Void] = []
     /// No new streams go here (connect failed, GOAWAY, closed); the next call opens a fresh connection.
     private(set) var isClosed = false
 
-    init(instanceID: String, port: Int) {
+    init(instanceID: String, endpoint: InstanceEndpoint) {
         self.instanceID = instanceID
-        self.port = port
+        self.endpoint = endpoint
     }
 
     func whenReady(_ completion: @escaping (Result<InstanceConnectionHandler, InstanceStreamError>) -> Void) {

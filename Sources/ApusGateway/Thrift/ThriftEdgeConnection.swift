@@ -275,7 +275,7 @@ final class ThriftEdgeConnection: ChannelInboundHandler, LoopSlotTarget, Drainab
         guard let lease = call.lease, let version = call.version, let thrift = version.manifest.thrift else { return }
         let requestID = call.requestID
         shared.instanceThriftPool(for: context.eventLoop).connection(
-            instanceID: lease.instanceID, port: lease.port, transport: ThriftTransport(thrift.transport),
+            instanceID: lease.instanceID, endpoint: lease.endpoint, transport: ThriftTransport(thrift.transport),
             maxFrameSize: shared.configuration.thriftMaxFrameBytes
         ) { [self] result in
             guard !call.done, call.requestID == requestID else {
@@ -447,17 +447,17 @@ final class InstanceThriftPool: @unchecked Sendable {
     }
 
     func connection(
-        instanceID: String, port: Int, transport: ThriftTransport, maxFrameSize: Int,
+        instanceID: String, endpoint: InstanceEndpoint, transport: ThriftTransport, maxFrameSize: Int,
         _ completion: @escaping (Result<InstanceThriftConnection, any Error>) -> Void
     ) {
         eventLoop.assertInEventLoop()
-        if let connection = idle.take(instanceID: instanceID, port: port, fits: { $0.transport == transport }) {
+        if let connection = idle.take(instanceID: instanceID, endpoint: endpoint, fits: { $0.transport == transport }) {
             completion(.success(connection))
             return
         }
         let handler = InstanceThriftHandler()
         let bound = NIOLoopBound(handler, eventLoop: eventLoop)
-        connectToInstance(port: port, on: eventLoop) { channel in
+        connectToInstance(endpoint: endpoint, on: eventLoop) { channel in
             try channel.pipeline.syncOperations.addHandler(
                 ByteToMessageHandler(ThriftFrameDecoder(maxFrameSize: maxFrameSize, expected: transport)))
             try channel.pipeline.syncOperations.addHandler(bound.value)
@@ -466,7 +466,7 @@ final class InstanceThriftPool: @unchecked Sendable {
             .whenComplete { result in
                 switch result {
                 case .success(let channel):
-                    let connection = InstanceThriftConnection(channel: channel, instanceID: instanceID, port: port, transport: transport)
+                    let connection = InstanceThriftConnection(channel: channel, instanceID: instanceID, endpoint: endpoint, transport: transport)
                     bound.value.connection = connection
                     completion(.success(connection))
                 case .failure(let error):
@@ -489,17 +489,17 @@ final class InstanceThriftPool: @unchecked Sendable {
 final class InstanceThriftConnection: PooledInstanceConnection {
     let channel: any Channel
     let instanceID: String
-    let port: Int
+    let endpoint: InstanceEndpoint
     var watchedWhileIdle = false
     let transport: ThriftTransport
     /// The call waiting for a reply on this connection, and the client connection it belongs to.
     var call: ThriftEdgeConnection.Call?
     weak var owner: ThriftEdgeConnection?
 
-    init(channel: any Channel, instanceID: String, port: Int, transport: ThriftTransport) {
+    init(channel: any Channel, instanceID: String, endpoint: InstanceEndpoint, transport: ThriftTransport) {
         self.channel = channel
         self.instanceID = instanceID
-        self.port = port
+        self.endpoint = endpoint
         self.transport = transport
     }
 }

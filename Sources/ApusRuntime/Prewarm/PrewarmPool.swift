@@ -79,9 +79,11 @@ final class PrewarmPool: Sendable {
         key.hasPrefix("PYTHON") || key.hasPrefix("LD_") || key.hasPrefix("MALLOC_")
     }
 
-    /// Whether a waiting process can become an instance of `spec`.
+    /// Whether a waiting process can become an instance of `spec`. Waiting processes already have their network
+    /// (with a default route when namespaces are on): they serve `egress: all` functions, the default, only.
     func canServe(_ spec: InstanceSpec) -> Bool {
         spec.manifest.runtime == .python3
+            && spec.manifest.egress == .all
             && spec.manifest.memory <= settings.memoryLimit
             && !spec.manifest.env.keys.contains(where: Self.readAtInterpreterStart)
     }
@@ -124,7 +126,7 @@ final class PrewarmPool: Sendable {
             let argv = try launcher.sandbox.wrap(
                 command: [launcher.configuration.python, bootstrap], codeDirectory: slot,
                 runtimeDirectory: launcher.configuration.runtimeDirectory, limits: limits,
-                uid: confinement.uid, cgroup: confinement.cgroup)
+                uid: confinement.uid, cgroup: confinement.cgroup, network: confinement.network, egress: .all)
             var environment = launcher.baseEnvironment()
             environment["APUS_PREWARM"] = "1"
             process = try launcher.spawn(argv: argv, environment: environment, workingDirectory: slot.path,

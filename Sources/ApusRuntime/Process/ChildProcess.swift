@@ -147,9 +147,14 @@ enum FreePort {
 
 /// `127.0.0.1:port` as a socket address.
 func loopbackAddress(port: Int) -> sockaddr_in {
+    socketAddress(.loopback(port: port))
+}
+
+/// An instance endpoint as a socket address.
+func socketAddress(_ endpoint: InstanceEndpoint) -> sockaddr_in {
     var address = sockaddr_in()
     address.sin_family = sa_family_t(AF_INET)
-    address.sin_port = UInt16(port).bigEndian
-    address.sin_addr.s_addr = inet_addr("127.0.0.1")
+    address.sin_port = UInt16(endpoint.port).bigEndian
+    address.sin_addr.s_addr = endpoint.address.bigEndian
     return address
 }

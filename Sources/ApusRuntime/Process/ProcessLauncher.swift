@@ -130,6 +130,21 @@ public final class ProcessLauncher: InstanceLauncher {
         return env
     }
 
+    /// How a launch gets its process: a prewarmed interpreter, a waiting sandbox slot, or a new process (with its
+    /// uid, cgroup and network already taken).
+    private enum Start {
+        case prewarmed(ManagedProcess)
+        case slot(ManagedProcess)
+        case new(Confinement)
+
+        var network: InstanceNetworks.Network? {
+            switch self {
+            case .prewarmed(let process), .slot(let process): process.network
+            case .new(let confinement): confinement.network
+            }
+        }
+    }
+
     public func launch(_ spec: InstanceSpec, onExit: @escaping @Sendable (InstanceExit) -> Void) async throws(ApusError) -> any InstanceHandle {
         let port = try FreePort.pick()
         let function = spec.version.function
@@ -140,16 +155,36 @@ public final class ProcessLauncher: InstanceLauncher {
         logger[metadataKey: "function"] = "\(function)"
         logger[metadataKey: "version"] = "\(version)"
         logger[metadataKey: "instance"] = "\(spec.instanceID)"
+        let limits = ResourceLimits(spec.manifest)
 
-        // mesh.sidecar: the sidecar starts first, so the instance finds $APUS_SIDECAR listening.
-        let sidecar = try await startSidecar(for: spec, appPort: port)
+        // The process (and with it the network namespace) first: the sidecar listens on the namespace's link.
+        let start: Start
+        if let warm = prewarmPool?.take(for: spec) {
+            start = .prewarmed(warm)
+        } else if let slot = slotPool?.take() {
+            start = .slot(slot)
+        } else {
+            start = .new(try confine(name: spec.instanceID, limits: limits))
+        }
+        let endpoint = start.network.map { InstanceEndpoint(address: $0.address, port: port) } ?? .loopback(port: port)
+
+        // mesh.sidecar: the sidecar starts before the instance, so the instance finds $APUS_SIDECAR listening.
+        let sidecar: SidecarProcess?
+        do throws(ApusError) {
+            sidecar = try await startSidecar(for: spec, app: endpoint, network: start.network)
+        } catch {
+            await abandon(start)
+            throw error
+        }
         var instanceEnvironment = environment(for: spec, port: port)
-        if let sidecar { instanceEnvironment["APUS_SIDECAR"] = sidecar.outboundURL }
+        if let sidecar, let url = sidecar.outboundURL { instanceEnvironment["APUS_SIDECAR"] = url }
         let instanceOnExit = sidecar?.stoppingOnExit(onExit) ?? onExit
+        let sandboxNote = "sandbox \(sandbox.mode.rawValue)\(start.network.map { ", network \($0.name) \(InstanceEndpoint.format($0.address)) egress \(spec.manifest.egress.rawValue)" } ?? "")"
 
         let process: ManagedProcess
         let prewarmed: Bool
-        if let warm = prewarmPool?.take(for: spec) {
+        switch start {
+        case .prewarmed(let warm):
             // A generic runtime process is already up with its interpreter loaded: give it this function's code
             // and identity, and it imports the handler and listens.
             do throws(ApusError) {
@@ -162,41 +197,40 @@ public final class ProcessLauncher: InstanceLauncher {
             }
             process = warm
             prewarmed = true
-            logs.event(function: function, version: version, instance: spec.instanceID, "starting from prewarmed process (pid \(warm.pid), port \(port), sandbox \(sandbox.mode.rawValue))")
-        } else if let slot = slotPool?.take(), let started = await startInSlot(slot, spec: spec, environment: instanceEnvironment,
-                                                                                owner: owner, onExit: instanceOnExit, logger: logger) {
-            process = started
+            logs.event(function: function, version: version, instance: spec.instanceID, "starting from prewarmed process (pid \(warm.pid), port \(port), \(sandboxNote))")
+        case .slot(let slot):
+            guard let running = await startInSlot(slot, spec: spec, environment: instanceEnvironment, owner: owner,
+                                                  onExit: instanceOnExit, logger: logger) else {
+                await sidecar?.stop(grace: .milliseconds(200))
+                return try await launch(spec, onExit: onExit)
+            }
+            process = running
             prewarmed = false
-            logs.event(function: function, version: version, instance: spec.instanceID, "starting (pid \(process.pid), port \(port), sandbox \(sandbox.mode.rawValue), ready slot)")
-        } else {
-            let limits = ResourceLimits(spec.manifest)
+            logs.event(function: function, version: version, instance: spec.instanceID, "starting (pid \(process.pid), port \(port), \(sandboxNote), ready slot)")
+        case .new(let confinement):
             let argv: [String]
             do throws(ApusError) {
-                let confinement = try confine(name: spec.instanceID, limits: limits)
-                do throws(ApusError) {
-                    argv = try sandbox.wrap(
-                        command: command(for: spec),
-                        codeDirectory: spec.codeDirectory,
-                        runtimeDirectory: spec.manifest.runtime == .python3 ? configuration.runtimeDirectory : nil,
-                        limits: limits, uid: confinement.uid, cgroup: confinement.cgroup)
-                    process = try spawn(argv: argv, environment: instanceEnvironment,
-                                        workingDirectory: spec.codeDirectory.path, owner: owner, onExit: instanceOnExit,
-                                        confinement: confinement, memoryLimit: limits.memoryBytes)
-                } catch {
-                    release(confinement)
-                    throw error
-                }
+                argv = try sandbox.wrap(
+                    command: command(for: spec),
+                    codeDirectory: spec.codeDirectory,
+                    runtimeDirectory: spec.manifest.runtime == .python3 ? configuration.runtimeDirectory : nil,
+                    limits: limits, uid: confinement.uid, cgroup: confinement.cgroup, network: confinement.network,
+                    egress: spec.manifest.egress)
+                process = try spawn(argv: argv, environment: instanceEnvironment,
+                                    workingDirectory: spec.codeDirectory.path, owner: owner, onExit: instanceOnExit,
+                                    confinement: confinement, memoryLimit: limits.memoryBytes)
             } catch {
+                release(confinement)
                 await sidecar?.stop(grace: .milliseconds(200))
                 throw error
             }
             prewarmed = false
             logger.debug("instance spawned", metadata: ["pid": "\(process.pid)", "port": "\(port)", "argv": "\(argv.joined(separator: " "))"])
-            logs.event(function: function, version: version, instance: spec.instanceID, "starting (pid \(process.pid), port \(port), sandbox \(sandbox.mode.rawValue))")
+            logs.event(function: function, version: version, instance: spec.instanceID, "starting (pid \(process.pid), port \(port), \(sandboxNote))")
         }
 
         var outcome = await waitUntilReady(
-            process, port: port, protocol: spec.manifest.protocol, deadline: started.advanced(by: configuration.startTimeout),
+            process, endpoint: endpoint, protocol: spec.manifest.protocol, deadline: started.advanced(by: configuration.startTimeout),
             firstPause: prewarmed ? 200 : 1_000, announcesListening: prewarmed && spec.manifest.protocol == .http)
         if prewarmed, let pool = prewarmPool {
             // The replacement's interpreter start takes tens of milliseconds of CPU: begin it once the new instance
@@ -216,7 +250,7 @@ public final class ProcessLauncher: InstanceLauncher {
             logs.event(function: function, version: version, instance: spec.instanceID, "ready in \(elapsed.milliseconds)ms\(prewarmed ? " (prewarmed)" : "")")
             logger.info("instance ready", metadata: ["coldStartMs": "\(elapsed.milliseconds)", "port": "\(port)", "prewarmed": "\(prewarmed)"])
             RuntimeMetrics.coldStart(function: function, runtime: spec.manifest.runtime.rawValue, prewarmed: prewarmed, duration: elapsed)
-            return ProcessInstance(instanceID: spec.instanceID, port: port, process: process, sidecar: sidecar)
+            return ProcessInstance(instanceID: spec.instanceID, endpoint: endpoint, process: process, sidecar: sidecar)
         case .failure(let error):
             logs.event(function: function, version: version, instance: spec.instanceID, "failed to start: \(error.message)")
             logger.warning("instance failed to start", metadata: ["reason": "\(error.message)"])
@@ -252,10 +286,20 @@ public final class ProcessLauncher: InstanceLauncher {
         }
     }
 
-    /// Stops the prewarmed processes and sandbox slots (instances are stopped by their pools).
+    /// Stops the prewarmed processes and sandbox slots (instances are stopped by their pools), then removes the
+    /// network namespaces and apusd's nftables table.
     public func shutdown() async {
         await prewarmPool?.shutdown()
         await slotPool?.shutdown()
+        sandbox.networks?.tearDown()
+    }
+
+    /// Gives back what a launch took when it cannot go on (the sidecar failed to start).
+    private func abandon(_ start: Start) async {
+        switch start {
+        case .prewarmed(let process), .slot(let process): await process.stop(grace: .milliseconds(200))
+        case .new(let confinement): release(confinement)
+        }
     }
 
     /// Starts the instance in a waiting sandbox slot; nil (the slot is stopped) when that fails, and the caller
@@ -269,7 +313,7 @@ public final class ProcessLauncher: InstanceLauncher {
             let command = try sandbox.confined(
                 command: command(for: spec), codeDirectory: spec.codeDirectory,
                 runtimeDirectory: spec.manifest.runtime == .python3 ? configuration.runtimeDirectory : nil,
-                limits: limits, uid: uid)
+                limits: limits, uid: uid, defaultRoute: spec.manifest.egress == .all ? slot.network?.gateway : nil)
             try slot.startInSlot(command: command, environment: environment, limits: limits, uid: uid, owner: owner, onExit: onExit)
             return slot
         } catch {
@@ -280,19 +324,25 @@ public final class ProcessLauncher: InstanceLauncher {
         }
     }
 
-    /// What confines one process beyond the namespaces: its own uid and its cgroup, where the sandbox has them.
+    /// What confines one process beyond the namespaces bubblewrap makes: its own uid, its cgroup and its network
+    /// namespace, where the sandbox has them.
     struct Confinement: Sendable {
         var uid: UInt32?
         var cgroup: InstanceCgroup?
+        var network: InstanceNetworks.Network?
     }
 
-    /// Takes a uid and makes a cgroup with `limits` for a process about to start (`name`: unique per process).
+    /// Takes a uid, makes a cgroup with `limits` and takes a network namespace for a process about to start
+    /// (`name`: unique per process).
     func confine(name: String, limits: ResourceLimits) throws(ApusError) -> Confinement {
         var confinement = Confinement()
         confinement.uid = try sandbox.identities?.allocate()
         do throws(ApusError) {
-            // A cgroup only where apus-sandbox-init puts the process in it.
-            if sandbox.initPath != nil { confinement.cgroup = try sandbox.cgroups?.create(name: name, limits: limits) }
+            // A cgroup and a namespace only where apus-sandbox-init puts the process in them.
+            if sandbox.initPath != nil {
+                confinement.cgroup = try sandbox.cgroups?.create(name: name, limits: limits)
+                confinement.network = try sandbox.networks?.take()
+            }
         } catch {
             release(confinement)
             throw error
@@ -300,9 +350,11 @@ public final class ProcessLauncher: InstanceLauncher {
         return confinement
     }
 
-    /// Gives back a process's uid and removes its cgroup (once it has ended, or when it never started).
+    /// Gives back a process's uid, removes its cgroup and its network namespace (once it has ended, or when it
+    /// never started).
     func release(_ confinement: Confinement) {
         confinement.cgroup?.remove()
+        if let network = confinement.network { sandbox.networks?.release(network) }
         if let uid = confinement.uid { sandbox.identities?.release(uid) }
     }
 
@@ -313,7 +365,8 @@ public final class ProcessLauncher: InstanceLauncher {
         confinement: Confinement = Confinement(), memoryLimit: Int64 = 0
     ) throws(ApusError) -> ManagedProcess {
         let child = try ChildProcess.spawn(argv: argv, environment: environment, workingDirectory: workingDirectory, stdinPipe: stdinPipe)
-        let process = ManagedProcess(child: child, owner: owner, onExit: onExit, slot: slot, cgroup: confinement.cgroup, memoryLimit: memoryLimit)
+        let process = ManagedProcess(child: child, owner: owner, onExit: onExit, slot: slot, cgroup: confinement.cgroup,
+                                     network: confinement.network, memoryLimit: memoryLimit)
         let logs = self.logs
         let logger = self.logger
         for (fd, stream) in [(child.stdoutFD, "stdout"), (child.stderrFD, "stderr")] {
@@ -366,7 +419,7 @@ public final class ProcessLauncher: InstanceLauncher {
     /// `firstPause` (µs) is the wait after the first probe: 1 ms for a new process, less for a prewarmed one, which
     /// is listening within a few milliseconds.
     private func waitUntilReady(
-        _ process: ManagedProcess, port: Int, protocol: FunctionManifest.WireProtocol, deadline: ContinuousClock.Instant,
+        _ process: ManagedProcess, endpoint: InstanceEndpoint, protocol: FunctionManifest.WireProtocol, deadline: ContinuousClock.Instant,
         firstPause: UInt32, announcesListening: Bool = false
     ) async -> Result<Void, ApusError> {
         let startTimeout = configuration.startTimeout
@@ -391,12 +444,12 @@ public final class ProcessLauncher: InstanceLauncher {
                         continuation.resume(returning: .success(()))
                         return
                     }
-                    switch ReadinessProbe.check(port: port, kind: probe) {
+                    switch ReadinessProbe.check(endpoint, kind: probe) {
                     case .ready:
                         continuation.resume(returning: .success(()))
                         return
                     case .notListening:
-                        lastProblem = "did not listen on port \(port)"
+                        lastProblem = "did not listen on port \(endpoint.port)"
                     case .unhealthy(let reason):
                         lastProblem = reason
                     }
@@ -420,11 +473,12 @@ public final class ProcessLauncher: InstanceLauncher {
     }
 }
 
-/// A ready instance handed to a pool: its identity and port never change, its process does the work.
+/// A ready instance handed to a pool: its identity and endpoint never change, its process does the work.
 struct ProcessInstance: InstanceHandle {
     let instanceID: String
-    let port: Int
+    let endpoint: InstanceEndpoint
     let process: ManagedProcess
+    var port: Int { endpoint.port }
     /// The instance's `apus-sidecar` (mesh.sidecar), stopped after the instance so its calls in flight finish.
     var sidecar: SidecarProcess? = nil
 
@@ -469,13 +523,16 @@ final class ManagedProcess: Sendable {
 
     /// The process's cgroup (limits change when a prewarmed process becomes an instance); nil without cgroups.
     let cgroup: InstanceCgroup?
+    /// The process's network namespace; nil without them.
+    let network: InstanceNetworks.Network?
     private let memoryLimitBytes: Atomic<Int64>
 
     init(child: ChildProcess, owner: Owner?, onExit: (@Sendable (InstanceExit) -> Void)?, slot: URL?,
-         cgroup: InstanceCgroup? = nil, memoryLimit: Int64 = 0) {
+         cgroup: InstanceCgroup? = nil, network: InstanceNetworks.Network? = nil, memoryLimit: Int64 = 0) {
         self.child = child
         self.slot = slot
         self.cgroup = cgroup
+        self.network = network
         self.memoryLimitBytes = Atomic(memoryLimit)
         self.state = Mutex(State(owner: owner, onExit: onExit))
     }

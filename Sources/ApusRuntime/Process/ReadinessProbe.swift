@@ -3,6 +3,7 @@ import Glibc
 #elseif canImport(Darwin)
 import Darwin
 #endif
+import ApusCore
 
 /// One readiness check: the instance accepts a TCP connection on loopback and answers `GET /healthz`
 /// (sent with `X-Apus-Probe: 1`) with a status below 500 — or, for a gRPC instance, answers the HTTP/2
@@ -25,13 +26,19 @@ enum ReadinessProbe {
     }
 
     static func check(port: Int, kind: Kind = .http, timeoutMilliseconds: Int = 1000) -> Outcome {
+        check(.loopback(port: port), kind: kind, timeoutMilliseconds: timeoutMilliseconds)
+    }
+
+    /// One probe of `endpoint` (the instance's address in its namespace, or loopback).
+    static func check(_ endpoint: InstanceEndpoint, kind: Kind = .http, timeoutMilliseconds: Int = 1000) -> Outcome {
+        let port = endpoint.port
         let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
         guard fd >= 0 else { return .notListening }
         defer { close(fd) }
         var timeout = timeval(tv_sec: timeoutMilliseconds / 1000, tv_usec: (timeoutMilliseconds % 1000) * 1000)
         setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
         setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
-        var address = loopbackAddress(port: port)
+        var address = socketAddress(endpoint)
         let connected = withUnsafePointer(to: &address) {
             $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
         }

@@ -29,6 +29,8 @@ public struct Sandbox: Sendable {
     public let identities: SandboxIdentities?
     /// The instances' minimal `/etc`, prepared at start (`writeMinimalEtc`); nil: the host's is bound whole.
     let etcDirectory: URL?
+    /// A network namespace per instance; nil: instances share apusd's network (loopback included).
+    public let networks: InstanceNetworks?
     /// Why each missing layer is missing (for the start-up log and `apusd --check`).
     public let problems: [String]
     public static let openFilesLimit = 1024
@@ -41,7 +43,7 @@ public struct Sandbox: Sendable {
     static let initMount = "/.apus-init"
 
     public init(mode: Mode, bwrapPath: String?, prlimitPath: String?, initPath: String? = nil, cgroups: InstanceCgroups? = nil,
-                identities: SandboxIdentities? = nil, etcDirectory: URL? = nil, problems: [String] = []) {
+                identities: SandboxIdentities? = nil, etcDirectory: URL? = nil, networks: InstanceNetworks? = nil, problems: [String] = []) {
         self.mode = mode
         self.bwrapPath = bwrapPath
         self.prlimitPath = prlimitPath
@@ -49,6 +51,7 @@ public struct Sandbox: Sendable {
         self.cgroups = cgroups
         self.identities = identities
         self.etcDirectory = etcDirectory
+        self.networks = networks
         self.problems = problems
     }
 
@@ -59,14 +62,18 @@ public struct Sandbox: Sendable {
             unprivileged: mode == .bubblewrap && identities != nil,
             seccomp: mode == .bubblewrap && identities != nil,
             minimalEtc: mode == .bubblewrap && etcDirectory != nil,
-            cgroups: cgroups?.version.rawValue)
+            cgroups: cgroups?.version.rawValue,
+            network: mode == .bubblewrap && networks != nil)
     }
 
     /// Probes the host: bubblewrap when present and able to build a namespace here; the privilege layer when
     /// apusd is root and `initPath` exists; cgroups when a tree with memory, cpu and pids is writable.
+    /// `instanceNetwork`: the range instance links are numbered from (`--instance-network`); nil: no network
+    /// namespaces (unit tests).
     public static func detect(
         disabled: Bool, logger: Logger, stateDirectory: URL? = nil, initPath: String? = nil,
-        uids: ClosedRange<UInt32> = SandboxIdentities.defaultRange, cgroupRoot: URL = URL(fileURLWithPath: "/sys/fs/cgroup")
+        uids: ClosedRange<UInt32> = SandboxIdentities.defaultRange, cgroupRoot: URL = URL(fileURLWithPath: "/sys/fs/cgroup"),
+        instanceNetwork: String? = nil
     ) -> Sandbox {
         let prlimit = findExecutable("prlimit")
         var problems: [String] = []
@@ -103,6 +110,7 @@ public struct Sandbox: Sendable {
         var identities: SandboxIdentities?
         var cgroups: InstanceCgroups?
         var etc: URL?
+        var networks: InstanceNetworks?
         if let stateDirectory {
             if let initPath, FileManager.default.isExecutableFile(atPath: initPath) {
                 if getuid() == 0 {
@@ -111,6 +119,12 @@ public struct Sandbox: Sendable {
                     switch InstanceCgroups.detect(root: cgroupRoot) {
                     case .success(let found): cgroups = found
                     case .failure(let error): problems.append("no cgroups: \(error.message); memory is limited as address space")
+                    }
+                    if let instanceNetwork {
+                        switch InstanceNetworks.setUp(range: instanceNetwork, logger: logger) {
+                        case .success(let made): networks = made
+                        case .failure(let error): problems.append("no network namespaces: \(error.message); instances share the host's network and loopback")
+                        }
                     }
                 } else {
                     problems.append("apusd is not root: instances cannot be given uids of their own (run as root, see docs/security.md)")
@@ -125,7 +139,7 @@ public struct Sandbox: Sendable {
             }
         }
         return Sandbox(mode: .bubblewrap, bwrapPath: bwrap, prlimitPath: prlimit, initPath: identities == nil ? nil : initPath,
-                       cgroups: cgroups, identities: identities, etcDirectory: etc, problems: problems)
+                       cgroups: cgroups, identities: identities, etcDirectory: etc, networks: networks, problems: problems)
     }
 
     /// Read-only system directories, keeping symlinked ones (merged /usr) as symlinks. No /etc: see `etcArguments`.
@@ -212,23 +226,26 @@ public struct Sandbox: Sendable {
     /// The argv that runs `command` confined. `command` must already use in-sandbox paths. `uid` is the instance's
     /// own (from `identities`), `cgroup` the one it joins first; without them the older, weaker layers apply.
     func wrap(command: [String], codeDirectory: URL, runtimeDirectory: URL?, limits: ResourceLimits,
-              uid: UInt32? = nil, cgroup: InstanceCgroup? = nil) throws(ApusError) -> [String] {
-        let outer = outerArguments(limits: limits, cgroup: cgroup)
+              uid: UInt32? = nil, cgroup: InstanceCgroup? = nil, network: InstanceNetworks.Network? = nil,
+              egress: FunctionManifest.Egress = .all) throws(ApusError) -> [String] {
+        let outer = outerArguments(limits: limits, cgroup: cgroup, network: network)
         return (outer.isEmpty ? [] : outer + ["--"])
-            + (try confined(command: command, codeDirectory: codeDirectory, runtimeDirectory: runtimeDirectory, limits: limits, uid: uid))
+            + (try confined(command: command, codeDirectory: codeDirectory, runtimeDirectory: runtimeDirectory, limits: limits, uid: uid,
+                            defaultRoute: egress == .all ? network?.gateway : nil))
     }
 
-    /// What runs before the sandbox: rlimits, then the cgroup join (its last element is the command to come,
-    /// `--` in `wrap`, `--wait` for a sandbox slot). Empty when neither applies.
-    func outerArguments(limits: ResourceLimits, cgroup: InstanceCgroup?) -> [String] {
+    /// What runs before the sandbox: rlimits, then the cgroup and network namespace joins (its last element is
+    /// the command to come, `--` in `wrap`, `--wait` for a sandbox slot). Empty when neither applies.
+    func outerArguments(limits: ResourceLimits, cgroup: InstanceCgroup?, network: InstanceNetworks.Network? = nil) -> [String] {
         var argv: [String] = []
         if let prlimitPath {
             // Memory is the cgroup's limit where there is one (resident memory); the address-space rlimit is only
             // the fallback without cgroups.
             argv += [prlimitPath, "--nofile=\(Self.openFilesLimit)"] + (cgroup == nil ? ["--as=\(limits.memoryBytes)"] : []) + ["--"]
         }
-        if let cgroup, let initPath {
-            argv += [initPath] + cgroup.procsFiles.flatMap { ["--cgroup", $0] }
+        if let initPath, cgroup != nil || network != nil {
+            argv += [initPath] + (cgroup?.procsFiles ?? []).flatMap { ["--cgroup", $0] }
+            if let network { argv += ["--netns", network.path] }
         } else if !argv.isEmpty {
             argv.removeLast()  // `wrap` adds the `--` back
         }
@@ -236,9 +253,9 @@ public struct Sandbox: Sendable {
     }
 
     /// The sandbox itself (bubblewrap and the privilege drop inside it) around `command`; `command` alone without
-    /// bubblewrap.
+    /// bubblewrap. `defaultRoute`: the gateway of the instance's namespace when its egress reaches the world.
     func confined(command: [String], codeDirectory: URL, runtimeDirectory: URL?, limits: ResourceLimits,
-                  uid: UInt32?) throws(ApusError) -> [String] {
+                  uid: UInt32?, defaultRoute: UInt32? = nil) throws(ApusError) -> [String] {
         var argv: [String] = []
         switch mode {
         case .rlimitsOnly:
@@ -260,7 +277,9 @@ public struct Sandbox: Sendable {
             if let uid, let initPath {
                 argv += ["--ro-bind", initPath, Self.initMount]
                 argv += ["--chdir", Self.codeMount, "--"]
-                argv += [Self.initMount, "--drop-caps", "--gid", String(uid), "--uid", String(uid), "--seccomp", "--"]
+                argv += [Self.initMount]
+                if let defaultRoute { argv += ["--default-route", InstanceEndpoint.format(defaultRoute)] }
+                argv += ["--drop-caps", "--gid", String(uid), "--uid", String(uid), "--seccomp", "--"]
             } else {
                 argv += ["--chdir", Self.codeMount, "--"]
             }
@@ -291,11 +310,11 @@ public struct SandboxLayers: Sendable, Equatable, Codable {
     public var minimalEtc: Bool
     /// "v1" or "v2" when memory, CPU and pids are limited by cgroups; nil without.
     public var cgroups: String?
-    /// Network namespaces (not yet: instances share the host's network).
+    /// A network namespace per instance (`InstanceNetworks`).
     public var network: Bool = false
 
-    /// Whether every layer apusd can have without network isolation is on.
-    public var complete: Bool { namespaces && unprivileged && seccomp && minimalEtc && cgroups != nil }
+    /// Whether every layer is on.
+    public var complete: Bool { namespaces && unprivileged && seccomp && minimalEtc && cgroups != nil && network }
 
     public var summary: String {
         [("namespaces", namespaces), ("uid", unprivileged), ("seccomp", seccomp), ("etc", minimalEtc)]

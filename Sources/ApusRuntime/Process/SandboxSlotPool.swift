@@ -46,7 +46,7 @@ final class SandboxSlotPool: Sendable {
             launcher.release(confinement)
             throw ApusError(.unavailable, "sandbox slots need cgroups")
         }
-        let argv = launcher.sandbox.outerArguments(limits: waitingLimits, cgroup: confinement.cgroup) + ["--wait"]
+        let argv = launcher.sandbox.outerArguments(limits: waitingLimits, cgroup: confinement.cgroup, network: confinement.network) + ["--wait"]
         do throws(ApusError) {
             return try launcher.spawn(argv: argv, environment: ["PATH": "/usr/bin:/bin"], workingDirectory: "/",
                                       owner: nil, onExit: nil, stdinPipe: true, confinement: confinement,

@@ -29,14 +29,16 @@ public struct SidecarSettings: Sendable {
     }
 
     /// The sidecar's command line (the contract with `apus-sidecar`): it proxies the instance's outbound calls on
-    /// `outboundPort` (the instance gets `APUS_SIDECAR=http://127.0.0.1:<outboundPort>`), accepts mesh traffic for
-    /// the instance on `inboundPort` and forwards it to the instance on `appPort`; `--no-register` because apusd
-    /// registers the function itself (through the gateway).
-    public static func arguments(binary: String, registry: String, outboundPort: Int, inboundPort: Int, appPort: Int,
+    /// `outbound` (the instance gets `APUS_SIDECAR=http://<outbound>`; none for `egress: none`), accepts mesh
+    /// traffic for the instance on loopback `inboundPort` and forwards it to the instance at `app`; `--no-register`
+    /// because apusd registers the function itself (through the gateway).
+    public static func arguments(binary: String, registry: String, outbound: InstanceEndpoint?, inboundPort: Int, app: InstanceEndpoint,
                                  appProtocol: String, service: String, instanceID: String) -> [String] {
-        [binary, "--registry", registry, "--outbound-port", String(outboundPort), "--inbound-port", String(inboundPort),
-         "--app-port", String(appPort), "--app-protocol", appProtocol, "--service", service, "--instance-id", instanceID,
-         "--no-register"]
+        var argv = [binary, "--registry", registry]
+        if let outbound { argv += ["--outbound-address", outbound.host, "--outbound-port", String(outbound.port)] }
+        argv += ["--inbound-port", String(inboundPort), "--app-address", app.host, "--app-port", String(app.port),
+                 "--app-protocol", appProtocol, "--service", service, "--instance-id", instanceID, "--no-register"]
+        return argv
     }
 }
 
@@ -44,33 +46,43 @@ public struct SidecarSettings: Sendable {
 /// function's log prefixed `[sidecar]`, stopped after its instance.
 final class SidecarProcess: Sendable {
     let child: ChildProcess
-    let outboundPort: Int
+    /// Where the instance calls its sidecar: loopback, or the gateway of its namespace's link; nil for
+    /// `egress: none` (the sidecar then only carries mesh traffic to the instance).
+    let outbound: InstanceEndpoint?
     let inboundPort: Int
     private let exited = Mutex<InstanceExit?>(nil)
     private let stopping = Atomic<Bool>(false)
 
-    private init(child: ChildProcess, outboundPort: Int, inboundPort: Int) {
+    private init(child: ChildProcess, outbound: InstanceEndpoint?, inboundPort: Int) {
         self.child = child
-        self.outboundPort = outboundPort
+        self.outbound = outbound
         self.inboundPort = inboundPort
     }
 
-    /// `APUS_SIDECAR` for the instance.
-    var outboundURL: String { "http://127.0.0.1:\(outboundPort)" }
+    /// `APUS_SIDECAR` for the instance (nil: it gets none).
+    var outboundURL: String? { outbound.map { "http://\($0)" } }
 
     var exit: InstanceExit? { exited.withLock { $0 } }
 
     /// Starts the sidecar and waits until its outbound port accepts connections (or `timeout` passes, or it exits).
-    static func start(settings: SidecarSettings, spec: InstanceSpec, service: String, appPort: Int, timeout: Duration,
+    /// `network`: the instance's namespace; its sidecar then listens on the link's gateway at
+    /// `InstanceNetworks.sidecarPort`, the one port of the node the instance reaches (none for `egress: none`).
+    static func start(settings: SidecarSettings, spec: InstanceSpec, service: String, app: InstanceEndpoint,
+                      network: InstanceNetworks.Network?, timeout: Duration,
                       logs: FunctionLogs, logger: Logger) async throws(ApusError) -> SidecarProcess {
         guard let registry = settings.registryURL() else {
             throw ApusError(.unavailable, "sidecar: the registry URL is not known yet (the API is not listening)")
         }
-        let outbound = try FreePort.pick()
+        let outbound: InstanceEndpoint?
+        if let network {
+            outbound = spec.manifest.egress == .none ? nil : InstanceEndpoint(address: network.gateway, port: InstanceNetworks.sidecarPort)
+        } else {
+            outbound = .loopback(port: try FreePort.pick())
+        }
         var inbound = try FreePort.pick()
-        while inbound == outbound { inbound = try FreePort.pick() }
+        while inbound == outbound?.port { inbound = try FreePort.pick() }
         let argv = SidecarSettings.arguments(
-            binary: settings.binary, registry: registry, outboundPort: outbound, inboundPort: inbound, appPort: appPort,
+            binary: settings.binary, registry: registry, outbound: outbound, inboundPort: inbound, app: app,
             appProtocol: spec.manifest.protocol.rawValue, service: service, instanceID: spec.instanceID)
         let host = ProcessInfo.processInfo.environment
         let environment = [
@@ -85,7 +97,7 @@ final class SidecarProcess: Sendable {
         } catch {
             throw ApusError(.unavailable, "sidecar \(settings.binary) could not start: \(error.message)")
         }
-        let sidecar = SidecarProcess(child: child, outboundPort: outbound, inboundPort: inbound)
+        let sidecar = SidecarProcess(child: child, outbound: outbound, inboundPort: inbound)
         for (fd, stream) in [(child.stdoutFD, "stdout"), (child.stderrFD, "stderr")] {
             Thread.detachNewThread {
                 LineReader.forEachLine(fd: fd) { line in
@@ -104,16 +116,18 @@ final class SidecarProcess: Sendable {
             }
         }
         logs.event(function: function, version: version, instance: spec.instanceID,
-                   "sidecar starting (pid \(child.pid), outbound \(outbound), inbound \(inbound), registry \(registry))")
+                   "sidecar starting (pid \(child.pid), outbound \(outbound.map { "\($0)" } ?? "none (egress: none)"), inbound \(inbound), registry \(registry))")
+        // Ready once it listens: on its outbound address, or (without one) its inbound port.
+        let listening = outbound ?? .loopback(port: inbound)
         let deadline = ContinuousClock.now.advanced(by: timeout)
         while true {
             if let exit = sidecar.exit {
-                throw ApusError(.unavailable, "sidecar \(exit) before it listened on its outbound port \(outbound)")
+                throw ApusError(.unavailable, "sidecar \(exit) before it listened on \(listening)")
             }
-            if ReadinessProbe.check(port: outbound, kind: .tcp, timeoutMilliseconds: 200) == .ready { break }
+            if ReadinessProbe.check(listening, kind: .tcp, timeoutMilliseconds: 200) == .ready { break }
             if ContinuousClock.now >= deadline {
                 await sidecar.stop(grace: .milliseconds(200))
-                throw ApusError(.unavailable, "sidecar did not listen on its outbound port \(outbound) within \(timeout.humanReadable)")
+                throw ApusError(.unavailable, "sidecar did not listen on \(listening) within \(timeout.humanReadable)")
             }
             try? await Task.sleep(for: .milliseconds(5))
         }
@@ -146,13 +160,13 @@ final class SidecarProcess: Sendable {
 
 extension ProcessLauncher {
     /// Starts the instance's sidecar when its manifest asks for one (`mesh.sidecar: true`); nil otherwise.
-    func startSidecar(for spec: InstanceSpec, appPort: Int) async throws(ApusError) -> SidecarProcess? {
+    func startSidecar(for spec: InstanceSpec, app: InstanceEndpoint, network: InstanceNetworks.Network?) async throws(ApusError) -> SidecarProcess? {
         guard let mesh = spec.manifest.mesh, mesh.sidecar else { return nil }
         guard let settings = configuration.sidecar else {
             throw ApusError(.unavailable, "function asks for a sidecar (mesh.sidecar: true) but apusd runs without one")
         }
         return try await SidecarProcess.start(
-            settings: settings, spec: spec, service: mesh.service, appPort: appPort, timeout: configuration.startTimeout,
+            settings: settings, spec: spec, service: mesh.service, app: app, network: network, timeout: configuration.startTimeout,
             logs: logs, logger: logger)
     }
 }

@@ -7,8 +7,12 @@ public struct SidecarConfig: Sendable, Equatable {
     public var registry: String?
     public var address: String = "127.0.0.1"
     public var outboundPort: Int?
+    /// Where the outbound listener binds when not `address` (the app's link in its own network namespace).
+    public var outboundAddress: String?
     public var inboundPort: Int?
     public var appPort: Int?
+    /// The app's address (loopback unless the app has a network namespace of its own).
+    public var appAddress: String = "127.0.0.1"
     public var appProtocol: String = "http"
     public var adminPort: Int?
     public var service: String?

@@ -62,7 +62,7 @@ public final class SidecarShared: Sendable {
             policy.breaker.consecutiveFailures = Int.max
             policy.outlier.consecutiveFailures = Int.max
             let app = UpstreamCluster(name: "app", policy: policy, metricsPrefix: "apus_sidecar_inbound", logger: logger)
-            app.update(endpoints: [ServiceEndpoint(id: "app", address: "127.0.0.1", port: appPort, protocol: config.appProtocol)])
+            app.update(endpoints: [ServiceEndpoint(id: "app", address: config.appAddress, port: appPort, protocol: config.appProtocol)])
             self.app = app
         } else {
             self.app = nil

@@ -173,16 +173,16 @@ enum SocketAddresses {
         return String(cString: text)
     }
 
-    /// A non-blocking connect to 127.0.0.1:`port`; nil if the socket could not even be opened.
-    static func connectLoopback(port: Int) -> Int32? {
+    /// A non-blocking connect to an instance; nil if the socket could not even be opened.
+    static func connectInstance(_ endpoint: InstanceEndpoint) -> Int32? {
         let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_NONBLOCK.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         guard fd >= 0 else { return nil }
         var one: Int32 = 1
         setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
         var address = sockaddr_in()
         address.sin_family = sa_family_t(AF_INET)
-        address.sin_port = UInt16(port).bigEndian
-        address.sin_addr.s_addr = UInt32(0x7f00_0001).bigEndian
+        address.sin_port = UInt16(endpoint.port).bigEndian
+        address.sin_addr.s_addr = endpoint.address.bigEndian
         let status = withUnsafePointer(to: &address) { pointer in
             pointer.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
         }

@@ -164,7 +164,7 @@ final class ReactorClient: ReactorSocket {
               let lease = target.pool.tryAcquire(shard: loop.shardKey, now: loop.passInstant) else { return false }
         let pool = target.pool
         let requestID = loop.requestIDs.next()
-        guard let upstream = loop.upstream(instanceID: lease.instanceID, port: lease.port) else {
+        guard let upstream = loop.upstream(instanceID: lease.instanceID, endpoint: lease.endpoint) else {
             pool.release(lease, now: loop.passInstant)
             return false
         }

@@ -378,7 +378,7 @@ final class ReactorLoop: @unchecked Sendable {
     }
 
     /// An idle kept-alive connection to the instance, or a new one (connecting).
-    func upstream(instanceID: String, port: Int) -> ReactorUpstream? {
+    func upstream(instanceID: String, endpoint: InstanceEndpoint) -> ReactorUpstream? {
         if let list = idleList(instanceID, create: false) {
             while let idle = list.connections.popLast() {
                 idle.inIdlePool = false
@@ -386,8 +386,8 @@ final class ReactorLoop: @unchecked Sendable {
                 idle.close()
             }
         }
-        guard let fd = SocketAddresses.connectLoopback(port: port) else { return nil }
-        let upstream = ReactorUpstream(fd: fd, loop: self, instanceID: instanceID, port: port)
+        guard let fd = SocketAddresses.connectInstance(endpoint) else { return nil }
+        let upstream = ReactorUpstream(fd: fd, loop: self, instanceID: instanceID, endpoint: endpoint)
         register(upstream)
         return upstream
     }

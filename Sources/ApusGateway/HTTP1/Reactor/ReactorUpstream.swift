@@ -1,3 +1,4 @@
+import ApusCore
 import CApusShims
 import Glibc
 import NIOCore
@@ -7,7 +8,7 @@ import NIOCore
 /// arrives. Reading pauses while the client has too much unwritten (a slow client slows the instance).
 final class ReactorUpstream: ReactorSocket {
     let instanceID: String
-    let port: Int
+    let endpoint: InstanceEndpoint
     /// Request bytes not yet taken by the socket.
     var out: ByteBuffer
     private var inbound: ByteBuffer
@@ -21,9 +22,9 @@ final class ReactorUpstream: ReactorSocket {
     var inIdlePool = false
     private var client: ReactorClient?
 
-    init(fd: Int32, loop: ReactorLoop, instanceID: String, port: Int) {
+    init(fd: Int32, loop: ReactorLoop, instanceID: String, endpoint: InstanceEndpoint) {
         self.instanceID = instanceID
-        self.port = port
+        self.endpoint = endpoint
         out = loop.allocator.buffer(capacity: 0)
         inbound = loop.allocator.buffer(capacity: 0)
         super.init(fd: fd, loop: loop)

@@ -9,6 +9,10 @@
     GET /?attack=alloc&mb=300           allocate that many MiB and write every page (resident memory)
     GET /?attack=reserve&mb=1024        map that many MiB of address space, touch only the first MiB
     GET /?attack=fill-tmp&mb=300        write that many MiB to a file in /tmp (removed afterwards)
+    GET /?attack=connect&host=H&port=P  open a TCP connection (1 s timeout), send an HTTP GET (&path=, &hostHeader=),
+                                        report what came back: {"connected": bool, "errno": ..., "reply": first line}
+    GET /?attack=net                    what the instance sees of the network: /proc/net/tcp listeners, interfaces,
+                                        routes, $APUS_SIDECAR
     GET /                               {"ok": true, ...}: the follow-up call that proves the instance still serves
 
 Any call may add &sleep=SECONDS (at most 10) to hold the request that long first, so that concurrent calls land on
@@ -275,7 +279,83 @@ def attack_fill_tmp(query, context):
             "tmpMount": tmp_mount()}
 
 
+# ---- network
+
+
+def attack_connect(query, context):
+    import socket
+    host, port = query.get("host", "127.0.0.1"), int(query.get("port", "80"))
+    timeout = min(float(query.get("timeout", "1")), 5.0)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect((host, port))
+    except socket.timeout:
+        return {**ident(context), "target": f"{host}:{port}", "connected": False, "errno": "timeout"}
+    except OSError as exc:
+        return {**ident(context), "target": f"{host}:{port}", "connected": False, "errno": errno_name(exc), "error": describe(exc)}
+    reply = ""
+    try:
+        host_header = query.get("hostHeader", host)
+        sock.sendall(f"GET {query.get('path', '/')} HTTP/1.1\r\nHost: {host_header}\r\nConnection: close\r\n\r\n".encode())
+        data = b""
+        while len(data) < 65536:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+        reply = data.decode("latin-1")
+    except OSError as exc:
+        reply = describe(exc)
+    finally:
+        sock.close()
+    return {**ident(context), "target": f"{host}:{port}", "connected": True, "reply": reply.split("\r\n", 1)[0],
+            "body": reply.split("\r\n\r\n", 1)[-1][:2000]}
+
+
+def attack_net(query, context):
+    listeners = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                for line in f.readlines()[1:]:
+                    fields = line.split()
+                    if fields[3] == "0A":  # LISTEN
+                        listeners.append(int(fields[1].split(":")[1], 16))
+        except OSError:
+            pass
+    with open("/proc/net/dev") as f:
+        interfaces = [line.split(":")[0].strip() for line in f.readlines()[2:]]
+    import socket
+    import struct
+
+    def address(hex_le):
+        return socket.inet_ntoa(struct.pack("<I", int(hex_le, 16)))
+
+    routes, gateway = [], None
+    with open("/proc/net/route") as f:
+        for line in f.readlines()[1:]:
+            iface, destination, via, _flags, _refcnt, _use, _metric, mask = line.split()[:8]
+            routes.append({"interface": iface, "destination": address(destination), "mask": address(mask),
+                           "gateway": address(via)})
+            if destination == "00000000":
+                gateway = address(via)
+    own = None
+    try:
+        probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        probe.connect(("10.213.0.1", 9))  # no packet is sent: only the source address is chosen
+        own = probe.getsockname()[0]
+        probe.close()
+    except OSError:
+        pass
+    return {**ident(context), "listeningPorts": sorted(set(listeners)), "interfaces": interfaces, "routes": routes,
+            "defaultGateway": gateway, "address": own,
+            "sidecar": os.environ.get("APUS_SIDECAR"), "apusPort": int(os.environ.get("APUS_PORT", "0"))}
+
+
 ATTACKS = {
+    "connect": attack_connect,
+    "net": attack_net,
     "status": attack_status,
     "syscalls": attack_syscalls,
     "etc": attack_etc,
