@@ -155,3 +155,52 @@ struct SandboxArgvTests {
         #expect(!sandbox.layers.complete)
     }
 }
+
+@Suite("instance networks")
+struct InstanceNetworkTests {
+    @Test(arguments: ["10.213.0.0/16", "10.0.0.0/8", "192.168.16.0/20", "172.16.0.0/12"])
+    func rangesOfAtLeastOneBlock(text: String) {
+        #expect(InstanceNetworks.parseRange(text) != nil)
+    }
+
+    @Test(arguments: ["10.213.0.0/21", "10.213.0.0/7", "10.213.0.1/16", "10.213.0.0", "10.213.0.0/x", "300.0.0.0/16", "10.213.0.0/16/1"])
+    func badRangesAreRefused(text: String) {
+        #expect(InstanceNetworks.parseRange(text) == nil)
+    }
+
+    func sandbox() throws -> Sandbox {
+        let state = FileManager.default.temporaryDirectory.appendingPathComponent("sandbox-\(UUID().uuidString)")
+        let identities = SandboxIdentities(range: 400_000...400_100, directory: state.appendingPathComponent("users"))
+        return Sandbox(mode: .bubblewrap, bwrapPath: "/usr/bin/bwrap", prlimitPath: "/usr/bin/prlimit",
+                       initPath: "/opt/apus/apus-sandbox-init", identities: identities,
+                       etcDirectory: try Sandbox.writeMinimalEtc(into: state.appendingPathComponent("etc")))
+    }
+
+    let network = InstanceNetworks.Network(index: 5, name: "apus-0-5", hostInterface: "apv0x5", gateway: 0x0AD5_0015, address: 0x0AD5_0016)
+
+    @Test func theNamespaceIsJoinedOutsideAndTheRouteAddedInsideBeforeThePrivilegeDrop() throws {
+        let sandbox = try sandbox()
+        let limits = ResourceLimits(memoryBytes: 1 << 27, cpuMillis: 500, pids: 64)
+        let argv = try sandbox.wrap(command: ["/code/server"], codeDirectory: URL(fileURLWithPath: "/data/code/x"), runtimeDirectory: nil,
+                                    limits: limits, uid: 400_003, network: network, egress: .all)
+        let line = argv.joined(separator: " ")
+        #expect(line.hasPrefix("/usr/bin/prlimit --nofile=1024 --as=134217728 -- /opt/apus/apus-sandbox-init --netns /run/netns/apus-0-5 -- /usr/bin/bwrap "))
+        #expect(!line.contains("--unshare-net"), "the namespace is apusd's, joined before bubblewrap")
+        #expect(line.hasSuffix("-- /.apus-init --default-route 10.213.0.21 --drop-caps --gid 400003 --uid 400003 --seccomp -- /code/server"))
+    }
+
+    @Test(arguments: [FunctionManifest.Egress.mesh, .none])
+    func withoutEgressThereIsNoDefaultRoute(egress: FunctionManifest.Egress) throws {
+        let argv = try sandbox().wrap(command: ["/code/server"], codeDirectory: URL(fileURLWithPath: "/data/code/x"), runtimeDirectory: nil,
+                                      limits: ResourceLimits(memoryBytes: 1 << 27, cpuMillis: 500, pids: 64), uid: 400_003,
+                                      network: network, egress: egress)
+        let line = argv.joined(separator: " ")
+        #expect(line.contains("--netns /run/netns/apus-0-5"))
+        #expect(!line.contains("--default-route"))
+    }
+
+    @Test func aSlotWaitsInsideItsNamespace() throws {
+        let outer = try sandbox().outerArguments(limits: ResourceLimits(memoryBytes: 1 << 27, cpuMillis: 500, pids: 64), cgroup: nil, network: network)
+        #expect(outer == ["/usr/bin/prlimit", "--nofile=1024", "--as=134217728", "--", "/opt/apus/apus-sandbox-init", "--netns", "/run/netns/apus-0-5"])
+    }
+}
