@@ -105,7 +105,7 @@ struct Apusd: AsyncParsableCommand {
     @Flag(help: "Print which sandbox layers this host gives instances, then exit (0: all of them, 1: some missing).")
     var check = false
 
-    @Option(help: "IPv4 range instance network namespaces are numbered from (each apusd on the host claims a /20 of it: 1023 instances); the range is refused as a destination from every instance.")
+    @Option(help: "IPv4 range instance network namespaces are numbered from (each apusd on the host claims a /20 of it: 1023 instances); the range is refused as a destination from every instance. 'none': no network namespaces (needs --insecure-sandbox).")
     var instanceNetwork = InstanceNetworks.defaultRange
 
     @Option(help: "Largest memory a function may ask for (memory: in apus.yaml; default: this host's memory).")

@@ -120,7 +120,9 @@ public struct Sandbox: Sendable {
                     case .success(let found): cgroups = found
                     case .failure(let error): problems.append("no cgroups: \(error.message); memory is limited as address space")
                     }
-                    if let instanceNetwork {
+                    if instanceNetwork == "none" {
+                        problems.append("network namespaces disabled by --instance-network none: instances share the host's network and loopback")
+                    } else if let instanceNetwork {
                         switch InstanceNetworks.setUp(range: instanceNetwork, logger: logger) {
                         case .success(let made): networks = made
                         case .failure(let error): problems.append("no network namespaces: \(error.message); instances share the host's network and loopback")
