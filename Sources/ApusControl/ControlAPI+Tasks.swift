@@ -83,7 +83,7 @@ extension ControlAPI {
         return states
     }
 
-    func addTaskRoutes(to router: Router<BasicRequestContext>, tasks manager: TaskManager) {
+    func addTaskRoutes(to router: Router<ControlRequestContext>, tasks manager: TaskManager) {
         let limit = manager.maxPayloadBytes
 
         // Raw body: the payload as the function will get it.

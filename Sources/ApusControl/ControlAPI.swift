@@ -56,6 +56,11 @@ public struct ControlAPI: Sendable {
     public var tasks: TaskManager?
     /// Where the daemon's swift-metrics land; served as Prometheus text on `GET /metrics` (none: 404).
     public let metrics: PrometheusExport?
+    /// Checks every call's bearer token against the route's scope (`ControlGate`); nil serves the API without
+    /// authentication (unit tests of single routes).
+    public var authority: TokenAuthority?
+    /// Scopes per route and the cross-site checks of mutating calls.
+    public var policy = APIPolicy()
     private let logger: Logger
 
     public init(
@@ -147,15 +152,21 @@ public struct ControlAPI: Sendable {
         }
     }
 
-    func name(_ context: BasicRequestContext) throws(ApusError) -> String {
+    func name(_ context: ControlRequestContext) throws(ApusError) -> String {
         guard let name = context.parameters.get("name") else { throw ApusError(.badRequest, "missing function name") }
         return name
     }
 
-    public func makeRouter() -> Router<BasicRequestContext> {
-        let router = Router(context: BasicRequestContext.self)
+    public func makeRouter() -> Router<ControlRequestContext> {
+        let router = Router(context: ControlRequestContext.self)
+        if let authority {
+            router.add(middleware: ControlGate(authority: authority, policy: policy, audit: Logger(label: "apus.audit")))
+        }
         router.add(middleware: ErrorMiddleware())
         let control = self.control
+
+        // Liveness, for load balancers and supervisors: open, says nothing about the platform.
+        router.get("/healthz") { _, _ in try Self.json(["status": "ok"]) }
 
         router.get("/v1/info") { _, _ in try Self.json(info()) }
 
@@ -292,13 +303,14 @@ public struct ControlAPI: Sendable {
             })
         }
         if let tasks { addTaskRoutes(to: router, tasks: tasks) }
+        if let authority { addTokenRoutes(to: router, authority: authority) }
         return router
     }
 }
 
 /// Turns every error into the JSON error envelope.
 struct ErrorMiddleware: RouterMiddleware {
-    typealias Context = BasicRequestContext
+    typealias Context = ControlRequestContext
 
     func handle(_ request: Request, context: Context, next: (Request, Context) async throws -> Response) async throws -> Response {
         do {

@@ -32,6 +32,9 @@ public final class TaskManager: Service, AsyncTaskSubmitter {
         public var callbackBackoff: Duration
         /// Where callbacks may go (by default not to this node: loopback, link-local, its own addresses).
         public var callbackPolicy = CallbackPolicy()
+        /// The capability added to each task's progress URL (`?capability=`), which lets the function post that
+        /// task's progress and call nothing else on the API; nil: none (the route then needs a token).
+        public var progressCapability: (@Sendable (_ taskID: String) -> String)?
 
         public init(maxPayloadBytes: Int = 6 << 20, resultLimit: Int = 1 << 20, retention: Duration = .seconds(7 * 86_400),
                     cancelGrace: Duration = .seconds(5), slotWait: Duration = .seconds(30), tickInterval: Duration = .milliseconds(100),
@@ -131,6 +134,11 @@ public final class TaskManager: Service, AsyncTaskSubmitter {
     }
 
     func statusURL(_ id: String) -> String { (apiBase() ?? "") + "/v1/tasks/\(id)" }
+
+    /// Where the function posts the task's progress: the task's own route, with its capability.
+    func progressURL(_ id: String) -> String {
+        statusURL(id) + "/progress" + (configuration.progressCapability.map { "?capability=" + $0(id) } ?? "")
+    }
 
     // MARK: submitting
 
@@ -465,7 +473,7 @@ public final class TaskManager: Service, AsyncTaskSubmitter {
             Task { try? await store.apply([placed]) }
             let invocation = TaskInvocation(
                 task: record, payload: payload, attempt: dispatch.attempt, version: version, instanceID: lease.instanceID,
-                port: lease.port, timeout: max(0.01, dispatch.deadline - clock()), progressURL: statusURL(id) + "/progress",
+                port: lease.port, timeout: max(0.01, dispatch.deadline - clock()), progressURL: progressURL(id),
                 resultLimit: configuration.resultLimit)
             result = await invoker.invoke(invocation)
             let releaseLease = state.withLock { state -> Bool in
