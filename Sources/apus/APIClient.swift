@@ -4,6 +4,7 @@ import Foundation
 import NIOCore
 import NIOFoundationCompat
 import NIOHTTP1
+import NIOSSL
 
 /// A failure the CLI reports as one line on stderr before exiting non-zero.
 struct CLIError: Error, CustomStringConvertible {
@@ -23,6 +24,12 @@ struct APIClient {
         configuration.connectionPool.retryConnectionEstablishment = false
         configuration.timeout = .init(connect: .seconds(5))
         configuration.redirectConfiguration = .disallow
+        // An API served with apusd --api-tls-cert by a certificate of its own: trust that certificate (PEM).
+        if let caFile = ProcessInfo.processInfo.environment["APUS_CACERT"], !caFile.isEmpty {
+            var tls = TLSConfiguration.makeClientConfiguration()
+            tls.trustRoots = .file(caFile)
+            configuration.tlsConfiguration = tls
+        }
         return HTTPClient(eventLoopGroupProvider: .singleton, configuration: configuration)
     }()
 

@@ -78,7 +78,12 @@ def http_request(base_url: str, method: str, path: str, body: bytes | None = Non
     """One request on a fresh connection. A `Host` entry in headers replaces the automatic one. Requests to the API
     of an apusd started here carry its admin token (token=AUTO), another token (token="apus_…") or none (None)."""
     u = urllib.parse.urlsplit(base_url)
-    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=timeout)
+    if u.scheme == "https":
+        # An API with --api-tls-cert (a test's self-signed certificate; tests that check it verify it themselves).
+        import ssl
+        conn = http.client.HTTPSConnection(u.hostname, u.port, timeout=timeout, context=ssl._create_unverified_context())
+    else:
+        conn = http.client.HTTPConnection(u.hostname, u.port, timeout=timeout)
     headers = dict(headers or {})
     if token is AUTO:
         token = API_TOKENS.get(f"{u.scheme}://{u.netloc}")
@@ -324,6 +329,7 @@ class Apusd:
         self.runs = 0
         self.host = self.api_port = self.http_port = None
         self.api_host: str | None = None  # ports.json "apiHost": where the control API listens (--api-host)
+        self.api_scheme = "http"  # ports.json "apiScheme": https with --api-tls-cert
         self.tls_port: int | None = None  # set when apusd was started with --tls-port
         self.thrift_port: int | None = None  # the gateway's Thrift port (ports.json "thrift"), when it has one
         self.cert_path: Path | None = None  # the TLS certificate, for clients to trust (set by whoever made it)
@@ -333,7 +339,8 @@ class Apusd:
 
     @property
     def api(self) -> str:
-        return f"http://{self.api_host or self.host}:{self.api_port}"
+        host = self.api_host or self.host
+        return f"{self.api_scheme}://{'[' + host + ']' if ':' in host else host}:{self.api_port}"
 
     @property
     def admin_token_path(self) -> Path:
@@ -404,6 +411,7 @@ class Apusd:
             raise RuntimeError(f"apusd wrote no {ports_file} within {timeout:.0f}s:\n{self.log_tail()}")
         self.host, self.api_port, self.http_port = ports["host"], int(ports["api"]), int(ports["http"])
         self.api_host = ports.get("apiHost")
+        self.api_scheme = ports.get("apiScheme", "http")
         if self.admin_token_path.exists():
             API_TOKENS[self.api] = self.admin_token
         self.tls_port = int(ports["tls"]) if ports.get("tls") is not None else None

@@ -6,6 +6,7 @@ capabilities, the cross-site checks of mutating calls (foreign Origin / Host, no
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import re
@@ -16,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from apus_testlib import APUS, Apusd, assert_error, http_request, tar_gz_dir, wait_for_log, write_headecho
+from apus_testlib import (APUS, Apusd, assert_error, http_request, make_self_signed_cert, tar_gz_dir, wait_for_log,
+                          write_headecho)
 from registry_support import wait_until
 
 
@@ -205,6 +207,40 @@ def test_allowed_host_flag_and_open_metrics(tmp_path):
         r = d.api_call("POST", "/v1/tokens", {"name": "via-name", "scopes": ["read"]}, headers={"Host": "apus.internal:7070"})
         assert r.status == 201, r
         assert_403(d.api_call("POST", "/v1/tokens", {"name": "x", "scopes": ["read"]}, headers={"Host": "apus.other"}), "Host")
+    finally:
+        d.teardown()
+
+
+def test_api_host_apart_from_the_gateway_and_api_tls(tmp_path):
+    cert, key = make_self_signed_cert(tmp_path / "cert")
+    d = Apusd(tmp_path / "apusd", extra_args=("--host", "127.0.0.1", "--api-host", "0.0.0.0",
+                                              "--api-tls-cert", str(cert), "--api-tls-key", str(key)))
+    try:
+        d.start()
+        ports = json.loads((d.data_dir / "ports.json").read_text())
+        # ports.json names the API as a client on this node reaches it (loopback for a wildcard address).
+        assert (ports["host"], ports["apiHost"], ports["apiScheme"]) == ("127.0.0.1", "127.0.0.1", "https"), ports
+        assert d.api == f"https://127.0.0.1:{d.api_port}"
+        # Verified against the test's own certificate (its names: localhost, 127.0.0.1), by name.
+        import ssl
+        import urllib.request
+        context = ssl.create_default_context(cafile=str(cert))
+        req = urllib.request.Request(f"{d.api}/v1/functions", headers={"Authorization": f"Bearer {d.admin_token}"})
+        with urllib.request.urlopen(req, context=context, timeout=10) as r:
+            assert r.status == 200 and json.loads(r.read()) == {"functions": []}
+        # Not in plain HTTP.
+        with pytest.raises((OSError, http.client.HTTPException)):
+            http_request(f"http://127.0.0.1:{d.api_port}", "GET", "/healthz", timeout=5)
+        r = d.api_call("GET", "/v1/info")
+        assert r.status == 200 and r.json()["gateway"]["http"] == f"http://127.0.0.1:{d.http_port}", r
+        # The CLI trusts the API's own certificate through APUS_CACERT (by name: localhost).
+        os.environ["APUS_CACERT"] = str(cert)
+        try:
+            assert d.cli_ok("list", api=f"https://localhost:{d.api_port}", token=d.admin_token).strip() == "no functions"
+        finally:
+            del os.environ["APUS_CACERT"]
+        rc, _, err = d.cli("list", api=f"https://localhost:{d.api_port}", token=d.admin_token)
+        assert rc == 1 and "CERTIFICATE_VERIFY_FAILED" in err, err
     finally:
         d.teardown()
 
