@@ -152,6 +152,20 @@ public struct ControlAPI: Sendable {
         }
     }
 
+    /// What a caller without `admin` sees of an `env` value: the manifest's environment may hold secrets.
+    static let redactedValue = "(redacted)"
+
+    /// The versions as `context`'s caller may see them: `env` values only for admin (or with authentication off),
+    /// the keys alone for everyone else.
+    static func visible(_ versions: [FunctionVersion], to context: ControlRequestContext) -> [FunctionVersion] {
+        guard !context.isAdmin else { return versions }
+        return versions.map { version in
+            var version = version
+            version.manifest.env = version.manifest.env.mapValues { _ in redactedValue }
+            return version
+        }
+    }
+
     func name(_ context: ControlRequestContext) throws(ApusError) -> String {
         guard let name = context.parameters.get("name") else { throw ApusError(.badRequest, "missing function name") }
         return name
@@ -200,7 +214,7 @@ public struct ControlAPI: Sendable {
 
         router.get("/v1/functions/:name") { _, context in
             let record = try control.requireFunction(try name(context))
-            let versions = try control.store.versions(of: record.name)
+            let versions = Self.visible(try control.store.versions(of: record.name), to: context)
             return try Self.json(FunctionDetail(
                 name: record.name, latestVersion: record.latestVersion, release: record.release,
                 createdAt: record.createdAt, updatedAt: record.updatedAt, versions: versions))
@@ -213,7 +227,7 @@ public struct ControlAPI: Sendable {
 
         router.get("/v1/functions/:name/versions") { _, context in
             struct Listing: Codable { var versions: [FunctionVersion] }
-            return try Self.json(Listing(versions: try control.store.versions(of: try name(context))))
+            return try Self.json(Listing(versions: Self.visible(try control.store.versions(of: try name(context)), to: context)))
         }
 
         router.get("/v1/functions/:name/versions/:number") { _, context in
@@ -225,7 +239,7 @@ public struct ControlAPI: Sendable {
             guard let version = try control.store.version(number, of: function) else {
                 throw ApusError(.notFound, "function \(function) has no version \(number)")
             }
-            return try Self.json(version)
+            return try Self.json(Self.visible([version], to: context)[0])
         }
 
         router.put("/v1/functions/:name/release") { request, context in

@@ -168,6 +168,23 @@ def test_task_scopes(daemon, tmp_path):
     assert_403(daemon.api_call("DELETE", "/v1/functions/x", token=tasks), "needs scope deploy")
 
 
+def test_environment_values_are_shown_to_admin_only(daemon, tmp_path):
+    fn = write_headecho(tmp_path / "fn", name="auth-env")
+    with open(fn / "apus.yaml", "a") as f:
+        f.write("env: {API_KEY: s3cret-value, MODE: prod}\n")
+    daemon.deploy(fn)
+    reader = create_token(daemon, "env-reader", "read")
+    for path in ["/v1/functions/auth-env", "/v1/functions/auth-env/versions", "/v1/functions/auth-env/versions/1"]:
+        as_reader = daemon.api_call("GET", path, token=reader)
+        assert as_reader.status == 200 and "s3cret-value" not in as_reader.text, as_reader
+        as_admin = daemon.api_call("GET", path)
+        assert as_admin.status == 200 and "s3cret-value" in as_admin.text, as_admin
+    version = daemon.api_call("GET", "/v1/functions/auth-env/versions/1", token=reader).json()
+    assert version["manifest"]["env"] == {"API_KEY": "(redacted)", "MODE": "(redacted)"}, version
+    # The instance still gets the real values.
+    assert daemon.get("/auth-env/").status == 200
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Cross-site requests and DNS rebinding
 
