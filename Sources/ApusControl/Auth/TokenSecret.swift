@@ -25,8 +25,17 @@ public enum TokenSecret {
         return prefix + String(format: "%016llx", generator.next() as UInt64)
     }
 
+    static let hexDigits = Array("0123456789abcdef".utf8)
+
+    /// Lower-case hex, without Foundation's formatting (this runs on every API call).
     static func hex<D: Sequence>(_ digest: D) -> String where D.Element == UInt8 {
-        digest.map { String(format: "%02x", $0) }.joined()
+        var text: [UInt8] = []
+        text.reserveCapacity(64)
+        for byte in digest {
+            text.append(hexDigits[Int(byte >> 4)])
+            text.append(hexDigits[Int(byte & 0x0f)])
+        }
+        return String(decoding: text, as: UTF8.self)
     }
 
     /// base64url without padding (RFC 4648 §5).
@@ -40,10 +49,14 @@ public enum TokenSecret {
     /// The secret of an `Authorization: Bearer <secret>` value (scheme case-insensitive), or nil.
     public static func bearer(_ authorization: String?) -> String? {
         guard let authorization else { return nil }
-        let trimmed = authorization.trimmingCharacters(in: .whitespaces)
-        guard trimmed.count > 7, trimmed.prefix(7).lowercased() == "bearer " else { return nil }
-        let secret = trimmed.dropFirst(7).trimmingCharacters(in: .whitespaces)
-        return secret.isEmpty ? nil : secret
+        var bytes = Substring(authorization).utf8[...]
+        while bytes.first == UInt8(ascii: " ") { bytes = bytes.dropFirst() }
+        while bytes.last == UInt8(ascii: " ") { bytes = bytes.dropLast() }
+        let scheme = Array("bearer ".utf8)
+        guard bytes.count > scheme.count, zip(bytes, scheme).allSatisfy({ $0 | 0x20 == $1 }) else { return nil }
+        bytes = bytes.dropFirst(scheme.count)
+        while bytes.first == UInt8(ascii: " ") { bytes = bytes.dropFirst() }
+        return bytes.isEmpty ? nil : String(decoding: bytes, as: UTF8.self)
     }
 
     /// Compares two strings in time that depends on their lengths only.
