@@ -2,6 +2,7 @@ import ApusCore
 import ApusTasks
 import Foundation
 import HTTPTypes
+import Logging
 import Hummingbird
 import NIOCore
 
@@ -83,7 +84,7 @@ extension ControlAPI {
         return states
     }
 
-    func addTaskRoutes(to router: Router<BasicRequestContext>, tasks manager: TaskManager) {
+    func addTaskRoutes(to router: Router<ControlRequestContext>, tasks manager: TaskManager) {
         let limit = manager.maxPayloadBytes
 
         // Raw body: the payload as the function will get it.
@@ -215,7 +216,7 @@ extension ControlAPI {
 
     /// `POST /v1/tasks/{id}/progress`, where instances report progress: on the control API, and alone on the
     /// instance API (`instanceRouter`) that instances in network namespaces of their own reach.
-    static func addProgressRoute(to router: Router<BasicRequestContext>, tasks manager: TaskManager) {
+    static func addProgressRoute(to router: Router<ControlRequestContext>, tasks manager: TaskManager) {
         router.post("/v1/tasks/:id/progress") { request, context in
             guard let id = context.parameters.get("id") else { throw ApusError(.badRequest, "missing task id") }
             struct Report: Decodable { var progress: Double?; var message: String? }
@@ -233,12 +234,41 @@ extension ControlAPI {
         }
     }
 
-    /// The instance API: the progress route and nothing else (no function, release or registry route), served on
-    /// the address instances in network namespaces reach (`InstanceNetworks.servicesAddress`).
-    public static func instanceRouter(tasks: TaskManager) -> Router<BasicRequestContext> {
-        let router = Router(context: BasicRequestContext.self)
+    /// The instance API: the progress route and nothing else (no function, release or registry route, no bearer
+    /// token accepted), served on the address instances in network namespaces reach
+    /// (`InstanceNetworks.servicesAddress`). A post needs the task's capability (`?capability=`) when `authority` is
+    /// given.
+    public static func instanceRouter(tasks: TaskManager, authority: TokenAuthority?) -> Router<ControlRequestContext> {
+        let router = Router(context: ControlRequestContext.self)
+        if let authority { router.add(middleware: InstanceAPIGate(authority: authority, audit: Logger(label: "apus.audit"))) }
         router.add(middleware: ErrorMiddleware())
         addProgressRoute(to: router, tasks: tasks)
         return router
+    }
+}
+
+/// The instance API's front door: a progress post is let through only with its task's capability.
+struct InstanceAPIGate: RouterMiddleware {
+    typealias Context = ControlRequestContext
+
+    let authority: TokenAuthority
+    let audit: Logger
+
+    func handle(_ request: Request, context: Context, next: (Request, Context) async throws -> Response) async throws -> Response {
+        guard context.endpointPath == "/v1/tasks/{id}/progress", let id = context.parameters.get("id") else {
+            return try await next(request, context)  // 404: nothing else is served here
+        }
+        let capability = request.uri.queryParameters["capability"].map(String.init)
+        let response: Response
+        if let capability, authority.isProgressCapability(capability, for: id) {
+            response = try await next(request, context)
+        } else {
+            response = ControlAPI.errorResponse(ApusError(.forbidden, capability == nil
+                ? "progress for task \(id) needs the capability of its progress URL (?capability=)"
+                : "the capability does not belong to task \(id)"))
+        }
+        audit.info("api call", metadata: ["token": "capability", "method": "\(request.method.rawValue)",
+                                          "path": "\(request.uri.path)", "status": "\(response.status.code)", "listener": "instance-api"])
+        return response
     }
 }

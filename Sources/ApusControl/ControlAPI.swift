@@ -56,6 +56,11 @@ public struct ControlAPI: Sendable {
     public var tasks: TaskManager?
     /// Where the daemon's swift-metrics land; served as Prometheus text on `GET /metrics` (none: 404).
     public let metrics: PrometheusExport?
+    /// Checks every call's bearer token against the route's scope (`ControlGate`); nil serves the API without
+    /// authentication (unit tests of single routes).
+    public var authority: TokenAuthority?
+    /// Scopes per route and the cross-site checks of mutating calls.
+    public var policy = APIPolicy()
     private let logger: Logger
 
     public init(
@@ -147,15 +152,35 @@ public struct ControlAPI: Sendable {
         }
     }
 
-    func name(_ context: BasicRequestContext) throws(ApusError) -> String {
+    /// What a caller without `admin` sees of an `env` value: the manifest's environment may hold secrets.
+    static let redactedValue = "(redacted)"
+
+    /// The versions as `context`'s caller may see them: `env` values only for admin (or with authentication off),
+    /// the keys alone for everyone else.
+    static func visible(_ versions: [FunctionVersion], to context: ControlRequestContext) -> [FunctionVersion] {
+        guard !context.isAdmin else { return versions }
+        return versions.map { version in
+            var version = version
+            version.manifest.env = version.manifest.env.mapValues { _ in redactedValue }
+            return version
+        }
+    }
+
+    func name(_ context: ControlRequestContext) throws(ApusError) -> String {
         guard let name = context.parameters.get("name") else { throw ApusError(.badRequest, "missing function name") }
         return name
     }
 
-    public func makeRouter() -> Router<BasicRequestContext> {
-        let router = Router(context: BasicRequestContext.self)
+    public func makeRouter() -> Router<ControlRequestContext> {
+        let router = Router(context: ControlRequestContext.self)
+        if let authority {
+            router.add(middleware: ControlGate(authority: authority, policy: policy, audit: Logger(label: "apus.audit")))
+        }
         router.add(middleware: ErrorMiddleware())
         let control = self.control
+
+        // Liveness, for load balancers and supervisors: open, says nothing about the platform.
+        router.get("/healthz") { _, _ in try Self.json(["status": "ok"]) }
 
         router.get("/v1/info") { _, _ in try Self.json(info()) }
 
@@ -189,7 +214,7 @@ public struct ControlAPI: Sendable {
 
         router.get("/v1/functions/:name") { _, context in
             let record = try control.requireFunction(try name(context))
-            let versions = try control.store.versions(of: record.name)
+            let versions = Self.visible(try control.store.versions(of: record.name), to: context)
             return try Self.json(FunctionDetail(
                 name: record.name, latestVersion: record.latestVersion, release: record.release,
                 createdAt: record.createdAt, updatedAt: record.updatedAt, versions: versions))
@@ -202,7 +227,7 @@ public struct ControlAPI: Sendable {
 
         router.get("/v1/functions/:name/versions") { _, context in
             struct Listing: Codable { var versions: [FunctionVersion] }
-            return try Self.json(Listing(versions: try control.store.versions(of: try name(context))))
+            return try Self.json(Listing(versions: Self.visible(try control.store.versions(of: try name(context)), to: context)))
         }
 
         router.get("/v1/functions/:name/versions/:number") { _, context in
@@ -214,7 +239,7 @@ public struct ControlAPI: Sendable {
             guard let version = try control.store.version(number, of: function) else {
                 throw ApusError(.notFound, "function \(function) has no version \(number)")
             }
-            return try Self.json(version)
+            return try Self.json(Self.visible([version], to: context)[0])
         }
 
         router.put("/v1/functions/:name/release") { request, context in
@@ -292,13 +317,14 @@ public struct ControlAPI: Sendable {
             })
         }
         if let tasks { addTaskRoutes(to: router, tasks: tasks) }
+        if let authority { addTokenRoutes(to: router, authority: authority) }
         return router
     }
 }
 
 /// Turns every error into the JSON error envelope.
 struct ErrorMiddleware: RouterMiddleware {
-    typealias Context = BasicRequestContext
+    typealias Context = ControlRequestContext
 
     func handle(_ request: Request, context: Context, next: (Request, Context) async throws -> Response) async throws -> Response {
         do {

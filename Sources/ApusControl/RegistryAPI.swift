@@ -4,6 +4,7 @@ import Foundation
 import HTTPTypes
 import Hummingbird
 import NIOCore
+import Synchronization
 
 /// The service registry on the control API (`/v1/registry/…`, see IDL/apus-api.openapi.yaml): the embedded
 /// registry served to sidecars and clients (`RegistryHTTPClient` is its client), or, with `apusd --registry etcd://…`,
@@ -17,9 +18,34 @@ public struct RegistryAPI: Sendable {
     public static let defaultWait: Duration = .seconds(30)
     public static let defaultTTLSeconds = 10
 
+    /// Which token registered each endpoint: only that token (or an admin) may renew, change or remove it.
+    let owners = RegistryOwners()
+
     public init(registry: any SnapshottingServiceRegistry, stopping: ShutdownFlag) {
         self.registry = registry
         self.stopping = stopping
+    }
+
+    /// Whether `service` holds an endpoint `id` now.
+    func isRegistered(_ service: String, _ id: String) async -> Bool {
+        ((try? await registry.snapshot(service))?.endpoints.contains { $0.endpoint.id == id }) ?? false
+    }
+
+    /// Refuses a caller other than an admin or the token that registered `service`/`id`, when that endpoint exists.
+    func requireOwner(_ context: ControlRequestContext, service: String, id: String, verb: String) async throws(ApusError) {
+        guard !context.isAdmin else { return }
+        let caller = context.token?.id
+        if caller != nil, owners.owner(service: service, id: id) == caller { return }
+        guard await isRegistered(service, id) else { return }  // the registry answers: not found
+        throw ApusError(.forbidden, "token \(context.token?.name ?? "-") may not \(verb) endpoint \(id) of service \(service): it was registered by another token (only that token or an admin may)")
+    }
+
+    /// Refuses a caller other than an admin or the token that registered the lease's endpoint, when the lease exists.
+    func requireLeaseOwner(_ context: ControlRequestContext, leaseID: String) async throws(ApusError) {
+        guard !context.isAdmin else { return }
+        if let caller = context.token?.id, owners.leaseOwner(leaseID) == caller { return }
+        guard (try? await Self.findLease(leaseID, in: registry)) != nil else { return }  // the registry answers: not found
+        throw ApusError(.forbidden, "token \(context.token?.name ?? "-") may not use lease \(leaseID): its endpoint was registered by another token (only that token or an admin may)")
     }
 
     static func apusError(_ error: any Error) -> any Error {
@@ -102,7 +128,7 @@ public struct RegistryAPI: Sendable {
         return response
     }
 
-    func parameter(_ context: BasicRequestContext, _ name: String) throws(ApusError) -> String {
+    func parameter(_ context: ControlRequestContext, _ name: String) throws(ApusError) -> String {
         guard let value = context.parameters.get(name)?.removingPercentEncoding, !value.isEmpty else {
             throw ApusError(.badRequest, "missing \(name) in the path")
         }
@@ -127,7 +153,7 @@ public struct RegistryAPI: Sendable {
     }
 
     /// Adds the `/v1/registry` routes to a router (the control API's), with the JSON error envelope.
-    public func addRoutes(to router: Router<BasicRequestContext>) {
+    public func addRoutes(to router: Router<ControlRequestContext>) {
         let registry = self.registry
         let router = router.group("/v1/registry").add(middleware: ErrorMiddleware())
 
@@ -163,7 +189,9 @@ public struct RegistryAPI: Sendable {
             var request = request
             let body = try await request.collectBody(upTo: 256 << 10)
             let (endpoint, ttl) = try Self.parseRegistration(Data(buffer: body), endpointID: id)
+            try await requireOwner(context, service: service, id: id, verb: "replace")
             let lease = try await Self.mapped { try await registry.register(service: service, endpoint: endpoint, ttlSeconds: ttl) }
+            if let token = context.token { owners.record(service: service, id: id, lease: lease.leaseID, owner: token.id) }
             return try ControlAPI.json(lease)
         }
 
@@ -171,6 +199,7 @@ public struct RegistryAPI: Sendable {
             let service = try parameter(context, "service")
             let id = try parameter(context, "id")
             let lease = request.uri.queryParameters["lease"].map(String.init)
+            try await requireOwner(context, service: service, id: id, verb: "remove")
             try await Self.mapped {
                 switch registry {
                 case let embedded as EmbeddedRegistry: try embedded.deregister(service: service, endpointID: id, leaseID: lease)
@@ -180,11 +209,13 @@ public struct RegistryAPI: Sendable {
                     try await registry.deregister(RegistrationLease(service: service, endpointID: id, leaseID: lease, ttlSeconds: 0))
                 }
             }
+            owners.forget(service: service, id: id)
             return Response(status: .noContent)
         }
 
         router.post("leases/:lease/heartbeat") { _, context in
             let leaseID = try parameter(context, "lease")
+            try await requireLeaseOwner(context, leaseID: leaseID)
             let lease = try await Self.mapped { () async throws -> RegistrationLease in
                 if let embedded = registry as? EmbeddedRegistry { return try embedded.renew(leaseID: leaseID) }
                 let found = try await Self.findLease(leaseID, in: registry)
@@ -196,6 +227,7 @@ public struct RegistryAPI: Sendable {
 
         router.put("leases/:lease/health") { request, context in
             let leaseID = try parameter(context, "lease")
+            try await requireLeaseOwner(context, leaseID: leaseID)
             var request = request
             let body = try await request.collectBody(upTo: 64 << 10)
             struct Health: Decodable { var healthy: Bool }
@@ -234,5 +266,45 @@ public struct RegistryAPI: Sendable {
             }
         }
         throw RegistryError.leaseNotFound(leaseID)
+    }
+}
+
+/// The token that registered each endpoint (by token id) and the endpoint of each lease, as registered through this
+/// API in this run. Endpoints registered otherwise (the mesh publisher, an earlier run) have no owner here: only an
+/// admin may change them.
+final class RegistryOwners: Sendable {
+    private struct Key: Hashable {
+        var service: String
+        var id: String
+    }
+
+    private struct State {
+        var owners: [Key: (owner: String, lease: String)] = [:]
+        var leases: [String: Key] = [:]
+    }
+
+    private let state = Mutex(State())
+
+    func record(service: String, id: String, lease: String, owner: String) {
+        state.withLock { state in
+            let key = Key(service: service, id: id)
+            if let previous = state.owners[key] { state.leases[previous.lease] = nil }
+            state.owners[key] = (owner, lease)
+            state.leases[lease] = key
+        }
+    }
+
+    func forget(service: String, id: String) {
+        state.withLock { state in
+            if let previous = state.owners.removeValue(forKey: Key(service: service, id: id)) { state.leases[previous.lease] = nil }
+        }
+    }
+
+    func owner(service: String, id: String) -> String? {
+        state.withLock { $0.owners[Key(service: service, id: id)]?.owner }
+    }
+
+    func leaseOwner(_ lease: String) -> String? {
+        state.withLock { state in state.leases[lease].flatMap { state.owners[$0]?.owner } }
     }
 }

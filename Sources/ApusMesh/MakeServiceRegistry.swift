@@ -9,12 +9,13 @@ import Logging
 ///   (`EtcdRegistry`; `etcd+https://host:port` for TLS).
 ///
 /// Anything else throws `RegistryError.invalid` saying what is accepted.
-public func makeServiceRegistry(url: String, logger: Logger) throws -> any ServiceRegistry {
-    try makeSnapshottingServiceRegistry(url: url, logger: logger)
+public func makeServiceRegistry(url: String, token: String? = nil, logger: Logger) throws -> any ServiceRegistry {
+    try makeSnapshottingServiceRegistry(url: url, token: token, logger: logger)
 }
 
-/// `makeServiceRegistry`, typed with the snapshot and long-poll operations (what apusd and `apus` use).
-public func makeSnapshottingServiceRegistry(url: String, logger: Logger) throws(RegistryError) -> any SnapshottingServiceRegistry {
+/// `makeServiceRegistry`, typed with the snapshot and long-poll operations (what apusd and `apus` use). `token` is
+/// the control-API bearer token an apusd registry is called with (ignored for etcd).
+public func makeSnapshottingServiceRegistry(url: String, token: String? = nil, logger: Logger) throws(RegistryError) -> any SnapshottingServiceRegistry {
     let trimmed = url.trimmingCharacters(in: .whitespaces)
     func hostPort(after scheme: String) throws(RegistryError) -> String {
         var rest = String(trimmed.dropFirst(scheme.count))
@@ -36,7 +37,7 @@ public func makeSnapshottingServiceRegistry(url: String, logger: Logger) throws(
     }
     if trimmed.hasPrefix("http://") || trimmed.hasPrefix("https://") {
         let scheme = trimmed.hasPrefix("http://") ? "http://" : "https://"
-        return RegistryHTTPClient(baseURL: scheme + (try hostPort(after: scheme)), logger: logger)
+        return RegistryHTTPClient(baseURL: scheme + (try hostPort(after: scheme)), token: token, logger: logger)
     }
     throw .invalid("registry URL: must be http://host:port (an apusd API) or etcd://host:port (got \"\(url)\")")
 }

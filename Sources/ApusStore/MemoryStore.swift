@@ -7,6 +7,7 @@ public final class MemoryStore: Store {
     private struct State {
         var functions: [String: FunctionRecord] = [:]
         var versions: [String: [FunctionVersion]] = [:]
+        var tokens: [String: APIToken] = [:]
     }
 
     private let state = Mutex(State())
@@ -81,6 +82,28 @@ public final class MemoryStore: Store {
                 throw ApusError(.notFound, "function \(name) does not exist")
             }
             state.versions[name] = nil
+        }
+    }
+
+    public func createToken(_ token: APIToken) throws(ApusError) {
+        try state.withLock { (state) throws(ApusError) in
+            guard state.tokens[token.name] == nil else {
+                throw ApusError(.conflict, "a token named \(token.name) exists already")
+            }
+            state.tokens[token.name] = token
+        }
+    }
+
+    public func tokens() throws(ApusError) -> [APIToken] {
+        state.withLock { $0.tokens.values.sorted { $0.name < $1.name } }
+    }
+
+    public func deleteToken(named name: String) throws(ApusError) -> APIToken {
+        try state.withLock { (state) throws(ApusError) -> APIToken in
+            guard let token = state.tokens.removeValue(forKey: name) else {
+                throw ApusError(.notFound, "no token named \(name)")
+            }
+            return token
         }
     }
 }

@@ -46,6 +46,19 @@ public final class SQLiteStore: Store {
         migrator.registerMigration("v2-scale-override") { db in
             try db.execute(sql: "ALTER TABLE functions ADD COLUMN scale_json TEXT")
         }
+        // Control-API tokens: the secret is never stored, only its SHA-256.
+        migrator.registerMigration("v3-api-tokens") { db in
+            try db.execute(sql: """
+                CREATE TABLE api_tokens (
+                    id TEXT PRIMARY KEY NOT NULL,
+                    name TEXT NOT NULL UNIQUE,
+                    sha256 TEXT NOT NULL UNIQUE,
+                    scopes_json TEXT NOT NULL,
+                    created_at DOUBLE NOT NULL,
+                    expires_at DOUBLE
+                );
+                """)
+        }
         return migrator
     }
 
@@ -185,6 +198,42 @@ public final class SQLiteStore: Store {
             guard db.changesCount > 0 else {
                 throw ApusError(.notFound, "function \(name) does not exist")
             }
+        }
+    }
+
+    private static func token(from row: Row) throws -> APIToken {
+        APIToken(
+            id: row["id"], name: row["name"], hash: row["sha256"],
+            scopes: try decode([APIScope].self, row["scopes_json"]),
+            createdAt: Date(timeIntervalSince1970: row["created_at"]),
+            expiresAt: (row["expires_at"] as Double?).map { Date(timeIntervalSince1970: $0) })
+    }
+
+    public func createToken(_ token: APIToken) throws(ApusError) {
+        try write { db in
+            guard try Row.fetchOne(db, sql: "SELECT id FROM api_tokens WHERE name = ?", arguments: [token.name]) == nil else {
+                throw ApusError(.conflict, "a token named \(token.name) exists already")
+            }
+            try db.execute(
+                sql: "INSERT INTO api_tokens (id, name, sha256, scopes_json, created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?)",
+                arguments: [token.id, token.name, token.hash, try Self.json(token.scopes), token.createdAt.timeIntervalSince1970,
+                            token.expiresAt?.timeIntervalSince1970])
+        }
+    }
+
+    public func tokens() throws(ApusError) -> [APIToken] {
+        try read { db in
+            try Row.fetchAll(db, sql: "SELECT * FROM api_tokens ORDER BY name").map(Self.token(from:))
+        }
+    }
+
+    public func deleteToken(named name: String) throws(ApusError) -> APIToken {
+        try write { db in
+            guard let token = try Row.fetchOne(db, sql: "SELECT * FROM api_tokens WHERE name = ?", arguments: [name]).map(Self.token(from:)) else {
+                throw ApusError(.notFound, "no token named \(name)")
+            }
+            try db.execute(sql: "DELETE FROM api_tokens WHERE id = ?", arguments: [token.id])
+            return token
         }
     }
 }

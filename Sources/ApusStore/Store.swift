@@ -1,7 +1,7 @@
 import ApusCore
 import Foundation
 
-/// Functions, their immutable versions and their releases. Implementations must make each call atomic.
+/// Functions, their immutable versions and their releases, and the control API's tokens. Implementations must make each call atomic.
 public protocol Store: Sendable {
     /// Records a new version of `manifest.name` (creating the function on first deploy). When `release` is true
     /// the new version takes 100% of traffic; otherwise the release stays as it is (the first version is always released).
@@ -14,6 +14,15 @@ public protocol Store: Sendable {
     /// Sets (or, with nil, clears) the function's instance-bound override; returns the updated record.
     func setScale(of name: String, scale: ScaleOverride?, now: Date) throws(ApusError) -> FunctionRecord
     func deleteFunction(named name: String) throws(ApusError)
+
+    // MARK: control-API tokens (only their SHA-256 is stored)
+
+    /// Stores a new token; a token of the same name is a conflict.
+    func createToken(_ token: APIToken) throws(ApusError)
+    /// Every stored token, by name.
+    func tokens() throws(ApusError) -> [APIToken]
+    /// Removes the token of that name (revocation) and returns it; an unknown name is not found.
+    func deleteToken(named name: String) throws(ApusError) -> APIToken
 }
 
 extension Store {

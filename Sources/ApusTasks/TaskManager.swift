@@ -32,6 +32,9 @@ public final class TaskManager: Service, AsyncTaskSubmitter {
         public var callbackBackoff: Duration
         /// Where callbacks may go (by default not to this node: loopback, link-local, its own addresses).
         public var callbackPolicy = CallbackPolicy()
+        /// The capability added to each task's progress URL (`?capability=`), which lets the function post that
+        /// task's progress and call nothing else on the API; nil: none (the route then needs a token).
+        public var progressCapability: (@Sendable (_ taskID: String) -> String)?
 
         public init(maxPayloadBytes: Int = 6 << 20, resultLimit: Int = 1 << 20, retention: Duration = .seconds(7 * 86_400),
                     cancelGrace: Duration = .seconds(5), slotWait: Duration = .seconds(30), tickInterval: Duration = .milliseconds(100),
@@ -135,13 +138,15 @@ public final class TaskManager: Service, AsyncTaskSubmitter {
 
     func statusURL(_ id: String) -> String { (apiBase() ?? "") + "/v1/tasks/\(id)" }
 
-    /// Where the instance at `endpoint` posts the task's progress: the instance API when the instance has a network
-    /// namespace of its own (it cannot reach the control API), else the control API.
+    /// Where the instance at `endpoint` posts the task's progress, with the task's capability: the instance API
+    /// when the instance has a network namespace of its own (it cannot reach the control API), else the control
+    /// API's route.
     func progressURL(_ id: String, endpoint: InstanceEndpoint) -> String {
+        let capability = configuration.progressCapability.map { "?capability=" + $0(id) } ?? ""
         if let instanceAPIBase, endpoint != .loopback(port: endpoint.port) {
-            return instanceAPIBase + "/v1/tasks/\(id)/progress"
+            return instanceAPIBase + "/v1/tasks/\(id)/progress" + capability
         }
-        return statusURL(id) + "/progress"
+        return statusURL(id) + "/progress" + capability
     }
 
     // MARK: submitting

@@ -4,6 +4,7 @@ import Foundation
 import NIOCore
 import NIOFoundationCompat
 import NIOHTTP1
+import NIOSSL
 
 /// A failure the CLI reports as one line on stderr before exiting non-zero.
 struct CLIError: Error, CustomStringConvertible {
@@ -14,6 +15,8 @@ struct CLIError: Error, CustomStringConvertible {
 /// Talks to the control API (and, for `invoke`, the gateway it names).
 struct APIClient {
     let base: String
+    /// The bearer token sent with every call to `base` (never to another URL, such as the gateway's).
+    var token: String?
 
     /// One client for the CLI's short life; a refused connection fails at once instead of being retried.
     static let http: HTTPClient = {
@@ -21,22 +24,49 @@ struct APIClient {
         configuration.connectionPool.retryConnectionEstablishment = false
         configuration.timeout = .init(connect: .seconds(5))
         configuration.redirectConfiguration = .disallow
+        // An API served with apusd --api-tls-cert by a certificate of its own: trust that certificate (PEM).
+        if let caFile = ProcessInfo.processInfo.environment["APUS_CACERT"], !caFile.isEmpty {
+            var tls = TLSConfiguration.makeClientConfiguration()
+            tls.trustRoots = .file(caFile)
+            configuration.tlsConfiguration = tls
+        }
         return HTTPClient(eventLoopGroupProvider: .singleton, configuration: configuration)
     }()
+
+    /// The directory of a local apusd's state, as `Scripts/up` leaves it.
+    static let localDataDirectory = ".apus"
 
     /// `--api`, then `APUS_API`, then `./.apus/ports.json` of a local apusd, then the default port.
     static func resolveBase(_ flag: String?) -> String {
         if let flag, !flag.isEmpty { return trim(flag) }
         if let env = ProcessInfo.processInfo.environment["APUS_API"], !env.isEmpty { return trim(env) }
-        if let data = FileManager.default.contents(atPath: ".apus/ports.json"),
-           let ports = try? JSONDecoder().decode(Ports.self, from: data) {
-            return "http://\(ports.host):\(ports.api)"
-        }
-        return "http://127.0.0.1:7070"
+        return localAPI() ?? "http://127.0.0.1:7070"
+    }
+
+    /// The API URL `./.apus/ports.json` records, if there is one.
+    static func localAPI() -> String? {
+        guard let data = FileManager.default.contents(atPath: localDataDirectory + "/ports.json"),
+              let ports = try? JSONDecoder().decode(Ports.self, from: data) else { return nil }
+        let host = ports.apiHost ?? ports.host
+        return "\(ports.apiScheme ?? "http")://\(host.contains(":") ? "[\(host)]" : host):\(ports.api)"
+    }
+
+    /// `--token`, then `APUS_TOKEN`, then the admin token a local apusd wrote to `./.apus/admin.token` (the way
+    /// kubectl finds its kubeconfig) — that one only when `base` is that apusd's API, so it never leaves for
+    /// another server.
+    static func resolveToken(_ flag: String?, base: String) -> String? {
+        if let flag, !flag.isEmpty { return flag }
+        if let env = ProcessInfo.processInfo.environment["APUS_TOKEN"], !env.isEmpty { return env }
+        guard let local = localAPI(), trim(local) == base,
+              let data = FileManager.default.contents(atPath: localDataDirectory + "/admin.token") else { return nil }
+        let secret = String(decoding: data, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
+        return secret.isEmpty ? nil : secret
     }
 
     private struct Ports: Decodable {
         var host: String
+        var apiHost: String?
+        var apiScheme: String?
         var api: Int
     }
 
@@ -54,6 +84,7 @@ struct APIClient {
         var request = HTTPClientRequest(url: url)
         request.method = method
         for (name, value) in headers { request.headers.add(name: name, value: value) }
+        if let token, url.hasPrefix(base + "/") { request.headers.add(name: "Authorization", value: "Bearer \(token)") }
         if let body { request.body = .bytes(ByteBuffer(bytes: body)) }
         do {
             let response = try await Self.http.execute(request, timeout: timeout)
@@ -106,7 +137,8 @@ struct APIClient {
 
     /// Streams a response body to stdout as it arrives (for `logs --follow`).
     func stream(_ path: String) async throws {
-        let request = HTTPClientRequest(url: base + path)
+        var request = HTTPClientRequest(url: base + path)
+        if let token { request.headers.add(name: "Authorization", value: "Bearer \(token)") }
         let response: HTTPClientResponse
         do {
             response = try await Self.http.execute(request, timeout: .hours(24 * 365))

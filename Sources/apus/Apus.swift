@@ -10,7 +10,7 @@ struct Apus: AsyncParsableCommand {
         commandName: "apus",
         abstract: "Deploy, release, invoke and inspect functions on an Apus platform.",
         subcommands: [Deploy.self, List.self, Get.self, Versions.self, Release.self, Delete.self, Invoke.self, Logs.self, Instances.self, Status.self, Scale.self,
-                      Services.self, Submit.self, Tasks.self])
+                      Services.self, Submit.self, Tasks.self, Token.self])
 
     /// Global options may come before the subcommand (`apus --api URL list`): move them after it.
     static func main() async {
@@ -18,7 +18,7 @@ struct Apus: AsyncParsableCommand {
         var rest = Array(CommandLine.arguments.dropFirst())
         while let first = rest.first, first.hasPrefix("-"), !["-h", "--help", "--version"].contains(first) {
             leading.append(rest.removeFirst())
-            if first == "--api", let value = rest.first {
+            if first == "--api" || first == "--token", let value = rest.first {
                 leading.append(value)
                 rest.removeFirst()
             }
@@ -30,6 +30,7 @@ struct Apus: AsyncParsableCommand {
             // command path.
             let nested: [String: [any ParsableCommand.Type]] = [
                 "tasks": Tasks.configuration.subcommands, "services": Services.configuration.subcommands,
+                "token": Token.configuration.subcommands,
             ]
             if let subcommands = nested[subcommand], let next = tail.first,
                subcommands.contains(where: { $0.configuration.commandName == next }) {
@@ -59,10 +60,16 @@ struct GlobalOptions: ParsableArguments {
     @Option(help: "Control API URL (default: $APUS_API, else ./.apus/ports.json, else http://127.0.0.1:7070).")
     var api: String?
 
+    @Option(help: "Bearer token for the API (default: $APUS_TOKEN, else ./.apus/admin.token when the API is the one ./.apus/ports.json names).")
+    var token: String?
+
     @Flag(help: "Print the API's JSON instead of tables.")
     var json = false
 
-    var client: APIClient { APIClient(base: APIClient.resolveBase(api)) }
+    var client: APIClient {
+        let base = APIClient.resolveBase(api)
+        return APIClient(base: base, token: APIClient.resolveToken(token, base: base))
+    }
 
     func printJSON(_ data: Data) {
         FileHandle.standardOutput.write(data)

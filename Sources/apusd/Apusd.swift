@@ -13,8 +13,10 @@ import ArgumentParser
 import Foundation
 import Hummingbird
 import HummingbirdCore
+import HummingbirdTLS
 import Logging
 import NIOPosix
+import NIOSSL
 import ServiceLifecycle
 import Synchronization
 
@@ -27,8 +29,23 @@ struct Apusd: AsyncParsableCommand {
     @Option(help: "Directory for the store, code and logs.")
     var dataDir = "./.apus"
 
-    @Option(help: "Address to listen on (loopback unless told otherwise).")
+    @Option(help: "Address the gateway listens on (loopback unless told otherwise).")
     var host = "127.0.0.1"
+
+    @Option(help: "Address the control API listens on, apart from the gateway's --host (loopback unless told otherwise).")
+    var apiHost = "127.0.0.1"
+
+    @Option(help: "A host name mutating API calls may name in Host besides loopback names, IP addresses and --api-host (repeatable).")
+    var apiAllowedHost: [String] = []
+
+    @Flag(help: "Serve GET /metrics on the API port without a token (for a Prometheus scraper without one).")
+    var apiOpenMetrics = false
+
+    @Option(help: "PEM certificate chain: the control API speaks HTTPS (needs --api-tls-key).")
+    var apiTlsCert: String?
+
+    @Option(help: "PEM private key of --api-tls-cert.")
+    var apiTlsKey: String?
 
     @Option(parsing: .unconditional, help: "Control API port (0 picks a free port).")
     var apiPort = 7070
@@ -205,6 +222,9 @@ struct Apusd: AsyncParsableCommand {
         if tlsPort == nil, tlsCert != nil || tlsKey != nil {
             throw ValidationError("--tls-cert and --tls-key need --tls-port")
         }
+        if (apiTlsCert == nil) != (apiTlsKey == nil) {
+            throw ValidationError("--api-tls-cert and --api-tls-key go together")
+        }
         do { _ = try PrewarmSettings.parseCounts(prewarm) } catch { throw ValidationError(error.message) }
         // Numeric options take negative values as values (not as flags), so every range is checked here.
         for (flag, port) in [("--api-port", apiPort), ("--http-port", httpPort), ("--tls-port", tlsPort), ("--thrift-port", thriftPort)] {
@@ -293,8 +313,20 @@ struct Apusd: AsyncParsableCommand {
         let code = try CodeStore(root: dataURL.appendingPathComponent("code"))
         let logs = try FunctionLogs(directory: dataURL.appendingPathComponent("logs"))
 
+        // Control-API tokens; on first start an admin token whose secret only <data-dir>/admin.token holds.
+        let authority = try TokenAuthority(store: store)
+        let adminToken = try authority.ensureAdminTokenFile(in: dataURL)
+        logger.info("\(adminToken)")
+        // A sidecar may register and resolve its own service's endpoints only (embedded registry; etcd has access
+        // control of its own).
+        let embeddedRegistry = registry == "embedded"
+        let sidecarToken: @Sendable (String) -> String? = { service in
+            embeddedRegistry ? authority.sidecarSecret(service: service) : nil
+        }
+
         let prewarmCounts = try PrewarmSettings.parseCounts(prewarm)
-        let ports = BoundPorts(host: host, file: dataURL.appendingPathComponent("ports.json"))
+        let ports = BoundPorts(host: host, apiHost: apiHost, apiScheme: apiTlsCert == nil ? "http" : "https",
+                               file: dataURL.appendingPathComponent("ports.json"))
         let mesh = try MeshSetup(registry: registry, host: host, advertiseAddress: advertiseAddress, ports: ports)
         let launcher = ProcessLauncher(
             configuration: .init(
@@ -303,7 +335,9 @@ struct Apusd: AsyncParsableCommand {
                 runtimeDirectory: runtimeDir.map { URL(fileURLWithPath: $0, isDirectory: true) }
                     ?? ProcessLauncher.Configuration.bundledRuntimeDirectory,
                 prewarm: PrewarmSettings(python3: prewarmCounts["python3"] ?? 0, directory: dataURL.appendingPathComponent("prewarm")),
-                sidecar: SidecarSettings(binary: sidecarBinary ?? SidecarSettings.defaultBinary, registryURL: mesh.sidecarRegistryURL),
+                sidecar: SidecarSettings(
+                    binary: sidecarBinary ?? SidecarSettings.defaultBinary, registryURL: mesh.sidecarRegistryURL,
+                    registryToken: sidecarToken),
                 sandboxSlots: sandboxSlots),
             sandbox: sandbox, logs: logs, logger: Logger(label: "apus.runtime"))
 
@@ -356,6 +390,7 @@ struct Apusd: AsyncParsableCommand {
             retention: try parseDuration(taskRetention, "task-retention"),
             cancelGrace: try parseDuration(taskCancelGrace, "task-cancel-grace"))
         taskConfiguration.callbackPolicy = try CallbackPolicy.parse(callbackAllow).get()
+        taskConfiguration.progressCapability = { id in authority.progressCapability(taskID: id) }
         let tasks = try TaskManager(
             configuration: taskConfiguration,
             store: try Self.privateFile(TaskStore(path: dataURL.appendingPathComponent("tasks.sqlite").path, durability: durability),
@@ -374,16 +409,28 @@ struct Apusd: AsyncParsableCommand {
             },
             stopping: stopping, metrics: metrics, logger: Logger(label: "apus.api"))
         api.tasks = tasks
+        api.authority = authority
+        api.policy = APIPolicy(allowedHosts: [apiHost] + apiAllowedHost, openMetrics: apiOpenMetrics)
         let router = api.makeRouter()
         RegistryAPI(registry: mesh.registry, stopping: stopping).addRoutes(to: router)
+        for route in router.routes where APIPolicy.rules["\(route.method.rawValue) \(route.path)"] == nil {
+            logger.warning("control route without a rule in APIPolicy.rules: admin only", metadata: ["route": "\(route.method.rawValue) \(route.path)"])
+        }
         // The control API on an event loop of its own, so the gateway's load cannot stall it; past
         // --api-max-connections it stops accepting until connections close; idle connections close after
         // --api-idle-timeout (requests in progress, long-polls included, are not idle).
         let apiIdle = try parseDuration(apiIdleTimeout, "api-idle-timeout")
+        var apiServer: HTTPServerBuilder = .http1(configuration: .init(idleTimeout: .nanoseconds(apiIdle.nanoseconds)))
+        if let apiTlsCert, let apiTlsKey {
+            // A bad certificate or key stops start-up with its reason.
+            let certificates = try NIOSSLCertificate.fromPEMFile(apiTlsCert).map { NIOSSLCertificateSource.certificate($0) }
+            let key = try NIOSSLPrivateKey(file: apiTlsKey, format: .pem)
+            apiServer = try .tls(apiServer, tlsConfiguration: .makeServerConfiguration(certificateChain: certificates, privateKey: .privateKey(key)))
+        }
         let apiApp = Application(
             router: router,
-            server: .http1(configuration: .init(idleTimeout: .nanoseconds(apiIdle.nanoseconds))),
-            configuration: .init(address: .hostname(host, port: apiPort), serverName: "apus-api",
+            server: apiServer,
+            configuration: .init(address: .hostname(apiHost, port: apiPort), serverName: "apus-api",
                                  availableConnectionsDelegate: MaximumAvailableConnections(apiMaxConnections)),
             onServerRunning: { channel in ports.bound(api: channel.localAddress?.port ?? 0) },
             eventLoopGroupProvider: .shared(MultiThreadedEventLoopGroup(numberOfThreads: 1)),
@@ -392,7 +439,7 @@ struct Apusd: AsyncParsableCommand {
         // serves task progress and nothing else.
         let instanceAPI = sandbox.networks.map { networks in
             Application(
-                router: ControlAPI.instanceRouter(tasks: tasks),
+                router: ControlAPI.instanceRouter(tasks: tasks, authority: authority),
                 server: .http1(configuration: .init(idleTimeout: .nanoseconds(apiIdle.nanoseconds))),
                 configuration: .init(address: .hostname(InstanceEndpoint.format(networks.servicesAddress), port: InstanceNetworks.servicesPort),
                                      serverName: "apus-instance-api",
@@ -448,15 +495,30 @@ struct FlagOnShutdown: Service {
 final class BoundPorts: Sendable {
     private let state = Mutex<(api: Int?, http: Int?, tls: Int?, thrift: Int?)>((nil, nil, nil, nil))
     let host: String
+    /// The control API's address (`--api-host`) and scheme (https with `--api-tls-cert`).
+    let apiHost: String
+    let apiScheme: String
     let file: URL
 
-    init(host: String, file: URL) {
+    init(host: String, apiHost: String, apiScheme: String, file: URL) {
         self.host = host
+        self.apiHost = apiHost
+        self.apiScheme = apiScheme
         self.file = file
     }
 
+    /// The API as a client on this node reaches it (loopback when it listens on every address).
     var apiURL: String? {
-        state.withLock { $0.api }.map { "http://\(host):\($0)" }
+        state.withLock { $0.api }.map { "\(apiScheme)://\(Self.urlHost(Self.reachable(apiHost))):\($0)" }
+    }
+
+    /// A wildcard address is reached on loopback.
+    static func reachable(_ host: String) -> String {
+        host == "0.0.0.0" ? "127.0.0.1" : (host == "::" ? "::1" : host)
+    }
+
+    static func urlHost(_ host: String) -> String {
+        host.contains(":") ? "[\(host)]" : host
     }
 
     var gatewayURL: String? {
@@ -477,12 +539,12 @@ final class BoundPorts: Sendable {
             return (a, h, state.tls, state.thrift)
         }
         guard let (apiPort, httpPort, tlsPort, thriftPort) = all else { return }
-        let json = "{\"host\":\"\(host)\",\"api\":\(apiPort),\"http\":\(httpPort)\(tlsPort.map { ",\"tls\":\($0)" } ?? "")\(thriftPort.map { ",\"thrift\":\($0)" } ?? "")}\n"
+        let json = "{\"host\":\"\(host)\",\"apiHost\":\"\(Self.reachable(apiHost))\",\"apiScheme\":\"\(apiScheme)\",\"api\":\(apiPort),\"http\":\(httpPort)\(tlsPort.map { ",\"tls\":\($0)" } ?? "")\(thriftPort.map { ",\"thrift\":\($0)" } ?? "")}\n"
         let temp = file.deletingLastPathComponent().appendingPathComponent(".ports.json.tmp")
         try? json.write(to: temp, atomically: false, encoding: .utf8)
         // rename(2) replaces an earlier run's file atomically.
         if rename(temp.path, file.path) != 0 { try? FileManager.default.moveItem(at: temp, to: file) }
-        var banner = "apusd: api listening on http://\(host):\(apiPort)\napusd: gateway listening on http://\(host):\(httpPort) (HTTP/1.1, h2c, gRPC)\n"
+        var banner = "apusd: api listening on \(apiScheme)://\(Self.urlHost(apiHost)):\(apiPort)\napusd: gateway listening on http://\(host):\(httpPort) (HTTP/1.1, h2c, gRPC)\n"
         if let tlsPort { banner += "apusd: gateway listening on https://\(host):\(tlsPort) (TLS: h2, http/1.1)\n" }
         if let thriftPort { banner += "apusd: gateway listening on \(host):\(thriftPort) (Thrift)\n" }
         FileHandle.standardOutput.write(Data(banner.utf8))

@@ -18,8 +18,7 @@ struct MeshSetup {
         if url == "embedded" {
             registry = EmbeddedRegistry(logger: logger)
             // Sidecars reach the embedded registry through the API (loopback when the API listens everywhere).
-            let apiHost = (host == "0.0.0.0" || host == "::") ? "127.0.0.1" : host
-            sidecarRegistryURL = { ports.apiPort.map { "http://\(apiHost.contains(":") ? "[\(apiHost)]" : apiHost):\($0)" } }
+            sidecarRegistryURL = { ports.apiURL }
         } else {
             registry = try makeSnapshottingServiceRegistry(url: url, logger: logger)
             sidecarRegistryURL = { url }

@@ -11,7 +11,7 @@ import Testing
 struct RegistryAPIClientTests {
     func withClient(_ body: @escaping @Sendable (EmbeddedRegistry, RegistryHTTPClient) async throws -> Void) async throws {
         let registry = EmbeddedRegistry(logger: Logger(label: "test"))
-        let router = Router(context: BasicRequestContext.self)
+        let router = Router(context: ControlRequestContext.self)
         let stopping = ShutdownFlag()
         RegistryAPI(registry: registry, stopping: stopping).addRoutes(to: router)
         let app = Application(router: router, configuration: .init(address: .hostname("127.0.0.1", port: 0)))

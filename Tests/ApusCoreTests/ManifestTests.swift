@@ -189,6 +189,11 @@ struct UnitParsingTests {
         #expect(Duration(humanReadable: "5 parsecs") == nil)
         #expect(Duration(humanReadable: "s") == nil)
         #expect(Duration(humanReadable: "") == nil)
+        // Huge values are refused, not trapped on (schemathesis sent expiresIn: 10000000000000000000h).
+        #expect(Duration(humanReadable: "10000000000000000000h") == nil)
+        #expect(Duration(humanReadable: "1e300") == nil)
+        #expect(Duration(humanReadable: "9000000000000000000ms9000000000000000000ms") == nil)
+        #expect(Duration(humanReadable: "8760h") == .seconds(8760 * 3600))
         #expect(Duration.seconds(90).humanReadable == "90s")
         #expect(Duration.milliseconds(1500).humanReadable == "1500ms")
         #expect(Duration.seconds(120).humanReadable == "2m")

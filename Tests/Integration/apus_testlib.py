@@ -67,14 +67,31 @@ class Response:
         return f"<Response {self.status} {dict(self.headers)} {self.text[:300]!r}>"
 
 
+# The admin token of every apusd these tests started, by its API URL: requests to that URL carry it unless they
+# say otherwise (token=None, or an Authorization header of their own).
+API_TOKENS: dict[str, str] = {}
+AUTO = object()
+
+
 def http_request(base_url: str, method: str, path: str, body: bytes | None = None,
-                 headers: dict | None = None, timeout: float = 30.0) -> Response:
-    """One request on a fresh connection. A `Host` entry in headers replaces the automatic one."""
+                 headers: dict | None = None, timeout: float = 30.0, token=AUTO) -> Response:
+    """One request on a fresh connection. A `Host` entry in headers replaces the automatic one. Requests to the API
+    of an apusd started here carry its admin token (token=AUTO), another token (token="apus_…") or none (None)."""
     u = urllib.parse.urlsplit(base_url)
-    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=timeout)
+    if u.scheme == "https":
+        # An API with --api-tls-cert (a test's self-signed certificate; tests that check it verify it themselves).
+        import ssl
+        conn = http.client.HTTPSConnection(u.hostname, u.port, timeout=timeout, context=ssl._create_unverified_context())
+    else:
+        conn = http.client.HTTPConnection(u.hostname, u.port, timeout=timeout)
+    headers = dict(headers or {})
+    if token is AUTO:
+        token = API_TOKENS.get(f"{u.scheme}://{u.netloc}")
+    if token is not None and not any(k.lower() == "authorization" for k in headers):
+        headers["Authorization"] = f"Bearer {token}"
     start = time.monotonic()
     try:
-        conn.request(method, path, body=body, headers=dict(headers or {}))
+        conn.request(method, path, body=body, headers=headers)
         r = conn.getresponse()
         data = r.read()
         return Response(r.status, r.headers, data, time.monotonic() - start)
@@ -96,6 +113,9 @@ class KeepAliveClient:
         self.connections_opened += 1
 
     def request(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None) -> Response:
+        token = API_TOKENS.get(f"http://{self.host}:{self.port}")
+        if token is not None and not any(k.lower() == "authorization" for k in (headers or {})):
+            headers = {**(headers or {}), "Authorization": f"Bearer {token}"}
         for attempt in (1, 2):
             if self.conn is None:
                 self._connect()
@@ -308,6 +328,8 @@ class Apusd:
         self.proc: subprocess.Popen | None = None
         self.runs = 0
         self.host = self.api_port = self.http_port = None
+        self.api_host: str | None = None  # ports.json "apiHost": where the control API listens (--api-host)
+        self.api_scheme = "http"  # ports.json "apiScheme": https with --api-tls-cert
         self.tls_port: int | None = None  # set when apusd was started with --tls-port
         self.thrift_port: int | None = None  # the gateway's Thrift port (ports.json "thrift"), when it has one
         self.cert_path: Path | None = None  # the TLS certificate, for clients to trust (set by whoever made it)
@@ -317,7 +339,17 @@ class Apusd:
 
     @property
     def api(self) -> str:
-        return f"http://{self.host}:{self.api_port}"
+        host = self.api_host or self.host
+        return f"{self.api_scheme}://{'[' + host + ']' if ':' in host else host}:{self.api_port}"
+
+    @property
+    def admin_token_path(self) -> Path:
+        return self.data_dir / "admin.token"
+
+    @property
+    def admin_token(self) -> str:
+        """The admin token apusd made on its first start (`<data-dir>/admin.token`)."""
+        return self.admin_token_path.read_text().strip()
 
     @property
     def gateway(self) -> str:
@@ -378,6 +410,10 @@ class Apusd:
             self.kill()
             raise RuntimeError(f"apusd wrote no {ports_file} within {timeout:.0f}s:\n{self.log_tail()}")
         self.host, self.api_port, self.http_port = ports["host"], int(ports["api"]), int(ports["http"])
+        self.api_host = ports.get("apiHost")
+        self.api_scheme = ports.get("apiScheme", "http")
+        if self.admin_token_path.exists():
+            API_TOKENS[self.api] = self.admin_token
         self.tls_port = int(ports["tls"]) if ports.get("tls") is not None else None
         self.thrift_port = int(ports["thrift"]) if ports.get("thrift") is not None else None
         last = None
@@ -466,9 +502,14 @@ class Apusd:
     # ---- clients
 
     def cli(self, *args, timeout: float = 60.0, input: str | None = None,
-            api: str | None = None) -> tuple[int, str, str]:
-        """Run the real `apus --api <url> ARGS...`; returns (rc, stdout, stderr)."""
-        env = {k: v for k, v in os.environ.items() if k != "APUS_API"}
+            api: str | None = None, token=AUTO) -> tuple[int, str, str]:
+        """Run the real `apus --api <url> ARGS...` with the admin token in APUS_TOKEN (or `token`, or none with
+        token=None); returns (rc, stdout, stderr)."""
+        env = {k: v for k, v in os.environ.items() if k not in ("APUS_API", "APUS_TOKEN")}
+        if token is AUTO:
+            token = API_TOKENS.get(api or self.api)
+        if token is not None:
+            env["APUS_TOKEN"] = token
         p = subprocess.run([str(APUS), "--api", api or self.api, *map(str, args)], capture_output=True, text=True,
                            timeout=timeout, input=input, cwd=self.workdir, env=env)
         return p.returncode, p.stdout, p.stderr
@@ -490,12 +531,12 @@ class Apusd:
         return self.cli_ok(*args)
 
     def api_call(self, method: str, path: str, body=None, headers: dict | None = None,
-                 timeout: float = 30.0) -> Response:
+                 timeout: float = 30.0, token=AUTO) -> Response:
         headers = dict(headers or {})
         if isinstance(body, (dict, list)):
             body = json.dumps(body).encode()
             headers.setdefault("Content-Type", "application/json")
-        return http_request(self.api, method, path, body=body, headers=headers, timeout=timeout)
+        return http_request(self.api, method, path, body=body, headers=headers, timeout=timeout, token=token)
 
     def api_json(self, method: str, path: str, body=None, expect: int = 200):
         r = self.api_call(method, path, body)

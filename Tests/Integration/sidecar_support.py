@@ -84,7 +84,13 @@ class Sidecar:
         argv = [str(SIDECAR_BIN), "--registry", self.registry, "--config", str(self.config_path),
                 "--outbound-port", "0", "--admin-port", "0", *self.args]
         self.log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=self.log, text=True)
+        env = dict(os.environ)
+        # Against an apusd of these tests, the sidecar calls the registry API with that apusd's admin token (as
+        # apusd hands the sidecars it starts a registry:<service> token).
+        from apus_testlib import API_TOKENS
+        if self.registry in API_TOKENS:
+            env["APUS_REGISTRY_TOKEN"] = API_TOKENS[self.registry]
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=self.log, text=True, env=env)
         line = self.proc.stdout.readline()
         assert line.startswith("apus-sidecar ready "), f"sidecar did not start: {line!r}\n{self.log_tail()}"
         self.ports = json.loads(line[len("apus-sidecar ready "):])

@@ -163,6 +163,10 @@ def test_instance_api_serves_only_task_progress(isolated, escapist):
     assert " 404 " in doc["reply"] + " ", f"the instance API served a control route: {doc}"
     doc = connect(isolated, escapist, services, INSTANCE_API_PORT, path="/v1/info")
     assert " 404 " in doc["reply"] + " ", f"the instance API served /v1/info: {doc}"
+    # A progress post needs its task's capability: none, or another task's, is refused.
+    for path in ("/v1/tasks/t-nosuchtask/progress", "/v1/tasks/t-nosuchtask/progress?capability=forged"):
+        doc = connect(isolated, escapist, services, INSTANCE_API_PORT, method="POST", path=path, body='{"progress": 0.5}')
+        assert " 403 " in doc["reply"] + " ", f"POST {path} on the instance API: {doc}"
     # Only that port of that address.
     assert_unreachable(connect(isolated, escapist, services, port_of(isolated.api)), "the control API port on the instance API address")
 

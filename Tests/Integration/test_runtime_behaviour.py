@@ -1,6 +1,7 @@
 """Python runtime response shapes, rlimits, scale.min, idle scale-down, shedding and start failures."""
 
 import base64
+import os
 import subprocess
 import threading
 import time
@@ -157,7 +158,8 @@ def test_full_queue_sheds_with_429(tmp_path):
 def test_logs_follow_streams_new_lines(apusd, deployed):
     deployed.example("hello-python")
     proc = subprocess.Popen([str(APUS), "--api", apusd.api, "logs", "hello-python", "--follow", "--tail", "0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "APUS_TOKEN": apusd.admin_token})
     try:
         time.sleep(0.5)
         marker = f"follow-{time.monotonic_ns()}"

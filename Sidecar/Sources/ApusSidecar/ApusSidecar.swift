@@ -118,7 +118,8 @@ struct ApusSidecar: AsyncParsableCommand {
         let metricsRegistry = export.registry
 
         let registry = try registryFor(url: initial.registry!, config: initial) { url in
-            try makeServiceRegistry(url: url, logger: logger)
+            // apusd hands the sidecars it starts a token that may register their own service only.
+            try makeServiceRegistry(url: url, token: ProcessInfo.processInfo.environment["APUS_REGISTRY_TOKEN"], logger: logger)
         }
         // Signals are handled on a dispatch queue; the default actions are switched off first.
         let signals = AsyncStream<Int32>.makeStream()

@@ -12,6 +12,10 @@ public struct ApusError: Error, Hashable, Sendable, CustomStringConvertible {
 
         /// The request or manifest is malformed.
         public static let badRequest = Code("bad_request", 400)
+        /// The caller presented no credential, or one that is unknown or expired (`WWW-Authenticate: Bearer`).
+        public static let unauthenticated = Code("unauthenticated", 401)
+        /// The caller is known but its credential does not allow this call.
+        public static let forbidden = Code("forbidden", 403)
         /// No such function, version or resource.
         public static let notFound = Code("not_found", 404)
         /// The client did not send a whole request head in time.
@@ -20,6 +24,8 @@ public struct ApusError: Error, Hashable, Sendable, CustomStringConvertible {
         public static let conflict = Code("conflict", 409)
         /// The body is larger than the configured limit.
         public static let tooLarge = Code("payload_too_large", 413)
+        /// The body's media type is not one this call takes (JSON where JSON is expected).
+        public static let unsupportedMediaType = Code("unsupported_media_type", 415)
         /// Shed: the queue is full or the request cannot be served in time.
         public static let overloaded = Code("overloaded", 429)
         /// The instance failed while serving (crash, closed connection, unparseable answer).
@@ -39,6 +45,8 @@ public struct ApusError: Error, Hashable, Sendable, CustomStringConvertible {
             case "bad_request": 3        // INVALID_ARGUMENT
             case "not_found": 5          // NOT_FOUND
             case "conflict": 6           // ALREADY_EXISTS
+            case "forbidden": 7          // PERMISSION_DENIED
+            case "unauthenticated": 16   // UNAUTHENTICATED
             case "payload_too_large", "overloaded": 8  // RESOURCE_EXHAUSTED
             case "instance_error", "unavailable": 14   // UNAVAILABLE
             case "deadline_exceeded": 4  // DEADLINE_EXCEEDED

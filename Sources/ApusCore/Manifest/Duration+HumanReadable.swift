@@ -1,11 +1,15 @@
 import Foundation
 
 extension Duration {
-    /// Parses `500ms`, `30s`, `2m`, `1h`, `1m30s` or a bare number of seconds.
+    /// The longest duration parsed (about 31,700 years): anything longer is refused rather than overflowing.
+    static let maxHumanReadableMilliseconds: Double = 1e15
+
+    /// Parses `500ms`, `30s`, `2m`, `1h`, `1m30s` or a bare number of seconds (nil past about 31,700 years).
     public init?(humanReadable text: String) {
         let trimmed = text.trimmingCharacters(in: .whitespaces)
         guard !trimmed.isEmpty else { return nil }
         if let seconds = Double(trimmed), seconds >= 0, seconds.isFinite {
+            guard seconds * 1000 <= Self.maxHumanReadableMilliseconds else { return nil }
             self = .milliseconds(Int64((seconds * 1000).rounded()))
             return
         }
@@ -23,7 +27,10 @@ extension Duration {
             case "h": factor = 3_600_000
             default: return false
             }
-            total += Int64((value * factor).rounded())
+            let milliseconds = (value * factor).rounded()
+            guard milliseconds <= Self.maxHumanReadableMilliseconds,
+                  Double(total) + milliseconds <= Self.maxHumanReadableMilliseconds else { return false }
+            total += Int64(milliseconds)
             number = ""
             unit = ""
             sawComponent = true

@@ -16,11 +16,14 @@ public struct RegistryHTTPClient: SnapshottingServiceRegistry {
     let logger: Logger
     /// How long the server holds a watch before answering unchanged.
     public var watchWait: Duration = .seconds(30)
+    /// The control-API bearer token sent with every call (a sidecar's `registry:<service>` token); nil: none.
+    public var token: String?
 
     static var http: HTTPClient { MeshHTTP.client }
 
-    public init(baseURL: String, logger: Logger) {
+    public init(baseURL: String, token: String? = nil, logger: Logger) {
         self.baseURL = baseURL.hasSuffix("/") ? String(baseURL.dropLast()) : baseURL
+        self.token = token
         self.logger = logger
     }
 
@@ -43,6 +46,7 @@ public struct RegistryHTTPClient: SnapshottingServiceRegistry {
     func send(_ method: HTTPMethod, _ path: String, body: Data? = nil, timeout: Duration = .seconds(10)) async throws -> Reply {
         var request = HTTPClientRequest(url: baseURL + path)
         request.method = method
+        if let token { request.headers.add(name: "Authorization", value: "Bearer \(token)") }
         if let body {
             request.headers.add(name: "Content-Type", value: "application/json")
             request.body = .bytes(ByteBuffer(bytes: body))

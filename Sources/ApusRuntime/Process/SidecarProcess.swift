@@ -15,10 +15,15 @@ public struct SidecarSettings: Sendable {
     /// The registry the sidecar resolves upstreams from: the apusd API URL (embedded registry) or `etcd://…`;
     /// asked at each launch because the API port is known only once it is bound.
     public var registryURL: @Sendable () -> String?
+    /// The control-API token of the sidecars of a mesh service (scope `registry:<service>`), handed to the sidecar
+    /// as `APUS_REGISTRY_TOKEN`; nil: none.
+    public var registryToken: @Sendable (_ service: String) -> String?
 
-    public init(binary: String, registryURL: @escaping @Sendable () -> String?) {
+    public init(binary: String, registryURL: @escaping @Sendable () -> String?,
+                registryToken: @escaping @Sendable (_ service: String) -> String? = { _ in nil }) {
         self.binary = binary
         self.registryURL = registryURL
+        self.registryToken = registryToken
     }
 
     /// `apus-sidecar` beside the running executable (apusd).
@@ -85,10 +90,11 @@ final class SidecarProcess: Sendable {
             binary: settings.binary, registry: registry, outbound: outbound, inboundPort: inbound, app: app,
             appProtocol: spec.manifest.protocol.rawValue, service: service, instanceID: spec.instanceID)
         let host = ProcessInfo.processInfo.environment
-        let environment = [
+        var environment = [
             "PATH": host["PATH"] ?? "/usr/local/bin:/usr/bin:/bin", "HOME": host["HOME"] ?? "/tmp", "LANG": "C.UTF-8",
             "APUS_FUNCTION": spec.version.function, "APUS_VERSION": String(spec.version.number), "APUS_INSTANCE": spec.instanceID,
         ]
+        environment["APUS_REGISTRY_TOKEN"] = settings.registryToken(service)
         let function = spec.version.function
         let version = spec.version.number
         let child: ChildProcess

@@ -9,7 +9,8 @@
     GET /?attack=alloc&mb=300           allocate that many MiB and write every page (resident memory)
     GET /?attack=reserve&mb=1024        map that many MiB of address space, touch only the first MiB
     GET /?attack=fill-tmp&mb=300        write that many MiB to a file in /tmp (removed afterwards)
-    GET /?attack=connect&host=H&port=P  open a TCP connection (1 s timeout), send an HTTP GET (&path=, &hostHeader=),
+    GET /?attack=connect&host=H&port=P  open a TCP connection (1 s timeout), send an HTTP request (&method=, &path=,
+                                        &hostHeader=, &body=),
                                         report what came back: {"connected": bool, "errno": ..., "reply": first line}
     GET /?attack=net                    what the instance sees of the network: /proc/net/tcp listeners, interfaces,
                                         routes, $APUS_SIDECAR
@@ -297,7 +298,10 @@ def attack_connect(query, context):
     reply = ""
     try:
         host_header = query.get("hostHeader", host)
-        sock.sendall(f"GET {query.get('path', '/')} HTTP/1.1\r\nHost: {host_header}\r\nConnection: close\r\n\r\n".encode())
+        method = query.get("method", "GET")
+        body = query.get("body", "")
+        sock.sendall(f"{method} {query.get('path', '/')} HTTP/1.1\r\nHost: {host_header}\r\nConnection: close\r\n"
+                     f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n{body}".encode())
         data = b""
         while len(data) < 65536:
             chunk = sock.recv(4096)
