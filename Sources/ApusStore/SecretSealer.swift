@@ -26,6 +26,11 @@ public struct SecretSealer: Sendable {
         self.keyFile = keyFile
     }
 
+    /// A sealer under a fresh random key that no file holds (tests, throwaway `MemoryStore` runs).
+    public static func withNewKey(keyFile: String = "(in memory)") -> SecretSealer {
+        SecretSealer(key: SymmetricKey(size: .bits256), keyFile: keyFile)
+    }
+
     private init(problem: ApusError, keyFile: String) {
         self.key = .failure(problem)
         self.keyFile = keyFile
