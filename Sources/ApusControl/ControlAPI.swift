@@ -318,6 +318,7 @@ public struct ControlAPI: Sendable {
         }
         if let tasks { addTaskRoutes(to: router, tasks: tasks) }
         if let authority { addTokenRoutes(to: router, authority: authority) }
+        if let secrets = control.secrets { addSecretRoutes(to: router, secrets: secrets) }
         return router
     }
 }

@@ -48,17 +48,21 @@ public final class ControlPlane: Sendable {
     public let limits: DeployLimits
     /// What a code archive may hold (entries, unpacked bytes, manifest size).
     public let archiveLimits: CodeArchive.Limits
+    /// Stored secrets (`apus secret`, a manifest's `secrets:`); nil: this node keeps none, and deploys naming one
+    /// are refused.
+    public let secrets: SecretVault?
     private let logger: Logger
     public static let maxArchiveBytes = 64 << 20
 
     public init(store: any Store, code: CodeStore, scheduler: Scheduler, logs: FunctionLogs, limits: DeployLimits = DeployLimits(),
-                archiveLimits: CodeArchive.Limits = CodeArchive.Limits(), logger: Logger) {
+                archiveLimits: CodeArchive.Limits = CodeArchive.Limits(), secrets: SecretVault? = nil, logger: Logger) {
         self.store = store
         self.code = code
         self.scheduler = scheduler
         self.logs = logs
         self.limits = limits
         self.archiveLimits = archiveLimits
+        self.secrets = secrets
         self.logger = logger
     }
 
@@ -101,6 +105,7 @@ public final class ControlPlane: Sendable {
         }
         let manifest = try FunctionManifest.parse(yaml: String(decoding: manifestData, as: UTF8.self))
         try limits.check(manifest)
+        try checkSecrets(of: manifest)
         for service in manifest.grpc?.services ?? [] {
             if let owner = catalog.function(servingGRPCService: service), owner != manifest.name {
                 throw ApusError(.conflict, "gRPC service \(service) is already served by function \(owner); a service belongs to one function")
@@ -139,6 +144,16 @@ public final class ControlPlane: Sendable {
             "release": "\(newRelease.weights.map { "\($0.version)=\($0.weight)" }.joined(separator: ","))",
         ])
         return DeployResult(function: manifest.name, version: version, release: newRelease, created: true)
+    }
+
+    /// Refuses a manifest whose `secrets:` name a secret or key that is not stored (the values themselves are read
+    /// when instances start).
+    func checkSecrets(of manifest: FunctionManifest) throws(ApusError) {
+        guard !manifest.secrets.isEmpty else { return }
+        guard let secrets else {
+            throw ApusError(.badRequest, "\(FunctionManifest.fileName): secrets: this node keeps no secrets")
+        }
+        try secrets.check(manifest.secrets)
     }
 
     public func setRelease(function: String, weights: [Release.Weight]) throws(ApusError) -> Release {

@@ -8,6 +8,8 @@ public final class MemoryStore: Store {
         var functions: [String: FunctionRecord] = [:]
         var versions: [String: [FunctionVersion]] = [:]
         var tokens: [String: APIToken] = [:]
+        /// By secret name, then key.
+        var secrets: [String: [String: SealedSecret]] = [:]
     }
 
     private let state = Mutex(State())
@@ -104,6 +106,38 @@ public final class MemoryStore: Store {
                 throw ApusError(.notFound, "no token named \(name)")
             }
             return token
+        }
+    }
+
+    public func putSecret(_ secret: SealedSecret) throws(ApusError) -> Bool {
+        state.withLock { state in
+            let created = state.secrets[secret.name]?[secret.key] == nil
+            state.secrets[secret.name, default: [:]][secret.key] = secret
+            return created
+        }
+    }
+
+    public func secretKeys() throws(ApusError) -> [SecretKeyInfo] {
+        state.withLock { state in
+            state.secrets.values.flatMap(\.values)
+                .map { SecretKeyInfo(name: $0.name, key: $0.key, updatedAt: $0.updatedAt) }
+                .sorted { ($0.name, $0.key) < ($1.name, $1.key) }
+        }
+    }
+
+    public func sealedSecret(name: String, key: String) throws(ApusError) -> SealedSecret? {
+        state.withLock { $0.secrets[name]?[key] }
+    }
+
+    public func deleteSecret(name: String, key: String?) throws(ApusError) {
+        try state.withLock { (state) throws(ApusError) in
+            guard var keys = state.secrets[name] else { throw ApusError(.notFound, "there is no secret \(name)") }
+            if let key {
+                guard keys.removeValue(forKey: key) != nil else { throw ApusError(.notFound, "secret \(name) has no key \(key)") }
+                state.secrets[name] = keys.isEmpty ? nil : keys
+            } else {
+                state.secrets[name] = nil
+            }
         }
     }
 }

@@ -59,6 +59,18 @@ public final class SQLiteStore: Store {
                 );
                 """)
         }
+        // Secrets: only the AES-GCM sealed value (nonce + ciphertext + tag) of each key, never the value.
+        migrator.registerMigration("v4-secrets") { db in
+            try db.execute(sql: """
+                CREATE TABLE secrets (
+                    name TEXT NOT NULL,
+                    key TEXT NOT NULL,
+                    sealed BLOB NOT NULL,
+                    updated_at DOUBLE NOT NULL,
+                    PRIMARY KEY (name, key)
+                );
+                """)
+        }
         return migrator
     }
 
@@ -234,6 +246,50 @@ public final class SQLiteStore: Store {
             }
             try db.execute(sql: "DELETE FROM api_tokens WHERE id = ?", arguments: [token.id])
             return token
+        }
+    }
+
+    public func putSecret(_ secret: SealedSecret) throws(ApusError) -> Bool {
+        try write { db in
+            let existed = try Row.fetchOne(db, sql: "SELECT 1 FROM secrets WHERE name = ? AND key = ?", arguments: [secret.name, secret.key]) != nil
+            try db.execute(
+                sql: """
+                    INSERT INTO secrets (name, key, sealed, updated_at) VALUES (?, ?, ?, ?)
+                    ON CONFLICT (name, key) DO UPDATE SET sealed = excluded.sealed, updated_at = excluded.updated_at
+                    """,
+                arguments: [secret.name, secret.key, secret.sealed, secret.updatedAt.timeIntervalSince1970])
+            return !existed
+        }
+    }
+
+    public func secretKeys() throws(ApusError) -> [SecretKeyInfo] {
+        try read { db in
+            try Row.fetchAll(db, sql: "SELECT name, key, updated_at FROM secrets ORDER BY name, key").map { row in
+                SecretKeyInfo(name: row["name"], key: row["key"], updatedAt: Date(timeIntervalSince1970: row["updated_at"]))
+            }
+        }
+    }
+
+    public func sealedSecret(name: String, key: String) throws(ApusError) -> SealedSecret? {
+        try read { db in
+            try Row.fetchOne(db, sql: "SELECT * FROM secrets WHERE name = ? AND key = ?", arguments: [name, key]).map { row in
+                SealedSecret(name: row["name"], key: row["key"], sealed: row["sealed"], updatedAt: Date(timeIntervalSince1970: row["updated_at"]))
+            }
+        }
+    }
+
+    public func deleteSecret(name: String, key: String?) throws(ApusError) {
+        try write { db in
+            if let key {
+                try db.execute(sql: "DELETE FROM secrets WHERE name = ? AND key = ?", arguments: [name, key])
+                guard db.changesCount > 0 else {
+                    let known = try Row.fetchOne(db, sql: "SELECT 1 FROM secrets WHERE name = ?", arguments: [name]) != nil
+                    throw ApusError(.notFound, known ? "secret \(name) has no key \(key)" : "there is no secret \(name)")
+                }
+            } else {
+                try db.execute(sql: "DELETE FROM secrets WHERE name = ?", arguments: [name])
+                guard db.changesCount > 0 else { throw ApusError(.notFound, "there is no secret \(name)") }
+            }
         }
     }
 }

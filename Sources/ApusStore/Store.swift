@@ -1,7 +1,7 @@
 import ApusCore
 import Foundation
 
-/// Functions, their immutable versions and their releases, and the control API's tokens. Implementations must make each call atomic.
+/// Functions, their immutable versions and their releases, the control API's tokens and sealed secrets. Implementations must make each call atomic.
 public protocol Store: Sendable {
     /// Records a new version of `manifest.name` (creating the function on first deploy). When `release` is true
     /// the new version takes 100% of traffic; otherwise the release stays as it is (the first version is always released).
@@ -23,6 +23,17 @@ public protocol Store: Sendable {
     func tokens() throws(ApusError) -> [APIToken]
     /// Removes the token of that name (revocation) and returns it; an unknown name is not found.
     func deleteToken(named name: String) throws(ApusError) -> APIToken
+
+    // MARK: secrets (only sealed values: nonce, ciphertext and tag, see `SecretSealer`)
+
+    /// Stores the sealed value of one key of a secret, replacing an earlier one; returns whether the key is new.
+    func putSecret(_ secret: SealedSecret) throws(ApusError) -> Bool
+    /// Every key of every secret, by name then key, without values.
+    func secretKeys() throws(ApusError) -> [SecretKeyInfo]
+    /// The sealed value of `key` in secret `name`, if stored.
+    func sealedSecret(name: String, key: String) throws(ApusError) -> SealedSecret?
+    /// Removes one key of a secret or, with nil, all of them; removing nothing is not found.
+    func deleteSecret(name: String, key: String?) throws(ApusError)
 }
 
 extension Store {

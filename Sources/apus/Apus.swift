@@ -10,7 +10,7 @@ struct Apus: AsyncParsableCommand {
         commandName: "apus",
         abstract: "Deploy, release, invoke and inspect functions on an Apus platform.",
         subcommands: [Deploy.self, List.self, Get.self, Versions.self, Release.self, Delete.self, Invoke.self, Logs.self, Instances.self, Status.self, Scale.self,
-                      Services.self, Submit.self, Tasks.self, Token.self])
+                      Services.self, Submit.self, Tasks.self, Token.self, Secret.self])
 
     /// Global options may come before the subcommand (`apus --api URL list`): move them after it.
     static func main() async {
@@ -30,7 +30,7 @@ struct Apus: AsyncParsableCommand {
             // command path.
             let nested: [String: [any ParsableCommand.Type]] = [
                 "tasks": Tasks.configuration.subcommands, "services": Services.configuration.subcommands,
-                "token": Token.configuration.subcommands,
+                "token": Token.configuration.subcommands, "secret": Secret.configuration.subcommands,
             ]
             if let subcommands = nested[subcommand], let next = tail.first,
                subcommands.contains(where: { $0.configuration.commandName == next }) {

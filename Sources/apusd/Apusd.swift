@@ -312,6 +312,11 @@ struct Apusd: AsyncParsableCommand {
                                          dataURL.appendingPathComponent("apus.db"))
         let code = try CodeStore(root: dataURL.appendingPathComponent("code"))
         let logs = try FunctionLogs(directory: dataURL.appendingPathComponent("logs"))
+        // Stored secrets, sealed under <data-dir>/secrets.key (made on first start, 0600; never remade over secrets
+        // sealed with a lost one).
+        let (sealer, sealerNote) = try SecretSealer.load(in: dataURL, mayCreate: try store.secretKeys().isEmpty)
+        if sealer.hasKey { logger.info("\(sealerNote)") } else { logger.error("\(sealerNote)") }
+        let secrets = SecretVault(store: store, sealer: sealer)
 
         // Control-API tokens; on first start an admin token whose secret only <data-dir>/admin.token holds.
         let authority = try TokenAuthority(store: store)
@@ -338,7 +343,8 @@ struct Apusd: AsyncParsableCommand {
                 sidecar: SidecarSettings(
                     binary: sidecarBinary ?? SidecarSettings.defaultBinary, registryURL: mesh.sidecarRegistryURL,
                     registryToken: sidecarToken),
-                sandboxSlots: sandboxSlots),
+                sandboxSlots: sandboxSlots,
+                secretEnvironment: { references throws(ApusError) in try secrets.environment(for: references) }),
             sandbox: sandbox, logs: logs, logger: Logger(label: "apus.runtime"))
 
         var http2Limits = GatewayServer.HTTP2Limits()
@@ -367,7 +373,7 @@ struct Apusd: AsyncParsableCommand {
             maxCPUMillis: maxCpu.flatMap(FunctionManifest.parseCPU) ?? ProcessInfo.processInfo.activeProcessorCount * 1000,
             maxPids: maxPids)
         let control = ControlPlane(store: store, code: code, scheduler: scheduler, logs: logs, limits: deployLimits,
-                                   logger: Logger(label: "apus.control"))
+                                   secrets: secrets, logger: Logger(label: "apus.control"))
         try control.loadCatalog()
 
         for directory in deploy {

@@ -51,6 +51,24 @@ struct ControlAuthTests {
         #expect(throws: ApusError.self) { try authority.create(name: "none", scopes: []) }
     }
 
+    @Test func secretRoutesNeedTheSecretsScopeToChange() {
+        let policy = APIPolicy()
+        for route in ["/v1/secrets/{name}/keys/{key}"] {
+            let rule = policy.rule(method: .put, route: route)
+            #expect(rule.access.allows([.secrets]) && rule.access.allows([.admin]))
+            #expect(!rule.access.allows([.deploy, .read, .invoke, .tasks]))
+        }
+        for route in ["/v1/secrets/{name}", "/v1/secrets/{name}/keys/{key}"] {
+            #expect(!policy.rule(method: .delete, route: route).access.allows([.deploy, .read]))
+            #expect(policy.rule(method: .delete, route: route).access.allows([.secrets]))
+        }
+        #expect(policy.rule(method: .get, route: "/v1/secrets").access.allows([.read]))
+        #expect(policy.rule(method: .get, route: "/v1/secrets").access.allows([.secrets]))
+        #expect(!policy.rule(method: .get, route: "/v1/secrets").access.allows([.deploy]))
+        // No route reads a value back: anything else under /v1/secrets falls to admin-only (and is not served).
+        #expect(policy.rule(method: .get, route: "/v1/secrets/{name}").access == .admin)
+    }
+
     @Test func sidecarTokensHoldTheirServiceOnly() throws {
         let authority = try TokenAuthority(store: MemoryStore())
         let secret = authority.sidecarSecret(service: "svc.a")

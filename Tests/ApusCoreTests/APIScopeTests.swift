@@ -5,7 +5,7 @@ import Testing
 @Suite("API scopes and access")
 struct APIScopeTests {
     @Test func scopesParseAndPrint() throws {
-        for text in ["admin", "deploy", "read", "invoke", "tasks", "registry:payments.refund"] {
+        for text in ["admin", "deploy", "read", "invoke", "tasks", "secrets", "registry:payments.refund"] {
             #expect(try APIScope.parse(text).description == text)
         }
         #expect(APIScope("registry:payments.refund") == .registry(service: "payments.refund"))

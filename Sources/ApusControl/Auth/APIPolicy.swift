@@ -81,6 +81,12 @@ public struct APIPolicy: Sendable {
         "GET /v1/tokens": Rule(.admin),
         "POST /v1/tokens": Rule(.admin),
         "DELETE /v1/tokens/{name}": Rule(.admin),
+
+        // Names, keys and times only: no route returns a value.
+        "GET /v1/secrets": Rule(.anyOf([.read, .secrets])),
+        "PUT /v1/secrets/{name}/keys/{key}": Rule(.anyOf([.secrets])),
+        "DELETE /v1/secrets/{name}": Rule(.anyOf([.secrets])),
+        "DELETE /v1/secrets/{name}/keys/{key}": Rule(.anyOf([.secrets])),
     ]
 
     public func rule(method: HTTPRequest.Method, route: String) -> Rule {

@@ -5,6 +5,7 @@
 /// * `read`: every `GET` (functions, versions, instances, logs, tasks, registry, metrics, info);
 /// * `invoke`: submit tasks (the API's one way to invoke a function) and read `/v1/info` (to find the gateway);
 /// * `tasks`: submit, read and cancel tasks;
+/// * `secrets`: set and delete stored secrets and list their names and keys (no scope reads a value back);
 /// * `registry:<service>`: register, heartbeat and deregister endpoints of that one mesh service, and resolve
 ///   services (what a sidecar needs).
 public enum APIScope: Hashable, Sendable, CustomStringConvertible {
@@ -13,12 +14,13 @@ public enum APIScope: Hashable, Sendable, CustomStringConvertible {
     case read
     case invoke
     case tasks
+    case secrets
     case registry(service: String)
 
     /// The scopes without a parameter, by name.
-    public static let plain: [APIScope] = [.admin, .deploy, .read, .invoke, .tasks]
+    public static let plain: [APIScope] = [.admin, .deploy, .read, .invoke, .tasks, .secrets]
 
-    /// `admin`, `deploy`, `read`, `invoke`, `tasks` or `registry:<service>` (a valid mesh service name).
+    /// `admin`, `deploy`, `read`, `invoke`, `tasks`, `secrets` or `registry:<service>` (a valid mesh service name).
     public init?(_ text: String) {
         if let plain = Self.plain.first(where: { $0.description == text }) {
             self = plain
@@ -34,7 +36,7 @@ public enum APIScope: Hashable, Sendable, CustomStringConvertible {
     /// Parses a scope, or says what is accepted.
     public static func parse(_ text: String) throws(ApusError) -> APIScope {
         guard let scope = APIScope(text) else {
-            throw ApusError(.badRequest, "scope \"\(text.prefix(100))\": must be admin, deploy, read, invoke, tasks or registry:<service> (a mesh service name such as registry:payments.refund)")
+            throw ApusError(.badRequest, "scope \"\(text.prefix(100))\": must be admin, deploy, read, invoke, tasks, secrets or registry:<service> (a mesh service name such as registry:payments.refund)")
         }
         return scope
     }
@@ -46,6 +48,7 @@ public enum APIScope: Hashable, Sendable, CustomStringConvertible {
         case .read: "read"
         case .invoke: "invoke"
         case .tasks: "tasks"
+        case .secrets: "secrets"
         case .registry(let service): "registry:\(service)"
         }
     }

@@ -19,8 +19,8 @@ extension FunctionManifest {
         }
         let reader = ManifestReader(mapping: mapping, path: "")
         try reader.rejectUnknownKeys(allowed: ["name", "runtime", "handler", "command", "protocol", "concurrency",
-                                               "scale", "timeout", "memory", "cpu", "pids", "env", "grpc", "thrift", "shedding", "mesh",
-                                               "async", "network"])
+                                               "scale", "timeout", "memory", "cpu", "pids", "env", "secrets", "grpc", "thrift", "shedding",
+                                               "mesh", "async", "network"])
 
         let name = try reader.requiredString("name")
         try validateName(name, key: "name")
@@ -233,6 +233,7 @@ extension FunctionManifest {
             }
             manifest.env = env
         }
+        manifest.secrets = try parseSecrets(reader, env: manifest.env)
         manifest.mesh = try parseMesh(reader)
         manifest.network = try parseNetwork(reader, mesh: manifest.mesh)
         return manifest
@@ -307,7 +308,7 @@ extension FunctionManifest {
         return s.allSatisfy { $0 == "_" || $0.isLetter || $0.isNumber }
     }
 
-    private static func isEnvironmentName(_ s: String) -> Bool {
+    static func isEnvironmentName(_ s: String) -> Bool {
         guard let first = s.first, first == "_" || (first.isASCII && first.isLetter) else { return false }
         return s.allSatisfy { $0 == "_" || ($0.isASCII && ($0.isLetter || $0.isNumber)) }
     }

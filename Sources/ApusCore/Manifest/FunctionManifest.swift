@@ -174,6 +174,9 @@ public struct FunctionManifest: Codable, Hashable, Sendable {
     /// Processes and threads an instance may have at once.
     public var pids: Int
     public var env: [String: String]
+    /// Environment variables whose values come from stored secrets (`secrets:`), by variable name. Only the
+    /// references are kept here; values are decrypted when an instance starts.
+    public var secrets: [String: SecretReference]
     /// Set exactly when `protocol` is `grpc`.
     public var grpc: GRPCSettings?
     /// Set exactly when `protocol` is `thrift`.
@@ -205,7 +208,8 @@ public struct FunctionManifest: Codable, Hashable, Sendable {
         shedding: Shedding? = nil,
         mesh: MeshSettings? = nil,
         async: AsyncSettings? = nil,
-        network: NetworkSettings? = nil
+        network: NetworkSettings? = nil,
+        secrets: [String: SecretReference] = [:]
     ) {
         self.name = name
         self.runtime = runtime
@@ -219,6 +223,7 @@ public struct FunctionManifest: Codable, Hashable, Sendable {
         self.cpuMillis = cpuMillis
         self.pids = pids
         self.env = env
+        self.secrets = secrets
         self.grpc = grpc
         self.thrift = thrift
         self.shedding = shedding
@@ -228,7 +233,7 @@ public struct FunctionManifest: Codable, Hashable, Sendable {
     }
 
     enum CodingKeys: String, CodingKey {
-        case name, runtime, handler, command, `protocol`, concurrency, scale, timeout, memory, cpu, pids, env, grpc, thrift, shedding, mesh, async, network
+        case name, runtime, handler, command, `protocol`, concurrency, scale, timeout, memory, cpu, pids, env, secrets, grpc, thrift, shedding, mesh, async, network
     }
 
     /// One core unless the manifest says otherwise.
@@ -282,6 +287,7 @@ public struct FunctionManifest: Codable, Hashable, Sendable {
         }
         pids = try c.decodeIfPresent(Int.self, forKey: .pids) ?? Self.defaultPids
         env = try c.decode([String: String].self, forKey: .env)
+        secrets = try c.decodeIfPresent([String: SecretReference].self, forKey: .secrets) ?? [:]  // versions stored before `secrets:`
         grpc = try c.decodeIfPresent(GRPCSettings.self, forKey: .grpc)
         thrift = try c.decodeIfPresent(ThriftSettings.self, forKey: .thrift)
         shedding = try c.decodeIfPresent(Shedding.self, forKey: .shedding)
@@ -304,6 +310,7 @@ public struct FunctionManifest: Codable, Hashable, Sendable {
         try c.encode(Self.formatCPU(cpuMillis), forKey: .cpu)
         try c.encode(pids, forKey: .pids)
         try c.encode(env, forKey: .env)
+        if !secrets.isEmpty { try c.encode(secrets, forKey: .secrets) }
         try c.encodeIfPresent(grpc, forKey: .grpc)
         try c.encodeIfPresent(thrift, forKey: .thrift)
         try c.encodeIfPresent(shedding, forKey: .shedding)

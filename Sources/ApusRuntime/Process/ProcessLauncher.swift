@@ -24,15 +24,21 @@ public final class ProcessLauncher: InstanceLauncher {
         public var sidecar: SidecarSettings?
         /// Sandbox slots kept waiting in cgroups of their own for cold starts (`SandboxSlotPool`; 0: none).
         public var sandboxSlots: Int
+        /// The values of a manifest's `secrets:` by environment variable name, asked for at every instance start (so
+        /// an instance started after a secret changed gets the new value). nil: functions with `secrets:` do not
+        /// start. The runtime knows nothing of where secrets are kept.
+        public var secretEnvironment: (@Sendable ([String: FunctionManifest.SecretReference]) throws(ApusError) -> [String: String])?
 
         public init(python: String, startTimeout: Duration, runtimeDirectory: URL, prewarm: PrewarmSettings? = nil,
-                    sidecar: SidecarSettings? = nil, sandboxSlots: Int = 2) {
+                    sidecar: SidecarSettings? = nil, sandboxSlots: Int = 2,
+                    secretEnvironment: (@Sendable ([String: FunctionManifest.SecretReference]) throws(ApusError) -> [String: String])? = nil) {
             self.python = python
             self.startTimeout = startTimeout
             self.runtimeDirectory = runtimeDirectory
             self.prewarm = prewarm
             self.sidecar = sidecar
             self.sandboxSlots = sandboxSlots
+            self.secretEnvironment = secretEnvironment
         }
 
         /// The bundled runtime files shipped with this module.
@@ -112,9 +118,13 @@ public final class ProcessLauncher: InstanceLauncher {
         ]
     }
 
-    func environment(for spec: InstanceSpec, port: Int) -> [String: String] {
+    /// The instance's environment: the base, the manifest's `env:`, the values of its `secrets:` (`secretValues`),
+    /// then the platform's `APUS_` variables. It reaches the process through `execve`, a prewarmed process's stdin
+    /// or a sandbox slot's pipe, and is never logged.
+    func environment(for spec: InstanceSpec, port: Int, secretValues: [String: String] = [:]) -> [String: String] {
         var env = baseEnvironment()
         for (key, value) in spec.manifest.env { env[key] = value }
+        for (key, value) in secretValues { env[key] = value }
         env["APUS_PORT"] = String(port)
         env["APUS_FUNCTION"] = spec.version.function
         env["APUS_VERSION"] = String(spec.version.number)
@@ -128,6 +138,17 @@ public final class ProcessLauncher: InstanceLauncher {
         }
         if let handler = spec.manifest.handler { env["APUS_HANDLER"] = handler }
         return env
+    }
+
+    /// The decrypted values of the manifest's `secrets:`, read now (before any process or sidecar is taken, so a
+    /// secret that cannot be read fails the start cleanly, naming it).
+    func secretValues(for spec: InstanceSpec) throws(ApusError) -> [String: String] {
+        let references = spec.manifest.secrets
+        guard !references.isEmpty else { return [:] }
+        guard let resolve = configuration.secretEnvironment else {
+            throw ApusError(.unavailable, "function \(spec.version.function) uses secrets: and this node keeps no secrets")
+        }
+        return try resolve(references)
     }
 
     /// How a launch gets its process: a prewarmed interpreter, a waiting sandbox slot, or a new process (with its
@@ -156,6 +177,7 @@ public final class ProcessLauncher: InstanceLauncher {
         logger[metadataKey: "version"] = "\(version)"
         logger[metadataKey: "instance"] = "\(spec.instanceID)"
         let limits = ResourceLimits(spec.manifest)
+        let secretValues = try secretValues(for: spec)
 
         // The process (and with it the network namespace) first: the sidecar listens on the namespace's link.
         let start: Start
@@ -176,7 +198,7 @@ public final class ProcessLauncher: InstanceLauncher {
             await abandon(start)
             throw error
         }
-        var instanceEnvironment = environment(for: spec, port: port)
+        var instanceEnvironment = environment(for: spec, port: port, secretValues: secretValues)
         if let sidecar, let url = sidecar.outboundURL { instanceEnvironment["APUS_SIDECAR"] = url }
         let instanceOnExit = sidecar?.stoppingOnExit(onExit) ?? onExit
         let sandboxNote = "sandbox \(sandbox.mode.rawValue)\(start.network.map { ", network \($0.name) \(InstanceEndpoint.format($0.address)) egress \(spec.manifest.egress.rawValue)" } ?? "")"
