@@ -84,6 +84,71 @@ struct ThriftWireTests {
         }
     }
 
+    /// A scan resumed piece by piece finds the same length as one over the whole message, at every split, and
+    /// never reports a length before the message is whole.
+    @Test func resumedScansAgreeWithWholeOnesAtEverySplit() throws {
+        for message in [Bytes.binaryCall("add", seqid: 1, args: Bytes.binaryArgs), Bytes.binaryCall("add", seqid: 1, strict: false, args: Bytes.binaryArgs),
+                        Bytes.compactCall("g", seqid: 1, args: Bytes.compactArgs)] {
+            for piece in 1...7 {
+                var scan = ThriftWire.MessageScan()
+                var length: Int?
+                var available = 0
+                while length == nil {
+                    available = min(available + piece, message.readableBytes)
+                    do throws(ThriftWire.ScanError) {
+                        length = try ThriftWire.messageLength(message.getSlice(at: 0, length: available)!, at: 0, resuming: &scan)
+                    } catch {
+                        #expect(error == .incomplete)
+                        #expect(available < message.readableBytes)
+                        #expect(scan.committed <= available)
+                    }
+                }
+                #expect(length == message.readableBytes && available == message.readableBytes, "piece \(piece)")
+            }
+        }
+    }
+
+    /// A large message trickled in small pieces is read once: each piece advances the committed part, so the next
+    /// read starts where the last one stopped instead of at the message's start.
+    @Test func aTrickledMessageIsNotRescannedFromItsStart() throws {
+        // {1: list<string> of 2000 strings of 100 bytes}, STOP: about 208 KB.
+        var args: [UInt8] = [15, 0, 1, 11] + withUnsafeBytes(of: Int32(2000).bigEndian, Array.init)
+        for _ in 0..<2000 { args += withUnsafeBytes(of: Int32(100).bigEndian, Array.init) + Array(repeating: 0x61, count: 100) }
+        args.append(0)
+        let message = Bytes.binaryCall("put", seqid: 3, args: args)
+        var scan = ThriftWire.MessageScan()
+        var previous = 0
+        var available = 0
+        var length: Int?
+        while length == nil {
+            available = min(available + 2048, message.readableBytes)
+            do throws(ThriftWire.ScanError) {
+                length = try ThriftWire.messageLength(message.getSlice(at: 0, length: available)!, at: 0, resuming: &scan)
+            } catch {
+                #expect(error == .incomplete)
+                // Everything but at most one unfinished element (4 + 100 bytes) is committed.
+                #expect(scan.committed > previous && available - scan.committed < 104 + 16)
+                previous = scan.committed
+            }
+        }
+        #expect(length == message.readableBytes)
+    }
+
+    @Test func theDecoderKeepsItsScanAcrossReads() throws {
+        let message = Bytes.compactCall("g", seqid: 1, args: Bytes.compactArgs)
+        var decoder = ThriftFrameDecoder(maxFrameSize: 1 << 20)
+        var buffer = ByteBuffer()
+        var frames: [ThriftFrame] = []
+        for byte in message.readableBytesView {
+            buffer.writeInteger(byte)
+            if let frame = try ThriftFrameDecoder.nextFrame(&buffer, maxFrameSize: 1 << 20, expected: nil, scan: &decoder.scan) {
+                frames.append(frame)
+            }
+        }
+        #expect(frames.count == 1 && frames.first?.message.readableBytes == message.readableBytes)
+        #expect(decoder.scan.committed == 0, "reset for the next message")
+    }
+
     @Test func unknownTypesAndBadVersionsAreMalformed() {
         let badType = Bytes.binaryCall("add", seqid: 1, args: [99, 0, 1, 0])
         #expect(throws: ThriftWire.ScanError.malformed("unknown binary field type 99")) { try ThriftWire.messageLength(badType, at: 0) }

@@ -43,6 +43,8 @@ package struct ThriftFrameDecoder: ByteToMessageDecoder {
 
     let maxFrameSize: Int
     let expected: ThriftTransport?
+    /// How far the unframed message at the front of the buffer has been scanned (kept across reads).
+    var scan = ThriftWire.MessageScan()
 
     init(maxFrameSize: Int, expected: ThriftTransport? = nil) {
         self.maxFrameSize = maxFrameSize
@@ -50,7 +52,7 @@ package struct ThriftFrameDecoder: ByteToMessageDecoder {
     }
 
     package mutating func decode(context: ChannelHandlerContext, buffer: inout ByteBuffer) throws -> DecodingState {
-        guard let frame = try Self.nextFrame(&buffer, maxFrameSize: maxFrameSize, expected: expected) else { return .needMoreData }
+        guard let frame = try Self.nextFrame(&buffer, maxFrameSize: maxFrameSize, expected: expected, scan: &scan) else { return .needMoreData }
         context.fireChannelRead(wrapInboundOut(frame))
         return .continue
     }
@@ -63,6 +65,14 @@ package struct ThriftFrameDecoder: ByteToMessageDecoder {
     /// Takes one complete message off the front of `buffer`, or returns nil (and consumes nothing) when more bytes
     /// are needed.
     package static func nextFrame(_ buffer: inout ByteBuffer, maxFrameSize: Int, expected: ThriftTransport?) throws(ThriftDecodingError) -> ThriftFrame? {
+        var scan = ThriftWire.MessageScan()
+        return try nextFrame(&buffer, maxFrameSize: maxFrameSize, expected: expected, scan: &scan)
+    }
+
+    /// `nextFrame`, resuming the scan of an unframed message where the previous call stopped (`scan` is reset
+    /// once a message is taken, or on an error).
+    package static func nextFrame(_ buffer: inout ByteBuffer, maxFrameSize: Int, expected: ThriftTransport?,
+                                  scan: inout ThriftWire.MessageScan) throws(ThriftDecodingError) -> ThriftFrame? {
         let start = buffer.readerIndex
         guard buffer.readableBytes >= 4, let first = buffer.getInteger(at: start, as: UInt8.self) else { return nil }
         let transport: ThriftTransport
@@ -91,15 +101,18 @@ package struct ThriftFrameDecoder: ByteToMessageDecoder {
         case .buffered:
             let length: Int
             do throws(ThriftWire.ScanError) {
-                length = try ThriftWire.messageLength(buffer, at: start)
+                length = try ThriftWire.messageLength(buffer, at: start, resuming: &scan)
+                scan = ThriftWire.MessageScan()
             } catch {
                 switch error {
                 case .incomplete:
                     guard buffer.readableBytes <= maxFrameSize else {
+                        scan = ThriftWire.MessageScan()
                         throw ThriftDecodingError(description: "unframed message exceeds the \(maxFrameSize)-byte limit")
                     }
                     return nil
                 case .malformed(let reason):
+                    scan = ThriftWire.MessageScan()
                     throw ThriftDecodingError(description: "malformed message: \(reason)")
                 }
             }

@@ -161,67 +161,160 @@ package enum ThriftWire {
 
     /// The length of the whole message (envelope and its struct) starting at `start`, or `.incomplete`.
     static func messageLength(_ buffer: ByteBuffer, at start: Int) throws(ScanError) -> Int {
-        var cursor = Cursor(buffer, at: start)
-        let envelope = try readEnvelope(&cursor)
-        switch envelope.encoding {
-        case .binary: try skipBinary(type: 12, &cursor, depth: 0)
-        case .compact: try skipCompactStruct(&cursor, depth: 0)
-        }
-        return cursor.index - start
+        var scan = MessageScan()
+        return try messageLength(buffer, at: start, resuming: &scan)
     }
 
-    // MARK: skipping values
+    // MARK: scanning that resumes
 
-    /// Binary protocol value of `type` (TType numbering).
-    static func skipBinary(type: UInt8, _ cursor: inout Cursor, depth: Int) throws(ScanError) {
-        guard depth < maxDepth else { throw .malformed("nesting deeper than \(maxDepth)") }
-        switch type {
-        case 2, 3: try cursor.skip(1)  // bool, byte
-        case 6: try cursor.skip(2)  // i16
-        case 8: try cursor.skip(4)  // i32
-        case 4, 10: try cursor.skip(8)  // double, i64
-        case 11: try cursor.skip(Int(try cursor.i32()))  // string / binary
-        case 16: try cursor.skip(16)  // uuid
-        case 12:
-            while true {
+    /// How far the scan of an unframed message got, kept between reads so that a message arriving in pieces is
+    /// read once, not re-scanned from its start on every read (which made a message trickled in 2 KiB pieces cost
+    /// time quadratic in its size). Progress is committed a whole unit at a time — a field with its value, a
+    /// container's header, a run of fixed-size list elements — so running out of bytes mid-unit loses only that
+    /// unit's few bytes, read again with the next piece.
+    package struct MessageScan: Sendable {
+        enum Container: Sendable, Equatable {
+            case binaryStruct
+            case binaryList(element: UInt8, remaining: Int)
+            case binaryMap(key: UInt8, value: UInt8, remaining: Int, valueNext: Bool)
+            case compactStruct
+            case compactList(element: UInt8, remaining: Int)
+            case compactMap(key: UInt8, value: UInt8, remaining: Int, valueNext: Bool)
+        }
+
+        /// Bytes from the message's start that are known to belong to it (the envelope and every committed unit).
+        var committed = 0
+        /// Open containers, innermost last; empty before the envelope is read.
+        var open: [Container] = []
+        var envelopeRead = false
+
+        package init() {}
+    }
+
+    /// The length of the whole message starting at `start`, resuming where `scan` stopped for want of bytes;
+    /// `.incomplete` (with `scan` advanced) when the message is not all there yet.
+    static func messageLength(_ buffer: ByteBuffer, at start: Int, resuming scan: inout MessageScan) throws(ScanError) -> Int {
+        var cursor = Cursor(buffer, at: start)
+        if !scan.envelopeRead {
+            let envelope = try readEnvelope(&cursor)
+            scan.open = [envelope.encoding == .binary ? .binaryStruct : .compactStruct]
+            scan.committed = cursor.index - start
+            scan.envelopeRead = true
+        }
+        cursor.index = start + scan.committed
+        while let innermost = scan.open.last {
+            // One unit: every read first, then the change to the open containers (a unit cut short by the end of
+            // the bytes changes nothing).
+            var push: MessageScan.Container?
+            var replacement: MessageScan.Container??  // .some(nil): close the innermost container
+            switch innermost {
+            case .binaryStruct:
                 let fieldType = try cursor.u8()
-                if fieldType == 0 { return }
-                try cursor.skip(2)
-                try skipBinary(type: fieldType, &cursor, depth: depth + 1)
+                if fieldType == 0 {
+                    replacement = .some(nil)
+                } else {
+                    try cursor.skip(2)
+                    push = try binaryValue(type: fieldType, &cursor)
+                }
+            case .binaryList(let element, let remaining):
+                if remaining == 0 {
+                    replacement = .some(nil)
+                } else if let size = binaryFixedSize(element) {
+                    let (bytes, overflow) = remaining.multipliedReportingOverflow(by: size)
+                    guard !overflow else { throw .malformed("list of \(remaining) elements") }
+                    try cursor.skip(bytes)
+                    replacement = .binaryList(element: element, remaining: 0)
+                } else {
+                    push = try binaryValue(type: element, &cursor)
+                    replacement = .binaryList(element: element, remaining: remaining - 1)
+                }
+            case .binaryMap(let key, let value, let remaining, let valueNext):
+                if remaining == 0 {
+                    replacement = .some(nil)
+                } else {
+                    push = try binaryValue(type: valueNext ? value : key, &cursor)
+                    replacement = .binaryMap(key: key, value: value, remaining: valueNext ? remaining - 1 : remaining, valueNext: !valueNext)
+                }
+            case .compactStruct:
+                let header = try cursor.u8()
+                if header == 0 {
+                    replacement = .some(nil)
+                } else {
+                    if header >> 4 == 0 { _ = try cursor.varint() }  // long-form field id (zigzag i16)
+                    push = try compactValue(type: header & 0x0F, &cursor, inCollection: false)
+                }
+            case .compactList(let element, let remaining):
+                if remaining == 0 {
+                    replacement = .some(nil)
+                } else {
+                    push = try compactValue(type: element, &cursor, inCollection: true)
+                    replacement = .compactList(element: element, remaining: remaining - 1)
+                }
+            case .compactMap(let key, let value, let remaining, let valueNext):
+                if remaining == 0 {
+                    replacement = .some(nil)
+                } else {
+                    push = try compactValue(type: valueNext ? value : key, &cursor, inCollection: true)
+                    replacement = .compactMap(key: key, value: value, remaining: valueNext ? remaining - 1 : remaining, valueNext: !valueNext)
+                }
             }
+            if let replacement {
+                scan.open.removeLast()
+                if let replacement { scan.open.append(replacement) }
+            }
+            if let push {
+                guard scan.open.count < maxDepth else { throw .malformed("nesting deeper than \(maxDepth)") }
+                scan.open.append(push)
+            }
+            scan.committed = cursor.index - start
+        }
+        return scan.committed
+    }
+
+    /// Bytes of a binary-protocol value of fixed size; nil for strings and containers.
+    private static func binaryFixedSize(_ type: UInt8) -> Int? {
+        switch type {
+        case 2, 3: 1
+        case 6: 2
+        case 8: 4
+        case 4, 10: 8
+        case 16: 16
+        default: nil
+        }
+    }
+
+    /// Reads a binary-protocol value of `type`: skips it whole, or reads a container's header and returns the
+    /// container to open.
+    private static func binaryValue(type: UInt8, _ cursor: inout Cursor) throws(ScanError) -> MessageScan.Container? {
+        if let size = binaryFixedSize(type) {
+            try cursor.skip(size)
+            return nil
+        }
+        switch type {
+        case 11:
+            try cursor.skip(Int(try cursor.i32()))  // string / binary
+            return nil
+        case 12:
+            return .binaryStruct
         case 13:
             let keyType = try cursor.u8()
             let valueType = try cursor.u8()
             let count = Int(try cursor.i32())
             guard count >= 0 else { throw .malformed("negative map size") }
-            for _ in 0..<count {
-                try skipBinary(type: keyType, &cursor, depth: depth + 1)
-                try skipBinary(type: valueType, &cursor, depth: depth + 1)
-            }
+            return .binaryMap(key: keyType, value: valueType, remaining: count, valueNext: false)
         case 14, 15:
             let elementType = try cursor.u8()
             let count = Int(try cursor.i32())
             guard count >= 0 else { throw .malformed("negative list size") }
-            for _ in 0..<count { try skipBinary(type: elementType, &cursor, depth: depth + 1) }
+            return .binaryList(element: elementType, remaining: count)
         default:
             throw .malformed("unknown binary field type \(type)")
         }
     }
 
-    static func skipCompactStruct(_ cursor: inout Cursor, depth: Int) throws(ScanError) {
-        guard depth < maxDepth else { throw .malformed("nesting deeper than \(maxDepth)") }
-        while true {
-            let header = try cursor.u8()
-            if header == 0 { return }
-            if header >> 4 == 0 { _ = try cursor.varint() }  // long-form field id (zigzag i16)
-            try skipCompact(type: header & 0x0F, &cursor, depth: depth + 1, inCollection: false)
-        }
-    }
-
-    /// Compact protocol value of compact type `type`. Booleans in structs live in the field header; in collections
-    /// they take one byte.
-    static func skipCompact(type: UInt8, _ cursor: inout Cursor, depth: Int, inCollection: Bool) throws(ScanError) {
-        guard depth < maxDepth else { throw .malformed("nesting deeper than \(maxDepth)") }
+    /// Reads a compact-protocol value of compact type `type` (booleans in structs live in the field header; in
+    /// collections they take one byte): skips it whole, or reads a container's header and returns it.
+    private static func compactValue(type: UInt8, _ cursor: inout Cursor, inCollection: Bool) throws(ScanError) -> MessageScan.Container? {
         switch type {
         case 1, 2: if inCollection { try cursor.skip(1) }  // bool true/false
         case 3: try cursor.skip(1)  // byte
@@ -229,24 +322,21 @@ package enum ThriftWire {
         case 7: try cursor.skip(8)  // double
         case 8: try cursor.skip(try cursor.varint32())  // binary / string
         case 13: try cursor.skip(16)  // uuid
-        case 12: try skipCompactStruct(&cursor, depth: depth)
+        case 12: return .compactStruct
         case 9, 10:
             let header = try cursor.u8()
             var count = Int(header >> 4)
             if count == 15 { count = try cursor.varint32() }
-            let elementType = header & 0x0F
-            for _ in 0..<count { try skipCompact(type: elementType, &cursor, depth: depth + 1, inCollection: true) }
+            return .compactList(element: header & 0x0F, remaining: count)
         case 11:
             let count = try cursor.varint32()
-            guard count > 0 else { return }
+            guard count > 0 else { return nil }
             let types = try cursor.u8()
-            for _ in 0..<count {
-                try skipCompact(type: types >> 4, &cursor, depth: depth + 1, inCollection: true)
-                try skipCompact(type: types & 0x0F, &cursor, depth: depth + 1, inCollection: true)
-            }
+            return .compactMap(key: types >> 4, value: types & 0x0F, remaining: count, valueNext: false)
         default:
             throw .malformed("unknown compact field type \(type)")
         }
+        return nil
     }
 
     // MARK: writing
