@@ -202,6 +202,8 @@ public final class GatewayServer: Service {
         public var thriftPort: Int?
         /// Largest Thrift frame or unframed message accepted.
         public var thriftMaxFrameBytes: Int
+        /// Most bytes all Thrift connections together may hold in messages not whole yet (`BufferedBytesBudget`).
+        public var thriftMaxBufferedBytes: Int = 256 << 20
         /// Turns asynchronous invocations into tasks (nil: `X-Apus-Invocation: async` is refused).
         public var tasks: (any AsyncTaskSubmitter)?
         /// This gateway's name on the instances' hash ring (distinct per gateway node once there are several).
@@ -340,6 +342,7 @@ public final class GatewayServer: Service {
         var thriftServer: (any Channel)?
         if let thriftPort = configuration.thriftPort {
             let maxFrame = configuration.thriftMaxFrameBytes
+            let budget = BufferedBytesBudget(limit: configuration.thriftMaxBufferedBytes)
             thriftServer = try await ServerBootstrap(group: group)
                 .serverChannelOption(.backlog, value: 1024)
                 .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
@@ -348,7 +351,7 @@ public final class GatewayServer: Service {
                     channel.eventLoop.makeCompletedFuture {
                         guard shared.admit(channel) else { return }
                         try channel.pipeline.syncOperations.addHandler(ConnectionTimeouts(shared.configuration))
-                        try channel.pipeline.syncOperations.addHandler(ByteToMessageHandler(ThriftFrameDecoder(maxFrameSize: maxFrame)))
+                        try channel.pipeline.syncOperations.addHandler(ByteToMessageHandler(ThriftFrameDecoder(maxFrameSize: maxFrame, budget: budget)))
                         try channel.pipeline.syncOperations.addHandler(ThriftEdgeConnection(shared: shared))
                     }
                 }

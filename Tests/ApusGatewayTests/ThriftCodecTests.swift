@@ -243,3 +243,19 @@ struct ThriftFramingTests {
         #expect(frame.envelope.type == .exception && bytes.readableBytes == 0)
     }
 }
+
+@Suite("thrift buffered bytes budget")
+struct BufferedBytesBudgetTests {
+    @Test func growthPastTheLimitIsRefusedAndChangesNothing() {
+        let budget = BufferedBytesBudget(limit: 1000)
+        #expect(budget.update(from: 0, to: 600))
+        #expect(!budget.update(from: 0, to: 500))
+        #expect(budget.current == 600)
+        #expect(budget.update(from: 600, to: 900))
+        #expect(budget.update(from: 0, to: 100))
+        #expect(budget.current == 1000)
+        #expect(budget.update(from: 900, to: 0))
+        #expect(budget.update(from: 0, to: 800))
+        #expect(budget.current == 900)
+    }
+}

@@ -212,3 +212,47 @@ def test_idle_http2_connection_is_closed_and_busy_ones_are_not(limited):
     p = subprocess.run(["curl", "-sS", "--http2-prior-knowledge", "--max-time", "30", "-o", "/dev/null", "-w",
                         "%{http_code} %{http_version}", f"{d.gateway}/counter/?sleep=3"], capture_output=True, text=True)
     assert p.stdout == "200 2", (p.stdout, p.stderr)
+
+
+@pytest.mark.timeout(90)
+def test_thrift_bytes_held_by_all_connections_are_capped(tmp_path):
+    """--thrift-max-buffered caps what all connections together hold in unfinished Thrift messages: the connection
+    that would take the total past it is closed, the others keep going, and the room comes back when a message
+    completes."""
+    budget, frame = 3 << 20, 4 << 20
+    d = Apusd(tmp_path / "apusd", extra_args=("--thrift-max-buffered", str(budget), "--thrift-max-frame", str(frame),
+                                              "--request-head-timeout", "60s", "--connection-idle-timeout", "60s"))
+    try:
+        d.start()
+        name = b"nosuch"
+        call = (0x80010001).to_bytes(4, "big") + len(name).to_bytes(4, "big") + name + (7).to_bytes(4, "big")
+        body_length = 2 << 20
+        # A framed call whose args are one binary field of about 2 MiB.
+        args = bytes([11]) + (1).to_bytes(2, "big") + (body_length).to_bytes(4, "big")
+        head = call + args
+        total = len(head) + body_length + 1
+        frame_header = total.to_bytes(4, "big")
+        part = 1600 << 10
+
+        first = socket.create_connection((d.host, d.thrift_port), timeout=10)
+        first.sendall(frame_header + head + b"a" * part)
+        time.sleep(0.5)
+        second = socket.create_connection((d.host, d.thrift_port), timeout=10)
+        second.sendall(frame_header + head + b"b" * part)  # 3.2 MiB together: past the 3 MiB budget
+        assert closed_at_once(second, timeout=10), "the connection past the budget was kept"
+        second.close()
+        # The first one is untouched: it finishes its message and gets its answer (no such method).
+        first.sendall(b"a" * (body_length - part) + b"\0")
+        first.settimeout(10)
+        reply = first.recv(65536)
+        assert b"nosuch" in reply and b"unknown method" in reply, reply
+        # Its message is whole, so its bytes are free again: another connection may hold as much.
+        third = socket.create_connection((d.host, d.thrift_port), timeout=10)
+        third.sendall(frame_header + head + b"c" * part)
+        assert not closed_at_once(third, timeout=1), "the budget was not given back after the first message completed"
+        third.close()
+        first.close()
+        assert d.running
+        assert "--thrift-max-buffered" in d.log_tail(200)
+    finally:
+        d.teardown()

@@ -45,21 +45,48 @@ package struct ThriftFrameDecoder: ByteToMessageDecoder {
     let expected: ThriftTransport?
     /// How far the unframed message at the front of the buffer has been scanned (kept across reads).
     var scan = ThriftWire.MessageScan()
+    /// The gateway-wide cap on bytes held in unfinished messages (nil: none, as on the instance side).
+    let budget: BufferedBytesBudget?
+    /// What this connection holds against `budget` now.
+    private var held = 0
 
-    init(maxFrameSize: Int, expected: ThriftTransport? = nil) {
+    init(maxFrameSize: Int, expected: ThriftTransport? = nil, budget: BufferedBytesBudget? = nil) {
         self.maxFrameSize = maxFrameSize
         self.expected = expected
+        self.budget = budget
     }
 
     package mutating func decode(context: ChannelHandlerContext, buffer: inout ByteBuffer) throws -> DecodingState {
-        guard let frame = try Self.nextFrame(&buffer, maxFrameSize: maxFrameSize, expected: expected, scan: &scan) else { return .needMoreData }
+        guard let frame = try Self.nextFrame(&buffer, maxFrameSize: maxFrameSize, expected: expected, scan: &scan) else {
+            try hold(buffer.readableBytes)
+            return .needMoreData
+        }
+        try hold(0)
         context.fireChannelRead(wrapInboundOut(frame))
         return .continue
     }
 
     package mutating func decodeLast(context: ChannelHandlerContext, buffer: inout ByteBuffer, seenEOF: Bool) throws -> DecodingState {
         while try decode(context: context, buffer: &buffer) == .continue {}
+        try hold(0)
         return .needMoreData
+    }
+
+    package mutating func decoderRemoved(context: ChannelHandlerContext) {
+        try? hold(0)
+    }
+
+    /// Records that this connection now holds `bytes` of an unfinished message; throws when the gateway-wide
+    /// budget has no room for them.
+    private mutating func hold(_ bytes: Int) throws(ThriftDecodingError) {
+        guard let budget, bytes != held else { return }
+        guard budget.update(from: held, to: bytes) else {
+            let over = ThriftDecodingError(description: "unfinished Thrift messages of all connections would hold more than \(budget.limit) bytes (--thrift-max-buffered); this connection holds \(bytes)")
+            _ = budget.update(from: held, to: 0)
+            held = 0
+            throw over
+        }
+        held = bytes
     }
 
     /// Takes one complete message off the front of `buffer`, or returns nil (and consumes nothing) when more bytes
