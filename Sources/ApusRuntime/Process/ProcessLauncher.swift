@@ -253,7 +253,9 @@ public final class ProcessLauncher: InstanceLauncher {
 
         var outcome = await waitUntilReady(
             process, endpoint: endpoint, protocol: spec.manifest.protocol, deadline: started.advanced(by: configuration.startTimeout),
-            firstPause: prewarmed ? 200 : 1_000, announcesListening: prewarmed && spec.manifest.protocol == .http)
+            firstPause: prewarmed ? 200 : (spec.manifest.runtime == .command ? 500 : 1_000),
+            steadyFor: spec.manifest.runtime == .command && !prewarmed ? .milliseconds(30) : .zero,
+            announcesListening: prewarmed && spec.manifest.protocol == .http)
         if prewarmed, let pool = prewarmPool {
             // The replacement's interpreter start takes tens of milliseconds of CPU: begin it once the new instance
             // has had time to serve the request that started it.
@@ -438,11 +440,13 @@ public final class ProcessLauncher: InstanceLauncher {
     }
 
     /// Probes the instance's port until it is ready, the process ends, or `deadline` passes.
-    /// `firstPause` (µs) is the wait after the first probe: 1 ms for a new process, less for a prewarmed one, which
-    /// is listening within a few milliseconds.
+    /// `firstPause` (µs) is the wait after the first probe: 1 ms for a new interpreter, 0.5 ms for a native
+    /// server, less for a prewarmed process, which is listening within a few milliseconds. For `steadyFor` after the
+    /// start the pause stays at `firstPause` (a native server is typically ready within 10 ms, and a probe of a
+    /// port nobody listens on costs tens of microseconds), then it grows.
     private func waitUntilReady(
         _ process: ManagedProcess, endpoint: InstanceEndpoint, protocol: FunctionManifest.WireProtocol, deadline: ContinuousClock.Instant,
-        firstPause: UInt32, announcesListening: Bool = false
+        firstPause: UInt32, steadyFor: Duration = .zero, announcesListening: Bool = false
     ) async -> Result<Void, ApusError> {
         let startTimeout = configuration.startTimeout
         let probe: ReadinessProbe.Kind = switch `protocol` {
@@ -455,8 +459,10 @@ public final class ProcessLauncher: InstanceLauncher {
             Thread.detachNewThread {
                 var lastProblem = "did not listen on its port"
                 // Probe often at first (a native server is ready within a few ms, Python within ~50 ms) and back
-                // off gently: `firstPause`, growing by a quarter per probe, at most 20 ms between probes.
+                // off gently: `firstPause` (steady for `steadyFor`), growing by a quarter per probe, at most 20 ms
+                // between probes.
                 var pause = firstPause
+                let steadyUntil = ContinuousClock.now.advanced(by: steadyFor)
                 while true {
                     if let exit = process.exit {
                         continuation.resume(returning: .failure(ApusError(.unavailable, "instance \(exit) before it was ready")))
@@ -488,7 +494,7 @@ public final class ProcessLauncher: InstanceLauncher {
                     } else {
                         usleep(pause)
                     }
-                    pause = min(pause + pause / 4, 20_000)
+                    if ContinuousClock.now >= steadyUntil { pause = min(pause + pause / 4, 20_000) }
                 }
             }
         }
