@@ -186,8 +186,10 @@ public enum CodeArchive {
         }
     }
 
+    /// Runs a command to its end and returns its stdout (`stream`, collected); the node's other command-line tools
+    /// (`ip`, `nft`) run through it too.
     @discardableResult
-    static func run(_ executable: String, _ arguments: [String], input: Data?, failureCode: ApusError.Code = .internal) throws(ApusError) -> Data {
+    public static func run(_ executable: String, _ arguments: [String], input: Data?, failureCode: ApusError.Code = .internal) throws(ApusError) -> Data {
         var output = Data()
         try stream(executable, arguments, input: input, failureCode: failureCode) { chunk in
             output.append(chunk)

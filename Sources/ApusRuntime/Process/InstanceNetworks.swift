@@ -371,32 +371,10 @@ public final class InstanceNetworks: Sendable {
             """)
     }
 
-    /// Runs a command to its end; throws with its output when it fails.
+    /// Runs a command to its end; throws with its first line of stderr when it fails.
     @discardableResult
     func run(_ argv: [String], input: String? = nil) throws(ApusError) -> String {
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: argv[0])
-        process.arguments = Array(argv.dropFirst())
-        let output = Pipe()
-        process.standardOutput = output
-        process.standardError = output
-        let stdin = input.map { _ in Pipe() }
-        process.standardInput = stdin ?? FileHandle.nullDevice
-        do {
-            try process.run()
-        } catch {
-            throw ApusError(.unavailable, "cannot run \(argv[0]): \(error)")
-        }
-        if let stdin, let input {
-            stdin.fileHandleForWriting.write(Data(input.utf8))
-            try? stdin.fileHandleForWriting.close()
-        }
-        let data = output.fileHandleForReading.readDataToEndOfFile()
-        process.waitUntilExit()
-        let text = String(decoding: data, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
-        guard process.terminationStatus == 0 else {
-            throw ApusError(.unavailable, "\(URL(fileURLWithPath: argv[0]).lastPathComponent) failed (exit \(process.terminationStatus)): \(text.prefix(500))")
-        }
-        return text
+        let output = try CodeArchive.run(argv[0], Array(argv.dropFirst()), input: input.map { Data($0.utf8) }, failureCode: .unavailable)
+        return String(decoding: output, as: UTF8.self)
     }
 }
