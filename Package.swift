@@ -25,7 +25,9 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.2"),
         .package(url: "https://github.com/apple/swift-log.git", from: "1.16.2"),
         .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.8.2"),
-        .package(url: "https://github.com/apple/swift-crypto.git", from: "3.12.3"),
+        .package(url: "https://github.com/apple/swift-crypto.git", from: "4.1.0"),
+        // Per-function invocation auth: JWT verification against a function's JWKS.
+        .package(url: "https://github.com/vapor/jwt-kit.git", from: "5.7.1"),
         .package(url: "https://github.com/swift-server/swift-service-lifecycle.git", from: "2.13.0"),
         .package(url: "https://github.com/swift-server/async-http-client.git", from: "1.37.0"),
         .package(url: "https://github.com/hummingbird-project/hummingbird.git", from: "2.28.1"),
@@ -186,6 +188,9 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
                 // Token hashing (SHA-256) and task progress capabilities (HMAC).
                 .product(name: "Crypto", package: "swift-crypto"),
+                // Per-function invocation auth: JWTs parsed by jwt-kit, signatures (RSA too) checked by swift-crypto.
+                .product(name: "JWTKit", package: "jwt-kit"),
+                .product(name: "CryptoExtras", package: "swift-crypto"),
             ],
             exclude: ["README.md"],
             swiftSettings: swiftSettings
@@ -319,7 +324,9 @@ let package = Package(
         .testTarget(
             name: "ApusControlTests",
             dependencies: [
-                "ApusControl", "ApusMesh",
+                "ApusControl", "ApusMesh", "ApusScheduler",
+                .product(name: "Crypto", package: "swift-crypto"),
+                .product(name: "CryptoExtras", package: "swift-crypto"),
                 .product(name: "Hummingbird", package: "hummingbird"),
                 .product(name: "HummingbirdTesting", package: "hummingbird"),
                 .product(name: "Logging", package: "swift-log"),

@@ -106,6 +106,7 @@ public final class ControlPlane: Sendable {
         let manifest = try FunctionManifest.parse(yaml: String(decoding: manifestData, as: UTF8.self))
         try limits.check(manifest)
         try checkSecrets(of: manifest)
+        if let auth = manifest.auth { try InvocationAuthenticator.check(auth, secrets: secrets) }
         for service in manifest.grpc?.services ?? [] {
             if let owner = catalog.function(servingGRPCService: service), owner != manifest.name {
                 throw ApusError(.conflict, "gRPC service \(service) is already served by function \(owner); a service belongs to one function")

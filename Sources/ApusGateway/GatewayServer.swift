@@ -26,6 +26,26 @@ final class GatewayShared: Sendable {
     let admitted = Atomic<Int>(0)
     /// Connections closed at accept because `maxConnections` were held.
     let refusedConnections = Atomic<Int>(0)
+    /// Request body bytes all HTTP connections hold in memory (`configuration.httpMaxBufferedBytes` at most).
+    let httpBodies: BufferedBytesBudget
+    /// Requests refused (or connections closed) because `httpBodies` was full.
+    let httpBodyRefusals = Atomic<Int>(0)
+
+    /// One holder's request body bytes in memory change from `old` to `new`: false (and counted, nothing held
+    /// more) when all HTTP connections together would go past `httpMaxBufferedBytes`.
+    func holdBodyBytes(from old: Int, to new: Int) -> Bool {
+        if httpBodies.update(from: old, to: new) { return true }
+        let refused = httpBodyRefusals.wrappingAdd(1, ordering: .relaxed).newValue
+        if refused == 1 || refused % 1000 == 0 {
+            logger.warning("HTTP body buffer limit reached: requests that would hold more are refused", metadata: [
+                "httpMaxBufferedBytes": "\(configuration.httpMaxBufferedBytes)", "held": "\(httpBodies.current)", "refused": "\(refused)"])
+        }
+        return false
+    }
+
+    static func bodyBufferFull(_ limit: Int) -> ApusError {
+        ApusError(.overloaded, "the gateway holds its limit of \(limit) bytes of request bodies for all connections (apusd --http-max-buffered); retry shortly")
+    }
 
     /// Takes a place for a new client connection; false (and counted) when every place is taken.
     func admit() -> Bool {
@@ -42,6 +62,22 @@ final class GatewayShared: Sendable {
 
     func leave() {
         admitted.wrappingSubtract(1, ordering: .relaxed)
+    }
+
+    /// Whether the caller may invoke `function` (its `auth:`, if it has one): throws 401/403/503 with the reason.
+    /// Returns whether the credential may stay in the request the instance gets (true also when there is no
+    /// `auth:`: the header is the function's business then).
+    func authorizeInvocation(function: String, credential: String?) throws(ApusError) -> Bool {
+        guard let auth = scheduler.catalog.invocationAuth(of: function) else { return true }
+        guard let invocationGuard = configuration.invocationGuard else {
+            throw ApusError(.unavailable, "function \(function) has auth: but this gateway cannot check credentials")
+        }
+        do throws(ApusError) {
+            return try invocationGuard.authorize(function: function, auth: auth, credential: credential)
+        } catch {
+            logger.debug("invocation refused", metadata: ["function": "\(function)", "code": "\(error.code)", "reason": "\(error.message)"])
+            throw error
+        }
     }
 
     /// For a NIO listener's new child channel: admits it (or closes it) and gives its place back when it closes.
@@ -80,6 +116,7 @@ final class GatewayShared: Sendable {
         self.configuration = configuration
         self.scheduler = scheduler
         self.logger = logger
+        self.httpBodies = BufferedBytesBudget(limit: configuration.httpMaxBufferedBytes)
         var pools: [ObjectIdentifier: UpstreamPool] = [:]
         var http2Pools: [ObjectIdentifier: InstanceHTTP2Pool] = [:]
         var http1Pools: [ObjectIdentifier: InstanceHTTP1Pool] = [:]
@@ -204,6 +241,13 @@ public final class GatewayServer: Service {
         public var thriftMaxFrameBytes: Int
         /// Most bytes all Thrift connections together may hold in messages not whole yet (`BufferedBytesBudget`).
         public var thriftMaxBufferedBytes: Int = 256 << 20
+        /// Most bytes of request bodies all HTTP connections together may hold whole in memory: HTTP/2 and gRPC
+        /// streams waiting for an instance, bodies of asynchronous invocations being collected, and HTTP/1.1 bytes
+        /// read ahead of the instance beyond `BufferedBytesBudget.freePerConnection`. Past it, the request that would
+        /// go over is refused (429) or its connection closed.
+        public var httpMaxBufferedBytes: Int = 256 << 20
+        /// Checks callers of functions with `auth:` (nil: such functions are refused, 503).
+        public var invocationGuard: (any InvocationGuard)?
         /// Turns asynchronous invocations into tasks (nil: `X-Apus-Invocation: async` is refused).
         public var tasks: (any AsyncTaskSubmitter)?
         /// This gateway's name on the instances' hash ring (distinct per gateway node once there are several).

@@ -12,6 +12,12 @@ public final class FunctionCatalog: Sendable {
             self.record = record
             self.versions = Dictionary(uniqueKeysWithValues: versions.map { ($0.number, $0) })
         }
+
+        /// The function's `auth:`: that of its latest version, for every version (pinning an older version that
+        /// had none must not skip it).
+        public var invocationAuth: FunctionManifest.AuthSettings? {
+            versions[record.latestVersion]?.manifest.auth
+        }
     }
 
     private struct State {
@@ -24,12 +30,15 @@ public final class FunctionCatalog: Sendable {
         var thriftMethods: [String: String] = [:]
         /// Mesh service name (`mesh.service`) → function.
         var meshServices: [String: String] = [:]
+        /// The `auth:` of each function that has one (its latest version's).
+        var auth: [String: FunctionManifest.AuthSettings] = [:]
         /// Moves on every update and removal (the mesh publisher polls it).
         var generation: UInt64 = 0
 
         mutating func forgetNames(of function: String) {
             grpcServices = grpcServices.filter { $0.value != function }
             meshServices = meshServices.filter { $0.value != function }
+            auth[function] = nil
             thriftServices = thriftServices.filter { $0.value != function }
             thriftMethods = thriftMethods.filter { $0.value != function }
         }
@@ -38,6 +47,8 @@ public final class FunctionCatalog: Sendable {
     private let state = Mutex(State())
     /// Lets the gateway skip the mesh host lookup when no function is in the mesh.
     private let hasMeshServices = Atomic<Bool>(false)
+    /// Lets the gateway skip the `auth:` lookup when no function has one.
+    private let hasAuth = Atomic<Bool>(false)
     /// `State.generation`, readable without the lock.
     private let changes = Atomic<UInt64>(0)
 
@@ -58,9 +69,11 @@ public final class FunctionCatalog: Sendable {
                 for method in thrift.methods { state.thriftMethods[method] = name }
             }
             for mesh in Self.servedManifests(of: entry).compactMap(\.mesh) { state.meshServices[mesh.service] = name }
+            state.auth[name] = entry.invocationAuth
             state.generation += 1
             changes.store(state.generation, ordering: .releasing)
             hasMeshServices.store(!state.meshServices.isEmpty, ordering: .relaxed)
+            hasAuth.store(!state.auth.isEmpty, ordering: .relaxed)
         }
     }
 
@@ -71,11 +84,19 @@ public final class FunctionCatalog: Sendable {
             state.generation += 1
             changes.store(state.generation, ordering: .releasing)
             hasMeshServices.store(!state.meshServices.isEmpty, ordering: .relaxed)
+            hasAuth.store(!state.auth.isEmpty, ordering: .relaxed)
         }
     }
 
     public func entry(_ function: String) -> Entry? {
         state.withLock { $0.entries[function] }
+    }
+
+    /// Who may invoke `function` (its latest version's `auth:`), or nil when anyone may. One atomic load when no
+    /// function has `auth:`.
+    public func invocationAuth(of function: String) -> FunctionManifest.AuthSettings? {
+        guard hasAuth.load(ordering: .relaxed) else { return nil }
+        return state.withLock { $0.auth[function] }
     }
 
     public var functionNames: [String] {

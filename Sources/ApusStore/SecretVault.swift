@@ -1,5 +1,6 @@
 import ApusCore
 import Foundation
+import Synchronization
 
 /// One key of a stored secret as the store keeps it: the sealed value (AES-GCM nonce + ciphertext + tag, see
 /// `SecretSealer`), never the value itself.
@@ -40,6 +41,11 @@ public final class SecretVault: Sendable {
     public let store: any Store
     public let sealer: SecretSealer
     private let clock: @Sendable () -> Date
+    private let changes = Atomic<UInt64>(0)
+
+    /// Moves on every set and delete: what was built from secret values (a function's JWT keys) is current while
+    /// this has not moved.
+    public var changeCount: UInt64 { changes.load(ordering: .acquiring) }
 
     public init(store: any Store, sealer: SecretSealer, clock: @escaping @Sendable () -> Date = { Date() }) {
         self.store = store
@@ -60,6 +66,7 @@ public final class SecretVault: Sendable {
         let now = clock()
         let sealed = try sealer.seal(value, name: name, key: key)
         let created = try store.putSecret(SealedSecret(name: name, key: key, sealed: sealed, updatedAt: now))
+        changes.add(1, ordering: .releasing)
         return (SecretKeyInfo(name: name, key: key, updatedAt: now), created)
     }
 
@@ -72,18 +79,19 @@ public final class SecretVault: Sendable {
     /// with; one started afterwards of a function naming it fails to start.
     public func delete(name: String, key: String?) throws(ApusError) {
         try store.deleteSecret(name: name, key: key)
+        changes.add(1, ordering: .releasing)
     }
 
     /// Refuses (naming the manifest key) references to a secret or key that is not stored: what a deploy checks.
-    public func check(_ references: [String: FunctionManifest.SecretReference]) throws(ApusError) {
+    public func check(_ references: [String: FunctionManifest.SecretReference], keyPrefix: String = "secrets.") throws(ApusError) {
         guard !references.isEmpty else { return }
         let stored = try store.secretKeys()
         for (variable, reference) in references.sorted(by: { $0.key < $1.key }) {
             guard stored.contains(where: { $0.name == reference.secret }) else {
-                throw ApusError(.badRequest, "\(FunctionManifest.fileName): secrets.\(variable): there is no secret \(reference.secret) (store it first: apus secret set \(reference.secret) \(reference.key))")
+                throw ApusError(.badRequest, "\(FunctionManifest.fileName): \(keyPrefix)\(variable): there is no secret \(reference.secret) (store it first: apus secret set \(reference.secret) \(reference.key))")
             }
             guard stored.contains(where: { $0.name == reference.secret && $0.key == reference.key }) else {
-                throw ApusError(.badRequest, "\(FunctionManifest.fileName): secrets.\(variable): secret \(reference.secret) has no key \(reference.key) (it has \(stored.filter { $0.name == reference.secret }.map(\.key).joined(separator: ", ")); add it with apus secret set \(reference.secret) \(reference.key))")
+                throw ApusError(.badRequest, "\(FunctionManifest.fileName): \(keyPrefix)\(variable): secret \(reference.secret) has no key \(reference.key) (it has \(stored.filter { $0.name == reference.secret }.map(\.key).joined(separator: ", ")); add it with apus secret set \(reference.secret) \(reference.key))")
             }
         }
     }

@@ -71,6 +71,9 @@ struct Apusd: AsyncParsableCommand {
     @Option(parsing: .unconditional, help: "Most bytes all Thrift connections together may hold in messages not yet whole; past it, the connection that would go over is closed.")
     var thriftMaxBuffered = 256 << 20
 
+    @Option(parsing: .unconditional, help: "Most bytes of request bodies all HTTP connections together may hold in memory (HTTP/2 and gRPC streams waiting for an instance, asynchronous bodies being collected, HTTP/1.1 read-ahead past 64 KiB a connection); past it the request that would go over gets 429 or its connection is closed.")
+    var httpMaxBuffered = 256 << 20
+
     @Option(parsing: .unconditional, help: "HTTP/2: streams a client may have open at once per connection.")
     var h2MaxStreams = 256
 
@@ -243,6 +246,7 @@ struct Apusd: AsyncParsableCommand {
         guard (65_535...(1 << 31) - 1).contains(h2Window) else { throw ValidationError("--h2-window: must be 65535...2147483647 (got \(h2Window))") }
         guard (1024...(1 << 30)).contains(thriftMaxFrame) else { throw ValidationError("--thrift-max-frame: must be 1024...1073741824 (got \(thriftMaxFrame))") }
         guard (1024...(1 << 40)).contains(thriftMaxBuffered) else { throw ValidationError("--thrift-max-buffered: must be 1024...1099511627776 bytes (got \(thriftMaxBuffered))") }
+        guard (1024...(1 << 40)).contains(httpMaxBuffered) else { throw ValidationError("--http-max-buffered: must be 1024...1099511627776 bytes (got \(httpMaxBuffered))") }
         guard (1024...(16 << 20)).contains(h2MaxHeaderList) else { throw ValidationError("--h2-max-header-list: must be 1024...16777216 (got \(h2MaxHeaderList))") }
         if let maxMemory, ByteSize.parse(maxMemory).map({ $0 >= 16 << 20 }) != true {
             throw ValidationError("--max-memory: must be a size of at least 16Mi such as 8Gi (got \(maxMemory))")
@@ -462,6 +466,9 @@ struct Apusd: AsyncParsableCommand {
             thriftPort: thriftPort, thriftMaxFrameBytes: thriftMaxFrame, tasks: tasks)
         gatewayConfiguration.http1Reactor = http1Engine == "reactor"
         gatewayConfiguration.thriftMaxBufferedBytes = thriftMaxBuffered
+        gatewayConfiguration.httpMaxBufferedBytes = httpMaxBuffered
+        gatewayConfiguration.invocationGuard = InvocationAuthenticator(
+            tokens: authority, secrets: secrets, logger: Logger(label: "apus.gateway.auth"))
         gatewayConfiguration.maxConnections = maxConnections ?? GatewayServer.Configuration.defaultMaxConnections()
         gatewayConfiguration.idleTimeout = try parseDuration(connectionIdleTimeout, "connection-idle-timeout")
         gatewayConfiguration.headTimeout = try parseDuration(requestHeadTimeout, "request-head-timeout")

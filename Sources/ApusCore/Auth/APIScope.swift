@@ -4,6 +4,8 @@
 /// * `deploy`: create, update and delete functions, versions, releases and scale;
 /// * `read`: every `GET` (functions, versions, instances, logs, tasks, registry, metrics, info);
 /// * `invoke`: submit tasks (the API's one way to invoke a function) and read `/v1/info` (to find the gateway);
+///   at the gateway, call every function whose manifest has `auth: {tokens: true}`;
+/// * `invoke:<function>`: at the gateway, call that one function (`auth: {tokens: true}`); nothing on the API;
 /// * `tasks`: submit, read and cancel tasks;
 /// * `secrets`: set and delete stored secrets and list their names and keys (no scope reads a value back);
 /// * `registry:<service>`: register, heartbeat and deregister endpoints of that one mesh service, and resolve
@@ -16,6 +18,7 @@ public enum APIScope: Hashable, Sendable, CustomStringConvertible {
     case tasks
     case secrets
     case registry(service: String)
+    case invokeFunction(String)
 
     /// The scopes without a parameter, by name.
     public static let plain: [APIScope] = [.admin, .deploy, .read, .invoke, .tasks, .secrets]
@@ -24,6 +27,13 @@ public enum APIScope: Hashable, Sendable, CustomStringConvertible {
     public init?(_ text: String) {
         if let plain = Self.plain.first(where: { $0.description == text }) {
             self = plain
+            return
+        }
+        let invokePrefix = "invoke:"
+        if text.hasPrefix(invokePrefix) {
+            let function = String(text.dropFirst(invokePrefix.count))
+            guard FunctionManifest.isFunctionName(function) else { return nil }
+            self = .invokeFunction(function)
             return
         }
         let prefix = "registry:"
@@ -36,7 +46,7 @@ public enum APIScope: Hashable, Sendable, CustomStringConvertible {
     /// Parses a scope, or says what is accepted.
     public static func parse(_ text: String) throws(ApusError) -> APIScope {
         guard let scope = APIScope(text) else {
-            throw ApusError(.badRequest, "scope \"\(text.prefix(100))\": must be admin, deploy, read, invoke, tasks, secrets or registry:<service> (a mesh service name such as registry:payments.refund)")
+            throw ApusError(.badRequest, "scope \"\(text.prefix(100))\": must be admin, deploy, read, invoke, invoke:<function>, tasks, secrets or registry:<service> (a mesh service name such as registry:payments.refund)")
         }
         return scope
     }
@@ -50,7 +60,13 @@ public enum APIScope: Hashable, Sendable, CustomStringConvertible {
         case .tasks: "tasks"
         case .secrets: "secrets"
         case .registry(let service): "registry:\(service)"
+        case .invokeFunction(let function): "invoke:\(function)"
         }
+    }
+
+    /// Whether these scopes let a caller invoke `function` at the gateway: `invoke:<function>`, `invoke` or `admin`.
+    public static func allowInvoking(_ function: String, scopes: [APIScope]) -> Bool {
+        scopes.contains { $0 == .admin || $0 == .invoke || $0 == .invokeFunction(function) }
     }
 
     /// The service a `registry:<service>` scope names.

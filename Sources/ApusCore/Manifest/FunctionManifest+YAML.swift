@@ -20,7 +20,7 @@ extension FunctionManifest {
         let reader = ManifestReader(mapping: mapping, path: "")
         try reader.rejectUnknownKeys(allowed: ["name", "runtime", "handler", "command", "protocol", "concurrency",
                                                "scale", "timeout", "memory", "cpu", "pids", "env", "secrets", "grpc", "thrift", "shedding",
-                                               "mesh", "async", "network"])
+                                               "mesh", "async", "network", "auth"])
 
         let name = try reader.requiredString("name")
         try validateName(name, key: "name")
@@ -236,6 +236,7 @@ extension FunctionManifest {
         manifest.secrets = try parseSecrets(reader, env: manifest.env)
         manifest.mesh = try parseMesh(reader)
         manifest.network = try parseNetwork(reader, mesh: manifest.mesh)
+        manifest.auth = try parseAuth(reader)
         return manifest
     }
 
@@ -292,13 +293,16 @@ extension FunctionManifest {
     }
 
     /// Function names are DNS labels so they work both as path prefixes and as host names.
-    public static func validateName(_ name: String, key: String) throws(ApusError) {
+    public static func isFunctionName(_ name: String) -> Bool {
         let bytes = Array(name.utf8)
-        let valid = (1...63).contains(bytes.count)
+        return (1...63).contains(bytes.count)
             && (UInt8(ascii: "a")...UInt8(ascii: "z")).contains(bytes[0])
             && bytes.allSatisfy { (UInt8(ascii: "a")...UInt8(ascii: "z")).contains($0) || (UInt8(ascii: "0")...UInt8(ascii: "9")).contains($0) || $0 == UInt8(ascii: "-") }
             && bytes.last != UInt8(ascii: "-")
-        guard valid else {
+    }
+
+    public static func validateName(_ name: String, key: String) throws(ApusError) {
+        guard isFunctionName(name) else {
             throw ManifestReader.failure(key, "must be 1-63 characters of a-z, 0-9 and '-', starting with a letter and not ending with '-' (got \"\(name)\")")
         }
     }

@@ -189,6 +189,8 @@ public struct FunctionManifest: Codable, Hashable, Sendable {
     public var async: AsyncSettings?
     /// What the instance's network may reach (`network: {egress}`); nil: `egress: all`.
     public var network: NetworkSettings?
+    /// Who may invoke the function through the gateway (`auth:`); nil: open.
+    public var auth: AuthSettings?
 
     public init(
         name: String,
@@ -209,7 +211,8 @@ public struct FunctionManifest: Codable, Hashable, Sendable {
         mesh: MeshSettings? = nil,
         async: AsyncSettings? = nil,
         network: NetworkSettings? = nil,
-        secrets: [String: SecretReference] = [:]
+        secrets: [String: SecretReference] = [:],
+        auth: AuthSettings? = nil
     ) {
         self.name = name
         self.runtime = runtime
@@ -230,10 +233,11 @@ public struct FunctionManifest: Codable, Hashable, Sendable {
         self.mesh = mesh
         self.async = async
         self.network = network
+        self.auth = auth
     }
 
     enum CodingKeys: String, CodingKey {
-        case name, runtime, handler, command, `protocol`, concurrency, scale, timeout, memory, cpu, pids, env, secrets, grpc, thrift, shedding, mesh, async, network
+        case name, runtime, handler, command, `protocol`, concurrency, scale, timeout, memory, cpu, pids, env, secrets, grpc, thrift, shedding, mesh, async, network, auth
     }
 
     /// One core unless the manifest says otherwise.
@@ -294,6 +298,7 @@ public struct FunctionManifest: Codable, Hashable, Sendable {
         mesh = try c.decodeIfPresent(MeshSettings.self, forKey: .mesh)
         self.async = try c.decodeIfPresent(AsyncSettings.self, forKey: .async)
         network = try c.decodeIfPresent(NetworkSettings.self, forKey: .network)
+        auth = try c.decodeIfPresent(AuthSettings.self, forKey: .auth)
     }
 
     public func encode(to encoder: any Encoder) throws {
@@ -317,5 +322,6 @@ public struct FunctionManifest: Codable, Hashable, Sendable {
         try c.encodeIfPresent(mesh, forKey: .mesh)
         try c.encodeIfPresent(async, forKey: .async)
         try c.encodeIfPresent(network, forKey: .network)
+        try c.encodeIfPresent(auth, forKey: .auth)
     }
 }

@@ -36,6 +36,7 @@ extension GatewayConnectionHandler {
         var submission: TaskSubmission
         do throws(ApusError) {
             let route = try GatewayRoute.resolve(host: target == head.target ? head.host : nil, uri: target, domain: shared.configuration.domain)
+            _ = try shared.authorizeInvocation(function: route.function, credential: head.authorization)
             let pinned = try head.pinnedVersionNumber()
             version = try shared.scheduler.catalog.route(function: route.function, pinnedVersion: pinned, roll: nextRoll())
             if version.manifest.protocol != .http {
@@ -135,6 +136,7 @@ extension GatewayConnectionHandler {
     func asyncSubmitted(_ result: Result<TaskReceipt, ApusError>) {
         guard phase == .submittingAsync, let pending = pendingAsync else { return }
         pendingAsync = nil
+        countHeldBodyBytes()
         let requestID = pending.submission.requestID ?? "-"
         switch result {
         case .failure(let error):

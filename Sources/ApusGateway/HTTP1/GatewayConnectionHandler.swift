@@ -125,6 +125,12 @@ final class GatewayConnectionHandler: ChannelInboundHandler, RemovableChannelHan
 
     func channelInactive(context: ChannelHandlerContext) {
         phase = .closed
+        inbound = nil
+        pendingAsync = nil
+        if heldBodyBytes > 0 {
+            _ = shared.holdBodyBytes(from: heldBodyBytes, to: 0)
+            heldBodyBytes = 0
+        }
         if let current = exchange {
             // The client went away mid-exchange: give back what the exchange holds.
             releaseResources(of: current)
@@ -143,6 +149,33 @@ final class GatewayConnectionHandler: ChannelInboundHandler, RemovableChannelHan
             inbound!.writeBuffer(&incoming)
         }
         process()
+        countHeldBodyBytes()
+    }
+
+    /// Request body bytes this connection holds in memory and counts in the gateway's `httpBodies` budget: what
+    /// was read ahead past `BufferedBytesBudget.freePerConnection`, and an asynchronous body being collected.
+    private(set) var heldBodyBytes = 0
+
+    /// Re-counts what this connection holds after a read; past the gateway's limit the request is refused (429)
+    /// and the connection closed.
+    func countHeldBodyBytes() {
+        guard phase != .closed else { return }
+        let ahead = max(0, (inbound?.readableBytes ?? 0) - BufferedBytesBudget.freePerConnection)
+        let held = ahead + (pendingAsync.map { $0.raw.count + $0.submission.payload.count } ?? 0)
+        guard held != heldBodyBytes else { return }
+        if shared.holdBodyBytes(from: heldBodyBytes, to: held) {
+            heldBodyBytes = held
+            return
+        }
+        let error = GatewayShared.bodyBufferFull(shared.configuration.httpMaxBufferedBytes)
+        if exchange != nil {
+            failExchange(error, forceClose: true)
+        } else {
+            let requestID = pendingAsync?.submission.requestID
+            pendingAsync = nil
+            respondWithError(error, requestID: requestID, version: nil, close: true)
+        }
+        inbound = nil
     }
 
     func channelWritabilityChanged(context: ChannelHandlerContext) {
@@ -216,9 +249,10 @@ final class GatewayConnectionHandler: ChannelInboundHandler, RemovableChannelHan
 
     /// The function, version and neutral invocation of an HTTP/1.1 request (shared with the edge reactor).
     static func resolve(
-        _ head: RequestHead, requestID: String, shared: GatewayShared, roll: Int
+        _ head: inout RequestHead, requestID: String, shared: GatewayShared, roll: Int
     ) throws(ApusError) -> (GatewayRoute, FunctionVersion, Invocation) {
         let route = try GatewayRoute.resolve(host: head.host, uri: head.target, domain: shared.configuration.domain, catalog: shared.scheduler.catalog)
+        if try !shared.authorizeInvocation(function: route.function, credential: head.authorization) { head.dropAuthorization() }
         let pinned = try head.pinnedVersionNumber()
         let invocation = Invocation(requestID: requestID, function: route.function, pinnedVersion: pinned, method: head.method, path: route.instancePath)
         let version = try shared.scheduler.catalog.route(function: route.function, pinnedVersion: pinned, roll: roll)
@@ -229,6 +263,7 @@ final class GatewayConnectionHandler: ChannelInboundHandler, RemovableChannelHan
     }
 
     private func start(_ head: RequestHead, rawHead: ByteBuffer) {
+        var head = head
         if head.upgradeToH2C, case .none = head.framing, !draining, upgradeToHTTP2(head, rawHead: rawHead) {
             return
         }
@@ -243,7 +278,7 @@ final class GatewayConnectionHandler: ChannelInboundHandler, RemovableChannelHan
         var invocation: Invocation
         let route: GatewayRoute
         do throws(ApusError) {
-            (route, version, invocation) = try Self.resolve(head, requestID: requestID, shared: shared, roll: nextRoll())
+            (route, version, invocation) = try Self.resolve(&head, requestID: requestID, shared: shared, roll: nextRoll())
         } catch {
             respondWithError(error, requestID: requestID, version: nil, close: hasBody || !head.keepAlive || draining)
             return
@@ -647,6 +682,7 @@ final class GatewayConnectionHandler: ChannelInboundHandler, RemovableChannelHan
         if let requestID { out.writeString("X-Apus-Request-Id: \(requestID)\r\n") }
         if let version { out.writeString("X-Apus-Version: \(version)\r\n") }
         if error.code == .overloaded || error.code == .unavailable { out.writeStatic("Retry-After: 1\r\n") }
+        if error.code == .unauthenticated { out.writeString("WWW-Authenticate: \(ApusError.bearerChallenge)\r\n") }
         if close { out.writeStatic("Connection: close\r\n") }
         out.writeStatic("\r\n")
         out.writeString(body)

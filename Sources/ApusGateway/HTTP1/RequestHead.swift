@@ -85,6 +85,26 @@ struct RequestHead {
     /// `X-Apus-Callback-Url` and `X-Apus-Priority` (submissions only).
     var callbackURL: String?
     var priority: String?
+    /// `Authorization` (at most one is taken) and its line, which `dropAuthorization` takes out of `keptSpans`.
+    var authorization: String?
+    var authorizationLine: Range<Int>?
+
+    /// Takes the `Authorization` line out of what the instance gets (a credential the gateway checked for the
+    /// function's `auth:` is not the function's to see).
+    mutating func dropAuthorization() {
+        guard let line = authorizationLine else { return }
+        var spans = ByteSpans()
+        keptSpans.forEach { span in
+            guard span.lowerBound <= line.lowerBound, line.upperBound <= span.upperBound else {
+                spans.append(span)
+                return
+            }
+            if span.lowerBound < line.lowerBound { spans.append(span.lowerBound..<line.lowerBound) }
+            if line.upperBound < span.upperBound { spans.append(line.upperBound..<span.upperBound) }
+        }
+        keptSpans = spans
+        authorizationLine = nil
+    }
 
     var isHEAD: Bool { method == "HEAD" }
 
@@ -117,6 +137,8 @@ struct RequestHead {
         var idempotencyKeyValue: Range<Int>?
         var callbackURL: String?
         var priority: String?
+        var authorization: String?
+        var authorizationLine: Range<Int>?
         var connectionUpgrade = false
         var hasHTTP2Settings = false
         var failure: ParseError?
@@ -164,6 +186,13 @@ struct RequestHead {
                 contentTypeValue = value
             case 15 where HTTPBytes.equalsLowercase(bytes, name, "idempotency-key"):
                 idempotencyKeyValue = value
+            case 13 where HTTPBytes.equalsLowercase(bytes, name, "authorization"):
+                guard authorizationLine == nil else {
+                    failure = ParseError(status: 400, message: "more than one Authorization header")
+                    return false
+                }
+                authorization = HTTPBytes.string(bytes, value)
+                authorizationLine = line
             default:
                 if HTTPBytes.hasPrefixLowercase(bytes, name, "x-apus-") {
                     if HTTPBytes.equalsLowercase(bytes, name, "x-apus-version") {
@@ -208,6 +237,8 @@ struct RequestHead {
         head.idempotencyKeyValue = idempotencyKeyValue
         head.callbackURL = callbackURL
         head.priority = priority
+        head.authorization = authorization
+        head.authorizationLine = authorizationLine
         return head
     }
 }

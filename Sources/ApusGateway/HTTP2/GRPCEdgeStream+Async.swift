@@ -50,6 +50,10 @@ extension GRPCEdgeStream {
                                  message: "task payload exceeds the limit of \(asyncLimit) bytes")
                 return
             }
+            guard holdBody(buffer.readableBytes) else {
+                asyncSubmission = nil
+                return
+            }
             submission.payload += buffer.readableBytesView
         }
         asyncSubmission = submission

@@ -49,6 +49,27 @@ final class GRPCEdgeStream: EdgeStreamOwner, LoopSlotTarget, InstanceStreamOwner
     private var requestHeaders = HPACKHeaders()
     /// Client frames that arrived before the instance stream was open.
     private var pending: [HTTP2Frame.FramePayload] = []
+    /// Request bytes this call holds (waiting for an instance, or an asynchronous body), counted in the gateway's
+    /// `httpBodies` budget.
+    var heldBodyBytes = 0
+
+    /// Counts `count` more bytes held; false (and the call ended with RESOURCE_EXHAUSTED) when the gateway holds
+    /// its limit.
+    func holdBody(_ count: Int) -> Bool {
+        guard shared.holdBodyBytes(from: heldBodyBytes, to: heldBodyBytes + count) else {
+            respondAndFinish(status: GRPCWire.statusResourceExhausted,
+                             message: GatewayShared.bodyBufferFull(shared.configuration.httpMaxBufferedBytes).message)
+            return false
+        }
+        heldBodyBytes += count
+        return true
+    }
+
+    func releaseHeldBody() {
+        guard heldBodyBytes > 0 else { return }
+        _ = shared.holdBodyBytes(from: heldBodyBytes, to: 0)
+        heldBodyBytes = 0
+    }
     var requestEnded = false
     var responseStarted = false
     /// The last frame to the client is being written: the stream closing now is the normal end, not a cancel.
@@ -123,7 +144,9 @@ final class GRPCEdgeStream: EdgeStreamOwner, LoopSlotTarget, InstanceStreamOwner
             upstream.flush()
             // A slow instance slows the client.
             if !upstream.canSend(on: upstreamStreamID) { edge.setReading(false, on: streamID) }
-        case .waitingForSlot, .connecting: pending.append(payload)
+        case .waitingForSlot, .connecting:
+            if case .data(let data) = payload, case .byteBuffer(let bytes) = data.data, !holdBody(bytes.readableBytes) { return }
+            pending.append(payload)
         case .collectingAsync: collectAsync(payload)
         case .idle, .finished, .submittingAsync: break
         }
@@ -143,6 +166,8 @@ final class GRPCEdgeStream: EdgeStreamOwner, LoopSlotTarget, InstanceStreamOwner
         var pinnedVersionText: String?
         var invocation: String?
         var timeoutText: String?
+        var credential: String?
+        var credentials = 0
         for field in headers {
             switch field.name {
             case ":path": if path == nil { path = field.value }
@@ -150,6 +175,9 @@ final class GRPCEdgeStream: EdgeStreamOwner, LoopSlotTarget, InstanceStreamOwner
             case "apus-version": if pinnedVersionText == nil { pinnedVersionText = field.value }
             case "apus-invocation": if invocation == nil { invocation = field.value }
             case "grpc-timeout": if timeoutText == nil { timeoutText = field.value }
+            case "authorization":
+                credentials += 1
+                if credential == nil { credential = field.value }
             default: break
             }
         }
@@ -173,6 +201,10 @@ final class GRPCEdgeStream: EdgeStreamOwner, LoopSlotTarget, InstanceStreamOwner
         }
         let version: FunctionVersion
         do throws(ApusError) {
+            guard credentials <= 1 else { throw ApusError(.badRequest, "more than one authorization header") }
+            if try !shared.authorizeInvocation(function: functionName, credential: credential) {
+                requestHeaders.remove(name: "authorization")
+            }
             let pinned = try VersionPin.parse(pinnedVersionText, name: "apus-version")
             version = try shared.scheduler.catalog.route(function: functionName, pinnedVersion: pinned, roll: pool.roll())
             guard version.manifest.protocol == .grpc else {
@@ -307,6 +339,7 @@ final class GRPCEdgeStream: EdgeStreamOwner, LoopSlotTarget, InstanceStreamOwner
         phase = .relaying
         for payload in pending { connection.write(payload, on: streamID) }
         pending = []
+        releaseHeldBody()
         // Inside a read burst the instance connection is flushed once at its end (`DeferredFlushes`).
         connection.flush()
         edge.setReading(connection.canSend(on: streamID), on: self.streamID)
@@ -400,6 +433,7 @@ final class GRPCEdgeStream: EdgeStreamOwner, LoopSlotTarget, InstanceStreamOwner
         slot.pool?.metrics.recordRequest(protocol: "grpc", code: finalStatus ?? GRPCWire.statusCodeLabel(GRPCWire.statusCancelled), since: arrivedAt)
         if deadlineSlot >= 0 { loopPool?.deadlines.remove(self) }
         pending = []
+        releaseHeldBody()
         slot.giveBack(requestID: requestID)
         if let upstream {
             // The instance finished the call: resetting its stream now would be noise (and servers count resets

@@ -19,6 +19,7 @@ extension HTTPOverHTTP2Stream {
         }
         do throws(ApusError) {
             let route = try GatewayRoute.resolve(host: host, uri: uri, domain: shared.configuration.domain)
+            _ = try shared.authorizeInvocation(function: route.function, credential: try Self.credential(head.headers))
             let pinned = try VersionPin.parse(head.headers.first(name: "x-apus-version"), name: "X-Apus-Version")
             let version = try shared.scheduler.catalog.route(function: route.function, pinnedVersion: pinned, roll: Int.random(in: 0..<100))
             guard version.manifest.protocol == .http else {
@@ -58,6 +59,10 @@ extension HTTPOverHTTP2Stream {
             guard submission.payload.count + buffer.readableBytes <= asyncLimit else {
                 asyncSubmission = nil
                 respond(ApusError(.tooLarge, "task payload exceeds the limit of \(asyncLimit) bytes"))
+                return
+            }
+            guard holdBody(buffer.readableBytes) else {
+                asyncSubmission = nil
                 return
             }
             submission.payload += buffer.readableBytesView

@@ -51,6 +51,27 @@ final class HTTPOverHTTP2Stream: ChannelInboundHandler, LoopSlotTarget {
     private var arrivedAt = ContinuousClock.now
     /// The status the client got (metrics); 0 while none was sent.
     private var status = 0
+    /// False when the function's `auth:` checked the request's credential: the instance does not get it.
+    private var keepCredential = true
+    /// Request body bytes this stream holds (waiting for an instance, or an asynchronous body), counted in the
+    /// gateway's `httpBodies` budget.
+    var heldBodyBytes = 0
+
+    /// Counts `count` more body bytes held; false (and the stream answered 429) when the gateway holds its limit.
+    func holdBody(_ count: Int) -> Bool {
+        guard shared.holdBodyBytes(from: heldBodyBytes, to: heldBodyBytes + count) else {
+            respond(GatewayShared.bodyBufferFull(shared.configuration.httpMaxBufferedBytes))
+            return false
+        }
+        heldBodyBytes += count
+        return true
+    }
+
+    func releaseHeldBody() {
+        guard heldBodyBytes > 0 else { return }
+        _ = shared.holdBodyBytes(from: heldBodyBytes, to: 0)
+        heldBodyBytes = 0
+    }
 
     init(shared: GatewayShared, peer: String, scheme: String) {
         self.shared = shared
@@ -109,6 +130,7 @@ final class HTTPOverHTTP2Stream: ChannelInboundHandler, LoopSlotTarget {
         case .relaying:
             upstream?.channel.write(part, promise: nil)
         case .waitingForSlot, .connecting:
+            if case .body(.byteBuffer(let bytes)) = part, !holdBody(bytes.readableBytes) { return }
             pending.append(part)
         case .collectingAsync:
             collectAsync(part)
@@ -131,6 +153,7 @@ final class HTTPOverHTTP2Stream: ChannelInboundHandler, LoopSlotTarget {
         let version: FunctionVersion
         do throws(ApusError) {
             route = try GatewayRoute.resolve(host: host, uri: head.uri, domain: shared.configuration.domain, catalog: shared.scheduler.catalog)
+            keepCredential = try shared.authorizeInvocation(function: route.function, credential: try Self.credential(head.headers))
             let pinned = try VersionPin.parse(head.headers.first(name: "x-apus-version"), name: "X-Apus-Version")
             version = try shared.scheduler.catalog.route(function: route.function, pinnedVersion: pinned, roll: Int.random(in: 0..<100))
             guard version.manifest.protocol == .http else {
@@ -153,6 +176,13 @@ final class HTTPOverHTTP2Stream: ChannelInboundHandler, LoopSlotTarget {
         acquireSlot()
     }
 
+    /// The request's `Authorization`; more than one is refused.
+    static func credential(_ headers: HTTPHeaders) throws(ApusError) -> String? {
+        let values = headers["authorization"]
+        guard values.count <= 1 else { throw ApusError(.badRequest, "more than one Authorization header") }
+        return values.first
+    }
+
     private static let hopByHop: Set<String> = [
         "connection", "keep-alive", "proxy-connection", "te", "transfer-encoding", "upgrade", "http2-settings",
     ]
@@ -163,6 +193,7 @@ final class HTTPOverHTTP2Stream: ChannelInboundHandler, LoopSlotTarget {
         for (name, value) in head.headers {
             let lower = name.lowercased()
             if Self.hopByHop.contains(lower) || lower.hasPrefix("x-apus-") { continue }
+            if !keepCredential, lower == "authorization" { continue }
             if lower == "x-forwarded-for" {
                 forwardedFor = value
                 continue
@@ -240,6 +271,7 @@ final class HTTPOverHTTP2Stream: ChannelInboundHandler, LoopSlotTarget {
         connection.channel.write(HTTPClientRequestPart.head(head), promise: nil)
         for part in pending { connection.channel.write(part, promise: nil) }
         pending = []
+        releaseHeldBody()
         connection.channel.flush()
         connection.channel.setReading(context.channel.isWritable)
         context.channel.setReading(connection.channel.isWritable)
@@ -304,6 +336,7 @@ final class HTTPOverHTTP2Stream: ChannelInboundHandler, LoopSlotTarget {
         if !requestID.isEmpty { headers.add(name: "x-apus-request-id", value: requestID) }
         if let version { headers.add(name: "x-apus-version", value: String(version.number)) }
         if error.code == .overloaded || error.code == .unavailable { headers.add(name: "retry-after", value: "1") }
+        if error.code == .unauthenticated { headers.add(name: "www-authenticate", value: ApusError.bearerChallenge) }
         responseStarted = true
         status = error.code.httpStatus
         context.write(wrapOutboundOut(.head(HTTPResponseHead(version: .http2, status: .init(statusCode: error.code.httpStatus), headers: headers))), promise: nil)
@@ -321,6 +354,7 @@ final class HTTPOverHTTP2Stream: ChannelInboundHandler, LoopSlotTarget {
         deadlineTask?.cancel()
         deadlineTask = nil
         pending = []
+        releaseHeldBody()
         slot.giveBack(requestID: requestID)
         if let upstream {
             upstream.exchange = nil

@@ -156,6 +156,13 @@ final class ThriftEdgeConnection: ChannelInboundHandler, LoopSlotTarget, Drainab
             fail(call, .unknownMethod, ApusError(.notFound, "unknown method \(method): no function declares it (call Service:\(method) multiplexed, or list it under thrift.methods)"))
             return
         }
+        do throws(ApusError) {
+            // The credential travels as a THeader/TTHeader string header; framed and buffered calls carry none.
+            _ = try shared.authorizeInvocation(function: function, credential: call.frame.headers["authorization"])
+        } catch {
+            fail(call, .unknown, ApusError(error.code, "\(error.code.name): \(error.message)\(call.frame.transport == .framed || call.frame.transport == .buffered ? " (send it in a THeader or TTHeader header named authorization)" : "")"))
+            return
+        }
         let version: FunctionVersion
         let pinnedVersion: Int?
         do throws(ApusError) {

@@ -18,6 +18,7 @@ package enum ThriftWire {
 
     /// `TApplicationException` type codes used by the edge.
     package enum ApplicationError: Int32 {
+        case unknown = 0
         case unknownMethod = 1
         case internalError = 6
         case protocolError = 7

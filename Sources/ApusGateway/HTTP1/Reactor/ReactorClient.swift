@@ -101,7 +101,30 @@ final class ReactorClient: ReactorSocket {
                 }
             }
             process()
+            guard countHeldBodyBytes() else {
+                // The gateway holds its limit of request bytes over all connections: this one goes.
+                abort()
+                return
+            }
         } while mayRead
+    }
+
+    /// Bytes read ahead past `BufferedBytesBudget.freePerConnection`, counted in the gateway's `httpBodies` budget.
+    private var heldBodyBytes = 0
+
+    /// Re-counts what this connection reads ahead; false when that would take the gateway past its limit.
+    private func countHeldBodyBytes() -> Bool {
+        let held = max(0, inbound.readableBytes - BufferedBytesBudget.freePerConnection)
+        guard held != heldBodyBytes else { return true }
+        guard loop.reactor.shared.holdBodyBytes(from: heldBodyBytes, to: held) else { return false }
+        heldBodyBytes = held
+        return true
+    }
+
+    private func releaseHeldBodyBytes() {
+        guard heldBodyBytes > 0 else { return }
+        _ = loop.reactor.shared.holdBodyBytes(from: heldBodyBytes, to: 0)
+        heldBodyBytes = 0
     }
 
     /// Serves requests already buffered and reads on if reading had paused.
@@ -433,6 +456,7 @@ final class ReactorClient: ReactorSocket {
             return
         }
         phase = .closed
+        releaseHeldBodyBytes()
         loop.forget(self)
         loop.clientClosed()
         let bytes = inbound
@@ -455,6 +479,7 @@ final class ReactorClient: ReactorSocket {
     private func close() {
         guard phase != .closed else { return }
         phase = .closed
+        releaseHeldBodyBytes()
         loop.close(self)
         loop.clientClosed()
     }

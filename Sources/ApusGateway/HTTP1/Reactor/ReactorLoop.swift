@@ -290,6 +290,8 @@ final class ReactorLoop: @unchecked Sendable {
         let entry: FunctionCatalog.Entry
         /// The version that takes all traffic when the release names one version only (no roll needed).
         let soleVersion: Int?
+        /// The function has `auth:`: its requests go to the NIO handler, which checks credentials.
+        let guarded: Bool
         var pools: [Int: Target] = [:]
         /// The target used last (most requests go to the same version).
         var lastTarget: Target?
@@ -300,6 +302,7 @@ final class ReactorLoop: @unchecked Sendable {
             self.entry = entry
             let active = entry.record.release.activeVersions
             soleVersion = active.count == 1 ? active[0] : nil
+            guarded = entry.invocationAuth != nil
         }
     }
 
@@ -328,6 +331,7 @@ final class ReactorLoop: @unchecked Sendable {
             routes[function] = cached
             lastRoute = cached
         }
+        if cached.guarded { return nil }
         let number: Int
         if let pinnedVersion {
             number = pinnedVersion

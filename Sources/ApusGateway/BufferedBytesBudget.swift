@@ -1,12 +1,18 @@
 import Synchronization
 
-/// Bytes the gateway holds across all its connections in Thrift messages that are not whole yet (frames and
-/// unframed messages still arriving), against one cap. Each connection alone is bounded by the frame size limit
-/// and the head timeout; this bounds them together, so many slow senders cannot add up to apusd's memory.
-/// Past the cap, the connection whose bytes would go over is closed; the others are untouched.
+/// Bytes the gateway holds across all its connections against one cap: one budget for Thrift messages that are not
+/// whole yet (frames and unframed messages still arriving), one for HTTP request bodies held in memory (HTTP/2 and
+/// gRPC streams waiting for an instance, asynchronous bodies being collected, HTTP/1.1 read-ahead). Each connection
+/// alone is bounded by its own limits (frame size, flow-control window, read-ahead, head timeout); this bounds them
+/// together, so many slow senders cannot add up to apusd's memory. Past the cap, the request or connection whose
+/// bytes would go over is refused; the others are untouched.
 package final class BufferedBytesBudget: Sendable {
     package let limit: Int
     private let held = Atomic<Int>(0)
+
+    /// HTTP/1.1 bytes a connection may read ahead without counting (a request head and a small body): the common
+    /// request never touches the shared counter.
+    package static let freePerConnection = 64 << 10
 
     package init(limit: Int) {
         self.limit = limit
