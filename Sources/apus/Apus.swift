@@ -250,9 +250,33 @@ struct Invoke: AsyncParsableCommand {
     @Option(name: .customShort("H"), help: "Header 'Name: value' (repeatable).") var header: [String] = []
     @Option(name: .customShort("X"), help: "HTTP method (default GET, or POST with --data).") var method: String?
     @Flag(name: .shortAndLong, help: "Print the status line and headers too.") var include = false
+    @Flag(help: "Send this CLI's API token to a function with auth: {tokens: true} (it needs scope invoke:<function>, invoke or admin; the gateway removes it before the instance). Refused for functions that take no Apus tokens, so a token never reaches function code.")
+    var withToken = false
 
     func run() async throws {
         try await Apus.guarded {
+            var headersFromToken: [(String, String)] = []  // the credential --with-token adds
+            if withToken {
+                struct Function: Decodable {
+                    struct Version: Decodable {
+                        struct Manifest: Decodable { struct Auth: Decodable { var tokens: Bool? }; var auth: Auth? }
+                        var number: Int
+                        var manifest: Manifest
+                    }
+                    var latestVersion: Int
+                    var versions: [Version]
+                }
+                let function = try global.client.decode(Function.self, try await global.client.call(.GET, "/v1/functions/\(name)"))
+                let latest = function.versions.first { $0.number == function.latestVersion }
+                guard latest?.manifest.auth?.tokens == true else {
+                    throw CLIError("function \(name) takes no Apus tokens (its apus.yaml has no auth: {tokens: true}); not sending one")
+                }
+                guard let token = global.client.token else { throw CLIError("--with-token: this CLI has no API token (APUS_TOKEN, --token)") }
+                if header.contains(where: { $0.lowercased().hasPrefix("authorization:") }) {
+                    throw CLIError("--with-token and -H 'Authorization: …' together: give one credential")
+                }
+                headersFromToken = [("Authorization", "Bearer \(token)")]
+            }
             struct Info: Decodable { struct Gateway: Decodable { var http: String? }; var gateway: Gateway }
             let info = try global.client.decode(Info.self, try await global.client.call(.GET, "/v1/info"))
             guard let gateway = info.gateway.http else { throw CLIError("the platform reports no gateway listener") }
@@ -267,7 +291,7 @@ struct Invoke: AsyncParsableCommand {
                     body = Data(data.utf8)
                 }
             }
-            var headers: [(String, String)] = []
+            var headers: [(String, String)] = headersFromToken
             for h in header {
                 guard let colon = h.firstIndex(of: ":") else { throw CLIError("-H '\(h)': expected 'Name: value'") }
                 headers.append((String(h[..<colon]).trimmingCharacters(in: .whitespaces), String(h[h.index(after: colon)...]).trimmingCharacters(in: .whitespaces)))

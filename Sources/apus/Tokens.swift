@@ -22,14 +22,14 @@ struct TokenInfo: Decodable {
 struct TokenCreate: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "create", abstract: "Make a token and print its secret (shown this once only).",
-        discussion: "apus token create ci --scope deploy --scope read --expires 720h\nScopes: admin, deploy, read, invoke, tasks, secrets, registry:<service>.")
+        discussion: "apus token create ci --scope deploy --scope read --expires 720h\nScopes: admin, deploy, read, invoke, invoke:<function>, tasks, secrets, registry:<service>.")
     @OptionGroup var global: GlobalOptions
     @Argument(help: "Token name (a-z, 0-9, '.', '-', '_').") var name: String
     @Option(name: .customLong("scope"), help: "A scope the token holds (repeatable).") var scopes: [String] = []
     @Option(help: "Lifetime, e.g. 30m, 24h, 720h (default: no expiry).") var expires: String?
 
     func validate() throws {
-        if scopes.isEmpty { throw ValidationError("give at least one --scope (admin, deploy, read, invoke, tasks, secrets, registry:<service>)") }
+        if scopes.isEmpty { throw ValidationError("give at least one --scope (admin, deploy, read, invoke, invoke:<function>, tasks, secrets, registry:<service>)") }
     }
 
     func run() async throws {

@@ -24,6 +24,8 @@ struct EdgeHTTP2StreamsTests {
         }
         func clientStreamWritable() { wakeUps += 1 }
         func clientStreamClosed(reason: HTTP2ErrorCode?) { closed.append(reason) }
+        func clientBufferFull() { bufferFull += 1 }
+        var bufferFull = 0
     }
 
     final class FrameRecorder: ChannelInboundHandler {
@@ -68,11 +70,12 @@ struct EdgeHTTP2StreamsTests {
             self.handler = handler
         }
 
-        static func make(streamWindow: Int = 65_535, clientInitialWindow: Int = 65_535) throws -> Pair {
+        static func make(streamWindow: Int = 65_535, clientInitialWindow: Int = 65_535, budget: BufferedBytesBudget? = nil) throws -> Pair {
             var pair: Pair?
             let handler = EdgeHTTP2Streams(
                 streamWindow: streamWindow, connectionWindow: 1 << 20, deferredFlushes: nil,
                 onStreamOpened: { pair?.opened += 1 }, onStreamClosed: { pair?.closed += 1 },
+                holdBytes: budget.map { budget in { from, to in budget.update(from: from, to: to) } },
                 makeOwner: { _, streamID, _ in
                     let owner = Owner()
                     pair?.owners[streamID] = owner
@@ -233,6 +236,28 @@ struct EdgeHTTP2StreamsTests {
         owner.onFrame = nil
         pair.handler.setReading(true, on: 1)
         #expect(owner.frames.count == 8)
+    }
+
+    @Test func waitingRequestBytesCountInTheGatewaysBudget() throws {
+        let budget = BufferedBytesBudget(limit: 40_000)
+        let pair = try Pair.make(streamWindow: 65_535, budget: budget)
+        try pair.clientSend(1, .headers(.init(headers: Self.request())))
+        try pair.clientSend(3, .headers(.init(headers: Self.request())))
+        pair.handler.setReading(false, on: 1)
+        pair.handler.setReading(false, on: 3)
+        let first = try #require(pair.owners[1]), second = try #require(pair.owners[3])
+        for _ in 0..<2 { try pair.clientSend(1, Self.data(16_000)) }
+        #expect(budget.current == 32_000, "DATA waiting here is counted")
+        try pair.clientSend(3, Self.data(16_000))
+        #expect(second.bufferFull == 1, "past the limit the frame is dropped and its owner told")
+        #expect(first.bufferFull == 0 && budget.current == 32_000)
+
+        pair.handler.setReading(true, on: 1)
+        #expect(first.frames.count == 3 && budget.current == 0, "handed over: no longer held here")
+        try pair.clientSend(3, Self.data(8_000))
+        #expect(budget.current == 8_000)
+        pair.handler.release(3, responseEnded: false)
+        #expect(budget.current == 0, "a released stream's waiting bytes are given back")
     }
 
     @Test func responseFollowsTheClientsWindow() throws {

@@ -14,6 +14,9 @@ protocol EdgeStreamOwner: AnyObject {
     /// The stream is gone before the owner released it: the client reset it (`reason`), the stream or the
     /// connection closed.
     func clientStreamClosed(reason: HTTP2ErrorCode?)
+    /// A DATA frame could not wait here: the gateway holds its limit of request bytes over all connections
+    /// (`--http-max-buffered`). The frame is dropped; the owner ends the call.
+    func clientBufferFull()
 }
 
 /// Sits right behind `NIOHTTP2Handler` (server mode, no inline multiplexer) on a client connection and decides on
@@ -52,6 +55,8 @@ final class EdgeHTTP2Streams: ChannelInboundHandler, BurstFlushing {
         var reading = true
         /// Frames that arrived while the owner did not read.
         var queued: CircularBuffer<HTTP2Frame.FramePayload> = []
+        /// DATA bytes in `queued`, counted in the gateway's body budget.
+        var queuedBytes = 0
         /// Request bytes the owner took and the client's window has not got back yet.
         var unacknowledged = 0
         /// The client sent END_STREAM: no window to give back.
@@ -89,14 +94,20 @@ final class EdgeHTTP2Streams: ChannelInboundHandler, BurstFlushing {
     var pendingFlush = PendingFlush()
     var flushContext: ChannelHandlerContext? { context }
     private var activated = false
+    /// Counts DATA bytes waiting here in the gateway's budget (`GatewayShared.holdBodyBytes`); nil: not counted.
+    private let holdBytes: ((_ from: Int, _ to: Int) -> Bool)?
+    /// DATA bytes waiting here over all claimed streams.
+    private var queuedBytes = 0
 
     /// `streamWindow` is the SETTINGS_INITIAL_WINDOW_SIZE the edge announces, `connectionWindow` the connection
     /// window it keeps open.
     init(
         streamWindow: Int, connectionWindow: Int, deferredFlushes: DeferredFlushes?,
         onStreamOpened: @escaping () -> Void = {}, onStreamClosed: @escaping () -> Void = {},
+        holdBytes: ((_ from: Int, _ to: Int) -> Bool)? = nil,
         makeOwner: @escaping OwnerFactory
     ) {
+        self.holdBytes = holdBytes
         self.streamWindowTarget = streamWindow
         self.connectionWindow = InboundConnectionWindow(target: connectionWindow)
         self.deferredFlushes = deferredFlushes
@@ -171,6 +182,7 @@ final class EdgeHTTP2Streams: ChannelInboundHandler, BurstFlushing {
         }
         while let stream = streams[streamID], stream.reading, let owner = stream.owner, !stream.queued.isEmpty {
             let payload = streams[streamID]!.queued.removeFirst()
+            if case .data(let data) = payload { unqueued(data.data.readableBytes, on: streamID) }
             deliver(payload, to: owner, on: streamID)
         }
         flush()
@@ -183,6 +195,7 @@ final class EdgeHTTP2Streams: ChannelInboundHandler, BurstFlushing {
         guard let context, let stream = streams[streamID] else { return }
         streams[streamID]!.owner = nil
         streams[streamID]!.queued.removeAll()
+        unqueued(stream.queuedBytes, on: streamID)
         let reset: HTTP2ErrorCode? = !responseEnded ? .cancel : (stream.requestEnded ? nil : .noError)
         if let reset {
             writeFrame(HTTP2Frame(streamID: streamID, payload: .rstStream(reset)), context)
@@ -269,9 +282,18 @@ final class EdgeHTTP2Streams: ChannelInboundHandler, BurstFlushing {
         guard let owner = stream.owner else { return }  // released: the stream is being closed
         if stream.reading && stream.queued.isEmpty {
             deliver(payload, to: owner, on: streamID)
-        } else {
-            streams[streamID]!.queued.append(payload)
+            return
         }
+        if case .data(let data) = payload, let holdBytes {
+            let count = data.data.readableBytes
+            guard holdBytes(queuedBytes, queuedBytes + count) else {
+                owner.clientBufferFull()
+                return
+            }
+            queuedBytes += count
+            streams[streamID]!.queuedBytes += count
+        }
+        streams[streamID]!.queued.append(payload)
     }
 
     /// Hands a frame to its owner and gives the client's stream window back once half of it was taken (as NIO's
@@ -308,7 +330,9 @@ final class EdgeHTTP2Streams: ChannelInboundHandler, BurstFlushing {
         case let created as NIOHTTP2StreamCreatedEvent:
             if streams[created.streamID] != nil { return }
         case let closed as StreamClosedEvent:
-            if let stream = streams.removeValue(forKey: closed.streamID) {
+            if let stream = streams[closed.streamID] {
+                unqueued(stream.queuedBytes, on: closed.streamID)
+                streams[closed.streamID] = nil
                 onStreamClosed()
                 stream.owner?.clientStreamClosed(reason: closed.reason)
                 return
@@ -343,10 +367,22 @@ final class EdgeHTTP2Streams: ChannelInboundHandler, BurstFlushing {
         guard !streams.isEmpty else { return }
         let owners = streams.values.compactMap(\.owner)
         let count = streams.count
+        if queuedBytes > 0 {
+            _ = holdBytes?(queuedBytes, 0)
+            queuedBytes = 0
+        }
         streams.removeAll()
         waiting.removeAll()
         for _ in 0..<count { onStreamClosed() }
         for owner in owners { owner.clientStreamClosed(reason: nil) }
+    }
+
+    /// `count` DATA bytes of the stream left the queue (handed over or dropped).
+    private func unqueued(_ count: Int, on streamID: HTTP2StreamID) {
+        guard count > 0, let holdBytes else { return }
+        _ = holdBytes(queuedBytes, queuedBytes - count)
+        queuedBytes -= count
+        if streams[streamID] != nil { streams[streamID]!.queuedBytes -= count }
     }
 
     private func peerSettings(_ settings: HTTP2Settings) {

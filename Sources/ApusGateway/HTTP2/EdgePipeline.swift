@@ -34,7 +34,8 @@ enum EdgePipeline {
             streamWindow: limits.initialWindowSize, connectionWindow: limits.connectionWindowSize,
             deferredFlushes: loopPool.deferredFlushes,
             onStreamOpened: { boundGuard.value.streamOpened() },
-            onStreamClosed: { boundGuard.value.streamClosed() }
+            onStreamClosed: { boundGuard.value.streamClosed() },
+            holdBytes: { from, to in shared.holdBodyBytes(from: from, to: to) }
         ) { edge, streamID, _ in
             GRPCEdgeStream(shared: shared, peer: peer, edge: edge, streamID: streamID, eventLoop: eventLoop)
         }

@@ -135,6 +135,12 @@ final class GRPCEdgeStream: EdgeStreamOwner, LoopSlotTarget, InstanceStreamOwner
         finish()
     }
 
+    func clientBufferFull() {
+        guard phase != .finished else { return }
+        respondAndFinish(status: GRPCWire.statusResourceExhausted,
+                         message: GatewayShared.bodyBufferFull(shared.configuration.httpMaxBufferedBytes).message)
+    }
+
     private func forward(_ payload: HTTP2Frame.FramePayload) {
         switch phase {
         case .relaying:

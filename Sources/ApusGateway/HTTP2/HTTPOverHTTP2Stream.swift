@@ -56,6 +56,12 @@ final class HTTPOverHTTP2Stream: ChannelInboundHandler, LoopSlotTarget {
     /// Request body bytes this stream holds (waiting for an instance, or an asynchronous body), counted in the
     /// gateway's `httpBodies` budget.
     var heldBodyBytes = 0
+    /// Body bytes in `pending`.
+    private var pendingBodyBytes = 0
+    /// Reading stopped while waiting for an instance, `pending` being full.
+    private var pausedWhileWaiting = false
+    /// Body bytes read into `pending` while the call waits before reading stops.
+    static let pendingBeforePause = 64 << 10
 
     /// Counts `count` more body bytes held; false (and the stream answered 429) when the gateway holds its limit.
     func holdBody(_ count: Int) -> Bool {
@@ -130,7 +136,15 @@ final class HTTPOverHTTP2Stream: ChannelInboundHandler, LoopSlotTarget {
         case .relaying:
             upstream?.channel.write(part, promise: nil)
         case .waitingForSlot, .connecting:
-            if case .body(.byteBuffer(let bytes)) = part, !holdBody(bytes.readableBytes) { return }
+            if case .body(.byteBuffer(let bytes)) = part {
+                guard holdBody(bytes.readableBytes) else { return }
+                pendingBodyBytes += bytes.readableBytes
+                if pendingBodyBytes >= Self.pendingBeforePause, !pausedWhileWaiting {
+                    pausedWhileWaiting = true
+                    guard holdBody(shared.configuration.http2.initialWindowSize) else { return }
+                    context.channel.setReading(false)
+                }
+            }
             pending.append(part)
         case .collectingAsync:
             collectAsync(part)
@@ -171,7 +185,8 @@ final class HTTPOverHTTP2Stream: ChannelInboundHandler, LoopSlotTarget {
             fail(ApusError(.deadlineExceeded, "function did not answer within its timeout of \(timeout.humanReadable)"))
         }
         upstreamHead = makeUpstreamHead(head, route: route, version: version)
-        context.channel.setReading(false)
+        // The body is read into `pending` (counted) while the call waits, up to `pendingBeforePause`; past it
+        // reading stops and what NIO may still take for the stream (its window) is counted as held.
         slot.pool = shared.scheduler.pool(for: version)
         acquireSlot()
     }
@@ -271,6 +286,7 @@ final class HTTPOverHTTP2Stream: ChannelInboundHandler, LoopSlotTarget {
         connection.channel.write(HTTPClientRequestPart.head(head), promise: nil)
         for part in pending { connection.channel.write(part, promise: nil) }
         pending = []
+        pendingBodyBytes = 0
         releaseHeldBody()
         connection.channel.flush()
         connection.channel.setReading(context.channel.isWritable)
