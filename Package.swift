@@ -250,6 +250,18 @@ let package = Package(
             path: "Benchmarks/thrift/LoadClient",
             swiftSettings: swiftSettings
         ),
+        // Per-call cost of the control API's token check and the gateway's `auth:` checks, for Scripts/bench-auth.
+        .executableTarget(
+            name: "apus-bench-auth",
+            dependencies: [
+                "ApusControl", "ApusCore", "ApusStore",
+                .product(name: "Crypto", package: "swift-crypto"),
+                .product(name: "CryptoExtras", package: "swift-crypto"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            path: "Benchmarks/auth",
+            swiftSettings: swiftSettings
+        ),
         // The mesh sidecar's proxy, policies (balancing, retries, breaker, outlier ejection, limits) and config.
         .target(
             name: "ApusSidecarCore",

@@ -158,7 +158,7 @@ final class ThriftEdgeConnection: ChannelInboundHandler, LoopSlotTarget, Drainab
         }
         do throws(ApusError) {
             // The credential travels as a THeader/TTHeader string header; framed and buffered calls carry none.
-            _ = try shared.authorizeInvocation(function: function, credential: call.frame.headers["authorization"])
+            _ = try shared.authorizeInvocation(function: function, credential: call.frame.headers["authorization"] ?? call.frame.headers["Authorization"])
         } catch {
             fail(call, .unknown, ApusError(error.code, "\(error.code.name): \(error.message)\(call.frame.transport == .framed || call.frame.transport == .buffered ? " (send it in a THeader or TTHeader header named authorization)" : "")"))
             return
