@@ -125,7 +125,7 @@ public final class InstanceCgroups: Sendable {
         for line in (text ?? "").split(separator: "\n") {
             let fields = line.split(separator: ":", maxSplits: 2, omittingEmptySubsequences: false)
             guard fields.count == 3, !fields[1].isEmpty else { continue }
-            for controller in fields[1].split(separator: ",") { found[String(controller)] = String(fields[2]) }
+            for controller in fields[1].split(separator: ",") where !controller.contains("=") { found[String(controller)] = String(fields[2]) }
         }
         return found
     }
