@@ -139,7 +139,8 @@ def unprivileged():
         os.chmod(host.workdir, 0o755)
         (host.workdir / "data").mkdir(mode=0o700)
         os.chown(host.workdir / "data", uid, gid)
-        daemon = Apusd(host.workdir)
+        # A prewarmed Python process serves egress: all functions; the others start in sandbox slots.
+        daemon = Apusd(host.workdir, extra_args=("--prewarm", "python3=1"))
         # As systemd would start it: in its delegated cgroup, as the user, CAP_NET_ADMIN its only capability.
         join = " ".join(f'echo $$ > {p} || exit 1;' for p in procs)
         daemon.command_prefix = [
@@ -248,6 +249,17 @@ def test_instance_has_a_subordinate_uid_no_capabilities_and_seccomp(unprivileged
     other = functions.variant("escapist-u2")
     assert attack_ok(unprivileged, other, "status")["uid"] != uids[0], "two functions' instances share a uid"
     assert_serving(unprivileged, name)
+
+
+def test_prewarmed_and_slot_instances_are_confined_alike(unprivileged, functions):
+    """A prewarmed process (egress: all) and a cold start in a sandbox slot (egress: none) get the same layers."""
+    first, count = SUBORDINATE
+    for name in (functions.variant("escapist-u-warm"), functions.variant("escapist-u-none", "network: {egress: none}")):
+        status = attack_ok(unprivileged, name, "status")["status"]
+        uid = int(status["Uid"].split()[0])
+        assert first <= uid < first + count and int(status["CapEff"], 16) == 0 and status["Seccomp"] == "2", (name, status)
+    log = unprivileged.cli_ok("logs", "escapist-u-warm") + unprivileged.cli_ok("logs", "escapist-u-none")
+    assert "prewarmed" in log and "ready slot" in log, log
 
 
 def test_denied_syscalls_fail(unprivileged, functions):
