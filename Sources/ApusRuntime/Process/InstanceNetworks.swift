@@ -2,6 +2,7 @@
 import Glibc
 #endif
 import ApusCore
+import CApusShims
 import Foundation
 import Logging
 import Synchronization
@@ -532,6 +533,12 @@ public final class InstanceNetworks: Sendable {
     /// Runs a command to its end; throws with its first line of stderr when it fails.
     @discardableResult
     func run(_ argv: [String], input: String? = nil) throws(ApusError) -> String {
+        // An unprivileged apusd lends the CAP_NET_ADMIN it holds to this command alone: ambient on this thread
+        // while the command is started (no other thread, and no other program apusd starts, has it).
+        if userNamespaces != nil, apus_ambient_capability(1, Int32(Self.netAdmin)) != 0 {
+            throw ApusError(.unavailable, "cannot lend CAP_NET_ADMIN to \(argv[0]): \(String(cString: strerror(errno))) (it must be permitted and inheritable, as AmbientCapabilities= makes it)")
+        }
+        defer { if userNamespaces != nil { _ = apus_ambient_capability(0, Int32(Self.netAdmin)) } }
         let output = try CodeArchive.run(argv[0], Array(argv.dropFirst()), input: input.map { Data($0.utf8) }, failureCode: .unavailable)
         return String(decoding: output, as: UTF8.self)
     }

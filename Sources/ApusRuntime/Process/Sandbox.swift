@@ -97,10 +97,8 @@ public struct Sandbox: Sendable {
             return Sandbox(mode: .rlimitsOnly, bwrapPath: nil, prlimitPath: prlimit, problems: problems)
         }
         let probe = Process()
-        let probeArgv = withoutGrantedCapabilities([bwrap] + systemMountArguments()
-            + ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--unshare-pid", "--", "/bin/true"])
-        probe.executableURL = URL(fileURLWithPath: probeArgv[0])
-        probe.arguments = Array(probeArgv.dropFirst())
+        probe.executableURL = URL(fileURLWithPath: bwrap)
+        probe.arguments = systemMountArguments() + ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--unshare-pid", "--", "/bin/true"]
         probe.standardOutput = FileHandle.nullDevice
         probe.standardError = FileHandle.nullDevice
         do {
@@ -351,24 +349,6 @@ public struct Sandbox: Sendable {
             argv += command
         }
         return argv
-    }
-
-    /// Whether apusd holds ambient capabilities (an unprivileged apusd granted CAP_NET_ADMIN by its unit): every
-    /// program it executes would inherit them.
-    static let hasAmbientCapabilities: Bool = {
-        guard let status = try? String(contentsOfFile: "/proc/self/status", encoding: .utf8) else { return false }
-        for line in status.split(separator: "\n") where line.hasPrefix("CapAmb:") {
-            return UInt64(line.dropFirst("CapAmb:".count).trimmingCharacters(in: .whitespaces), radix: 16).map { $0 != 0 } ?? false
-        }
-        return false
-    }()
-
-    /// `argv` run without the capabilities apusd was granted: `setpriv` empties the ambient and inheritable sets
-    /// before executing it, so only apusd (and the `ip`/`nft` it runs) ever holds them. bubblewrap refuses to run
-    /// unprivileged with capabilities, and the sidecar has no use for them. `argv` as it is when there are none.
-    public static func withoutGrantedCapabilities(_ argv: [String]) -> [String] {
-        guard hasAmbientCapabilities, let setpriv = findExecutable("setpriv") else { return argv }
-        return [setpriv, "--ambient-caps=-all", "--inh-caps=-all", "--"] + argv
     }
 
     static func findExecutable(_ name: String) -> String? {

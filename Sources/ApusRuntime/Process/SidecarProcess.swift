@@ -99,7 +99,7 @@ final class SidecarProcess: Sendable {
         let version = spec.version.number
         let child: ChildProcess
         do throws(ApusError) {
-            child = try ChildProcess.spawn(argv: Sandbox.withoutGrantedCapabilities(argv), environment: environment, workingDirectory: spec.codeDirectory.path)
+            child = try ChildProcess.spawn(argv: argv, environment: environment, workingDirectory: spec.codeDirectory.path)
         } catch {
             throw ApusError(.unavailable, "sidecar \(settings.binary) could not start: \(error.message)")
         }
