@@ -11,7 +11,9 @@ import Glibc
 /// own cgroup (memory, CPU, pids) before anything else runs, gets its own mount, pid, ipc, uts and cgroup
 /// namespaces with system directories and its code read-only, a private size-capped `/tmp` and a minimal `/etc`,
 /// then drops to an unprivileged uid of its own with no capabilities, `no_new_privs` and a seccomp filter, in a new
-/// session. Without some layer apusd refuses to start unless `--insecure-sandbox` says so (`SandboxLayers`).
+/// session. An apusd that is not root gets the same layers from user namespaces, its subordinate ids, a delegated
+/// cgroup and CAP_NET_ADMIN (`detectUnprivileged`). Without some layer apusd refuses to start unless
+/// `--insecure-sandbox` says so (`SandboxLayers`).
 public struct Sandbox: Sendable {
     public enum Mode: String, Sendable {
         case bubblewrap = "bwrap"
@@ -72,7 +74,8 @@ public struct Sandbox: Sendable {
     }
 
     /// Probes the host: bubblewrap when present and able to build a namespace here; the privilege layer when
-    /// apusd is root and `initPath` exists; cgroups when a tree with memory, cpu and pids is writable.
+    /// `initPath` exists and apusd is root (or, unprivileged, has what `detectUnprivileged` needs); cgroups when a
+    /// tree with memory, cpu and pids is writable.
     /// `instanceNetwork`: the range instance links are numbered from (`--instance-network`); nil: no network
     /// namespaces (unit tests).
     public static func detect(
