@@ -5,6 +5,7 @@
 #include <sys/socket.h>
 #include <sys/eventfd.h>
 #include <sys/syscall.h>
+#include <sys/prctl.h>
 #include "CApusShims.h"
 
 int apus_pipe_cloexec(int fds[2]) {
@@ -65,4 +66,16 @@ long apus_read(int fd, void *buffer, unsigned long count) {
 
 long apus_send(int fd, const void *buffer, unsigned long count) {
     return syscall(SYS_sendto, fd, buffer, count, MSG_NOSIGNAL, (void *)0, 0);
+}
+
+// Ambient capabilities are per thread and pass to every program a thread executes. An unprivileged apusd is granted
+// CAP_NET_ADMIN as an ambient capability (systemd's AmbientCapabilities=); it must keep it for itself and lend it
+// only to its network commands, so the ambient set is emptied here, before main and before any other thread
+// exists (threads inherit the set of the thread that makes them). Permitted and effective sets are left alone.
+__attribute__((constructor)) static void apus_clear_ambient_capabilities(void) {
+    (void)prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0);
+}
+
+int apus_ambient_capability(int raise, int capability) {
+    return prctl(PR_CAP_AMBIENT, raise ? PR_CAP_AMBIENT_RAISE : PR_CAP_AMBIENT_LOWER, capability, 0, 0);
 }

@@ -2,7 +2,15 @@
 //
 // Options are applied in the order given, then the command after `--` is executed in place of this process:
 //   --cgroup FILE      write "0" to FILE (a cgroup.procs file): this process, and all it starts, joins that cgroup
-//   --netns FILE       join the network namespace FILE names (/run/netns/NAME, made by apusd's InstanceNetworks)
+//   --userns FILE      join the user namespace FILE names (/proc/PID/ns/user of a namespace holder, below); the
+//                      process is then root inside it, with every capability there and none on the host. Before
+//                      --netns: a namespace made by an unprivileged apusd belongs to its user namespace
+//   --netns FILE       join the network namespace FILE names (/run/netns/NAME made by a root apusd, or
+//                      /proc/PID/ns/net of a namespace holder)
+//   --hold             (alone) make a new user namespace and a new network namespace, say "ready" on standard
+//                      output, then wait until standard input ends (apusd closed it, or died) and exit: how an unprivileged
+//                      apusd keeps a namespace pair alive for one instance (apusd writes the holder's uid/gid maps
+//                      with newuidmap/newgidmap and links its network namespace to the host)
 //   --default-route IP add a default route via IP (IPv4) in the current network namespace: egress for the instance
 //                      (needs CAP_NET_ADMIN: before --uid); without it the namespace reaches only its own link
 //   --gid N            drop supplementary groups, set real/effective/saved gid to N
@@ -18,8 +26,9 @@
 // an RCU grace period, milliseconds to tens of them, when no other join happened just before) and wait for the
 // instance they will become, as prewarmed Python processes wait for their function.
 //
-// apusd runs it twice per instance: outside the sandbox as root (`--cgroup ... --netns ...`, so the instance is
-// counted from its first instruction and never sees the host's network), and inside bubblewrap
+// apusd runs it twice per instance: outside the sandbox as apusd's user (`--cgroup ... [--userns ...] --netns ...`,
+// so the instance is counted from its first instruction and never sees the host's network; an unprivileged apusd
+// adds --userns, so bubblewrap runs as root of the instance's user namespace only), and inside bubblewrap
 // (`[--default-route IP] --drop-caps --gid N --uid N --seccomp`), so the function never
 // runs as root, never holds a capability and cannot make the system calls a server has no use for.
 // Any failure is fatal: the instance must not start with a layer missing.
@@ -66,6 +75,31 @@ static void join_cgroup(const char *path) {
     if (fd < 0) die("cannot open", path);
     if (write(fd, "0\n", 2) != 2) die("cannot join cgroup", path);
     close(fd);
+}
+
+static void join_user_namespace(const char *path) {
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) die("cannot open user namespace", path);
+    if (setns(fd, CLONE_NEWUSER) < 0) die("cannot join user namespace", path);
+    close(fd);
+    // Root of the namespace (its uid 0 maps to apusd's uid): programs executed from here keep their capabilities
+    // in the namespace, and the inner apus-sandbox-init can later switch to the instance's uid.
+    if (setresgid(0, 0, 0) < 0) die("cannot become gid 0 in user namespace", path);
+    if (setresuid(0, 0, 0) < 0) die("cannot become uid 0 in user namespace", path);
+}
+
+// --hold: a user namespace and a network namespace that live as long as this process (or a process in them).
+static void hold_namespaces(void) {
+    // No parent-death signal: it would fire when the apusd thread that started the holder ends. Standard input
+    // is a pipe only apusd holds, so it ends when apusd closes it or dies.
+    if (unshare(CLONE_NEWUSER | CLONE_NEWNET) < 0) die("cannot make a user and a network namespace", NULL);
+    if (write(1, "ready\n", 6) != 6) die("cannot say ready", NULL);
+    char buffer[64];
+    for (;;) {
+        ssize_t n = read(0, buffer, sizeof buffer);
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0) exit(0);
+    }
 }
 
 static void join_network_namespace(const char *path) {
@@ -235,6 +269,10 @@ int main(int argc, char **argv) {
         if (strcmp(option, "--") == 0) { i++; break; }
         if (strcmp(option, "--cgroup") == 0 && i + 1 < argc) {
             join_cgroup(argv[++i]);
+        } else if (strcmp(option, "--userns") == 0 && i + 1 < argc) {
+            join_user_namespace(argv[++i]);
+        } else if (strcmp(option, "--hold") == 0 && argc == 2) {
+            hold_namespaces();
         } else if (strcmp(option, "--netns") == 0 && i + 1 < argc) {
             join_network_namespace(argv[++i]);
         } else if (strcmp(option, "--default-route") == 0 && i + 1 < argc) {
@@ -264,7 +302,7 @@ int main(int argc, char **argv) {
     (void)gid;
     if (i >= argc) {
         errno = EINVAL;
-        die("usage: apus-sandbox-init [--cgroup FILE]... [--netns FILE] [--default-route IP] [--drop-caps] [--gid N] [--uid N] [--no-new-privs] [--seccomp] (-- COMMAND [ARG]... | --wait)", NULL);
+        die("usage: apus-sandbox-init --hold | [--cgroup FILE]... [--userns FILE] [--netns FILE] [--default-route IP] [--drop-caps] [--gid N] [--uid N] [--no-new-privs] [--seccomp] (-- COMMAND [ARG]... | --wait)", NULL);
     }
     execvp(argv[i], &argv[i]);
     die("cannot execute", argv[i]);

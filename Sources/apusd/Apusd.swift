@@ -297,6 +297,7 @@ struct Apusd: AsyncParsableCommand {
         let layers = sandbox.layers
         if check {
             print("sandbox layers: \(layers.summary)")
+            for line in sandbox.privilege { print("mode: \(line)") }
             for problem in sandbox.problems { print("missing: \(problem)") }
             if let networks = sandbox.networks {
                 print("instance networks: \(networks.name), instance API at \(InstanceEndpoint.format(networks.servicesAddress)):\(InstanceNetworks.servicesPort)")
@@ -305,10 +306,11 @@ struct Apusd: AsyncParsableCommand {
             throw ExitCode(layers.complete ? 0 : 1)
         }
         if layers.complete {
-            logger.info("sandbox layers", metadata: ["layers": "\(layers.summary)"])
+            logger.info("sandbox layers", metadata: ["layers": "\(layers.summary)", "mode": "\(sandbox.privilege.joined(separator: "; "))"])
         } else if insecureSandbox || noSandbox {
             logger.warning("SANDBOX INCOMPLETE (allowed by \(noSandbox ? "--no-sandbox" : "--insecure-sandbox"))", metadata: [
-                "layers": "\(layers.summary)", "missing": "\(sandbox.problems.joined(separator: "; "))"])
+                "layers": "\(layers.summary)", "mode": "\(sandbox.privilege.joined(separator: "; "))",
+                "missing": "\(sandbox.problems.joined(separator: "; "))"])
         } else {
             throw ValidationError("refusing to start: instances would run with sandbox layers missing (\(layers.summary)): \(sandbox.problems.joined(separator: "; ")). Fix the host (docs/security.md) or pass --insecure-sandbox to run anyway.")
         }

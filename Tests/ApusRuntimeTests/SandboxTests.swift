@@ -82,6 +82,26 @@ struct InstanceCgroupsTests {
         #expect(cgroup.oomKills == 2)
     }
 
+    @Test func v1BelowTheCgroupsDelegatedToAnUnprivilegedApusd() throws {
+        for controller in ["memory", "cpu", "pids"] { try write("", "\(controller)/cgroup.procs") }
+        let own = InstanceCgroups.ownV1Cgroups("9:name=systemd:/x\n8:pids:/deleg\n4:memory:/deleg\n1:cpu,cpuacct:/deleg\n0::/\n")
+        #expect(own["cpu"] == "/deleg" && own["cpuacct"] == "/deleg" && own["memory"] == "/deleg" && own["name=systemd"] == nil)
+        let cgroups = try InstanceCgroups.detect(root: root, delegated: true, ownV1Cgroups: own).get()
+        _ = try cgroups.create(name: "i-4", limits: ResourceLimits(memoryBytes: 64 << 20, cpuMillis: 500, pids: 32))
+        #expect(read("memory/deleg/instances/i-4/memory.limit_in_bytes") == "67108864")
+        #expect(read("pids/deleg/instances/i-4/pids.max") == "32")
+        #expect(read("memory/apus/i-4/memory.limit_in_bytes") == nil)
+    }
+
+    @Test func v1WithNothingDelegatedIsRefusedWithTheReason() throws {
+        for controller in ["memory", "cpu", "pids"] { try write("", "\(controller)/cgroup.procs") }
+        guard case .failure(let error) = InstanceCgroups.detect(root: root, delegated: true, ownV1Cgroups: ["memory": "/", "cpu": "/", "pids": "/"]) else {
+            Issue.record("an unprivileged apusd at the root of the v1 hierarchies was given cgroups")
+            return
+        }
+        #expect(error.message.contains("nothing was delegated"))
+    }
+
     @Test func noCgroupTreeIsRefusedWithTheReason() {
         guard case .failure(let error) = InstanceCgroups.detect(root: root) else {
             Issue.record("an empty directory was taken for a cgroup tree")
@@ -199,8 +219,51 @@ struct InstanceNetworkTests {
         #expect(!line.contains("--default-route"))
     }
 
+    @Test func anUnprivilegedApusdJoinsTheHoldersUserNamespaceBeforeItsNetwork() throws {
+        var held = network
+        held.holder = 4242
+        let argv = try sandbox().wrap(command: ["/code/server"], codeDirectory: URL(fileURLWithPath: "/data/code/x"), runtimeDirectory: nil,
+                                      limits: ResourceLimits(memoryBytes: 1 << 27, cpuMillis: 500, pids: 64), uid: 400_003,
+                                      network: held, egress: .all)
+        let line = argv.joined(separator: " ")
+        #expect(line.contains("/opt/apus/apus-sandbox-init --userns /proc/4242/ns/user --netns /proc/4242/ns/net -- /usr/bin/bwrap "))
+        // Inside, the same privilege drop as under a root apusd (to a uid the user namespace maps).
+        #expect(line.hasSuffix("-- /.apus-init --default-route 10.213.0.21 --drop-caps --gid 400003 --uid 400003 --seccomp -- /code/server"))
+    }
+
     @Test func aSlotWaitsInsideItsNamespace() throws {
         let outer = try sandbox().outerArguments(limits: ResourceLimits(memoryBytes: 1 << 27, cpuMillis: 500, pids: 64), cgroup: nil, network: network)
         #expect(outer == ["/usr/bin/prlimit", "--nofile=1024", "--as=134217728", "--", "/opt/apus/apus-sandbox-init", "--netns", "/run/netns/apus-0-5"])
+    }
+}
+
+@Suite("subordinate ids")
+struct SubordinateIDsTests {
+    @Test func rangesAreFoundByNameOrUid() {
+        let text = "other:100000:65536\napus:200000:65536\n999:300000:16\napus:bad:1\napus:400000:0\n"
+        #expect(SubordinateIDs.parse(text, user: "apus", id: 999) == [200_000...265_535, 300_000...300_015])
+        #expect(SubordinateIDs.parse(text, user: nil, id: 999) == [300_000...300_015])
+        #expect(SubordinateIDs.parse(text, user: "nobody", id: 1).isEmpty)
+    }
+
+    @Test func theRangeMustBeInBothFiles() throws {
+        let folder = FileManager.default.temporaryDirectory.appendingPathComponent("subid-\(UUID().uuidString)")
+        try FileManager.default.createDirectory(at: folder, withIntermediateDirectories: true)
+        let uid = getuid()
+        let subuid = folder.appendingPathComponent("subuid"), subgid = folder.appendingPathComponent("subgid")
+        try Data("\(uid):300000:1000\n".utf8).write(to: subuid)
+        try Data("\(uid):300500:1000\n".utf8).write(to: subgid)
+        guard Sandbox.findExecutable("newuidmap") != nil, Sandbox.findExecutable("newgidmap") != nil else { return }
+        let ids = try SubordinateIDs.detect(subuid: subuid.path, subgid: subgid.path).get()
+        #expect(ids.range == 300_500...300_999)
+        // --sandbox-uids inside the shared range is used as it is.
+        let preferred = try SubordinateIDs.detect(preferred: 300_600...300_700, subuid: subuid.path, subgid: subgid.path).get()
+        #expect(preferred.range == 300_600...300_700)
+        try Data("\(uid):400000:1000\n".utf8).write(to: subgid)
+        guard case .failure(let error) = SubordinateIDs.detect(subuid: subuid.path, subgid: subgid.path) else {
+            Issue.record("disjoint subordinate uid and gid ranges were accepted")
+            return
+        }
+        #expect(error.message.contains("no subordinate uid and gid range"))
     }
 }

@@ -334,6 +334,8 @@ class Apusd:
         self.thrift_port: int | None = None  # the gateway's Thrift port (ports.json "thrift"), when it has one
         self.cert_path: Path | None = None  # the TLS certificate, for clients to trust (set by whoever made it)
         self.info: dict = {}
+        # Put before apusd's command line (test_unprivileged_apusd.py runs apusd as another user this way).
+        self.command_prefix: list[str] = []
 
     # ---- lifecycle
 
@@ -388,6 +390,7 @@ class Apusd:
             # Every daemon gets a Thrift port too (a free one) once apusd has the listener.
             cmd += ["--thrift-port", "0"]
         with open(self.log_path, "ab") as log:
+            cmd = [*self.command_prefix, *cmd]
             log.write(f"==== run {self.runs}: {' '.join(cmd)}\n".encode())
             log.flush()
             env = {k: v for k, v in os.environ.items() if k != "APUS_API"}

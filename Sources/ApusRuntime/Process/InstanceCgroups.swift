@@ -50,7 +50,12 @@ public final class InstanceCgroups: Sendable {
     /// - Parameters:
     ///   - root: where cgroup file systems are mounted (tests pass a directory of their own).
     ///   - ownCgroup: this process's cgroup (the `0::` line of /proc/self/cgroup) for delegated v2 subtrees.
-    public static func detect(root: URL = URL(fileURLWithPath: "/sys/fs/cgroup"), ownCgroup: String? = nil) -> Result<InstanceCgroups, ApusError> {
+    ///   - delegated: apusd is not root and may write only below its own cgroup (what systemd's `Delegate=yes` gives
+    ///     it, or an operator's `chown`): on v1 too, instance cgroups go in `<own cgroup>/instances` of each
+    ///     hierarchy rather than in `/apus`.
+    ///   - ownV1Cgroups: this process's v1 cgroups by controller (tests); read from /proc/self/cgroup otherwise.
+    public static func detect(root: URL = URL(fileURLWithPath: "/sys/fs/cgroup"), ownCgroup: String? = nil, delegated: Bool = false,
+                              ownV1Cgroups: [String: String]? = nil) -> Result<InstanceCgroups, ApusError> {
         let files = FileManager.default
         let controllersFile = root.appendingPathComponent("cgroup.controllers")
         if let controllers = try? String(contentsOf: controllersFile, encoding: .utf8) {
@@ -70,7 +75,14 @@ public final class InstanceCgroups: Sendable {
             }) else {
                 return .failure(ApusError(.unavailable, "no cgroup v2 with controllers and no v1 \(controller) hierarchy under \(root.path)"))
             }
-            let parent = mount.appendingPathComponent("apus")
+            var parent = mount.appendingPathComponent("apus")
+            if delegated {
+                let own = (ownV1Cgroups ?? Self.ownV1Cgroups())[controller]?.trimmingCharacters(in: CharacterSet(charactersIn: "/")) ?? ""
+                guard !own.isEmpty else {
+                    return .failure(ApusError(.unavailable, "apusd is not root and its \(controller) cgroup is the root of \(mount.path): nothing was delegated to it (systemd Delegate=yes, see Deploy/systemd)"))
+                }
+                parent = mount.appendingPathComponent(own).appendingPathComponent("instances")
+            }
             do {
                 try files.createDirectory(at: parent, withIntermediateDirectories: true)
             } catch {
@@ -105,6 +117,17 @@ public final class InstanceCgroups: Sendable {
             return .failure(ApusError(.unavailable, "cannot prepare cgroup v2 subtree \(base.path): \(error) (apusd needs root or a subtree delegated with Delegate=yes)"))
         }
         return .success(InstanceCgroups(version: .v2, parents: ["unified": instances]))
+    }
+
+    /// This process's v1 cgroups by controller (`4:memory:/path`, `1:cpu,cpuacct:/path` lines of /proc/self/cgroup).
+    static func ownV1Cgroups(_ text: String? = try? String(contentsOfFile: "/proc/self/cgroup", encoding: .utf8)) -> [String: String] {
+        var found: [String: String] = [:]
+        for line in (text ?? "").split(separator: "\n") {
+            let fields = line.split(separator: ":", maxSplits: 2, omittingEmptySubsequences: false)
+            guard fields.count == 3, !fields[1].isEmpty else { continue }
+            for controller in fields[1].split(separator: ",") where !controller.contains("=") { found[String(controller)] = String(fields[2]) }
+        }
+        return found
     }
 
     /// The `0::/path` entry of /proc/self/cgroup (v2), or "/" when there is none.

@@ -2,6 +2,7 @@
 import Glibc
 #endif
 import ApusCore
+import CApusShims
 import Foundation
 import Logging
 import Synchronization
@@ -20,6 +21,13 @@ import Synchronization
 ///   instance's range — and masquerades what it forwards. Nothing is forwarded into an instance link unless it
 ///   answers the instance's own connection.
 ///
+/// An unprivileged apusd (`UserNamespaces`) cannot make or join a namespace the host's root owns. Each namespace is
+/// then held by an `apus-sandbox-init --hold` process: a user namespace (its uid 0 is apusd's uid, the instance uids
+/// of `SubordinateIDs` map onto themselves) owning a network namespace. apusd links it to the host with the
+/// capability it was granted alone (`CAP_NET_ADMIN`: the veth pair, its nftables table, forwarding), and configures
+/// the inside as root of that user namespace. Instances join both (`apus-sandbox-init --userns --netns`), so
+/// bubblewrap and the privilege drop run as root of the instance's own user namespace, never of the host.
+///
 /// Each apusd claims a block of 1024 links (a /20) of `--instance-network` (default 10.213.0.0/16) with a lock in
 /// `/run/apus`, so several apusd on one host never share addresses; a block left behind by a killed apusd is cleaned
 /// when it is claimed again. Namespaces are created ahead of need (`readyTarget` kept waiting) off the request path
@@ -37,8 +45,26 @@ public final class InstanceNetworks: Sendable {
         /// The instance's address.
         public let address: UInt32
 
+        /// The `apus-sandbox-init --hold` process keeping the namespaces of an unprivileged apusd; nil for a root
+        /// apusd's named namespace.
+        public var holder: Int32? = nil
+
         /// The namespace file `apus-sandbox-init --netns` joins.
-        public var path: String { "/run/netns/\(name)" }
+        public var path: String { holder.map { "/proc/\($0)/ns/net" } ?? "/run/netns/\(name)" }
+        /// The user namespace owning it, joined first (`apus-sandbox-init --userns`); nil for a root apusd.
+        public var userNamespacePath: String? { holder.map { "/proc/\($0)/ns/user" } }
+    }
+
+    /// What an unprivileged apusd makes its namespaces with: `apus-sandbox-init` (the holders) and the
+    /// subordinate ids each holder's user namespace maps.
+    public struct UserNamespaces: Sendable {
+        public let initPath: String
+        public let ids: SubordinateIDs
+
+        public init(initPath: String, ids: SubordinateIDs) {
+            self.initPath = initPath
+            self.ids = ids
+        }
     }
 
     /// The port the instance's sidecar listens on at its link's gateway address (`APUS_SIDECAR`).
@@ -63,6 +89,10 @@ public final class InstanceNetworks: Sendable {
     let ipPath: String
     let nftPath: String
     let readyTarget: Int
+    /// nil: apusd is root and names its namespaces (`ip netns`); otherwise it holds them in user namespaces.
+    let userNamespaces: UserNamespaces?
+    /// The write end of each holder's standard input by holder pid (closed: the holder exits).
+    private let holders = Mutex<[Int32: Int32]>([:])
     private let lockFD: Int32
     private let logger: Logger
 
@@ -78,7 +108,8 @@ public final class InstanceNetworks: Sendable {
     /// This apusd's block, as `--check` and the start-up log show it.
     public var name: String { "block \(block) of \(InstanceEndpoint.format(range.base))/\(range.prefix) (\(InstanceEndpoint.format(blockBase))/20)" }
 
-    private init(block: Int, range: (UInt32, Int), ipPath: String, nftPath: String, readyTarget: Int, lockFD: Int32, logger: Logger) {
+    private init(block: Int, range: (UInt32, Int), ipPath: String, nftPath: String, readyTarget: Int, userNamespaces: UserNamespaces?,
+                 lockFD: Int32, logger: Logger) {
         self.block = block
         self.range = range
         self.blockBase = range.0 + UInt32(block * Self.linksPerBlock * 4)
@@ -87,6 +118,7 @@ public final class InstanceNetworks: Sendable {
         self.ipPath = ipPath
         self.nftPath = nftPath
         self.readyTarget = readyTarget
+        self.userNamespaces = userNamespaces
         self.lockFD = lockFD
         self.logger = logger
         // Link 0 is not used: its first address is `servicesAddress`.
@@ -105,26 +137,44 @@ public final class InstanceNetworks: Sendable {
 
     /// Sets up this apusd's part of the host: claims a block of `range`, installs its nftables table and turns on
     /// IPv4 forwarding (forwarded packets that are not an instance's are dropped when forwarding was off before).
-    /// Fails with the reason when the host cannot (not root, no `ip`/`nft`, no free block).
-    public static func setUp(range text: String, readyTarget: Int = 2, logger: Logger) -> Result<InstanceNetworks, ApusError> {
+    /// Fails with the reason when the host cannot (not root, no `ip`/`nft`, no free block). `userNamespaces`: apusd is
+    /// not root; it needs `CAP_NET_ADMIN` (granted to it alone, e.g. `AmbientCapabilities=` of its systemd unit) and
+    /// a writable `/run/apus` (`RuntimeDirectory=apus`) or `$RUNTIME_DIRECTORY`.
+    public static func setUp(range text: String, readyTarget: Int = 2, userNamespaces: UserNamespaces? = nil,
+                             logger: Logger) -> Result<InstanceNetworks, ApusError> {
         guard let range = parseRange(text) else {
             return .failure(ApusError(.badRequest, "--instance-network: must be an IPv4 network such as 10.213.0.0/16 with a prefix of 8 to 20 bits (got \(text))"))
         }
-        guard getuid() == 0 else { return .failure(ApusError(.unavailable, "apusd is not root: cannot create network namespaces")) }
+        if userNamespaces == nil {
+            guard getuid() == 0 else { return .failure(ApusError(.unavailable, "apusd is not root: cannot create network namespaces")) }
+        } else {
+            guard hasEffectiveCapability(netAdmin) else {
+                return .failure(ApusError(.unavailable, "apusd is not root and lacks CAP_NET_ADMIN: cannot link instance namespaces to the host (grant it with AmbientCapabilities=CAP_NET_ADMIN, see Deploy/systemd)"))
+            }
+        }
         guard let ip = Sandbox.findExecutable("ip") else { return .failure(ApusError(.unavailable, "ip (iproute2) not found")) }
         guard let nft = Sandbox.findExecutable("nft") else { return .failure(ApusError(.unavailable, "nft (nftables) not found")) }
-        let runDirectory = "/run/apus"
+        var runDirectory = "/run/apus"
         mkdir(runDirectory, 0o700)
+        if userNamespaces != nil, access(runDirectory, W_OK | X_OK) != 0 {
+            guard let fallback = ProcessInfo.processInfo.environment["RUNTIME_DIRECTORY"], access(fallback, W_OK | X_OK) == 0 else {
+                return .failure(ApusError(.unavailable, "/run/apus is not writable by apusd's user (give it RuntimeDirectory=apus, see Deploy/systemd): it holds the locks of the instance network blocks"))
+            }
+            runDirectory = fallback
+        }
         let blocks = 1 << (20 - range.prefix)
         for block in 0..<blocks {
             let lockPath = "\(runDirectory)/netblock-\(InstanceEndpoint.format(range.base))-\(range.prefix)-\(block).lock"
             let fd = open(lockPath, O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
+            // A lock file of another user's apusd (a root one): that block is not ours to take.
+            if fd < 0, errno == EACCES, userNamespaces != nil { continue }
             guard fd >= 0 else { return .failure(ApusError(.unavailable, "cannot open \(lockPath): \(String(cString: strerror(errno)))")) }
             guard flock(fd, LOCK_EX | LOCK_NB) == 0 else {
                 close(fd)
                 continue
             }
-            let networks = InstanceNetworks(block: block, range: range, ipPath: ip, nftPath: nft, readyTarget: readyTarget, lockFD: fd, logger: logger)
+            let networks = InstanceNetworks(block: block, range: range, ipPath: ip, nftPath: nft, readyTarget: readyTarget,
+                                            userNamespaces: userNamespaces, lockFD: fd, logger: logger)
             do throws(ApusError) {
                 try networks.removeLeftovers()
                 try networks.enableForwarding(runDirectory: runDirectory)
@@ -137,6 +187,25 @@ public final class InstanceNetworks: Sendable {
             return .success(networks)
         }
         return .failure(ApusError(.unavailable, "every block of \(text) is held by another apusd (\(blocks) of \(linksPerBlock) instances each)"))
+    }
+
+    static let netAdmin = 12
+
+    /// Whether this process holds `capability` (a bit of CapEff in /proc/self/status).
+    static func hasEffectiveCapability(_ capability: Int) -> Bool {
+        guard let status = try? String(contentsOfFile: "/proc/self/status", encoding: .utf8) else { return false }
+        for line in status.split(separator: "\n") where line.hasPrefix("CapEff:") {
+            guard let mask = UInt64(line.dropFirst("CapEff:".count).trimmingCharacters(in: .whitespaces), radix: 16) else { return false }
+            return mask & (1 << UInt64(capability)) != 0
+        }
+        return false
+    }
+
+    /// How namespaces are made and linked, for the start-up log and `apusd --check`.
+    public var privilegeDescription: String {
+        userNamespaces == nil
+            ? "named network namespaces made as root (ip netns)"
+            : "network namespaces owned by each instance's user namespace (apus-sandbox-init --hold); host links, nftables and forwarding with CAP_NET_ADMIN held by apusd"
     }
 
     // MARK: links
@@ -160,7 +229,7 @@ public final class InstanceNetworks: Sendable {
         if let waiting { return waiting }
         let index = try claimIndex()
         do throws(ApusError) {
-            try create(network(index: index))
+            return try create(network(index: index))
         } catch {
             state.withLock { state in
                 state.inUse.remove(index)
@@ -168,7 +237,6 @@ public final class InstanceNetworks: Sendable {
             }
             throw error
         }
-        return network(index: index)
     }
 
     private func claimIndex() throws(ApusError) -> Int {
@@ -210,10 +278,10 @@ public final class InstanceNetworks: Sendable {
                 return index
             }
             guard let index else { return }
-            let made = network(index: index)
+            var made = network(index: index)
             var ok = true
             do throws(ApusError) {
-                try create(made)
+                made = try create(made)
             } catch {
                 ok = false
                 logger.warning("cannot create an instance network namespace", metadata: ["namespace": "\(made.name)", "reason": "\(error.message)"])
@@ -248,6 +316,16 @@ public final class InstanceNetworks: Sendable {
         shutdown()
         let inUse = state.withLock { $0.inUse }
         for index in inUse { destroy(network(index: index)) }
+        let remaining = holders.withLock { holders in
+            defer { holders.removeAll() }
+            return holders
+        }
+        for (holder, stdin) in remaining {
+            close(stdin)
+            kill(holder, SIGKILL)
+            var status: Int32 = 0
+            while waitpid(holder, &status, 0) == -1, errno == EINTR {}
+        }
         _ = try? run([nftPath, "delete", "table", "inet", table])
         _ = try? run([ipPath, "addr", "delete", "\(InstanceEndpoint.format(servicesAddress))/32", "dev", "lo"])
         releaseLock()
@@ -258,7 +336,8 @@ public final class InstanceNetworks: Sendable {
         close(lockFD)
     }
 
-    private func create(_ network: Network) throws(ApusError) {
+    private func create(_ network: Network) throws(ApusError) -> Network {
+        if let userNamespaces { return try createHeld(network, userNamespaces) }
         let gateway = InstanceEndpoint.format(network.gateway)
         let address = InstanceEndpoint.format(network.address)
         let name = network.name
@@ -290,9 +369,88 @@ public final class InstanceNetworks: Sendable {
             destroy(network)
             throw ApusError(.unavailable, "cannot create network namespace \(name): \(error.message)")
         }
+        return network
+    }
+
+    /// An unprivileged apusd's namespace: a holder makes a user and a network namespace, gets its uid/gid maps, a
+    /// veth pair is made on the host with the peer moved into the holder's namespace, and the inside is set up by
+    /// `ip`/`nft` run as root of the holder's user namespace (the same rules as `create`'s).
+    private func createHeld(_ network: Network, _ userNamespaces: UserNamespaces) throws(ApusError) -> Network {
+        var network = network
+        let holder = try startHolder(userNamespaces.initPath)
+        network.holder = holder
+        let gateway = InstanceEndpoint.format(network.gateway)
+        let address = InstanceEndpoint.format(network.address)
+        let link = network.hostInterface
+        let host = """
+            set -e
+            \(ipPath) link add \(link) type veth peer name eth0 netns \(holder)
+            echo 1 > /proc/sys/net/ipv6/conf/\(link)/disable_ipv6
+            \(ipPath) addr add \(gateway)/30 dev \(link)
+            \(ipPath) link set \(link) up
+            """
+        let inside = """
+            set -e
+            \(ipPath) addr add \(address)/30 dev eth0
+            \(ipPath) link set lo up
+            \(ipPath) link set eth0 up
+            \(ipPath) route add \(InstanceEndpoint.format(servicesAddress))/32 via \(gateway) dev eth0
+            echo 1 > /proc/sys/net/ipv6/conf/eth0/disable_ipv6
+            echo 1 > /proc/sys/net/ipv4/conf/eth0/route_localnet
+            exec \(nftPath) -f -
+            """
+        let rules = """
+            table ip apus { chain prerouting { type nat hook prerouting priority dstnat; policy accept; \
+            iifname "eth0" ip daddr \(address) dnat to 127.0.0.1; }; }
+            """
+        do throws(ApusError) {
+            try userNamespaces.ids.map(pid: holder)
+            try run(["/bin/sh", "-c", host])
+            try run([userNamespaces.initPath, "--userns", network.userNamespacePath!, "--netns", network.path, "--", "/bin/sh", "-c", inside],
+                    input: rules)
+        } catch {
+            destroy(network)
+            throw ApusError(.unavailable, "cannot create network namespace \(network.name) (holder \(holder)): \(error.message)")
+        }
+        return network
+    }
+
+    /// Starts `apus-sandbox-init --hold` and waits for its "ready" (its namespaces exist); returns its pid.
+    private func startHolder(_ initPath: String) throws(ApusError) -> Int32 {
+        let child = try ChildProcess.spawn(argv: [initPath, "--hold"], environment: [:], workingDirectory: "/", stdinPipe: true)
+        var line: [UInt8] = []
+        var byte: UInt8 = 0
+        while line.count < 64 {
+            let n = read(child.stdoutFD, &byte, 1)
+            if n < 0, errno == EINTR { continue }
+            if n <= 0 || byte == UInt8(ascii: "\n") { break }
+            line.append(byte)
+        }
+        close(child.stdoutFD)
+        guard String(decoding: line, as: UTF8.self) == "ready" else {
+            var reason = [UInt8](repeating: 0, count: 512)
+            let n = read(child.stderrFD, &reason, reason.count)
+            close(child.stderrFD)
+            if let stdin = child.stdinFD { close(stdin) }
+            kill(child.pid, SIGKILL)
+            _ = child.waitForExit()
+            let text = n > 0 ? String(decoding: reason[0..<n], as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines) : "no reason given"
+            throw ApusError(.unavailable, "the namespace holder did not start: \(text)")
+        }
+        close(child.stderrFD)
+        holders.withLock { $0[child.pid] = child.stdinFD! }
+        return child.pid
     }
 
     private func destroy(_ network: Network) {
+        if let holder = network.holder {
+            _ = try? run([ipPath, "link", "delete", network.hostInterface])
+            if let stdin = holders.withLock({ $0.removeValue(forKey: holder) }) { close(stdin) }
+            kill(holder, SIGKILL)
+            var status: Int32 = 0
+            while waitpid(holder, &status, 0) == -1, errno == EINTR {}
+            return
+        }
         _ = try? run([ipPath, "netns", "delete", network.name])
         _ = try? run([ipPath, "link", "delete", network.hostInterface])
     }
@@ -300,7 +458,8 @@ public final class InstanceNetworks: Sendable {
     /// Namespaces and links a killed apusd left in this block, and its table.
     private func removeLeftovers() throws(ApusError) {
         let prefix = "apus-\(block)-"
-        let names = (try? FileManager.default.contentsOfDirectory(atPath: "/run/netns")) ?? []
+        // An unprivileged apusd's namespaces die with their holders (killed with the apusd that started them).
+        let names = userNamespaces == nil ? ((try? FileManager.default.contentsOfDirectory(atPath: "/run/netns")) ?? []) : []
         for name in names where name.hasPrefix(prefix) {
             _ = try? run([ipPath, "netns", "delete", name])
         }
@@ -374,6 +533,12 @@ public final class InstanceNetworks: Sendable {
     /// Runs a command to its end; throws with its first line of stderr when it fails.
     @discardableResult
     func run(_ argv: [String], input: String? = nil) throws(ApusError) -> String {
+        // An unprivileged apusd lends the CAP_NET_ADMIN it holds to this command alone: ambient on this thread
+        // while the command is started (no other thread, and no other program apusd starts, has it).
+        if userNamespaces != nil, apus_ambient_capability(1, Int32(Self.netAdmin)) != 0 {
+            throw ApusError(.unavailable, "cannot lend CAP_NET_ADMIN to \(argv[0]): \(String(cString: strerror(errno))) (it must be permitted and inheritable, as AmbientCapabilities= makes it)")
+        }
+        defer { if userNamespaces != nil { _ = apus_ambient_capability(0, Int32(Self.netAdmin)) } }
         let output = try CodeArchive.run(argv[0], Array(argv.dropFirst()), input: input.map { Data($0.utf8) }, failureCode: .unavailable)
         return String(decoding: output, as: UTF8.self)
     }

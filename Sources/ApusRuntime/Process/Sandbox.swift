@@ -11,7 +11,9 @@ import Glibc
 /// own cgroup (memory, CPU, pids) before anything else runs, gets its own mount, pid, ipc, uts and cgroup
 /// namespaces with system directories and its code read-only, a private size-capped `/tmp` and a minimal `/etc`,
 /// then drops to an unprivileged uid of its own with no capabilities, `no_new_privs` and a seccomp filter, in a new
-/// session. Without some layer apusd refuses to start unless `--insecure-sandbox` says so (`SandboxLayers`).
+/// session. An apusd that is not root gets the same layers from user namespaces, its subordinate ids, a delegated
+/// cgroup and CAP_NET_ADMIN (`detectUnprivileged`). Without some layer apusd refuses to start unless
+/// `--insecure-sandbox` says so (`SandboxLayers`).
 public struct Sandbox: Sendable {
     public enum Mode: String, Sendable {
         case bubblewrap = "bwrap"
@@ -33,6 +35,9 @@ public struct Sandbox: Sendable {
     public let networks: InstanceNetworks?
     /// Why each missing layer is missing (for the start-up log and `apusd --check`).
     public let problems: [String]
+    /// How apusd itself runs and gets each layer (root, or unprivileged with user namespaces, a delegated cgroup
+    /// and CAP_NET_ADMIN): lines for the start-up log and `apusd --check`.
+    public var privilege: [String] = []
     public static let openFilesLimit = 1024
 
     /// The mount point of the function's code inside the sandbox.
@@ -63,11 +68,14 @@ public struct Sandbox: Sendable {
             seccomp: mode == .bubblewrap && identities != nil,
             minimalEtc: mode == .bubblewrap && etcDirectory != nil,
             cgroups: cgroups?.version.rawValue,
-            network: mode == .bubblewrap && networks != nil)
+            network: mode == .bubblewrap && networks != nil,
+            apusd: getuid() == 0 ? "root" : "unprivileged",
+            uidMapping: identities == nil ? nil : (networks?.userNamespaces == nil ? "setuid" : "userns"))
     }
 
     /// Probes the host: bubblewrap when present and able to build a namespace here; the privilege layer when
-    /// apusd is root and `initPath` exists; cgroups when a tree with memory, cpu and pids is writable.
+    /// `initPath` exists and apusd is root (or, unprivileged, has what `detectUnprivileged` needs); cgroups when a
+    /// tree with memory, cpu and pids is writable.
     /// `instanceNetwork`: the range instance links are numbered from (`--instance-network`); nil: no network
     /// namespaces (unit tests).
     public static func detect(
@@ -111,9 +119,11 @@ public struct Sandbox: Sendable {
         var cgroups: InstanceCgroups?
         var etc: URL?
         var networks: InstanceNetworks?
+        var privilege: [String] = []
         if let stateDirectory {
             if let initPath, FileManager.default.isExecutableFile(atPath: initPath) {
                 if getuid() == 0 {
+                    privilege.append("apusd runs as root: each instance is given its uid by apus-sandbox-init (setresuid) after bubblewrap")
                     identities = SandboxIdentities(range: uids, directory: stateDirectory.appendingPathComponent("users"))
                     // Instances join their cgroup through apus-sandbox-init, so cgroups come with it.
                     switch InstanceCgroups.detect(root: cgroupRoot) {
@@ -129,7 +139,12 @@ public struct Sandbox: Sendable {
                         }
                     }
                 } else {
-                    problems.append("apusd is not root: instances cannot be given uids of their own (run as root, see docs/security.md)")
+                    let unprivileged = detectUnprivileged(logger: logger, initPath: initPath, uids: uids, cgroupRoot: cgroupRoot,
+                                                          instanceNetwork: instanceNetwork,
+                                                          usersDirectory: stateDirectory.appendingPathComponent("users"))
+                    (identities, cgroups, networks) = (unprivileged.identities, unprivileged.cgroups, unprivileged.networks)
+                    privilege += unprivileged.privilege
+                    problems += unprivileged.problems
                 }
             } else {
                 problems.append("apus-sandbox-init not found\(initPath.map { " at \($0)" } ?? ""): instances keep apusd's uid and capabilities, no seccomp")
@@ -140,8 +155,52 @@ public struct Sandbox: Sendable {
                 problems.append("cannot write the minimal /etc: \(error.localizedDescription)")
             }
         }
-        return Sandbox(mode: .bubblewrap, bwrapPath: bwrap, prlimitPath: prlimit, initPath: identities == nil ? nil : initPath,
-                       cgroups: cgroups, identities: identities, etcDirectory: etc, networks: networks, problems: problems)
+        var sandbox = Sandbox(mode: .bubblewrap, bwrapPath: bwrap, prlimitPath: prlimit, initPath: identities == nil ? nil : initPath,
+                              cgroups: cgroups, identities: identities, etcDirectory: etc, networks: networks, problems: problems)
+        sandbox.privilege = privilege
+        return sandbox
+    }
+
+    /// The layers an apusd that is not root can still give every instance: a user namespace per instance (held with
+    /// its network namespace, `InstanceNetworks.UserNamespaces`) mapping the instance's uid from its user's
+    /// subordinate ids, cgroups below its own delegated cgroup, and network namespaces linked to the host with the
+    /// CAP_NET_ADMIN it was granted. The uid layer needs the network's user namespaces, so without them (or without
+    /// subordinate ids) instances get none of the three.
+    static func detectUnprivileged(logger: Logger, initPath: String, uids: ClosedRange<UInt32>, cgroupRoot: URL, instanceNetwork: String?,
+                                   usersDirectory: URL)
+        -> (identities: SandboxIdentities?, cgroups: InstanceCgroups?, networks: InstanceNetworks?, privilege: [String], problems: [String])
+    {
+        var privilege = ["apusd runs unprivileged as uid \(getuid()): instances get user namespaces of their own"]
+        var problems: [String] = []
+        let ids: SubordinateIDs
+        switch SubordinateIDs.detect(preferred: uids) {
+        case .success(let found):
+            ids = found
+            privilege.append("uid mapping: \(found.description)")
+        case .failure(let error):
+            problems.append("apusd is not root and cannot map instance uids: \(error.message); instances cannot be given uids of their own (see docs/security.md, \"An unprivileged apusd\")")
+            return (nil, nil, nil, privilege, problems)
+        }
+        var cgroups: InstanceCgroups?
+        switch InstanceCgroups.detect(root: cgroupRoot, delegated: true) {
+        case .success(let found):
+            cgroups = found
+            privilege.append("cgroups: \(found.version.rawValue), delegated to apusd (\(found.parents.values.map(\.path).sorted().joined(separator: ", ")))")
+        case .failure(let error):
+            problems.append("no cgroups: \(error.message); memory is limited as address space")
+        }
+        guard let instanceNetwork, instanceNetwork != "none" else {
+            problems.append("network namespaces disabled by --instance-network none: an unprivileged apusd then has no user namespaces for instance uids either")
+            return (nil, nil, nil, privilege, problems)
+        }
+        switch InstanceNetworks.setUp(range: instanceNetwork, userNamespaces: .init(initPath: initPath, ids: ids), logger: logger) {
+        case .success(let networks):
+            privilege.append("network: \(networks.privilegeDescription)")
+            return (SandboxIdentities(range: ids.range, directory: usersDirectory), cgroups, networks, privilege, problems)
+        case .failure(let error):
+            problems.append("no network namespaces: \(error.message); an unprivileged apusd then has no user namespaces for instance uids either")
+            return (nil, nil, nil, privilege, problems)
+        }
     }
 
     /// Read-only system directories, keeping symlinked ones (merged /usr) as symlinks. No /etc: see `etcArguments`.
@@ -247,7 +306,12 @@ public struct Sandbox: Sendable {
         }
         if let initPath, cgroup != nil || network != nil {
             argv += [initPath] + (cgroup?.procsFiles ?? []).flatMap { ["--cgroup", $0] }
-            if let network { argv += ["--netns", network.path] }
+            if let network {
+                // An unprivileged apusd's namespace belongs to a user namespace of its own: joined first, it makes
+                // the process root there (and nowhere else) for bubblewrap.
+                if let user = network.userNamespacePath { argv += ["--userns", user] }
+                argv += ["--netns", network.path]
+            }
         } else if !argv.isEmpty {
             argv.removeLast()  // `wrap` adds the `--` back
         }
@@ -314,6 +378,10 @@ public struct SandboxLayers: Sendable, Equatable, Codable {
     public var cgroups: String?
     /// A network namespace per instance (`InstanceNetworks`).
     public var network: Bool = false
+    /// How apusd runs: "root" or "unprivileged".
+    public var apusd: String? = nil
+    /// How instances get their uids: "setuid" (a root apusd) or "userns" (an unprivileged apusd's user namespaces).
+    public var uidMapping: String? = nil
 
     /// Whether every layer is on.
     public var complete: Bool { namespaces && unprivileged && seccomp && minimalEtc && cgroups != nil && network }
@@ -322,5 +390,6 @@ public struct SandboxLayers: Sendable, Equatable, Codable {
         [("namespaces", namespaces), ("uid", unprivileged), ("seccomp", seccomp), ("etc", minimalEtc)]
             .map { "\($0.0)=\($0.1 ? "on" : "off")" }.joined(separator: " ")
             + " cgroups=\(cgroups ?? "off") netns=\(network ? "on" : "off")"
+            + (apusd.map { " apusd=\($0)" } ?? "") + (uidMapping.map { " uidmap=\($0)" } ?? "")
     }
 }

@@ -15,6 +15,11 @@ int apus_spawn_file_actions_addchdir(posix_spawn_file_actions_t *actions, const 
 /// Foundation `Process`). A no-op before glibc 2.34.
 int apus_spawn_file_actions_addclosefrom(posix_spawn_file_actions_t *actions, int from);
 
+/// Raises (`raise` != 0) or lowers `capability` in the calling thread's ambient set: a program this thread executes
+/// meanwhile inherits it (it must be in the permitted and inheritable sets). The ambient set of every thread starts
+/// empty: a constructor clears it when the program loads.
+int apus_ambient_capability(int raise, int capability);
+
 /// epoll for the HTTP/1.1 edge reactor (Swift's Glibc module does not export <sys/epoll.h>).
 /// One readiness event: `data` is what the descriptor was registered with.
 typedef struct apus_event {
