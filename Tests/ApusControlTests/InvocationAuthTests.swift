@@ -158,6 +158,24 @@ struct InvocationAuthTests {
         #expect(refusal(open, token(TestJWT.claims(aud: nil))) == nil)
     }
 
+    @Test func aVerifiedTokenIsRememberedButItsTimesAreCheckedOnEveryCall() throws {
+        let verifier = try verifier([TestJWT.jwk(p256.publicKey)])
+        let now = Date()
+        let token = TestJWT.es256(p256, claims: TestJWT.claims(exp: 100, now: now))
+        #expect(try verifier.verify(token, now: now) == "user-1")
+        #expect(verifier.verified.count == 1)
+        #expect(try verifier.verify(token, now: now.addingTimeInterval(50)) == "user-1")
+        // Past exp (and the 30 s leeway) the remembered token is refused like any other.
+        #expect(refusal(verifier, token, now: now.addingTimeInterval(200))?.message.contains("expired") == true)
+        // Refused tokens are never remembered.
+        _ = refusal(verifier, TestJWT.es256(P256.Signing.PrivateKey(), claims: TestJWT.claims()))
+        _ = refusal(verifier, TestJWT.es256(p256, claims: TestJWT.claims(aud: "billing")))
+        #expect(verifier.verified.count == 1)
+        // A new verifier (new keys) starts empty: a token of the old key is checked against the new one.
+        let rotated = try self.verifier([TestJWT.jwk(P256.Signing.PrivateKey().publicKey)])
+        #expect(refusal(rotated, token, now: now)?.message.contains("signature") == true)
+    }
+
     @Test func hmacAndEd25519Keys() throws {
         let secret = String(repeating: "s", count: 40)
         let hmac = try verifier([], hmac: secret)
