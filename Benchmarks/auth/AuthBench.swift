@@ -30,10 +30,12 @@ enum AuthBench {
         let now = Date()
         let claims: [String: Any] = ["iss": "https://bench.apus", "aud": "bench", "sub": "bench", "exp": Int(now.timeIntervalSince1970) + 86_400]
 
-        func signed(_ alg: String, kid: String?, _ sign: (Data) throws -> Data) -> String {
+        func signed(_ alg: String, kid: String?, subject: String = "bench", _ sign: (Data) throws -> Data) -> String {
             var header: [String: Any] = ["alg": alg, "typ": "JWT"]
             if let kid { header["kid"] = kid }
-            let input = segment(header) + "." + segment(claims)
+            var body = claims
+            body["sub"] = subject
+            let input = segment(header) + "." + segment(body)
             return input + "." + b64(try! sign(Data(input.utf8)))
         }
 
@@ -112,6 +114,28 @@ enum AuthBench {
             try measure("gateway auth: \(name)") {
                 _ = try guardian.authorize(function: "bench", auth: auth, credential: "Bearer \(credential)")
             }
+        }
+        // A token the gateway has not seen yet: its signature is checked (the per-verifier cache holds the ones that
+        // verified). COLD distinct tokens per algorithm, each checked once per round on a verifier of its own.
+        let cold = Int(ProcessInfo.processInfo.environment["COLD"] ?? "") ?? 1000
+        let signers: [(String, (String) -> String)] = [
+            ("ES256", { subject in signed("ES256", kid: "ec", subject: subject) { try p256.signature(for: $0).rawRepresentation } }),
+            ("RS256 (2048-bit)", { subject in signed("RS256", kid: "rsa", subject: subject) { try rsa.signature(for: SHA256.hash(data: $0), padding: .insecurePKCS1v1_5).rawRepresentation } }),
+            ("EdDSA (Ed25519)", { subject in signed("EdDSA", kid: "ed", subject: subject) { try ed.signature(for: $0) } }),
+            ("HS256 (hmac_secret)", { subject in signed("HS256", kid: nil, subject: subject) { Data(HMAC<SHA256>.authenticationCode(for: $0, using: SymmetricKey(data: Array(hmacSecret.utf8)))) } }),
+        ]
+        for (name, sign) in signers {
+            let tokens = (0..<cold).map { sign("user-\($0)") }
+            var perCall: [Double] = []
+            for _ in 0..<rounds {
+                let verifier = try JWTVerifier(settings: jwt, jwks: jwksText, hmacKey: hmacSecret)
+                let start = ContinuousClock.now
+                for token in tokens { _ = try verifier.verify(token, now: now) }
+                let elapsed = ContinuousClock.now - start
+                perCall.append((Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18) * 1e6 / Double(cold))
+            }
+            perCall.sort()
+            print("| gateway auth: JWT \(name), first check of a token | \(String(format: "%.2f", perCall[perCall.count / 2])) | \(String(format: "%.2f", perCall.first!))–\(String(format: "%.2f", perCall.last!)) |")
         }
         measure("gateway auth: refused (no credential)") {
             do throws(ApusError) {
