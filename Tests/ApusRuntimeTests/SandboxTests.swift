@@ -209,6 +209,29 @@ struct InstanceNetworkTests {
         #expect(line.hasSuffix("-- /.apus-init --default-route 10.213.0.21 --drop-caps --gid 400003 --uid 400003 --seccomp -- /code/server"))
     }
 
+    @Test func aSlotMadeAheadWaitsInsideItsSandboxForTheSameInnerCommand() throws {
+        let sandbox = try sandbox()
+        let code = URL(fileURLWithPath: "/data/prewarm/sandbox-slot-1")
+        let waiting = try sandbox.waitingInside(codeDirectory: code, runtimeDirectory: URL(fileURLWithPath: "/rt"),
+                                                tmpBytes: 1 << 34, uid: 400_004).joined(separator: " ")
+        // bubblewrap with the slot's own code folder, uid (its /etc) and the runtime files, around a waiting init:
+        // no route, no privilege drop and no filter yet, and no command.
+        #expect(waiting.hasPrefix("/usr/bin/bwrap --die-with-parent --new-session"))
+        #expect(waiting.contains("--ro-bind /data/prewarm/sandbox-slot-1 /code --ro-bind /rt /apus"))
+        #expect(waiting.contains("/users/400004/passwd /etc/passwd"))
+        #expect(waiting.hasSuffix("--ro-bind /opt/apus/apus-sandbox-init /.apus-init --chdir /code -- /.apus-init --wait"))
+        // What it is handed is exactly the tail of a sandbox made on demand for the same instance.
+        let inner = sandbox.innerCommand(command: ["/code/server"], uid: 400_004, defaultRoute: network.gateway)
+        let onDemand = try sandbox.wrap(command: ["/code/server"], codeDirectory: code, runtimeDirectory: nil,
+                                        limits: ResourceLimits(memoryBytes: 1 << 27, cpuMillis: 500, pids: 64), uid: 400_004,
+                                        network: network, egress: .all)
+        #expect(Array(onDemand.suffix(inner.count)) == inner)
+        #expect(inner.joined(separator: " ") == "/.apus-init --default-route 10.213.0.21 --drop-caps --gid 400004 --uid 400004 --seccomp -- /code/server")
+        // Without bubblewrap there is nothing to make ahead.
+        let plain = Sandbox(mode: .rlimitsOnly, bwrapPath: nil, prlimitPath: "/usr/bin/prlimit")
+        #expect(throws: ApusError.self) { try plain.waitingInside(codeDirectory: code, runtimeDirectory: nil, tmpBytes: 1, uid: 400_004) }
+    }
+
     @Test(arguments: [FunctionManifest.Egress.mesh, .none])
     func withoutEgressThereIsNoDefaultRoute(egress: FunctionManifest.Egress) throws {
         let argv = try sandbox().wrap(command: ["/code/server"], codeDirectory: URL(fileURLWithPath: "/data/code/x"), runtimeDirectory: nil,

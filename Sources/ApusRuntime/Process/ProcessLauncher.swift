@@ -70,9 +70,14 @@ public final class ProcessLauncher: InstanceLauncher {
         self.logs = logs
         self.logger = logger
         if let prewarm = configuration.prewarm, prewarm.python3 > 0 {
-            self.prewarmPool = PrewarmPool(settings: prewarm, logger: logger)
+            self.prewarmPool = PrewarmPool(settings: prewarm, logger: logger)  // empties the folder
         } else {
             self.prewarmPool = nil
+            if let folder = configuration.prewarm?.directory {
+                // Sandbox slots keep their code folders here too: none from an earlier run is in use.
+                try? FileManager.default.removeItem(at: folder)
+                try? FileManager.default.createDirectory(at: folder, withIntermediateDirectories: true)
+            }
         }
         if configuration.sandboxSlots > 0, sandbox.mode == .bubblewrap, sandbox.cgroups != nil, sandbox.initPath != nil {
             self.slotPool = SandboxSlotPool(size: configuration.sandboxSlots, logger: logger)
@@ -331,25 +336,30 @@ public final class ProcessLauncher: InstanceLauncher {
     private func startInSlot(_ slot: ManagedProcess, spec: InstanceSpec, environment: [String: String], owner: ManagedProcess.Owner,
                              onExit: @escaping @Sendable (InstanceExit) -> Void, logger: Logger) async -> ManagedProcess? {
         let limits = ResourceLimits(spec.manifest)
-        var uid: UInt32?
         do throws(ApusError) {
-            uid = try sandbox.identities?.allocate()
-            let command = try sandbox.confined(
-                command: command(for: spec), codeDirectory: spec.codeDirectory,
-                runtimeDirectory: spec.manifest.runtime == .python3 ? configuration.runtimeDirectory : nil,
-                limits: limits, uid: uid, defaultRoute: spec.manifest.egress == .all ? slot.network?.gateway : nil)
-            try slot.startInSlot(command: command, environment: environment, limits: limits, uid: uid, owner: owner, onExit: onExit)
+            // The slot's own uid (its /etc already names it), taken when the slot was made.
+            let uid = slot.assignedUID
+            let defaultRoute = spec.manifest.egress == .all ? slot.network?.gateway : nil
+            let command: [String]
+            if slot.slot != nil, let uid {
+                // Made ahead: the sandbox is up; its init waits for the instance's command.
+                command = sandbox.innerCommand(command: self.command(for: spec), uid: uid, defaultRoute: defaultRoute)
+            } else {
+                command = try sandbox.confined(
+                    command: self.command(for: spec), codeDirectory: spec.codeDirectory,
+                    runtimeDirectory: spec.manifest.runtime == .python3 ? configuration.runtimeDirectory : nil,
+                    limits: limits, uid: uid, defaultRoute: defaultRoute)
+            }
+            try slot.startInSlot(command: command, environment: environment, limits: limits,
+                                 code: slot.slot != nil ? spec.codeDirectory : nil, owner: owner, onExit: onExit)
             return slot
         } catch {
-            if let uid, slot.assignedUID == nil { sandbox.identities?.release(uid) }
             logger.warning("sandbox slot could not be used, starting the instance anew", metadata: ["reason": "\(error.message)"])
             await slot.stop(grace: .milliseconds(200))
             return nil
         }
     }
 
-    /// What confines one process beyond the namespaces bubblewrap makes: its own uid, its cgroup and its network
-    /// namespace, where the sandbox has them.
     struct Confinement: Sendable {
         var uid: UInt32?
         var cgroup: InstanceCgroup?
@@ -391,6 +401,8 @@ public final class ProcessLauncher: InstanceLauncher {
         let child = try ChildProcess.spawn(argv: argv, environment: environment, workingDirectory: workingDirectory, stdinPipe: stdinPipe)
         let process = ManagedProcess(child: child, owner: owner, onExit: onExit, slot: slot, cgroup: confinement.cgroup,
                                      network: confinement.network, memoryLimit: memoryLimit)
+        // The process's uid, for whoever hands it an instance later (a sandbox slot runs its instance as it).
+        if let uid = confinement.uid { process.assignUID(uid) }
         let logs = self.logs
         let logger = self.logger
         for (fd, stream) in [(child.stdoutFD, "stdout"), (child.stderrFD, "stderr")] {

@@ -322,36 +322,61 @@ public struct Sandbox: Sendable {
     /// bubblewrap. `defaultRoute`: the gateway of the instance's namespace when its egress reaches the world.
     func confined(command: [String], codeDirectory: URL, runtimeDirectory: URL?, limits: ResourceLimits,
                   uid: UInt32?, defaultRoute: UInt32? = nil) throws(ApusError) -> [String] {
-        var argv: [String] = []
         switch mode {
         case .rlimitsOnly:
-            argv += command
+            return command
         case .bubblewrap:
-            argv += [bwrapPath!, "--die-with-parent", "--new-session", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try"]
-            argv += ["--hostname", "apus"]
-            argv += Self.systemMountArguments()
-            let accounts = try uid.flatMap { uid throws(ApusError) in try identities?.accountFiles(for: uid) }
-            argv += etcArguments(accounts: accounts)
-            argv += ["--proc", "/proc", "--dev", "/dev"]
-            // /tmp: private, world-writable with the sticky bit, never larger than the memory limit (its pages are
-            // also charged to the instance's cgroup).
-            argv += ["--perms", "1777", "--size", String(limits.memoryBytes), "--tmpfs", "/tmp"]
-            argv += ["--ro-bind", codeDirectory.path, Self.codeMount]
-            if let runtimeDirectory {
-                argv += ["--ro-bind", runtimeDirectory.path, Self.runtimeMount]
-            }
-            if let uid, let initPath {
-                argv += ["--ro-bind", initPath, Self.initMount]
-                argv += ["--chdir", Self.codeMount, "--"]
-                argv += [Self.initMount]
-                if let defaultRoute { argv += ["--default-route", InstanceEndpoint.format(defaultRoute)] }
-                argv += ["--drop-caps", "--gid", String(uid), "--uid", String(uid), "--seccomp", "--"]
+            var argv = try bubblewrapArguments(codeDirectory: codeDirectory, runtimeDirectory: runtimeDirectory,
+                                               tmpBytes: limits.memoryBytes, uid: uid)
+            if let uid, initPath != nil {
+                argv += innerCommand(command: command, uid: uid, defaultRoute: defaultRoute)
             } else {
-                argv += ["--chdir", Self.codeMount, "--"]
+                argv += command
             }
-            argv += command
+            return argv
         }
-        return argv
+    }
+
+    /// A sandbox made ahead of its instance (a prebuilt sandbox slot): bubblewrap with the slot's own code folder,
+    /// uid and /etc, around `apus-sandbox-init --wait`, which waits inside it — still root of the sandbox, before
+    /// the route, the privilege drop and the filter — for `innerCommand` on its stdin. `tmpBytes` sizes /tmp before
+    /// the function is known (its pages are charged to the instance's cgroup either way).
+    func waitingInside(codeDirectory: URL, runtimeDirectory: URL?, tmpBytes: Int64, uid: UInt32) throws(ApusError) -> [String] {
+        guard mode == .bubblewrap, initPath != nil else {
+            throw ApusError(.internal, "a sandbox made ahead needs bubblewrap and apus-sandbox-init")
+        }
+        return try bubblewrapArguments(codeDirectory: codeDirectory, runtimeDirectory: runtimeDirectory, tmpBytes: tmpBytes, uid: uid)
+            + [Self.initMount, "--wait"]
+    }
+
+    /// What the `apus-sandbox-init` inside the sandbox runs `command` with: the route (for `egress: all`), every
+    /// capability dropped, the instance's uid and gid, the seccomp filter. In-sandbox paths.
+    func innerCommand(command: [String], uid: UInt32, defaultRoute: UInt32?) -> [String] {
+        var argv = [Self.initMount]
+        if let defaultRoute { argv += ["--default-route", InstanceEndpoint.format(defaultRoute)] }
+        argv += ["--drop-caps", "--gid", String(uid), "--uid", String(uid), "--seccomp", "--"]
+        return argv + command
+    }
+
+    /// bubblewrap's part of the argv, up to the command it runs (`--chdir /code --`).
+    private func bubblewrapArguments(codeDirectory: URL, runtimeDirectory: URL?, tmpBytes: Int64, uid: UInt32?) throws(ApusError) -> [String] {
+        var argv = [bwrapPath!, "--die-with-parent", "--new-session", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try"]
+        argv += ["--hostname", "apus"]
+        argv += Self.systemMountArguments()
+        let accounts = try uid.flatMap { uid throws(ApusError) in try identities?.accountFiles(for: uid) }
+        argv += etcArguments(accounts: accounts)
+        argv += ["--proc", "/proc", "--dev", "/dev"]
+        // /tmp: private, world-writable with the sticky bit, never larger than the memory limit (its pages are
+        // also charged to the instance's cgroup).
+        argv += ["--perms", "1777", "--size", String(tmpBytes), "--tmpfs", "/tmp"]
+        argv += ["--ro-bind", codeDirectory.path, Self.codeMount]
+        if let runtimeDirectory {
+            argv += ["--ro-bind", runtimeDirectory.path, Self.runtimeMount]
+        }
+        if uid != nil, let initPath {
+            argv += ["--ro-bind", initPath, Self.initMount]
+        }
+        return argv + ["--chdir", Self.codeMount, "--"]
     }
 
     static func findExecutable(_ name: String) -> String? {

@@ -41,17 +41,43 @@ final class SandboxSlotPool: Sendable {
     }
 
     private static func spawnWaiting(_ launcher: ProcessLauncher) throws(ApusError) -> ManagedProcess {
-        let confinement = try launcher.confine(name: Identifier.make(prefix: "slot-", length: 12), limits: waitingLimits)
+        let name = Identifier.make(prefix: "slot-", length: 12)
+        let confinement = try launcher.confine(name: name, limits: waitingLimits)
         guard confinement.cgroup != nil else {
             launcher.release(confinement)
             throw ApusError(.unavailable, "sandbox slots need cgroups")
         }
-        let argv = launcher.sandbox.outerArguments(limits: waitingLimits, cgroup: confinement.cgroup, network: confinement.network) + ["--wait"]
+        var argv = launcher.sandbox.outerArguments(limits: waitingLimits, cgroup: confinement.cgroup, network: confinement.network)
+        // Where the slot can have a code folder of its own (beside the prewarmed processes'), it waits inside its
+        // sandbox, made ahead: taking it is then a hard-linked code folder, the cgroup limits and one execve.
+        var folder: URL?
+        if let uid = confinement.uid, let root = launcher.configuration.prewarm?.directory {
+            let code = root.appendingPathComponent("sandbox-" + name)
+            do {
+                try FileManager.default.createDirectory(at: code, withIntermediateDirectories: true)
+            } catch {
+                launcher.release(confinement)
+                throw ApusError(.internal, "cannot create sandbox slot folder \(code.path): \(error)")
+            }
+            do throws(ApusError) {
+                argv += ["--"] + (try launcher.sandbox.waitingInside(
+                    codeDirectory: code, runtimeDirectory: launcher.configuration.runtimeDirectory,
+                    tmpBytes: Int64(ProcessInfo.processInfo.physicalMemory), uid: uid))
+                folder = code
+            } catch {
+                try? FileManager.default.removeItem(at: code)
+                launcher.release(confinement)
+                throw error
+            }
+        } else {
+            argv += ["--wait"]
+        }
         do throws(ApusError) {
             return try launcher.spawn(argv: argv, environment: ["PATH": "/usr/bin:/bin"], workingDirectory: "/",
-                                      owner: nil, onExit: nil, stdinPipe: true, confinement: confinement,
+                                      owner: nil, onExit: nil, stdinPipe: true, slot: folder, confinement: confinement,
                                       memoryLimit: waitingLimits.memoryBytes)
         } catch {
+            if let folder { try? FileManager.default.removeItem(at: folder) }
             launcher.release(confinement)
             throw error
         }
@@ -66,14 +92,14 @@ final class SandboxSlotPool: Sendable {
 extension ManagedProcess {
     /// Turns a waiting sandbox slot into an instance: the function's limits on its cgroup, its owner, then the
     /// sandbox's command line and environment written to the waiting `apus-sandbox-init`, which executes them.
-    func startInSlot(command: [String], environment: [String: String], limits: ResourceLimits, uid: UInt32?,
+    func startInSlot(command: [String], environment: [String: String], limits: ResourceLimits, code: URL?,
                      owner: Owner, onExit: @escaping @Sendable (InstanceExit) -> Void) throws(ApusError) {
         guard let stdinFD = child.stdinFD else {
             throw ApusError(.internal, "process \(pid) is not a sandbox slot")
         }
         defer { close(stdinFD) }
+        if let code, let slot { try CodeLinker.link(contentsOf: code, into: slot) }
         try applyLimits(limits)
-        if let uid { assignUID(uid) }
         guard assign(owner, onExit: onExit) else {
             throw ApusError(.unavailable, "sandbox slot \(pid) ended before it was used")
         }
