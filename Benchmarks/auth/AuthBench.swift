@@ -64,27 +64,11 @@ enum AuthBench {
         let rsa = try _RSA.Signing.PrivateKey(keySize: .bits2048)
         let ed = Curve25519.Signing.PrivateKey()
         let hmacSecret = String(repeating: "k", count: 48)
-        func rsaNumbers(_ key: _RSA.Signing.PublicKey) -> (n: [UInt8], e: [UInt8]) {
-            let der = Array(key.pkcs1DERRepresentation)
-            var index = 0
-            func length() -> Int {
-                let first = Int(der[index]); index += 1
-                guard first & 0x80 != 0 else { return first }
-                var value = 0
-                for _ in 0..<(first & 0x7f) { value = value << 8 | Int(der[index]); index += 1 }
-                return value
-            }
-            index += 1; _ = length()
-            index += 1; let nLength = length(); var n = Array(der[index..<(index + nLength)]); index += nLength
-            index += 1; let eLength = length(); let e = Array(der[index..<(index + eLength)])
-            while n.first == 0 { n.removeFirst() }
-            return (n, e)
-        }
-        let (n, e) = rsaNumbers(rsa.publicKey)
+        let numbers = try rsa.publicKey.getKeyPrimitives()
         let raw = p256.publicKey.rawRepresentation
         let jwks: [String: Any] = ["keys": [
             ["kty": "EC", "crv": "P-256", "kid": "ec", "x": b64(raw.prefix(32)), "y": b64(raw.suffix(32))],
-            ["kty": "RSA", "kid": "rsa", "n": b64(n), "e": b64(e)],
+            ["kty": "RSA", "kid": "rsa", "n": b64(numbers.modulus), "e": b64(numbers.publicExponent)],
             ["kty": "OKP", "crv": "Ed25519", "kid": "ed", "x": b64(ed.publicKey.rawRepresentation)],
         ]]
         let jwksText = String(decoding: try JSONSerialization.data(withJSONObject: jwks), as: UTF8.self)

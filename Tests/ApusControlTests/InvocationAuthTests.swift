@@ -57,21 +57,8 @@ private enum TestJWT {
     }
 
     static func jwk(_ key: _RSA.Signing.PublicKey, kid: String = "r1") -> [String: Any] {
-        // n and e out of the PKCS#1 DER (SEQUENCE { INTEGER n, INTEGER e }).
-        let der = Array(key.pkcs1DERRepresentation)
-        var index = 0
-        func length() -> Int {
-            let first = Int(der[index]); index += 1
-            guard first & 0x80 != 0 else { return first }
-            var value = 0
-            for _ in 0..<(first & 0x7f) { value = value << 8 | Int(der[index]); index += 1 }
-            return value
-        }
-        index += 1; _ = length()  // SEQUENCE
-        index += 1; let nLength = length(); var n = Array(der[index..<(index + nLength)]); index += nLength
-        index += 1; let eLength = length(); let e = Array(der[index..<(index + eLength)])
-        while n.first == 0 { n.removeFirst() }
-        return ["kty": "RSA", "kid": kid, "n": b64(n), "e": b64(e)]
+        let numbers = try! key.getKeyPrimitives()
+        return ["kty": "RSA", "kid": kid, "n": b64(numbers.modulus), "e": b64(numbers.publicExponent)]
     }
 
     static func jwks(_ keys: [[String: Any]]) -> String {

@@ -293,13 +293,3 @@ public struct JWTVerifier: Sendable {
         }
     }
 }
-
-/// base64url without padding (RFC 7515 §2), as JWKs carry their numbers.
-enum Base64URL {
-    static func decode(_ text: String) -> [UInt8]? {
-        var base64 = text.replacingOccurrences(of: "-", with: "+").replacingOccurrences(of: "_", with: "/")
-        guard !base64.contains("=") || text.hasSuffix("=") else { return nil }
-        while base64.count % 4 != 0 { base64 += "=" }
-        return Data(base64Encoded: base64).map(Array.init)
-    }
-}

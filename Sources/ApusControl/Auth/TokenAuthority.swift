@@ -125,7 +125,7 @@ public final class TokenAuthority: Sendable {
     /// The capability that lets its holder post progress for `taskID` and nothing else: HMAC-SHA256 of the id
     /// under this run's random key, base64url.
     public func progressCapability(taskID: String) -> String {
-        TokenSecret.base64URL(HMAC<SHA256>.authenticationCode(for: Array(taskID.utf8), using: SymmetricKey(data: progressKey)))
+        Base64URL.encode(HMAC<SHA256>.authenticationCode(for: Array(taskID.utf8), using: SymmetricKey(data: progressKey)))
     }
 
     public func isProgressCapability(_ capability: String, for taskID: String) -> Bool {

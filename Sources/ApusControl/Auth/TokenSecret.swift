@@ -11,7 +11,7 @@ public enum TokenSecret {
     public static func generate() -> String {
         var generator = SystemRandomNumberGenerator()
         let bytes = (0..<randomBytes).map { _ in UInt8.random(in: .min ... .max, using: &generator) }
-        return prefix + base64URL(bytes)
+        return prefix + Base64URL.encode(bytes)
     }
 
     /// Lower-case hex SHA-256 of the secret's UTF-8 bytes: what the store keeps and lookups use.
@@ -38,13 +38,6 @@ public enum TokenSecret {
         return String(decoding: text, as: UTF8.self)
     }
 
-    /// base64url without padding (RFC 4648 §5).
-    static func base64URL<B: Sequence>(_ bytes: B) -> String where B.Element == UInt8 {
-        Data(bytes).base64EncodedString()
-            .replacingOccurrences(of: "+", with: "-")
-            .replacingOccurrences(of: "/", with: "_")
-            .replacingOccurrences(of: "=", with: "")
-    }
 
     /// The secret of an `Authorization: Bearer <secret>` value (scheme case-insensitive), or nil.
     public static func bearer(_ authorization: String?) -> String? {

@@ -79,7 +79,7 @@ extension FunctionManifest {
         let auth = ManifestReader(mapping: mapping, path: "auth")
         try auth.rejectUnknownKeys(allowed: ["tokens", "jwt"])
         var settings = AuthSettings()
-        settings.tokens = try parseBool(auth, "tokens", path: "auth.tokens") ?? false
+        settings.tokens = try auth.optionalBool("tokens") ?? false
         if let jwtMapping = try auth.optionalMapping("jwt") {
             settings.jwt = try parseJWT(ManifestReader(mapping: jwtMapping, path: "auth.jwt"))
         }
@@ -109,8 +109,8 @@ extension FunctionManifest {
             }
             settings.jwks = jwks
         }
-        settings.jwksSecret = try parseSecretReference(jwt, "jwks_secret", path: "auth.jwt.jwks_secret")
-        settings.hmacSecret = try parseSecretReference(jwt, "hmac_secret", path: "auth.jwt.hmac_secret")
+        settings.jwksSecret = try optionalSecretReference(jwt, "jwks_secret", path: "auth.jwt.jwks_secret")
+        settings.hmacSecret = try optionalSecretReference(jwt, "hmac_secret", path: "auth.jwt.hmac_secret")
         if settings.jwks != nil && settings.jwksSecret != nil {
             throw ManifestReader.failure("auth.jwt", "has both jwks and jwks_secret; give the keys one way")
         }
@@ -123,31 +123,12 @@ extension FunctionManifest {
             }
             settings.leewaySeconds = Int(leeway.components.seconds)
         }
-        settings.forward = try parseBool(jwt, "forward", path: "auth.jwt.forward") ?? false
+        settings.forward = try jwt.optionalBool("forward") ?? false
         return settings
     }
 
-    private static func parseBool(_ reader: ManifestReader, _ key: String, path: String) throws(ApusError) -> Bool? {
-        guard let text = try reader.optionalString(key) else { return nil }
-        switch text {
-        case "true": return true
-        case "false": return false
-        default: throw ManifestReader.failure(path, "must be true or false (got \"\(text.prefix(40))\")")
-        }
-    }
-
-    private static func parseSecretReference(_ reader: ManifestReader, _ key: String, path: String) throws(ApusError) -> SecretReference? {
+    private static func optionalSecretReference(_ reader: ManifestReader, _ key: String, path: String) throws(ApusError) -> SecretReference? {
         guard let mapping = try reader.optionalMapping(key) else { return nil }
-        let entry = ManifestReader(mapping: mapping, path: path)
-        try entry.rejectUnknownKeys(allowed: ["secret", "key"])
-        let secret = try entry.requiredString("secret")
-        guard SecretReference.isSecretName(secret) else {
-            throw ManifestReader.failure("\(path).secret", "\(SecretReference.secretNameRule) (got \"\(secret.prefix(100))\")")
-        }
-        let secretKey = try entry.requiredString("key")
-        guard SecretReference.isKeyName(secretKey) else {
-            throw ManifestReader.failure("\(path).key", "\(SecretReference.keyNameRule) (got \"\(secretKey.prefix(100))\")")
-        }
-        return SecretReference(secret: secret, key: secretKey)
+        return try parseSecretReference(ManifestReader(mapping: mapping, path: path), path: path)
     }
 }

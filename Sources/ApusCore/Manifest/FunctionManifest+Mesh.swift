@@ -35,14 +35,7 @@ extension FunctionManifest {
         guard isMeshServiceName(service) else {
             throw ManifestReader.failure("mesh.service", "must be 1-253 characters of a-z, 0-9, '.' and '-', start and end with a letter or digit and contain a letter, e.g. payments.refund (got \"\(service.prefix(80))\")")
         }
-        var sidecar = false
-        if let text = try mesh.optionalString("sidecar") {
-            switch text {
-            case "true": sidecar = true
-            case "false": sidecar = false
-            default: throw ManifestReader.failure("mesh.sidecar", "must be true or false (got \"\(text)\")")
-            }
-        }
+        let sidecar = try mesh.optionalBool("sidecar") ?? false
         return MeshSettings(service: service, sidecar: sidecar)
     }
 }

@@ -71,18 +71,22 @@ extension FunctionManifest {
             guard case .mapping(let entryMapping) = valueNode else {
                 throw ManifestReader.failure(path, "must be a mapping naming a stored secret and key, e.g. {secret: db, key: password}")
             }
-            let entry = ManifestReader(mapping: entryMapping, path: path)
-            try entry.rejectUnknownKeys(allowed: ["secret", "key"])
-            let secret = try entry.requiredString("secret")
-            guard SecretReference.isSecretName(secret) else {
-                throw ManifestReader.failure("\(path).secret", "\(SecretReference.secretNameRule) (got \"\(secret.prefix(100))\")")
-            }
-            let key = try entry.requiredString("key")
-            guard SecretReference.isKeyName(key) else {
-                throw ManifestReader.failure("\(path).key", "\(SecretReference.keyNameRule) (got \"\(key.prefix(100))\")")
-            }
-            secrets[name] = SecretReference(secret: secret, key: key)
+            secrets[name] = try parseSecretReference(ManifestReader(mapping: entryMapping, path: path), path: path)
         }
         return secrets
+    }
+
+    /// `{secret: NAME, key: KEY}` at `path` (under `secrets:`, or a key such as `auth.jwt.hmac_secret`).
+    static func parseSecretReference(_ entry: ManifestReader, path: String) throws(ApusError) -> SecretReference {
+        try entry.rejectUnknownKeys(allowed: ["secret", "key"])
+        let secret = try entry.requiredString("secret")
+        guard SecretReference.isSecretName(secret) else {
+            throw ManifestReader.failure("\(path).secret", "\(SecretReference.secretNameRule) (got \"\(secret.prefix(100))\")")
+        }
+        let key = try entry.requiredString("key")
+        guard SecretReference.isKeyName(key) else {
+            throw ManifestReader.failure("\(path).key", "\(SecretReference.keyNameRule) (got \"\(key.prefix(100))\")")
+        }
+        return SecretReference(secret: secret, key: key)
     }
 }

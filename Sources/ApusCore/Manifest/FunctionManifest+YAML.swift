@@ -370,6 +370,15 @@ struct ManifestReader {
         return s
     }
 
+    func optionalBool(_ key: String) throws(ApusError) -> Bool? {
+        guard let text = try optionalString(key) else { return nil }
+        switch text {
+        case "true": return true
+        case "false": return false
+        default: throw Self.failure(fullKey(key), "must be true or false (got \"\(text.prefix(80))\")")
+        }
+    }
+
     func optionalInt(_ key: String) throws(ApusError) -> Int? {
         guard let text = try optionalString(key) else { return nil }
         guard let n = Int(text) else {

@@ -127,10 +127,7 @@ final class GatewayConnectionHandler: ChannelInboundHandler, RemovableChannelHan
         phase = .closed
         inbound = nil
         pendingAsync = nil
-        if heldBodyBytes > 0 {
-            _ = shared.holdBodyBytes(from: heldBodyBytes, to: 0)
-            heldBodyBytes = 0
-        }
+        heldBody.release(in: shared)
         if let current = exchange {
             // The client went away mid-exchange: give back what the exchange holds.
             releaseResources(of: current)
@@ -154,7 +151,7 @@ final class GatewayConnectionHandler: ChannelInboundHandler, RemovableChannelHan
 
     /// Request body bytes this connection holds in memory and counts in the gateway's `httpBodies` budget: what
     /// was read ahead past `BufferedBytesBudget.freePerConnection`, and an asynchronous body being collected.
-    private(set) var heldBodyBytes = 0
+    private(set) var heldBody = HeldBodyBytes()
 
     /// Re-counts what this connection holds after a read; past the gateway's limit the request is refused (429)
     /// and the connection closed.
@@ -162,11 +159,7 @@ final class GatewayConnectionHandler: ChannelInboundHandler, RemovableChannelHan
         guard phase != .closed else { return }
         let ahead = max(0, (inbound?.readableBytes ?? 0) - BufferedBytesBudget.freePerConnection)
         let held = ahead + (pendingAsync.map { $0.raw.count + $0.submission.payload.count } ?? 0)
-        guard held != heldBodyBytes else { return }
-        if shared.holdBodyBytes(from: heldBodyBytes, to: held) {
-            heldBodyBytes = held
-            return
-        }
+        if heldBody.set(held, in: shared) { return }
         let error = GatewayShared.bodyBufferFull(shared.configuration.httpMaxBufferedBytes)
         if exchange != nil {
             failExchange(error, forceClose: true)

@@ -51,24 +51,21 @@ final class GRPCEdgeStream: EdgeStreamOwner, LoopSlotTarget, InstanceStreamOwner
     private var pending: [HTTP2Frame.FramePayload] = []
     /// Request bytes this call holds (waiting for an instance, or an asynchronous body), counted in the gateway's
     /// `httpBodies` budget.
-    var heldBodyBytes = 0
+    var heldBody = HeldBodyBytes()
 
     /// Counts `count` more bytes held; false (and the call ended with RESOURCE_EXHAUSTED) when the gateway holds
     /// its limit.
     func holdBody(_ count: Int) -> Bool {
-        guard shared.holdBodyBytes(from: heldBodyBytes, to: heldBodyBytes + count) else {
+        guard heldBody.add(count, in: shared) else {
             respondAndFinish(status: GRPCWire.statusResourceExhausted,
                              message: GatewayShared.bodyBufferFull(shared.configuration.httpMaxBufferedBytes).message)
             return false
         }
-        heldBodyBytes += count
         return true
     }
 
     func releaseHeldBody() {
-        guard heldBodyBytes > 0 else { return }
-        _ = shared.holdBodyBytes(from: heldBodyBytes, to: 0)
-        heldBodyBytes = 0
+        heldBody.release(in: shared)
     }
     var requestEnded = false
     var responseStarted = false

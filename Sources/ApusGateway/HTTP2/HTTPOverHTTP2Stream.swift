@@ -55,7 +55,7 @@ final class HTTPOverHTTP2Stream: ChannelInboundHandler, LoopSlotTarget {
     private var keepCredential = true
     /// Request body bytes this stream holds (waiting for an instance, or an asynchronous body), counted in the
     /// gateway's `httpBodies` budget.
-    var heldBodyBytes = 0
+    var heldBody = HeldBodyBytes()
     /// Body bytes in `pending`.
     private var pendingBodyBytes = 0
     /// Reading stopped while waiting for an instance, `pending` being full.
@@ -65,18 +65,15 @@ final class HTTPOverHTTP2Stream: ChannelInboundHandler, LoopSlotTarget {
 
     /// Counts `count` more body bytes held; false (and the stream answered 429) when the gateway holds its limit.
     func holdBody(_ count: Int) -> Bool {
-        guard shared.holdBodyBytes(from: heldBodyBytes, to: heldBodyBytes + count) else {
+        guard heldBody.add(count, in: shared) else {
             respond(GatewayShared.bodyBufferFull(shared.configuration.httpMaxBufferedBytes))
             return false
         }
-        heldBodyBytes += count
         return true
     }
 
     func releaseHeldBody() {
-        guard heldBodyBytes > 0 else { return }
-        _ = shared.holdBodyBytes(from: heldBodyBytes, to: 0)
-        heldBodyBytes = 0
+        heldBody.release(in: shared)
     }
 
     init(shared: GatewayShared, peer: String, scheme: String) {

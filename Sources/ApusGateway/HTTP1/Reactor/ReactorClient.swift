@@ -110,21 +110,15 @@ final class ReactorClient: ReactorSocket {
     }
 
     /// Bytes read ahead past `BufferedBytesBudget.freePerConnection`, counted in the gateway's `httpBodies` budget.
-    private var heldBodyBytes = 0
+    private var heldBody = HeldBodyBytes()
 
     /// Re-counts what this connection reads ahead; false when that would take the gateway past its limit.
     private func countHeldBodyBytes() -> Bool {
-        let held = max(0, inbound.readableBytes - BufferedBytesBudget.freePerConnection)
-        guard held != heldBodyBytes else { return true }
-        guard loop.reactor.shared.holdBodyBytes(from: heldBodyBytes, to: held) else { return false }
-        heldBodyBytes = held
-        return true
+        heldBody.set(max(0, inbound.readableBytes - BufferedBytesBudget.freePerConnection), in: loop.reactor.shared)
     }
 
     private func releaseHeldBodyBytes() {
-        guard heldBodyBytes > 0 else { return }
-        _ = loop.reactor.shared.holdBodyBytes(from: heldBodyBytes, to: 0)
-        heldBodyBytes = 0
+        heldBody.release(in: loop.reactor.shared)
     }
 
     /// Serves requests already buffered and reads on if reading had paused.
