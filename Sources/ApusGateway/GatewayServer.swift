@@ -102,6 +102,29 @@ final class GatewayShared: Sendable {
         }
         return (ApusError(.instanceError, "\(reason): instance \(instanceID) \(why)"), true)
     }
+
+    /// How long a call that failed on a still-running instance waits for the instance's end before its client is
+    /// answered without knowing why (an OOM kill reaches the runtime moments after the connection closes).
+    static let instanceEndWait: Duration = .milliseconds(500)
+    static let instanceEndPoll: TimeAmount = .milliseconds(10)
+
+    /// Hands `body` the error for an instance that failed a call, once it is settled: at once when the runtime
+    /// knows why or the instance's process is gone, otherwise when the process ends or `instanceEndWait` passed
+    /// (checked every `instanceEndPoll` on `loop`, the caller's loop). `body` runs on `loop`; the caller checks that
+    /// what failed is still current.
+    func settleInstanceFailure(_ reason: String, instanceID: String?, on loop: any EventLoop,
+                               _ body: @escaping (_ error: ApusError, _ known: Bool) -> Void) {
+        let deadline = NIODeadline.now() + TimeAmount.nanoseconds(Self.instanceEndWait.nanoseconds)
+        func check() {
+            let failure = instanceFailure(reason, instanceID: instanceID)
+            guard !failure.known, let instanceID, scheduler.instanceIsRunning(instanceID), NIODeadline.now() < deadline else {
+                body(failure.error, failure.known)
+                return
+            }
+            loop.assumeIsolated().scheduleTask(in: Self.instanceEndPoll) { check() }
+        }
+        check()
+    }
     private let pools: [ObjectIdentifier: UpstreamPool]
     private let http2Pools: [ObjectIdentifier: InstanceHTTP2Pool]
     private let http1Pools: [ObjectIdentifier: InstanceHTTP1Pool]

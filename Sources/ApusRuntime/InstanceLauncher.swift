@@ -58,6 +58,9 @@ public protocol InstanceLauncher: Sendable {
     /// Why an instance failed its callers, when the launcher knows more than a closed connection tells (the OOM
     /// killer ended it: "killed: out of memory (limit 256Mi)"); nil when nothing is known.
     func failureReason(instanceID: String) -> String?
+    /// Whether the instance's process still runs (its exit has not been seen). An instance that closed a
+    /// connection before answering while it still runs may be dying: its exit, moments later, tells why.
+    func isRunning(instanceID: String) -> Bool
 }
 
 extension InstanceHandle {
@@ -67,4 +70,5 @@ extension InstanceHandle {
 extension InstanceLauncher {
     public func shutdown() async {}
     public func failureReason(instanceID: String) -> String? { nil }
+    public func isRunning(instanceID: String) -> Bool { false }
 }

@@ -72,6 +72,12 @@ public final class Scheduler: Service {
         return reason
     }
 
+    /// Whether the instance's process still runs: one that failed a call while it runs may be about to end, and
+    /// its exit (an OOM kill) tells why.
+    public func instanceIsRunning(_ instanceID: String) -> Bool {
+        launcher.isRunning(instanceID: instanceID)
+    }
+
     /// The version's instance bounds: its manifest's `scale`, under the function's `apus scale` override if any.
     public func scaleBounds(of version: FunctionVersion) -> (min: Int, max: Int) {
         let override = catalog.entry(version.function)?.record.scale

@@ -248,6 +248,29 @@ def test_out_of_memory_kills_the_instance_and_the_function_recovers(sandboxed, d
     assert log.count("killed: out of memory") == 1, log
 
 
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("transport", ["http1", "h2c"])
+def test_an_instance_that_drops_the_call_then_runs_out_of_memory_is_reported_as_such(sandboxed, deployed, transport):
+    """The instance closes the caller's connection first and is OOM-killed a moment later: the gateway waits for the
+    instance's end (bounded) and says why it failed, instead of a bare "closed the connection"."""
+    name = variant(deployed, f"escapist-drop-oom-{transport}", "memory: 128Mi")
+    assert_serving(sandboxed, name)
+    query = urllib.parse.urlencode({"attack": "drop-alloc", "mb": 300, "delay_ms": 20})
+    url = f"{sandboxed.gateway}/{name}/?{query}"
+    if transport == "http1":
+        r = attack(sandboxed, name, "drop-alloc", mb=300, delay_ms=20)
+        status, text = r.status, r.text
+    else:
+        out = subprocess.run(["curl", "-sS", "--http2-prior-knowledge", "-m", "60", "-w", "\n%{http_code} %{http_version}", url],
+                             capture_output=True, text=True, timeout=90)
+        text, _, tail = out.stdout.rpartition("\n")
+        status, version = int(tail.split()[0]), tail.split()[1]
+        assert version == "2", out
+    assert 500 <= status < 600 and "out of memory (limit 128Mi)" in text, f"{transport}: {status} {text}"
+    wait_for_log(sandboxed, name, "killed: out of memory (limit 128Mi)", timeout=30)
+    assert_serving(sandboxed, name)
+
+
 def test_memory_limit_is_resident_not_address_space(sandboxed, deployed):
     """At 128Mi an instance may map 1 GiB it does not touch (an address-space rlimit would refuse it) and may
     really use 64 MiB."""

@@ -585,7 +585,10 @@ final class GatewayConnectionHandler: ChannelInboundHandler, RemovableChannelHan
             return
         }
         current.upstream = nil
-        failExchange(failure.error)
+        shared.settleInstanceFailure(reason, instanceID: current.lease?.instanceID, on: context.eventLoop) { [self] error, _ in
+            guard exchange === current else { return }  // ended meanwhile (deadline, client gone)
+            failExchange(error)
+        }
     }
 
     func upstreamWritabilityChanged(_ writable: Bool) {

@@ -396,8 +396,16 @@ final class GRPCEdgeStream: EdgeStreamOwner, LoopSlotTarget, InstanceStreamOwner
     func instanceStreamFailed(_ reason: String) {
         guard phase == .relaying else { return }
         upstream = nil
-        fail(shared.instanceFailure("instance \(slot.lease?.instanceID ?? "?") ended the stream without a status: \(reason)",
-                                    instanceID: slot.lease?.instanceID).error)
+        let instanceID = slot.lease?.instanceID
+        let reason = "instance \(instanceID ?? "?") ended the stream without a status: \(reason)"
+        guard let loop = edge.eventLoop else {
+            fail(shared.instanceFailure(reason, instanceID: instanceID).error)
+            return
+        }
+        shared.settleInstanceFailure(reason, instanceID: instanceID, on: loop) { [self] error, _ in
+            guard phase == .relaying, upstream == nil else { return }  // ended meanwhile (deadline, cancel)
+            fail(error)
+        }
     }
 
     // MARK: endings

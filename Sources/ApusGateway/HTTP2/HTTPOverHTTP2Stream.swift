@@ -320,8 +320,11 @@ final class HTTPOverHTTP2Stream: ChannelInboundHandler, LoopSlotTarget {
     fileprivate func upstreamClosed() {
         guard phase == .relaying else { return }
         upstream = nil
-        fail(shared.instanceFailure(responseStarted ? "instance closed the connection mid-response" : "instance closed the connection before answering",
-                                    instanceID: slot.lease?.instanceID).error)
+        let reason = responseStarted ? "instance closed the connection mid-response" : "instance closed the connection before answering"
+        shared.settleInstanceFailure(reason, instanceID: slot.lease?.instanceID, on: context.eventLoop) { [self] error, _ in
+            guard phase == .relaying, upstream == nil else { return }  // ended meanwhile (deadline, reset)
+            fail(error)
+        }
     }
 
     // MARK: endings

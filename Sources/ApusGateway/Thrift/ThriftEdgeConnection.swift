@@ -351,7 +351,9 @@ final class ThriftEdgeConnection: ChannelInboundHandler, LoopSlotTarget, Drainab
     func instanceFailed(_ call: Call, reason: String) {
         guard !call.done else { return }
         call.upstream = nil
-        fail(call, .internalError, shared.instanceFailure(reason, instanceID: call.lease?.instanceID).error)
+        shared.settleInstanceFailure(reason, instanceID: call.lease?.instanceID, on: context.eventLoop) { [self] error, _ in
+            fail(call, .internalError, error)  // a no-op when the call ended meanwhile (deadline, client gone)
+        }
     }
 
     // MARK: endings

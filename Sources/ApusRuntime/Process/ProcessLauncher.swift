@@ -302,6 +302,10 @@ public final class ProcessLauncher: InstanceLauncher {
         return nil
     }
 
+    public func isRunning(instanceID: String) -> Bool {
+        instances.withLock { $0.live[instanceID] != nil }
+    }
+
     /// An instance's process ended: forget it, remembering an OOM kill for its callers' errors.
     private func instanceEnded(_ instanceID: String, exit: InstanceExit) {
         instances.withLock { state in

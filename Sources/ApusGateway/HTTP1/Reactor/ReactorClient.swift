@@ -48,6 +48,9 @@ final class ReactorClient: ReactorSocket {
     private(set) var responseStarted = false
     private var status = 0
     private var upstream: ReactorUpstream?
+    /// The instance failed the request while its process still runs: why, and until when (loop nanoseconds) to
+    /// wait for its end before answering without knowing more.
+    private var settlingFailure: (reason: String, until: UInt64)?
     /// The request's head as the client sent it, until the response begins: what a hand-over replays.
     private var pendingHead: ByteBuffer
     private var headInFlight = false
@@ -321,6 +324,24 @@ final class ReactorClient: ReactorSocket {
             handOff()
             return
         }
+        if !failure.known, let instanceID = lease?.instanceID, loop.reactor.shared.scheduler.instanceIsRunning(instanceID) {
+            // The instance may be dying (an OOM kill): its end, moments later, says why. The loop's deadline
+            // scan asks again until then (`checkDeadline`).
+            self.upstream = nil
+            settlingFailure = (reason, loop.passNanoseconds &+ UInt64(GatewayShared.instanceEndWait.nanoseconds))
+            return
+        }
+        failExchange(failure.error)
+    }
+
+    /// Asks again whether the runtime knows why the instance failed the request; answers once it does, the
+    /// instance's process is gone, or the wait is over.
+    private func settleFailure(_ settling: (reason: String, until: UInt64), now: UInt64) {
+        let shared = loop.reactor.shared
+        let failure = shared.instanceFailure(settling.reason, instanceID: lease?.instanceID)
+        if !failure.known, now < settling.until, let instanceID = lease?.instanceID, shared.scheduler.instanceIsRunning(instanceID) {
+            return
+        }
         failExchange(failure.error)
     }
 
@@ -349,6 +370,7 @@ final class ReactorClient: ReactorSocket {
     }
 
     private func endExchange() {
+        settlingFailure = nil
         lease = nil
         upstream = nil
         headInFlight = false
@@ -397,6 +419,10 @@ final class ReactorClient: ReactorSocket {
                 out.writeBuffer(&response)
                 afterResponse(close: true)
             }
+            return
+        }
+        if phase == .forwarding, let settlingFailure, deadline > now {
+            settleFailure(settlingFailure, now: now)
             return
         }
         guard phase == .forwarding, deadline <= now, let target else { return }

@@ -7,6 +7,8 @@
     GET /?attack=forkbomb&n=400         start up to n processes (&mode=threads: threads), then clean them all up
     GET /?attack=spin&seconds=2         burn CPU for that long (wall time); &procs=2 spins in 2 child processes
     GET /?attack=alloc&mb=300           allocate that many MiB and write every page (resident memory)
+    GET /?attack=drop-alloc&mb=300      cut every TCP connection the process holds (its caller sees the connection
+                                        close before an answer), wait &delay_ms=20, then allocate as alloc does
     GET /?attack=reserve&mb=1024        map that many MiB of address space, touch only the first MiB
     GET /?attack=fill-tmp&mb=300        write that many MiB to a file in /tmp (removed afterwards)
     GET /?attack=connect&host=H&port=P  open a TCP connection (1 s timeout), send an HTTP request (&method=, &path=,
@@ -28,6 +30,7 @@ import json
 import mmap
 import os
 import resource
+import socket
 import subprocess
 import sys
 import threading
@@ -234,6 +237,24 @@ def attack_alloc(query, context):
     return {**ident(context), "allocated": size, "pagesTouched": touched}
 
 
+def attack_drop_alloc(query, context):
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            sock = socket.socket(fileno=int(name))
+        except (OSError, ValueError):
+            continue  # not a socket
+        try:
+            if sock.type == socket.SOCK_STREAM and not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+                sock.getpeername()  # connected
+                sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        finally:
+            sock.detach()
+    time.sleep(min(int(query.get("delay_ms", "20")), 1000) / 1000)
+    return attack_alloc(query, context)
+
+
 def attack_reserve(query, context):
     size = min(int(query.get("mb", "1024")), 64 * 1024) * MIB
     flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0x4000)
@@ -366,6 +387,7 @@ ATTACKS = {
     "forkbomb": attack_forkbomb,
     "spin": attack_spin,
     "alloc": attack_alloc,
+    "drop-alloc": attack_drop_alloc,
     "reserve": attack_reserve,
     "fill-tmp": attack_fill_tmp,
 }
