@@ -11,6 +11,11 @@ let hotPathSettings: [SwiftSetting] = swiftSettings + [
     .unsafeFlags(["-enforce-exclusivity=unchecked"], .when(configuration: .release)),
 ]
 
+/// The wire module's parsers run inside the edge's and the sidecar's loops: let their callers inline them.
+let wireSettings: [SwiftSetting] = hotPathSettings + [
+    .unsafeFlags(["-cross-module-optimization"], .when(configuration: .release)),
+]
+
 let package = Package(
     name: "apus",
     platforms: [.macOS(.v15)],
@@ -128,11 +133,21 @@ let package = Package(
             exclude: ["README.md"],
             swiftSettings: hotPathSettings
         ),
+        // The wire formats the edge and the sidecar read and write themselves: HTTP/1.1 heads, the response reader,
+        // chunked bodies, gRPC framing and timeouts, Thrift transports and envelopes. NIOCore only.
+        .target(
+            name: "ApusWire",
+            dependencies: [
+                .product(name: "NIOCore", package: "swift-nio"),
+            ],
+            swiftSettings: wireSettings
+        ),
         // The edge: HTTP/1.1, HTTP/2 (h2c, upgrade, TLS with ALPN) and gRPC; routing by path prefix, host or gRPC
         // service, release-weighted version choice, proxying to instances.
         .target(
             name: "ApusGateway",
             dependencies: [
+                "ApusWire",
                 .product(name: "Metrics", package: "swift-metrics"),
                 "ApusCore",
                 "ApusScheduler",
@@ -267,8 +282,7 @@ let package = Package(
             name: "ApusSidecarCore",
             dependencies: [
                 "ApusMesh",
-                // Only for the Thrift framing and envelope decoder (ThriftFrameDecoder, ThriftWire).
-                "ApusGateway",
+                "ApusWire",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),
@@ -299,7 +313,7 @@ let package = Package(
         .testTarget(
             name: "ApusSidecarTests",
             dependencies: [
-                "ApusSidecarCore", "ApusMesh", "ApusGateway",
+                "ApusSidecarCore", "ApusMesh", "ApusWire",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),
@@ -322,9 +336,18 @@ let package = Package(
             swiftSettings: swiftSettings
         ),
         .testTarget(
+            name: "ApusWireTests",
+            dependencies: [
+                "ApusWire",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOTestUtils", package: "swift-nio"),
+            ],
+            swiftSettings: swiftSettings
+        ),
+        .testTarget(
             name: "ApusGatewayTests",
             dependencies: [
-                "ApusGateway", "ApusCore",
+                "ApusGateway", "ApusWire", "ApusCore",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOEmbedded", package: "swift-nio"),
                 .product(name: "NIOTestUtils", package: "swift-nio"),

@@ -1,4 +1,5 @@
 import ApusCore
+import ApusWire
 
 /// Where a request goes: the function, and the path the instance sees.
 struct GatewayRoute: Equatable {

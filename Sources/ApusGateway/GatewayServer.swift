@@ -3,6 +3,7 @@ import Glibc
 #endif
 import ApusCore
 import ApusScheduler
+import ApusWire
 import Logging
 import NIOCore
 import NIOPosix

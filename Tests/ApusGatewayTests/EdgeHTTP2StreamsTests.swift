@@ -1,3 +1,4 @@
+import ApusWire
 import NIOCore
 import NIOEmbedded
 import NIOHPACK

@@ -1,15 +1,15 @@
-import ApusGateway
+import ApusWire
 import NIOCore
 import Testing
 @testable import ApusSidecarCore
 
 @Suite("HTTP/1.1 codec")
 struct SidecarHTTP1CodecTests {
-    func parse(_ text: String, dropCaller: Bool = true) throws -> (RequestHead, String) {
+    func parse(_ text: String, dropCaller: Bool = true) throws -> (ProxyRequestHead, String) {
         let bytes = Array(text.utf8)
         return try bytes.withUnsafeBytes { raw in
             let end = HTTPBytes.endOfHead(raw)!
-            let head = try RequestHead.parse(raw, headEnd: end, dropCaller: dropCaller)
+            let head = try ProxyRequestHead.parse(raw, headEnd: end, dropCaller: dropCaller)
             var kept = ByteBuffer()
             head.keptSpans.write(from: raw, to: &kept)
             return (head, String(buffer: kept))
@@ -59,7 +59,7 @@ struct SidecarHTTP1CodecTests {
         #expect {
             _ = try parse(text)
         } throws: { error in
-            (error as? RequestHead.ParseError)?.status == status
+            (error as? ProxyRequestHead.ParseError)?.status == status
         }
     }
 

@@ -1,4 +1,5 @@
 import ApusCore
+import ApusWire
 import NIOCore
 
 /// Asynchronous submissions on the HTTP/1.1 edge: `X-Apus-Invocation: async` on any request, or a path under

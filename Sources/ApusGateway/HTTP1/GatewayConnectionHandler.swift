@@ -1,5 +1,6 @@
 import ApusCore
 import ApusScheduler
+import ApusWire
 import Foundation
 import Logging
 import NIOCore

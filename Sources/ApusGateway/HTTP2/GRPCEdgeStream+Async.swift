@@ -1,4 +1,5 @@
 import ApusCore
+import ApusWire
 import NIOCore
 import NIOHPACK
 import NIOHTTP2

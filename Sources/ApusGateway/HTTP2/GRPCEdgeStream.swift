@@ -1,5 +1,6 @@
 import ApusCore
 import ApusScheduler
+import ApusWire
 import Logging
 import NIOCore
 import NIOHPACK

@@ -1,4 +1,5 @@
 import ApusCore
+import ApusWire
 import NIOCore
 import NIOHPACK
 import NIOHTTP2
@@ -61,7 +62,7 @@ final class GRPCHealthStream: ChannelInboundHandler {
         answered = true
         let service: String
         do throws(ApusError) {
-            guard let message = try GRPCWire.firstMessage(in: body ?? ByteBuffer()) else {
+            guard let message = try GRPCWire.firstRequestMessage(in: body ?? ByteBuffer()) else {
                 throw ApusError(.badRequest, "missing HealthCheckRequest message")
             }
             service = try Self.decodeServiceName(message)

@@ -1,4 +1,5 @@
 import ApusCore
+import ApusWire
 import NIOCore
 import NIOHPACK
 import NIOHTTP2
@@ -36,7 +37,7 @@ final class GRPCReflectionStream: ChannelInboundHandler {
         case .data(let data):
             if case .byteBuffer(var bytes) = data.data { buffered.writeBuffer(&bytes) }
             do throws(ApusError) {
-                while let message = try GRPCWire.firstMessage(in: buffered) {
+                while let message = try GRPCWire.firstRequestMessage(in: buffered) {
                     buffered.moveReaderIndex(forwardBy: 5 + message.count)
                     answer(message, context: context)
                 }

@@ -1,5 +1,6 @@
 import ApusCore
 import ApusScheduler
+import ApusWire
 import Logging
 import NIOCore
 import NIOPosix
@@ -171,7 +172,7 @@ final class ThriftEdgeConnection: ChannelInboundHandler, LoopSlotTarget, Drainab
             guard let thrift = version.manifest.thrift else {
                 throw ApusError(.badRequest, "function \(function) serves \(version.manifest.protocol.rawValue), not Thrift")
             }
-            guard thrift.protocol == envelope.encoding else {
+            guard ThriftEncoding(thrift.protocol) == envelope.encoding else {
                 throw ApusError(.badRequest, "the call is \(envelope.encoding.rawValue) but function \(function) speaks \(thrift.protocol.rawValue); the gateway converts transports, not protocols")
             }
         } catch {
@@ -297,7 +298,7 @@ final class ThriftEdgeConnection: ChannelInboundHandler, LoopSlotTarget, Drainab
                 var headers: [(String, String)] = [("apus-request-id", call.requestID)]
                 if let timeout = Self.headerTimeout(call.frame) { headers.append(("client_timeout", String(timeout.milliseconds))) }
                 let framed = ThriftFraming.encode(
-                    call.outbound, transport: connection.transport, encoding: thrift.protocol,
+                    call.outbound, transport: connection.transport, encoding: ThriftEncoding(thrift.protocol),
                     headerSeqid: call.frame.headerSeqid, headers: connection.transport == .theader ? headers : [],
                     allocator: context.channel.allocator)
                 if call.isOneway {
@@ -541,5 +542,15 @@ private final class InstanceThriftHandler: ChannelInboundHandler {
             owner.instanceFailed(call, reason: "instance \(connection.instanceID) sent a malformed reply: \(error)")
         }
         context.close(promise: nil)
+    }
+}
+
+extension ThriftEncoding {
+    /// The wire encoding of a function's `thrift.protocol`.
+    init(_ manifest: FunctionManifest.ThriftSettings.Encoding) {
+        switch manifest {
+        case .binary: self = .binary
+        case .compact: self = .compact
+        }
     }
 }

@@ -1,4 +1,5 @@
 import ApusMesh
+import ApusWire
 import Foundation
 import Logging
 import NIOCore

@@ -1,5 +1,6 @@
 import ApusCore
 import ApusScheduler
+import ApusWire
 import CApusShims
 import Glibc
 import Logging

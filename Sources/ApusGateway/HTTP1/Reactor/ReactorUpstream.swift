@@ -1,4 +1,5 @@
 import ApusCore
+import ApusWire
 import CApusShims
 import Glibc
 import NIOCore

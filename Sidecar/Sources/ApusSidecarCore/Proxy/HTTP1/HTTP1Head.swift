@@ -1,8 +1,8 @@
-import ApusGateway
+import ApusWire
 import NIOCore
 
 /// What the sidecar reads from an HTTP/1.1 request head; other header lines are forwarded byte for byte.
-struct RequestHead {
+struct ProxyRequestHead {
     var method: String
     var target: String
     var isHTTP10: Bool
@@ -25,7 +25,7 @@ struct RequestHead {
 
     typealias ParseError = HTTPHeadError
 
-    static func parse(_ bytes: UnsafeRawBufferPointer, headEnd: Int, dropCaller: Bool) throws(ParseError) -> RequestHead {
+    static func parse(_ bytes: UnsafeRawBufferPointer, headEnd: Int, dropCaller: Bool) throws(ParseError) -> ProxyRequestHead {
         // Absolute form (a client configured with the sidecar as its HTTP proxy): the authority names the upstream.
         let requestLine = try RequestLine.parse(bytes)
         let lineEnd = requestLine.lineEnd
@@ -39,7 +39,7 @@ struct RequestHead {
         var keepAliveToken = false
         var expectContinue = false
         var failure: ParseError?
-        var head = RequestHead(method: method, target: target, isHTTP10: isHTTP10, host: nil, framing: .none,
+        var head = ProxyRequestHead(method: method, target: target, isHTTP10: isHTTP10, host: nil, framing: .none,
                                keepAlive: true, expectContinue: false, keptSpans: ByteSpans())
         let ok = HTTPBytes.forEachHeader(bytes, from: lineEnd + 1, headEnd: headEnd) { name, value, line in
             var keep = true

@@ -1,4 +1,4 @@
-import ApusGateway
+import ApusWire
 import ApusMesh
 import Logging
 import NIOCore
@@ -22,7 +22,7 @@ final class HTTP1ProxyHandler: ChannelInboundHandler, RemovableChannelHandler, H
 
     /// One request in flight on this connection.
     private final class Exchange {
-        let head: RequestHead
+        let head: ProxyRequestHead
         let cluster: UpstreamCluster
         let policy: UpstreamPolicy
         let upstreamHead: ByteBuffer
@@ -47,7 +47,7 @@ final class HTTP1ProxyHandler: ChannelInboundHandler, RemovableChannelHandler, H
         var admittedInbound = false
         var staleRetried = false
 
-        init(head: RequestHead, cluster: UpstreamCluster, policy: UpstreamPolicy, upstreamHead: ByteBuffer, hashKey: String?,
+        init(head: ProxyRequestHead, cluster: UpstreamCluster, policy: UpstreamPolicy, upstreamHead: ByteBuffer, hashKey: String?,
              requestID: String, startedAt: Nanos, deadline: Nanos, retryable: Bool, closeAfter: Bool) {
             self.head = head
             self.cluster = cluster
@@ -155,10 +155,10 @@ final class HTTP1ProxyHandler: ChannelInboundHandler, RemovableChannelHandler, H
         defer { processing = false }
         while phase == .readingHead, let buffer = inbound, buffer.readableBytes > 0 {
             let dropCaller = side == .outbound
-            let scan: Result<(RequestHead, Int)?, RequestHead.ParseError> = buffer.withUnsafeReadableBytes { bytes in
+            let scan: Result<(ProxyRequestHead, Int)?, ProxyRequestHead.ParseError> = buffer.withUnsafeReadableBytes { bytes in
                 guard let end = HTTPBytes.endOfHead(bytes) else { return .success(nil) }
-                do throws(RequestHead.ParseError) {
-                    return .success((try RequestHead.parse(bytes, headEnd: end, dropCaller: dropCaller), end))
+                do throws(ProxyRequestHead.ParseError) {
+                    return .success((try ProxyRequestHead.parse(bytes, headEnd: end, dropCaller: dropCaller), end))
                 } catch {
                     return .failure(error)
                 }
@@ -186,7 +186,7 @@ final class HTTP1ProxyHandler: ChannelInboundHandler, RemovableChannelHandler, H
         updateReading()
     }
 
-    private func start(_ head: RequestHead, rawHead: ByteBuffer) {
+    private func start(_ head: ProxyRequestHead, rawHead: ByteBuffer) {
         let closeAfter = !head.keepAlive || draining
         let cluster: UpstreamCluster
         switch side {
@@ -231,7 +231,7 @@ final class HTTP1ProxyHandler: ChannelInboundHandler, RemovableChannelHandler, H
         }
     }
 
-    private func admit(_ head: RequestHead, rawHead: ByteBuffer, cluster: UpstreamCluster, closeAfter: Bool) {
+    private func admit(_ head: ProxyRequestHead, rawHead: ByteBuffer, cluster: UpstreamCluster, closeAfter: Bool) {
         let now = SidecarClock.now()
         var admittedInbound = false
         if side == .inbound {
@@ -265,7 +265,7 @@ final class HTTP1ProxyHandler: ChannelInboundHandler, RemovableChannelHandler, H
         let requestID = head.requestID ?? ids.requestID()
         var hashKey: String?
         if let name = policy.hashHeader, policy.balance == .consistentHash {
-            hashKey = rawHead.withUnsafeReadableBytes { RequestHead.headerValue($0, headEnd: $0.count, name: Array(name.utf8)) }
+            hashKey = rawHead.withUnsafeReadableBytes { ProxyRequestHead.headerValue($0, headEnd: $0.count, name: Array(name.utf8)) }
         }
         let upstreamHead = makeUpstreamHead(head, rawHead: rawHead, deadlineEpochMs: nowMs + budgetMs, requestID: head.requestID == nil ? requestID : nil)
         let current = Exchange(
@@ -285,7 +285,7 @@ final class HTTP1ProxyHandler: ChannelInboundHandler, RemovableChannelHandler, H
 
     /// The request head for endpoints: request line and the caller's header lines as they were (minus hop-by-hop),
     /// plus the deadline, a trace context when the caller sent none, a request id and the caller's name.
-    private func makeUpstreamHead(_ head: RequestHead, rawHead: ByteBuffer, deadlineEpochMs: Int, requestID: String?) -> ByteBuffer {
+    private func makeUpstreamHead(_ head: ProxyRequestHead, rawHead: ByteBuffer, deadlineEpochMs: Int, requestID: String?) -> ByteBuffer {
         // The previous request's head buffer is reused once the endpoint connection has written it.
         var out = headScratch ?? context.channel.allocator.buffer(capacity: rawHead.readableBytes + 200)
         headScratch = nil

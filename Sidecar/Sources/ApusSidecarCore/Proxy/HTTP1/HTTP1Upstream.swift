@@ -1,4 +1,4 @@
-import ApusGateway
+import ApusWire
 import NIOCore
 import NIOPosix
 

@@ -1,4 +1,4 @@
-import ApusGateway
+import ApusWire
 import ApusMesh
 import Logging
 import NIOCore

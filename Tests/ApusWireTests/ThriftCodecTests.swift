@@ -1,9 +1,8 @@
-import ApusCore
 import NIOCore
 import NIOTestUtils
 import Testing
 
-@testable import ApusGateway
+@testable import ApusWire
 
 /// Builds Thrift messages byte by byte (binary and compact), independent of the code under test.
 private enum Bytes {

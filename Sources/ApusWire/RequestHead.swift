@@ -1,4 +1,3 @@
-import ApusCore
 import NIOCore
 
 /// A request head that cannot be served: the status to answer with and why.
@@ -62,36 +61,36 @@ package struct RequestLine {
 }
 
 /// The parts of a request head the gateway acts on; every other header line is forwarded byte for byte.
-struct RequestHead {
-    var method: String
+package struct RequestHead {
+    package var method: String
     /// The request target as received (origin form, or absolute form reduced to its path).
-    var target: String
-    var isHTTP10: Bool
-    var host: String?
-    var framing: BodyFraming
-    var keepAlive: Bool
-    var expectContinue: Bool
-    var pinnedVersion: String?
-    var forwardedFor: String?
+    package var target: String
+    package var isHTTP10: Bool
+    package var host: String?
+    package var framing: BodyFraming
+    package var keepAlive: Bool
+    package var expectContinue: Bool
+    package var pinnedVersion: String?
+    package var forwardedFor: String?
     /// `Upgrade: h2c` with `HTTP2-Settings` and a matching `Connection` header: the client offers HTTP/2.
-    var upgradeToH2C = false
+    package var upgradeToH2C = false
     /// Spans of header lines (with their CRLF) copied to the instance unchanged.
-    var keptSpans: ByteSpans
+    package var keptSpans: ByteSpans
     /// `X-Apus-Invocation: async`: the call becomes a task.
-    var asyncInvocation = false
+    package var asyncInvocation = false
     /// Value ranges (in the head's bytes) of headers only an asynchronous submission reads.
-    var contentTypeValue: Range<Int>?
-    var idempotencyKeyValue: Range<Int>?
+    package var contentTypeValue: Range<Int>?
+    package var idempotencyKeyValue: Range<Int>?
     /// `X-Apus-Callback-Url` and `X-Apus-Priority` (submissions only).
-    var callbackURL: String?
-    var priority: String?
+    package var callbackURL: String?
+    package var priority: String?
     /// `Authorization` (at most one is taken) and its line, which `dropAuthorization` takes out of `keptSpans`.
-    var authorization: String?
-    var authorizationLine: Range<Int>?
+    package var authorization: String?
+    package var authorizationLine: Range<Int>?
 
     /// Takes the `Authorization` line out of what the instance gets (a credential the gateway checked for the
     /// function's `auth:` is not the function's to see).
-    mutating func dropAuthorization() {
+    package mutating func dropAuthorization() {
         guard let line = authorizationLine else { return }
         var spans = ByteSpans()
         keptSpans.forEach { span in
@@ -106,17 +105,12 @@ struct RequestHead {
         authorizationLine = nil
     }
 
-    var isHEAD: Bool { method == "HEAD" }
+    package var isHEAD: Bool { method == "HEAD" }
 
-    /// The version `X-Apus-Version` pins, if any; a value that is not a positive number is refused.
-    func pinnedVersionNumber() throws(ApusError) -> Int? {
-        try VersionPin.parse(pinnedVersion, name: "X-Apus-Version")
-    }
-
-    typealias ParseError = HTTPHeadError
+    package typealias ParseError = HTTPHeadError
 
     /// Parses `bytes[0..<headEnd]` (a complete head ending in CRLFCRLF).
-    static func parse(_ bytes: UnsafeRawBufferPointer, headEnd: Int, maxBody: Int) throws(ParseError) -> RequestHead {
+    package static func parse(_ bytes: UnsafeRawBufferPointer, headEnd: Int, maxBody: Int) throws(ParseError) -> RequestHead {
         let requestLine = try RequestLine.parse(bytes)
         let lineEnd = requestLine.lineEnd
         let method = requestLine.method

@@ -21,11 +21,22 @@ package struct ThriftFrame: Equatable {
     package var message: ByteBuffer
     /// THeader/TTHeader sequence number and flags.
     package var headerSeqid: Int32 = 0
-    var headerFlags: UInt16 = 0
+    package var headerFlags: UInt16 = 0
     /// THeader and TTHeader string key-values.
-    var headers: [String: String] = [:]
+    package var headers: [String: String] = [:]
     /// TTHeader integer-keyed values (e.g. 6 TO_SERVICE, 9 TO_METHOD, 12 RPC timeout in ms).
-    var intHeaders: [UInt16: String] = [:]
+    package var intHeaders: [UInt16: String] = [:]
+
+    package init(transport: ThriftTransport, envelope: ThriftWire.Envelope, message: ByteBuffer, headerSeqid: Int32 = 0,
+                 headerFlags: UInt16 = 0, headers: [String: String] = [:], intHeaders: [UInt16: String] = [:]) {
+        self.transport = transport
+        self.envelope = envelope
+        self.message = message
+        self.headerSeqid = headerSeqid
+        self.headerFlags = headerFlags
+        self.headers = headers
+        self.intHeaders = intHeaders
+    }
 }
 
 package struct ThriftDecodingError: Error, CustomStringConvertible {
@@ -38,19 +49,19 @@ package struct ThriftDecodingError: Error, CustomStringConvertible {
 package struct ThriftFrameDecoder: ByteToMessageDecoder {
     package typealias InboundOut = ThriftFrame
 
-    static let theaderMagic: UInt16 = 0x0FFF
-    static let ttheaderMagic: UInt16 = 0x1000
+    package static let theaderMagic: UInt16 = 0x0FFF
+    package static let ttheaderMagic: UInt16 = 0x1000
 
-    let maxFrameSize: Int
-    let expected: ThriftTransport?
+    package let maxFrameSize: Int
+    package let expected: ThriftTransport?
     /// How far the unframed message at the front of the buffer has been scanned (kept across reads).
-    var scan = ThriftWire.MessageScan()
+    package var scan = ThriftWire.MessageScan()
     /// The gateway-wide cap on bytes held in unfinished messages (nil: none, as on the instance side).
-    let budget: BufferedBytesBudget?
+    package let budget: BufferedBytesBudget?
     /// What this connection holds against `budget` now.
     private var held = 0
 
-    init(maxFrameSize: Int, expected: ThriftTransport? = nil, budget: BufferedBytesBudget? = nil) {
+    package init(maxFrameSize: Int, expected: ThriftTransport? = nil, budget: BufferedBytesBudget? = nil) {
         self.maxFrameSize = maxFrameSize
         self.expected = expected
         self.budget = budget
@@ -180,7 +191,7 @@ package struct ThriftFrameDecoder: ByteToMessageDecoder {
     }
 
     /// THeader/TTHeader frame body (after the length): magic, flags, seqid, header size, header, payload.
-    static func parseHeaderFrame(_ body: ByteBuffer, transport: ThriftTransport) throws(ThriftDecodingError) -> ThriftFrame {
+    package static func parseHeaderFrame(_ body: ByteBuffer, transport: ThriftTransport) throws(ThriftDecodingError) -> ThriftFrame {
         let ttheader = transport == .ttheader
         var cursor = ThriftWire.Cursor(body)
         var frame: ThriftFrame

@@ -1,5 +1,10 @@
-import ApusCore
 import NIOCore
+
+/// The Thrift protocol a message is encoded in (a function's `thrift.encoding`).
+package enum ThriftEncoding: String, Hashable, Sendable, CaseIterable {
+    case binary
+    case compact
+}
 
 /// The parts of Thrift's binary and compact protocols the edge reads or writes: a message's envelope (name, type,
 /// seqid), the length of a whole message found by skipping its struct field by field without building values, a
@@ -7,7 +12,7 @@ import NIOCore
 /// and `TApplicationException` replies.
 /// Specs: Apache Thrift doc/specs (thrift-binary-protocol.md, thrift-compact-protocol.md).
 package enum ThriftWire {
-    package typealias Encoding = FunctionManifest.ThriftSettings.Encoding
+    package typealias Encoding = ThriftEncoding
 
     package enum MessageType: UInt8 {
         case call = 1
@@ -32,7 +37,16 @@ package enum ThriftWire {
         /// Binary only: the old (non-strict) form without a version word.
         package var oldBinary = false
         /// Bytes of the envelope at the start of the message.
-        var length: Int
+        package var length: Int
+
+        package init(name: String, type: MessageType, seqid: Int32, encoding: Encoding, oldBinary: Bool = false, length: Int) {
+            self.name = name
+            self.type = type
+            self.seqid = seqid
+            self.encoding = encoding
+            self.oldBinary = oldBinary
+            self.length = length
+        }
 
         /// The name without a multiplexing prefix (`Calculator:add` → `add`): what Apache Thrift's
         /// TMultiplexedProcessor hands its inner processor, and so the name every reply carries.
@@ -42,51 +56,51 @@ package enum ThriftWire {
         }
     }
 
-    enum ScanError: Error, Equatable {
+    package enum ScanError: Error, Equatable {
         /// More bytes are needed.
         case incomplete
         case malformed(String)
     }
 
     /// Reads bytes of one buffer from an offset, failing with `.incomplete` at the end.
-    struct Cursor {
-        let buffer: ByteBuffer
-        var index: Int
-        let end: Int
+    package struct Cursor {
+        package let buffer: ByteBuffer
+        package var index: Int
+        package let end: Int
 
-        init(_ buffer: ByteBuffer, at index: Int? = nil, end: Int? = nil) {
+        package init(_ buffer: ByteBuffer, at index: Int? = nil, end: Int? = nil) {
             self.buffer = buffer
             self.index = index ?? buffer.readerIndex
             self.end = end ?? buffer.writerIndex
         }
 
-        var remaining: Int { end - index }
+        package var remaining: Int { end - index }
 
-        mutating func u8() throws(ScanError) -> UInt8 {
+        package mutating func u8() throws(ScanError) -> UInt8 {
             guard index < end else { throw .incomplete }
             defer { index += 1 }
             return buffer.getInteger(at: index)!
         }
 
-        mutating func u16() throws(ScanError) -> UInt16 {
+        package mutating func u16() throws(ScanError) -> UInt16 {
             guard index + 2 <= end else { throw .incomplete }
             defer { index += 2 }
             return buffer.getInteger(at: index)!
         }
 
-        mutating func i32() throws(ScanError) -> Int32 {
+        package mutating func i32() throws(ScanError) -> Int32 {
             guard index + 4 <= end else { throw .incomplete }
             defer { index += 4 }
             return buffer.getInteger(at: index)!
         }
 
-        mutating func skip(_ count: Int) throws(ScanError) {
+        package mutating func skip(_ count: Int) throws(ScanError) {
             guard count >= 0 else { throw .malformed("negative length \(count)") }
             guard index + count <= end else { throw .incomplete }
             index += count
         }
 
-        mutating func string(_ count: Int) throws(ScanError) -> String {
+        package mutating func string(_ count: Int) throws(ScanError) -> String {
             guard count >= 0 else { throw .malformed("negative length \(count)") }
             guard index + count <= end else { throw .incomplete }
             defer { index += count }
@@ -94,7 +108,7 @@ package enum ThriftWire {
         }
 
         /// Unsigned LEB128 varint (compact protocol, THeader).
-        mutating func varint() throws(ScanError) -> UInt64 {
+        package mutating func varint() throws(ScanError) -> UInt64 {
             var value: UInt64 = 0
             var shift: UInt64 = 0
             while true {
@@ -106,20 +120,20 @@ package enum ThriftWire {
             }
         }
 
-        mutating func varint32() throws(ScanError) -> Int {
+        package mutating func varint32() throws(ScanError) -> Int {
             let value = try varint()
             guard value <= UInt64(UInt32.max) else { throw .malformed("varint out of range") }
             return Int(value)
         }
     }
 
-    static let maxNameLength = 4096
-    static let maxDepth = 64
+    package static let maxNameLength = 4096
+    package static let maxDepth = 64
 
     // MARK: envelope
 
     /// Reads a message envelope at the cursor (binary strict or old, or compact).
-    static func readEnvelope(_ cursor: inout Cursor) throws(ScanError) -> Envelope {
+    package static func readEnvelope(_ cursor: inout Cursor) throws(ScanError) -> Envelope {
         let start = cursor.index
         let first = try cursor.u8()
         if first == 0x82 {
@@ -161,7 +175,7 @@ package enum ThriftWire {
     }
 
     /// The length of the whole message (envelope and its struct) starting at `start`, or `.incomplete`.
-    static func messageLength(_ buffer: ByteBuffer, at start: Int) throws(ScanError) -> Int {
+    package static func messageLength(_ buffer: ByteBuffer, at start: Int) throws(ScanError) -> Int {
         var scan = MessageScan()
         return try messageLength(buffer, at: start, resuming: &scan)
     }
@@ -174,7 +188,7 @@ package enum ThriftWire {
     /// container's header, a run of fixed-size list elements — so running out of bytes mid-unit loses only that
     /// unit's few bytes, read again with the next piece.
     package struct MessageScan: Sendable {
-        enum Container: Sendable, Equatable {
+        package enum Container: Sendable, Equatable {
             case binaryStruct
             case binaryList(element: UInt8, remaining: Int)
             case binaryMap(key: UInt8, value: UInt8, remaining: Int, valueNext: Bool)
@@ -184,17 +198,17 @@ package enum ThriftWire {
         }
 
         /// Bytes from the message's start that are known to belong to it (the envelope and every committed unit).
-        var committed = 0
+        package var committed = 0
         /// Open containers, innermost last; empty before the envelope is read.
         var open: [Container] = []
-        var envelopeRead = false
+        package var envelopeRead = false
 
         package init() {}
     }
 
     /// The length of the whole message starting at `start`, resuming where `scan` stopped for want of bytes;
     /// `.incomplete` (with `scan` advanced) when the message is not all there yet.
-    static func messageLength(_ buffer: ByteBuffer, at start: Int, resuming scan: inout MessageScan) throws(ScanError) -> Int {
+    package static func messageLength(_ buffer: ByteBuffer, at start: Int, resuming scan: inout MessageScan) throws(ScanError) -> Int {
         var cursor = Cursor(buffer, at: start)
         if !scan.envelopeRead {
             let envelope = try readEnvelope(&cursor)
@@ -342,7 +356,7 @@ package enum ThriftWire {
 
     // MARK: writing
 
-    static func writeEnvelope(_ envelope: Envelope, into out: inout ByteBuffer) {
+    package static func writeEnvelope(_ envelope: Envelope, into out: inout ByteBuffer) {
         switch envelope.encoding {
         case .compact:
             out.writeInteger(UInt8(0x82))
@@ -363,7 +377,7 @@ package enum ThriftWire {
         }
     }
 
-    static func writeVarint(_ value: UInt64, into out: inout ByteBuffer) {
+    package static func writeVarint(_ value: UInt64, into out: inout ByteBuffer) {
         var rest = value
         while rest >= 0x80 {
             out.writeInteger(UInt8(rest & 0x7F | 0x80))
@@ -373,7 +387,7 @@ package enum ThriftWire {
     }
 
     /// The message with its envelope's name replaced (the rest of the bytes unchanged).
-    static func renamed(_ message: ByteBuffer, envelope: Envelope, to name: String) -> ByteBuffer {
+    package static func renamed(_ message: ByteBuffer, envelope: Envelope, to name: String) -> ByteBuffer {
         var out = ByteBufferAllocator().buffer(capacity: message.readableBytes + 8)
         var renamed = envelope
         renamed.name = name

@@ -159,16 +159,16 @@ extension ByteBuffer {
 
 /// Appends bytes into memory reserved up front (a `ByteBuffer`'s writable space) with plain copies. The caller
 /// reserves enough: writing past the end traps.
-struct HeadWriter {
+package struct HeadWriter {
     private let space: UnsafeMutableRawBufferPointer
-    private(set) var count = 0
+    package private(set) var count = 0
 
-    init(_ space: UnsafeMutableRawBufferPointer) {
+    package init(_ space: UnsafeMutableRawBufferPointer) {
         self.space = space
     }
 
     @inline(__always)
-    mutating func add(_ bytes: UnsafeRawBufferPointer) {
+    package mutating func add(_ bytes: UnsafeRawBufferPointer) {
         precondition(count + bytes.count <= space.count, "head writer overflow")
         if let source = bytes.baseAddress, bytes.count > 0 {
             (space.baseAddress! + count).copyMemory(from: source, byteCount: bytes.count)
@@ -177,13 +177,13 @@ struct HeadWriter {
     }
 
     @inline(__always)
-    mutating func add(_ text: StaticString) {
+    package mutating func add(_ text: StaticString) {
         add(UnsafeRawBufferPointer(start: text.utf8Start, count: text.utf8CodeUnitCount))
     }
 
     /// Reads the string's UTF-8 in place (no copy of the string: that would retain and release it per call).
     @inline(__always)
-    mutating func add(_ text: String) {
+    package mutating func add(_ text: String) {
         let done: Void? = text.utf8.withContiguousStorageIfAvailable { add(UnsafeRawBufferPointer($0)) }
         if done == nil {
             for byte in text.utf8 { add(byte) }
@@ -191,13 +191,13 @@ struct HeadWriter {
     }
 
     @inline(__always)
-    mutating func add(_ byte: UInt8) {
+    package mutating func add(_ byte: UInt8) {
         precondition(count < space.count, "head writer overflow")
         space[count] = byte
         count += 1
     }
 
-    mutating func addDecimal(_ value: Int) {
+    package mutating func addDecimal(_ value: Int) {
         var v = value < 0 ? 0 : value
         var digits = 1
         var probe = v

@@ -1,30 +1,28 @@
-import ApusCore
 import NIOCore
-import NIOHPACK
 
 /// The few pieces of the gRPC-over-HTTP/2 wire format the edge reads or writes itself: `grpc-timeout`, status
 /// trailers with a percent-encoded `grpc-message`, and length-prefixed message frames (for the gateway's own
 /// health service). Everything else passes through as opaque bytes.
-enum GRPCWire {
-    static let statusOK = 0
-    static let statusCancelled = 1
-    static let statusInvalidArgument = 3
-    static let statusDeadlineExceeded = 4
-    static let statusNotFound = 5
-    static let statusResourceExhausted = 8
-    static let statusUnimplemented = 12
-    static let statusInternal = 13
-    static let statusUnavailable = 14
+package enum GRPCWire {
+    package static let statusOK = 0
+    package static let statusCancelled = 1
+    package static let statusInvalidArgument = 3
+    package static let statusDeadlineExceeded = 4
+    package static let statusNotFound = 5
+    package static let statusResourceExhausted = 8
+    package static let statusUnimplemented = 12
+    package static let statusInternal = 13
+    package static let statusUnavailable = 14
 
     /// gRPC status codes 0...16 as metric labels.
     private static let statusLabels: [String] = (0...16).map { String($0) }
 
-    static func statusCodeLabel(_ status: Int) -> String {
+    package static func statusCodeLabel(_ status: Int) -> String {
         statusLabels.indices.contains(status) ? statusLabels[status] : String(status)
     }
 
     /// Parses `grpc-timeout`: at most 8 ASCII digits and a unit (H, M, S, m, u, n).
-    static func parseTimeout(_ text: String) -> Duration? {
+    package static func parseTimeout(_ text: String) -> Duration? {
         let bytes = Array(text.utf8)
         guard (2...9).contains(bytes.count) else { return nil }
         var value: Int64 = 0
@@ -44,8 +42,9 @@ enum GRPCWire {
     }
 
     /// Formats a remaining time as `grpc-timeout` (milliseconds, or a coarser unit when 8 digits do not suffice).
-    static func formatTimeout(_ duration: Duration) -> String {
-        let milliseconds = max(1, duration.milliseconds)
+    package static func formatTimeout(_ duration: Duration) -> String {
+        let (wholeSeconds, attoseconds) = duration.components
+        let milliseconds = max(1, wholeSeconds * 1000 + attoseconds / 1_000_000_000_000_000)
         if milliseconds < 100_000_000 { return "\(milliseconds)m" }
         let seconds = milliseconds / 1000
         if seconds < 100_000_000 { return "\(seconds)S" }
@@ -53,7 +52,7 @@ enum GRPCWire {
     }
 
     /// `grpc-message` is percent-encoded UTF-8: bytes outside printable ASCII and '%' itself are escaped.
-    static func percentEncode(_ message: String) -> String {
+    package static func percentEncode(_ message: String) -> String {
         var out = ""
         out.reserveCapacity(message.utf8.count)
         let hex = Array("0123456789ABCDEF".utf8)
@@ -69,32 +68,8 @@ enum GRPCWire {
         return out
     }
 
-    /// The gRPC status an `ApusError` travels as; an unknown service or method is UNIMPLEMENTED.
-    static func status(for error: ApusError) -> Int {
-        error.code.grpcStatus
-    }
-
-    /// A complete response carrying only a status (Trailers-Only), for calls that fail before any response.
-    static func trailersOnly(status: Int, message: String) -> HPACKHeaders {
-        var headers = HPACKHeaders()
-        headers.reserveCapacity(4)
-        headers.add(name: ":status", value: "200")
-        headers.add(name: "content-type", value: "application/grpc")
-        headers.add(name: "grpc-status", value: String(status))
-        if !message.isEmpty { headers.add(name: "grpc-message", value: percentEncode(message)) }
-        return headers
-    }
-
-    /// Trailers ending a response whose headers were already sent.
-    static func trailers(status: Int, message: String) -> HPACKHeaders {
-        var headers = HPACKHeaders()
-        headers.add(name: "grpc-status", value: String(status))
-        if !message.isEmpty { headers.add(name: "grpc-message", value: percentEncode(message)) }
-        return headers
-    }
-
     /// Frames one uncompressed message: flag byte 0, 4-byte big-endian length, the bytes.
-    static func frameMessage(_ message: [UInt8], allocator: ByteBufferAllocator) -> ByteBuffer {
+    package static func frameMessage(_ message: [UInt8], allocator: ByteBufferAllocator) -> ByteBuffer {
         var buffer = allocator.buffer(capacity: 5 + message.count)
         buffer.writeInteger(UInt8(0))
         buffer.writeInteger(UInt32(message.count))
@@ -102,13 +77,16 @@ enum GRPCWire {
         return buffer
     }
 
+    /// A message with the compressed flag set.
+    package struct CompressedMessage: Error {}
+
     /// Reads the first complete message out of accumulated DATA bytes; nil while incomplete.
     /// Throws for compressed messages (the gateway's own services accept identity only).
-    static func firstMessage(in buffer: ByteBuffer) throws(ApusError) -> [UInt8]? {
+    package static func firstMessage(in buffer: ByteBuffer) throws(CompressedMessage) -> [UInt8]? {
         guard buffer.readableBytes >= 5,
               let flag = buffer.getInteger(at: buffer.readerIndex, as: UInt8.self),
               let length = buffer.getInteger(at: buffer.readerIndex + 1, as: UInt32.self) else { return nil }
-        guard flag == 0 else { throw ApusError(.badRequest, "compressed messages are not accepted here") }
+        guard flag == 0 else { throw CompressedMessage() }
         guard buffer.readableBytes >= 5 + Int(length) else { return nil }
         return buffer.getBytes(at: buffer.readerIndex + 5, length: Int(length))
     }

@@ -1,34 +1,7 @@
-import ApusCore
 import NIOCore
 import Testing
 
-@testable import ApusGateway
-
-@Suite("gateway routing")
-struct GatewayRouteTests {
-    @Test func pathPrefixRouting() throws {
-        #expect(try GatewayRoute.resolve(host: "127.0.0.1:8080", uri: "/orders/items/3?x=1", domain: "apus.localhost")
-            == GatewayRoute(function: "orders", instancePath: "/items/3?x=1", routedByPath: true))
-        #expect(try GatewayRoute.resolve(host: nil, uri: "/orders", domain: "apus.localhost")
-            == GatewayRoute(function: "orders", instancePath: "/", routedByPath: true))
-        #expect(try GatewayRoute.resolve(host: nil, uri: "/orders?x=1", domain: "apus.localhost")
-            == GatewayRoute(function: "orders", instancePath: "/?x=1", routedByPath: true))
-    }
-
-    @Test func hostRouting() throws {
-        #expect(try GatewayRoute.resolve(host: "Orders.APUS.localhost:8080", uri: "/a/b", domain: "apus.localhost")
-            == GatewayRoute(function: "orders", instancePath: "/a/b", routedByPath: false))
-        // Not one label under the domain: falls back to the path.
-        #expect(try GatewayRoute.resolve(host: "a.b.apus.localhost", uri: "/f/x", domain: "apus.localhost").function == "f")
-        #expect(try GatewayRoute.resolve(host: "apus.localhost", uri: "/f/x", domain: "apus.localhost").function == "f")
-        #expect(try GatewayRoute.resolve(host: "xapus.localhost", uri: "/f/x", domain: "apus.localhost").function == "f")
-    }
-
-    @Test func badTargets() {
-        #expect(throws: ApusError.self) { try GatewayRoute.resolve(host: nil, uri: "/", domain: "d") }
-        #expect(throws: ApusError.self) { try GatewayRoute.resolve(host: nil, uri: "*", domain: "d") }
-    }
-}
+@testable import ApusWire
 
 @Suite("minimal HTTP/1.1 codec")
 struct HTTP1CodecTests {
@@ -111,6 +84,20 @@ struct HTTP1CodecTests {
         #expect(parse("HTTP/1.1 200 OK\r\n\r\n").map { if case .untilClose = $0.framing { true } else { false } } == true)
         #expect(parse("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n").map { if case .chunked = $0.framing { true } else { false } } == true)
         #expect(parse("garbage\r\n\r\n") == nil)
+    }
+
+    @Test func h2cUpgradeIsOfferedOnlyWithAllThreeHeaders() throws {
+        let codec = self
+        let full = try codec.parse("GET / HTTP/1.1\r\nHost: h\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\nAccept: */*\r\n\r\n")
+        #expect(full.upgradeToH2C)
+        let noSettings = try codec.parse("GET / HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n")
+        #expect(!noSettings.upgradeToH2C)
+        let websocket = try codec.parse("GET / HTTP/1.1\r\nHost: h\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: websocket\r\nHTTP2-Settings: x\r\n\r\n")
+        #expect(!websocket.upgradeToH2C)
+        let http10 = try codec.parse("GET / HTTP/1.0\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: x\r\n\r\n")
+        #expect(!http10.upgradeToH2C)
+        // The upgrade headers never reach an instance.
+        #expect(full.keptSpans.count >= 1)
     }
 }
 

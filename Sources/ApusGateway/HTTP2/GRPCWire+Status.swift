@@ -1,0 +1,42 @@
+import ApusCore
+import ApusWire
+import NIOCore
+import NIOHPACK
+
+/// How the gateway's errors travel on gRPC: a status code and trailers with a percent-encoded `grpc-message`.
+extension GRPCWire {
+    /// The gRPC status an `ApusError` travels as; an unknown service or method is UNIMPLEMENTED.
+    static func status(for error: ApusError) -> Int {
+        error.code.grpcStatus
+    }
+
+    /// A complete response carrying only a status (Trailers-Only), for calls that fail before any response.
+    static func trailersOnly(status: Int, message: String) -> HPACKHeaders {
+        var headers = HPACKHeaders()
+        headers.reserveCapacity(4)
+        headers.add(name: ":status", value: "200")
+        headers.add(name: "content-type", value: "application/grpc")
+        headers.add(name: "grpc-status", value: String(status))
+        if !message.isEmpty { headers.add(name: "grpc-message", value: percentEncode(message)) }
+        return headers
+    }
+
+    /// Trailers ending a response whose headers were already sent.
+    static func trailers(status: Int, message: String) -> HPACKHeaders {
+        var headers = HPACKHeaders()
+        headers.add(name: "grpc-status", value: String(status))
+        if !message.isEmpty { headers.add(name: "grpc-message", value: percentEncode(message)) }
+        return headers
+    }
+
+
+    /// The first complete message of a call to one of the gateway's own services; a compressed one is refused
+    /// (they accept identity only).
+    static func firstRequestMessage(in buffer: ByteBuffer) throws(ApusError) -> [UInt8]? {
+        do throws(CompressedMessage) {
+            return try firstMessage(in: buffer)
+        } catch {
+            throw ApusError(.badRequest, "compressed messages are not accepted here")
+        }
+    }
+}
