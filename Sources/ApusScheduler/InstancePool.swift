@@ -17,7 +17,7 @@ public final class InstancePool: Sendable {
 
         public var port: Int { endpoint.port }
 
-        init(instanceID: String, endpoint: InstanceEndpoint, since: ContinuousClock.Instant = .now) {
+        init(instanceID: String, endpoint: InstanceEndpoint, since: ContinuousClock.Instant) {
             self.instanceID = instanceID
             self.endpoint = endpoint
             self.since = since
@@ -40,7 +40,10 @@ public final class InstancePool: Sendable {
     private struct State {
         var machine: InstancePoolStateMachine
         var waiting: [String: any SlotWaiter] = [:]
-        var timers: [String: Task<Void, Never>] = [:]
+        /// The one timer for the queue: armed for the earliest deadline of a queued request (a generation tells
+        /// a current timer from one replaced while it fired).
+        var queueTimer: (deadline: ContinuousClock.Instant, generation: UInt64, timer: ClockTimer)?
+        var queueTimerGeneration: UInt64 = 0
         var handles: [String: any InstanceHandle] = [:]
         var launching = 0
         var stopping = 0
@@ -56,12 +59,15 @@ public final class InstancePool: Sendable {
     private let codeDirectory: @Sendable (FunctionVersion) throws(ApusError) -> URL
     private let stopGrace: Duration
     private let logger: Logger
+    /// Where "now" and the queue's timer come from (`SystemClock`; a `ManualClock` in unit tests).
+    let clock: any SchedulingClock
 
     init(
         version: FunctionVersion, configuration: InstancePoolStateMachine.Configuration,
         launcher: any InstanceLauncher, codeDirectory: @escaping @Sendable (FunctionVersion) throws(ApusError) -> URL,
-        stopGrace: Duration, logger: Logger
+        stopGrace: Duration, logger: Logger, clock: any SchedulingClock = SystemClock()
     ) {
+        self.clock = clock
         self.version = version
         self.metrics = VersionMetrics(function: version.function, version: version.number)
         self.state = Mutex(State(machine: InstancePoolStateMachine(configuration: configuration)))
@@ -74,7 +80,7 @@ public final class InstancePool: Sendable {
         self.logger = logger
     }
 
-    private var now: ContinuousClock.Instant { .now }
+    private var now: ContinuousClock.Instant { clock.now }
 
     /// What `acquire(requestID:deadline:waiter:)` decided on the spot.
     public enum AcquireOutcome: Sendable {
@@ -101,7 +107,7 @@ public final class InstancePool: Sendable {
                 switch action {
                 case .dispatch(let id, let instanceID) where id == requestID:
                     // A ready instance always has its handle: both change under this lock.
-                    outcome = .leased(Lease(instanceID: instanceID, endpoint: state.handles[instanceID]!.endpoint))
+                    outcome = .leased(Lease(instanceID: instanceID, endpoint: state.handles[instanceID]!.endpoint, since: now))
                 case .fail(let id, let error) where id == requestID:
                     metrics.recordRejection(error.code.name)
                     outcome = .failed(error)
@@ -111,14 +117,7 @@ public final class InstancePool: Sendable {
             }
             if case .queued = outcome {
                 state.waiting[requestID] = waiter
-                // Strong, not weak: a weak reference would give the pool a side table, which makes every retain
-                // and release of it slower, and the gateway retains pools per request. The timer is cancelled
-                // when the request gets its slot or goes away, and ends at the deadline anyway.
-                state.timers[requestID] = Task {
-                    try? await Task.sleep(until: deadline, clock: .continuous)
-                    guard !Task.isCancelled else { return }
-                    self.perform(self.state.withLock { $0.machine.requestExpired(requestID, now: self.now) })
-                }
+                armQueueTimer(&state, for: deadline)
             }
             return rest
         }
@@ -147,16 +146,39 @@ public final class InstancePool: Sendable {
         return Lease(instanceID: instanceID, endpoint: endpoint, since: now)
     }
 
+    /// Makes sure the queue's timer fires by `deadline`: one timer per pool, re-armed only for an earlier deadline
+    /// (requests of one version mostly share a timeout, so a burst of queued requests arms it once).
+    private func armQueueTimer(_ state: inout State, for deadline: ContinuousClock.Instant) {
+        if let armed = state.queueTimer, armed.deadline <= deadline { return }
+        state.queueTimer?.timer.cancel()
+        state.queueTimerGeneration &+= 1
+        let generation = state.queueTimerGeneration
+        // Strong, not weak: a weak reference would give the pool a side table, which makes every retain and
+        // release of it slower, and the gateway retains pools per request. The timer ends at its deadline.
+        let timer = clock.schedule(at: deadline) { self.queueTimerFired(generation: generation) }
+        state.queueTimer = (deadline, generation, timer)
+    }
+
+    /// Fails every queued request whose deadline passed and arms the timer for the next deadline.
+    private func queueTimerFired(generation: UInt64) {
+        let actions = state.withLock { state -> [InstancePoolStateMachine.Action] in
+            guard state.queueTimer?.generation == generation else { return [] }  // replaced meanwhile
+            state.queueTimer = nil
+            let actions = state.machine.expireWaiters(now: now)
+            if let next = state.machine.earliestWaiterDeadline { armQueueTimer(&state, for: next) }
+            return actions
+        }
+        perform(actions)
+    }
+
     /// The caller of a queued request went away. Returns false when the decision was already made (its callback
     /// is on its way, and a lease it carries must be released).
     @discardableResult
     public func cancel(requestID: String) -> Bool {
-        let (timer, wasWaiting) = state.withLock { state in
+        state.withLock { state in
             state.machine.requestCancelled(requestID)
-            return (state.timers.removeValue(forKey: requestID), state.waiting.removeValue(forKey: requestID) != nil)
+            return state.waiting.removeValue(forKey: requestID) != nil
         }
-        timer?.cancel()
-        return wasWaiting
     }
 
     /// Waits for a slot on a ready instance (starting one if needed) until `deadline`.
@@ -303,23 +325,19 @@ public final class InstancePool: Sendable {
         for action in actions {
             switch action {
             case .dispatch(let requestID, let instanceID):
-                let (continuation, timer, endpoint) = state.withLock { state in
-                    (state.waiting.removeValue(forKey: requestID), state.timers.removeValue(forKey: requestID), state.handles[instanceID]?.endpoint)
+                let (continuation, endpoint) = state.withLock { state in
+                    (state.waiting.removeValue(forKey: requestID), state.handles[instanceID]?.endpoint)
                 }
-                timer?.cancel()
                 guard let continuation, let endpoint else {
                     // The caller left meanwhile (or the instance vanished): hand the slot back.
                     perform(state.withLock { $0.machine.release(instanceID: instanceID, now: now) })
                     continuation?.slotDecided(requestID: requestID, .failure(ApusError(.instanceError, "instance \(instanceID) is gone")))
                     continue
                 }
-                continuation.slotDecided(requestID: requestID, .success(Lease(instanceID: instanceID, endpoint: endpoint)))
+                continuation.slotDecided(requestID: requestID, .success(Lease(instanceID: instanceID, endpoint: endpoint, since: now)))
 
             case .fail(let requestID, let error):
-                let (continuation, timer) = state.withLock { state in
-                    (state.waiting.removeValue(forKey: requestID), state.timers.removeValue(forKey: requestID))
-                }
-                timer?.cancel()
+                let continuation = state.withLock { $0.waiting.removeValue(forKey: requestID) }
                 metrics.recordRejection(error.code.name)
                 continuation?.slotDecided(requestID: requestID, .failure(error))
 

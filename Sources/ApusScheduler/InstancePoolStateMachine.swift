@@ -261,11 +261,20 @@ public struct InstancePoolStateMachine: Sendable {
         return [.stopInstance(instanceID: instanceID)] + instanceExited(instanceID, now: now)
     }
 
-    /// A queued request's deadline passed.
-    public mutating func requestExpired(_ requestID: String, now: Instant) -> [Action] {
-        guard let index = waiters.firstIndex(where: { $0.requestID == requestID }) else { return [] }
-        waiters.remove(at: index)
-        return [.fail(requestID: requestID, ApusError(.deadlineExceeded, "no instance slot before the deadline"))]
+    /// Every queued request whose deadline passed by `now` fails.
+    public mutating func expireWaiters(now: Instant) -> [Action] {
+        var actions: [Action] = []
+        waiters.removeAll { waiter in
+            guard waiter.deadline <= now else { return false }
+            actions.append(.fail(requestID: waiter.requestID, ApusError(.deadlineExceeded, "no instance slot before the deadline")))
+            return true
+        }
+        return actions
+    }
+
+    /// The earliest deadline of a queued request: when the pool's queue timer must fire next.
+    public var earliestWaiterDeadline: Instant? {
+        waiters.lazy.map(\.deadline).min()
     }
 
     /// The caller went away while queued.

@@ -38,11 +38,15 @@ public final class Scheduler: Service {
     private let codeDirectory: @Sendable (FunctionVersion) throws(ApusError) -> URL
     private let pools = Mutex<[PoolKey: InstancePool]>([:])
     private let logger: Logger
+    /// Time for every pool and the housekeeping loop (`SystemClock`; a `ManualClock` in unit tests).
+    public let clock: any SchedulingClock
 
     public init(
         configuration: Configuration, catalog: FunctionCatalog, launcher: any InstanceLauncher,
-        codeDirectory: @escaping @Sendable (FunctionVersion) throws(ApusError) -> URL, logger: Logger
+        codeDirectory: @escaping @Sendable (FunctionVersion) throws(ApusError) -> URL, logger: Logger,
+        clock: any SchedulingClock = SystemClock()
     ) {
+        self.clock = clock
         self.configuration = configuration
         self.catalog = catalog
         self.launcher = launcher
@@ -95,7 +99,8 @@ public final class Scheduler: Service {
             if let pool = pools[key] { return pool }
             let pool = InstancePool(
                 version: version, configuration: poolConfiguration(version, active: isActive(version)),
-                launcher: launcher, codeDirectory: codeDirectory, stopGrace: configuration.stopGrace, logger: logger)
+                launcher: launcher, codeDirectory: codeDirectory, stopGrace: configuration.stopGrace, logger: logger,
+                clock: clock)
             pools[key] = pool
             return pool
         }
@@ -153,7 +158,7 @@ public final class Scheduler: Service {
 
     public func scalerStatus(of function: String) -> [ScalerStatus] {
         let matching = pools.withLock { $0.filter { $0.key.function == function }.sorted { $0.key.version < $1.key.version }.map(\.value) }
-        let now = ContinuousClock.now
+        let now = clock.now
         return matching.compactMap { pool in
             pool.lastDecision.map { decision in
                 ScalerStatus(version: pool.version.number, desired: decision.desired, wanted: decision.wanted, ready: decision.ready,
@@ -179,7 +184,7 @@ public final class Scheduler: Service {
             while !Task.isCancelled {
                 let all = self.pools.withLock { Array($0.values) }
                 for pool in all { pool.tick() }
-                try? await Task.sleep(for: self.configuration.tickInterval)
+                try? await self.clock.sleep(for: self.configuration.tickInterval)
             }
         }
         logger.info("stopping all instances")

@@ -58,7 +58,8 @@ struct InstancePoolTests {
         }
     }
 
-    static func makePool(concurrency: Int = 1, max: Int = 1, queue: Int = 10, launcher: FakeLauncher) -> (Scheduler, InstancePool) {
+    static func makePool(concurrency: Int = 1, max: Int = 1, queue: Int = 10, launcher: FakeLauncher,
+                         clock: any SchedulingClock = SystemClock()) -> (Scheduler, InstancePool) {
         let manifest = FunctionManifest(name: "f", runtime: .python3, handler: "main.handler", concurrency: concurrency,
                                         scale: .init(min: 0, max: max), timeout: .seconds(5))
         let version = FunctionVersion(function: "f", number: 1, codeDigest: "sha256:x", manifest: manifest, createdAt: Date())
@@ -69,7 +70,7 @@ struct InstancePoolTests {
         let scheduler = Scheduler(
             configuration: .init(queueLength: queue, idleTimeout: .seconds(60), stopGrace: .milliseconds(10)),
             catalog: catalog, launcher: launcher,
-            codeDirectory: { _ in URL(fileURLWithPath: "/nonexistent") }, logger: Logger(label: "test"))
+            codeDirectory: { _ in URL(fileURLWithPath: "/nonexistent") }, logger: Logger(label: "test"), clock: clock)
         return (scheduler, scheduler.pool(for: version))
     }
 

@@ -44,8 +44,8 @@ public final class Autoscaler: Service {
     public func run() async throws {
         await cancelWhenGracefulShutdown {
             while !Task.isCancelled {
-                self.tick(now: .now)
-                try? await Task.sleep(for: self.settings.interval)
+                self.tick(now: self.scheduler.clock.now)
+                try? await self.scheduler.clock.sleep(for: self.settings.interval)
             }
         }
     }
