@@ -12,7 +12,8 @@ package final class BufferedBytesBudget: Sendable {
 
     /// HTTP/1.1 bytes a connection may read ahead without counting (a request head and a small body): the common
     /// request never touches the shared counter.
-    package static let freePerConnection = 64 << 10
+    @inlinable
+    package static var freePerConnection: Int { 64 << 10 }
 
     package init(limit: Int) {
         self.limit = limit

@@ -3,9 +3,11 @@ import NIOCore
 /// The spans of a head that are copied through, kept without a heap allocation for the common case: a head has
 /// few runs of kept lines (only dropped hop-by-hop or `X-Apus-*` lines split them). Adjacent spans merge.
 package struct ByteSpans: Sequence {
-    private var inline: (Range<Int>, Range<Int>, Range<Int>, Range<Int>) = (0..<0, 0..<0, 0..<0, 0..<0)
+    @usableFromInline
+    var inline: (Range<Int>, Range<Int>, Range<Int>, Range<Int>) = (0..<0, 0..<0, 0..<0, 0..<0)
     private var inlineCount = 0
-    private var overflow: [Range<Int>] = []
+    @usableFromInline
+    var overflow: [Range<Int>] = []
 
     package private(set) var count = 0
 
@@ -40,6 +42,7 @@ package struct ByteSpans: Sequence {
         }
     }
 
+    @inlinable
     package subscript(index: Int) -> Range<Int> {
         switch index {
         case 0: inline.0
@@ -60,6 +63,7 @@ package struct ByteSpans: Sequence {
     }
 
     /// Calls `body` for each span in order (no iterator allocation).
+    @inlinable
     package func forEach(_ body: (Range<Int>) -> Void) {
         for i in 0..<count { body(self[i]) }
     }

@@ -52,7 +52,8 @@ package struct ResponseReader {
         case midBody
     }
 
-    private enum State {
+    @usableFromInline
+    enum State {
         case idle
         case head(requestWasHEAD: Bool)
         case body(BodyFraming, reusable: Bool)
@@ -60,28 +61,33 @@ package struct ResponseReader {
         case ended(reusable: Bool)
     }
 
-    private var state = State.idle
+    @usableFromInline
+    var state = State.idle
     package static let maxHead = 64 << 10
 
     package init() {}
 
     /// A request was written: its response is read next. `requestWasHEAD`: the response has no body whatever
     /// its headers say.
+    @inlinable
     package mutating func begin(requestWasHEAD: Bool) {
         state = .head(requestWasHEAD: requestWasHEAD)
     }
 
     /// Forgets the exchange in progress (the connection is being closed or given up).
+    @inlinable
     package mutating func reset() {
         state = .idle
     }
 
+    @inlinable
     package var isIdle: Bool {
         if case .idle = state { return true }
         return false
     }
 
     /// Whether the final head has been read (body bytes, not a head, come next).
+    @inlinable
     package var isInBody: Bool {
         switch state {
         case .body, .ended: true
