@@ -133,6 +133,7 @@ final class GatewayShared: Sendable {
     /// Each event loop's place on the instances' consistent-hash ring (its shard when a version has more ready
     /// instances than the scheduler's shard size).
     private let shardKeys: [ObjectIdentifier: UInt64]
+    private let splitRolls: [ObjectIdentifier: LoopSplitRoll]
     private let connections = Mutex<[ObjectIdentifier: NIOLoopBound<any DrainableConnection>]>([:])
     private let draining = Atomic<Bool>(false)
 
@@ -146,7 +147,9 @@ final class GatewayShared: Sendable {
         var http1Pools: [ObjectIdentifier: InstanceHTTP1Pool] = [:]
         var thriftPools: [ObjectIdentifier: InstanceThriftPool] = [:]
         var shardKeys: [ObjectIdentifier: UInt64] = [:]
+        var splitRolls: [ObjectIdentifier: LoopSplitRoll] = [:]
         for (index, loop) in group.makeIterator().enumerated() {
+            splitRolls[ObjectIdentifier(loop)] = LoopSplitRoll()
             shardKeys[ObjectIdentifier(loop)] = ConsistentHashRing.hash("\(configuration.nodeName)/worker-\(index)")
             thriftPools[ObjectIdentifier(loop)] = InstanceThriftPool(eventLoop: loop)
             pools[ObjectIdentifier(loop)] = UpstreamPool(eventLoop: loop)
@@ -158,11 +161,17 @@ final class GatewayShared: Sendable {
         self.http1Pools = http1Pools
         self.thriftPools = thriftPools
         self.shardKeys = shardKeys
+        self.splitRolls = splitRolls
     }
 
     /// The shard key of requests arriving on `loop`.
     func shardKey(for loop: any EventLoop) -> UInt64 {
         shardKeys[ObjectIdentifier(loop)] ?? 0
+    }
+
+    /// A number in 0..<100 for a release's traffic split, for a request arriving on `loop` (call it on `loop`).
+    func roll(on loop: any EventLoop) -> Int {
+        splitRolls[ObjectIdentifier(loop)]!.next()
     }
 
     /// Connections to Thrift instances from this loop.

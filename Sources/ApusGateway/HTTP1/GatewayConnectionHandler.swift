@@ -72,7 +72,6 @@ final class GatewayConnectionHandler: ChannelInboundHandler, RemovableChannelHan
     private var readPaused = false
     private var upstreamWritable = true
     var draining = false
-    private var splitRoll = SplitRoll()
     var peer = "unknown"
     /// Hears slot decisions for this connection's queued requests and brings them back onto its event loop.
     private var slotWaiter: LoopSlotWaiter!
@@ -238,7 +237,7 @@ final class GatewayConnectionHandler: ChannelInboundHandler, RemovableChannelHan
     }
 
     func nextRoll() -> Int {
-        splitRoll.next()
+        shared.roll(on: context.eventLoop)
     }
 
     /// The function, version and neutral invocation of an HTTP/1.1 request (shared with the edge reactor).

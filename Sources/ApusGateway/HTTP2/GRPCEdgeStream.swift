@@ -210,7 +210,7 @@ final class GRPCEdgeStream: EdgeStreamOwner, LoopSlotTarget, InstanceStreamOwner
                 requestHeaders.remove(name: "authorization")
             }
             let pinned = try VersionPin.parse(pinnedVersionText, name: "apus-version")
-            version = try shared.scheduler.catalog.route(function: functionName, pinnedVersion: pinned, roll: pool.roll())
+            version = try shared.scheduler.catalog.route(function: functionName, pinnedVersion: pinned, roll: shared.roll(on: pool.eventLoop))
             guard version.manifest.protocol == .grpc else {
                 throw ApusError(.notFound, "function \(functionName) serves \(version.manifest.protocol.rawValue), not gRPC")
             }

@@ -166,7 +166,7 @@ final class HTTPOverHTTP2Stream: ChannelInboundHandler, LoopSlotTarget {
             route = try GatewayRoute.resolve(host: host, uri: head.uri, domain: shared.configuration.domain, catalog: shared.scheduler.catalog)
             keepCredential = try shared.authorizeInvocation(function: route.function, credential: try Self.credential(head.headers))
             let pinned = try VersionPin.parse(head.headers.first(name: "x-apus-version"), name: "X-Apus-Version")
-            version = try shared.scheduler.catalog.route(function: route.function, pinnedVersion: pinned, roll: Int.random(in: 0..<100))
+            version = try shared.scheduler.catalog.route(function: route.function, pinnedVersion: pinned, roll: shared.roll(on: context.eventLoop))
             guard version.manifest.protocol == .http else {
                 throw ApusError(.badRequest, "function \(route.function) serves \(version.manifest.protocol.rawValue); call it with a \(version.manifest.protocol.rawValue) client")
             }

@@ -30,7 +30,6 @@ final class InstanceHTTP2Pool: @unchecked Sendable {
     let deferredFlushes = DeferredFlushes()
     /// The deadlines of the gRPC calls on this loop.
     let deadlines: CallDeadlines
-    private var splitRoll = SplitRoll()
 
     init(eventLoop: any EventLoop, limits: GatewayServer.HTTP2Limits) {
         self.eventLoop = eventLoop
@@ -54,11 +53,6 @@ final class InstanceHTTP2Pool: @unchecked Sendable {
             connect(connection)
         }
         connection.whenReady(completion)
-    }
-
-    /// A number in 0..<100 for a release's traffic split (`SplitRoll`).
-    func roll() -> Int {
-        splitRoll.next()
     }
 
     private func connect(_ connection: InstanceHTTP2Connection) {

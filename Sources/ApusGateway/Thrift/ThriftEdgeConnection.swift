@@ -168,7 +168,7 @@ final class ThriftEdgeConnection: ChannelInboundHandler, LoopSlotTarget, Drainab
         let pinnedVersion: Int?
         do throws(ApusError) {
             pinnedVersion = try VersionPin.parse(call.frame.headers["apus-version"], name: "apus-version")
-            version = try catalog.route(function: function, pinnedVersion: pinnedVersion, roll: Int.random(in: 0..<100))
+            version = try catalog.route(function: function, pinnedVersion: pinnedVersion, roll: shared.roll(on: context.eventLoop))
             guard let thrift = version.manifest.thrift else {
                 throw ApusError(.badRequest, "function \(function) serves \(version.manifest.protocol.rawValue), not Thrift")
             }
