@@ -21,6 +21,8 @@ protocol DrainableConnection: AnyObject {
 final class GatewayShared: Sendable {
     let configuration: GatewayServer.Configuration
     let scheduler: Scheduler
+    /// Version choice, protocol check, deadline and pool for every call the NIO edges serve.
+    let dispatcher: Dispatcher
     let logger: Logger
     let requestIDs = RequestIDGenerator()
     /// Client connections held now, over every listener (`configuration.maxConnections` at most).
@@ -140,6 +142,7 @@ final class GatewayShared: Sendable {
     init(configuration: GatewayServer.Configuration, scheduler: Scheduler, logger: Logger, group: any EventLoopGroup) {
         self.configuration = configuration
         self.scheduler = scheduler
+        self.dispatcher = Dispatcher(scheduler: scheduler)
         self.logger = logger
         self.httpBodies = BufferedBytesBudget(limit: configuration.httpMaxBufferedBytes)
         var pools: [ObjectIdentifier: UpstreamPool] = [:]

@@ -353,6 +353,29 @@ def test_unknown_method_and_unknown_service_are_unimplemented(channel, echo_fn):
     assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED, err.value
 
 
+def test_a_function_of_another_protocol_is_refused_with_its_protocol_named(apusd, deployed, channel, echo_fn):
+    """One protocol check for every edge: a gRPC call pinned to an HTTP function is UNIMPLEMENTED, an HTTP/1.1 or
+    HTTP/2 request to a gRPC function is 400; each says what the function serves."""
+    deployed.example("hello-python")
+    with pytest.raises(grpc.RpcError) as err:
+        channel.unary_unary("/echo.Echo/Get")(b"", metadata=[("apus-function", "hello-python")], timeout=CALL_TIMEOUT)
+    assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED, err.value
+    assert "function hello-python serves http, not grpc" in err.value.details(), err.value.details()
+    r = apusd.get(f"/{ECHO_FUNCTION}/")
+    assert r.status == 400, r
+    assert r.json()["error"]["code"] == "wrong_protocol", r.text
+    assert f"function {ECHO_FUNCTION} serves grpc, not http; call it with a grpc client" in r.text, r.text
+    client = H2Client(apusd.http_port)
+    try:
+        stream = client.request([(":method", "GET"), (":scheme", "http"), (":authority", f"127.0.0.1:{apusd.http_port}"),
+                                 (":path", f"/{ECHO_FUNCTION}/")])
+        client.wait(stream)
+        assert client.streams[stream].headers[":status"] == "400"
+        assert b"serves grpc, not http" in bytes(client.streams[stream].body)
+    finally:
+        client.close()
+
+
 def test_apus_function_metadata_pins_the_function(stub):
     r = stub.Get(req(text="pinned"), metadata=[("apus-function", ECHO_FUNCTION)], timeout=CALL_TIMEOUT)
     assert r.text == "pinned" and r.served_by == "python"

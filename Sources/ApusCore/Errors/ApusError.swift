@@ -12,6 +12,8 @@ public struct ApusError: Error, Hashable, Sendable, CustomStringConvertible {
 
         /// The request or manifest is malformed.
         public static let badRequest = Code("bad_request", 400)
+        /// The function serves another protocol than the caller speaks (an HTTP request for a gRPC function).
+        public static let wrongProtocol = Code("wrong_protocol", 400)
         /// The caller presented no credential, or one that is unknown or expired (`WWW-Authenticate: Bearer`).
         public static let unauthenticated = Code("unauthenticated", 401)
         /// The caller is known but its credential does not allow this call.
@@ -44,6 +46,7 @@ public struct ApusError: Error, Hashable, Sendable, CustomStringConvertible {
             switch name {
             case "bad_request": 3        // INVALID_ARGUMENT
             case "not_found": 5          // NOT_FOUND
+            case "wrong_protocol": 12    // UNIMPLEMENTED: no gRPC service here
             case "conflict": 6           // ALREADY_EXISTS
             case "forbidden": 7          // PERMISSION_DENIED
             case "unauthenticated": 16   // UNAUTHENTICATED

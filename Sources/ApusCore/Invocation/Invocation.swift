@@ -10,11 +10,17 @@ public struct Invocation: Sendable {
     public var method: String
     /// Path as the instance should see it (function prefix removed), query included.
     public var path: String
+    /// The protocol the caller speaks: the function must serve it (the edge relays bytes, it does not convert).
+    public var callerProtocol: FunctionManifest.WireProtocol
+    /// The time the caller gives the call (`grpc-timeout`, a Thrift header timeout), if it said; the function's
+    /// `timeout` caps it.
+    public var callerBudget: Duration?
     /// Set once the version (and so its timeout) is known.
     public var deadline: ContinuousClock.Instant?
 
     public init(
         requestID: String, function: String, pinnedVersion: Int?, method: String, path: String,
+        callerProtocol: FunctionManifest.WireProtocol = .http, callerBudget: Duration? = nil,
         deadline: ContinuousClock.Instant? = nil
     ) {
         self.requestID = requestID
@@ -22,6 +28,8 @@ public struct Invocation: Sendable {
         self.pinnedVersion = pinnedVersion
         self.method = method
         self.path = path
+        self.callerProtocol = callerProtocol
+        self.callerBudget = callerBudget
         self.deadline = deadline
     }
 }

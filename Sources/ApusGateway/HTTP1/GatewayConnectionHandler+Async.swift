@@ -39,10 +39,9 @@ extension GatewayConnectionHandler {
             let route = try GatewayRoute.resolve(host: target == head.target ? head.host : nil, uri: target, domain: shared.configuration.domain)
             _ = try shared.authorizeInvocation(function: route.function, credential: head.authorization)
             let pinned = try head.pinnedVersionNumber()
-            version = try shared.scheduler.catalog.route(function: route.function, pinnedVersion: pinned, roll: nextRoll())
-            if version.manifest.protocol != .http {
-                throw ApusError(.badRequest, "function \(route.function) serves \(version.manifest.protocol.rawValue); submit its tasks with a \(version.manifest.protocol.rawValue) client or the control API")
-            }
+            version = try shared.dispatcher.version(
+                for: Invocation(requestID: requestID, function: route.function, pinnedVersion: pinned, method: head.method, path: route.instancePath),
+                roll: nextRoll())
             submission = TaskSubmission(function: route.function, pinnedVersion: pinned, kind: .http, method: head.method,
                                         path: route.instancePath, payload: [], requestID: requestID)
             rawHead.withUnsafeReadableBytes { bytes in

@@ -240,19 +240,16 @@ final class GatewayConnectionHandler: ChannelInboundHandler, RemovableChannelHan
         shared.roll(on: context.eventLoop)
     }
 
-    /// The function, version and neutral invocation of an HTTP/1.1 request (shared with the edge reactor).
+    /// The route, invocation and dispatch of an HTTP/1.1 request.
     static func resolve(
         _ head: inout RequestHead, requestID: String, shared: GatewayShared, roll: Int
-    ) throws(ApusError) -> (GatewayRoute, FunctionVersion, Invocation) {
+    ) throws(ApusError) -> (GatewayRoute, Invocation, Dispatcher.Dispatch) {
         let route = try GatewayRoute.resolve(host: head.host, uri: head.target, domain: shared.configuration.domain, catalog: shared.scheduler.catalog)
         if try !shared.authorizeInvocation(function: route.function, credential: head.authorization) { head.dropAuthorization() }
-        let pinned = try head.pinnedVersionNumber()
-        let invocation = Invocation(requestID: requestID, function: route.function, pinnedVersion: pinned, method: head.method, path: route.instancePath)
-        let version = try shared.scheduler.catalog.route(function: route.function, pinnedVersion: pinned, roll: roll)
-        if version.manifest.protocol != .http {
-            throw ApusError(.badRequest, "function \(route.function) serves \(version.manifest.protocol.rawValue); call it with a \(version.manifest.protocol.rawValue) client")
-        }
-        return (route, version, invocation)
+        var invocation = Invocation(requestID: requestID, function: route.function, pinnedVersion: try head.pinnedVersionNumber(),
+                                    method: head.method, path: route.instancePath)
+        let dispatch = try shared.dispatcher.dispatch(&invocation, roll: roll)
+        return (route, invocation, dispatch)
     }
 
     private func start(_ head: RequestHead, rawHead: ByteBuffer) {
@@ -267,24 +264,20 @@ final class GatewayConnectionHandler: ChannelInboundHandler, RemovableChannelHan
         let requestID = shared.requestIDs.next()
         let hasBody: Bool
         if case .none = head.framing { hasBody = false } else { hasBody = true }
-        let version: FunctionVersion
-        var invocation: Invocation
+        let invocation: Invocation
+        let dispatch: Dispatcher.Dispatch
         let route: GatewayRoute
         do throws(ApusError) {
-            (route, version, invocation) = try Self.resolve(&head, requestID: requestID, shared: shared, roll: nextRoll())
+            (route, invocation, dispatch) = try Self.resolve(&head, requestID: requestID, shared: shared, roll: nextRoll())
         } catch {
             respondWithError(error, requestID: requestID, version: nil, close: hasBody || !head.keepAlive || draining)
             return
         }
-        let now = ContinuousClock.now
-        let deadline = now.advanced(by: version.manifest.timeout)
-        invocation.deadline = deadline
-
+        let version = dispatch.version
         let upstreamHead = makeUpstreamHead(head, rawHead: rawHead, route: route, requestID: requestID, version: version)
-        let pool = shared.scheduler.pool(for: version)
-        let nioDeadline = NIODeadline.now() + .milliseconds(version.manifest.timeout.milliseconds)
+        let nioDeadline = NIODeadline.now() + .milliseconds(dispatch.budget.milliseconds)
         exchange = Exchange(
-            invocation: invocation, version: version, pool: pool, head: head, upstreamHead: upstreamHead,
+            invocation: invocation, version: version, pool: dispatch.pool, head: head, upstreamHead: upstreamHead,
             bodyFraming: head.framing, bodyDone: !hasBody, closeAfter: !head.keepAlive || draining, deadline: nioDeadline)
         armDeadlineTimer(nioDeadline)
         if head.expectContinue {

@@ -168,7 +168,7 @@ final class GRPCEdgeStream: EdgeStreamOwner, LoopSlotTarget, InstanceStreamOwner
         var path: String?
         var pinnedFunction: String?
         var pinnedVersionText: String?
-        var invocation: String?
+        var invocationMode: String?
         var timeoutText: String?
         var credential: String?
         var credentials = 0
@@ -177,7 +177,7 @@ final class GRPCEdgeStream: EdgeStreamOwner, LoopSlotTarget, InstanceStreamOwner
             case ":path": if path == nil { path = field.value }
             case "apus-function": if pinnedFunction == nil { pinnedFunction = field.value }
             case "apus-version": if pinnedVersionText == nil { pinnedVersionText = field.value }
-            case "apus-invocation": if invocation == nil { invocation = field.value }
+            case "apus-invocation": if invocationMode == nil { invocationMode = field.value }
             case "grpc-timeout": if timeoutText == nil { timeoutText = field.value }
             case "authorization":
                 credentials += 1
@@ -204,25 +204,24 @@ final class GRPCEdgeStream: EdgeStreamOwner, LoopSlotTarget, InstanceStreamOwner
             return
         }
         let version: FunctionVersion
+        var invocation = Invocation(requestID: requestID, function: functionName, pinnedVersion: nil, method: String(route.method),
+                                    path: rpcPath, callerProtocol: .grpc)
         do throws(ApusError) {
             guard credentials <= 1 else { throw ApusError(.badRequest, "more than one authorization header") }
             if try !shared.authorizeInvocation(function: functionName, credential: credential) {
                 requestHeaders.remove(name: "authorization")
             }
-            let pinned = try VersionPin.parse(pinnedVersionText, name: "apus-version")
-            version = try shared.scheduler.catalog.route(function: functionName, pinnedVersion: pinned, roll: shared.roll(on: pool.eventLoop))
-            guard version.manifest.protocol == .grpc else {
-                throw ApusError(.notFound, "function \(functionName) serves \(version.manifest.protocol.rawValue), not gRPC")
-            }
+            invocation.pinnedVersion = try VersionPin.parse(pinnedVersionText, name: "apus-version")
+            version = try shared.dispatcher.version(for: invocation, roll: shared.roll(on: pool.eventLoop))
         } catch {
             let status = error.code == .notFound && pinnedFunction == nil ? GRPCWire.statusUnimplemented : GRPCWire.status(for: error)
             respondAndFinish(status: status, message: error.message)
             return
         }
         self.version = version
-        if let invocation {
-            guard invocation == "async" else {
-                respondAndFinish(status: GRPCWire.statusInvalidArgument, message: "apus-invocation must be async (got \"\(invocation.prefix(32))\")")
+        if let invocationMode {
+            guard invocationMode == "async" else {
+                respondAndFinish(status: GRPCWire.statusInvalidArgument, message: "apus-invocation must be async (got \"\(invocationMode.prefix(32))\")")
                 return
             }
             startAsync(headers)
@@ -230,24 +229,22 @@ final class GRPCEdgeStream: EdgeStreamOwner, LoopSlotTarget, InstanceStreamOwner
         }
 
         // The call's deadline: the client's grpc-timeout when given, never beyond the function's timeout.
-        var budget = version.manifest.timeout
         if let text = timeoutText {
             guard let timeout = GRPCWire.parseTimeout(text) else {
                 respondAndFinish(status: GRPCWire.statusInternal, message: "malformed grpc-timeout \"\(text.prefix(16))\"")
                 return
             }
-            if timeout < budget {
-                budget = timeout
-                budgetFromClient = true
-            }
+            invocation.callerBudget = timeout
         }
-        self.budget = budget
-        deadline = ContinuousClock.now.advanced(by: budget)
+        let dispatch = shared.dispatcher.dispatch(&invocation, to: version)
+        budget = dispatch.budget
+        budgetFromClient = dispatch.budgetFromCaller
+        deadline = dispatch.deadline
         pool.deadlines.add(self)
 
         // Until the instance stream is open, client frames wait here (bounded by the stream's flow-control window).
         edge.setReading(false, on: streamID)
-        slot.pool = shared.scheduler.pool(for: version)
+        slot.pool = dispatch.pool
         acquireSlot()
     }
 

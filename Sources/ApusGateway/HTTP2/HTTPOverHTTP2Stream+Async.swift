@@ -21,10 +21,9 @@ extension HTTPOverHTTP2Stream {
             let route = try GatewayRoute.resolve(host: host, uri: uri, domain: shared.configuration.domain)
             _ = try shared.authorizeInvocation(function: route.function, credential: try Self.credential(head.headers))
             let pinned = try VersionPin.parse(head.headers.first(name: "x-apus-version"), name: "X-Apus-Version")
-            let version = try shared.scheduler.catalog.route(function: route.function, pinnedVersion: pinned, roll: shared.roll(on: context.eventLoop))
-            guard version.manifest.protocol == .http else {
-                throw ApusError(.badRequest, "function \(route.function) serves \(version.manifest.protocol.rawValue); submit its tasks with a \(version.manifest.protocol.rawValue) client or the control API")
-            }
+            let version = try shared.dispatcher.version(
+                for: Invocation(requestID: requestID, function: route.function, pinnedVersion: pinned, method: head.method.rawValue, path: route.instancePath),
+                roll: shared.roll(on: context.eventLoop))
             self.version = version
             var submission = TaskSubmission(function: route.function, pinnedVersion: pinned, kind: .http, method: head.method.rawValue,
                                             path: route.instancePath, contentType: head.headers.first(name: "content-type"),

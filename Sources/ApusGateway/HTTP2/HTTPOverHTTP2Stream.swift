@@ -161,22 +161,23 @@ final class HTTPOverHTTP2Stream: ChannelInboundHandler, LoopSlotTarget {
         }
         let host = head.headers.first(name: "host")
         let route: GatewayRoute
-        let version: FunctionVersion
+        let dispatch: Dispatcher.Dispatch
         do throws(ApusError) {
             route = try GatewayRoute.resolve(host: host, uri: head.uri, domain: shared.configuration.domain, catalog: shared.scheduler.catalog)
             keepCredential = try shared.authorizeInvocation(function: route.function, credential: try Self.credential(head.headers))
-            let pinned = try VersionPin.parse(head.headers.first(name: "x-apus-version"), name: "X-Apus-Version")
-            version = try shared.scheduler.catalog.route(function: route.function, pinnedVersion: pinned, roll: shared.roll(on: context.eventLoop))
-            guard version.manifest.protocol == .http else {
-                throw ApusError(.badRequest, "function \(route.function) serves \(version.manifest.protocol.rawValue); call it with a \(version.manifest.protocol.rawValue) client")
-            }
+            var invocation = Invocation(
+                requestID: requestID, function: route.function,
+                pinnedVersion: try VersionPin.parse(head.headers.first(name: "x-apus-version"), name: "X-Apus-Version"),
+                method: head.method.rawValue, path: route.instancePath)
+            dispatch = try shared.dispatcher.dispatch(&invocation, roll: shared.roll(on: context.eventLoop))
         } catch {
             respond(error)
             return
         }
+        let version = dispatch.version
         self.version = version
-        let timeout = version.manifest.timeout
-        deadline = ContinuousClock.now.advanced(by: timeout)
+        let timeout = dispatch.budget
+        deadline = dispatch.deadline
         deadlineTask = context.eventLoop.assumeIsolated().scheduleTask(in: .milliseconds(timeout.milliseconds)) { [self] in
             guard phase != .finished else { return }
             fail(ApusError(.deadlineExceeded, "function did not answer within its timeout of \(timeout.humanReadable)"))
@@ -184,7 +185,7 @@ final class HTTPOverHTTP2Stream: ChannelInboundHandler, LoopSlotTarget {
         upstreamHead = makeUpstreamHead(head, route: route, version: version)
         // The body is read into `pending` (counted) while the call waits, up to `pendingBeforePause`; past it
         // reading stops and what NIO may still take for the stream (its window) is counted as held.
-        slot.pool = shared.scheduler.pool(for: version)
+        slot.pool = dispatch.pool
         acquireSlot()
     }
 

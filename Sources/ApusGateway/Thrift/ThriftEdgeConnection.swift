@@ -165,18 +165,19 @@ final class ThriftEdgeConnection: ChannelInboundHandler, LoopSlotTarget, Drainab
             return
         }
         let version: FunctionVersion
-        let pinnedVersion: Int?
+        var invocation = Invocation(requestID: call.requestID, function: function, pinnedVersion: nil, method: method, path: "",
+                                    callerProtocol: .thrift)
         do throws(ApusError) {
-            pinnedVersion = try VersionPin.parse(call.frame.headers["apus-version"], name: "apus-version")
-            version = try catalog.route(function: function, pinnedVersion: pinnedVersion, roll: shared.roll(on: context.eventLoop))
+            invocation.pinnedVersion = try VersionPin.parse(call.frame.headers["apus-version"], name: "apus-version")
+            version = try shared.dispatcher.version(for: invocation, roll: shared.roll(on: context.eventLoop))
             guard let thrift = version.manifest.thrift else {
-                throw ApusError(.badRequest, "function \(function) serves \(version.manifest.protocol.rawValue), not Thrift")
+                throw ApusError(.internal, "function \(function) serves Thrift without thrift settings")
             }
             guard ThriftEncoding(thrift.protocol) == envelope.encoding else {
                 throw ApusError(.badRequest, "the call is \(envelope.encoding.rawValue) but function \(function) speaks \(thrift.protocol.rawValue); the gateway converts transports, not protocols")
             }
         } catch {
-            fail(call, error.code == .notFound ? .unknownMethod : .internalError, error)
+            fail(call, error.code == .notFound || error.code == .wrongProtocol ? .unknownMethod : .internalError, error)
             return
         }
         call.version = version
@@ -186,22 +187,19 @@ final class ThriftEdgeConnection: ChannelInboundHandler, LoopSlotTarget, Drainab
             calls.removeAll { $0 === call }
         }
         if call.isOneway, version.manifest.async != nil, let submitter = shared.configuration.tasks {
-            submitTask(call, method: method, version: version, pinnedVersion: pinnedVersion, submitter: submitter)
+            submitTask(call, method: method, version: version, pinnedVersion: invocation.pinnedVersion, submitter: submitter)
             return
         }
 
-        var budget = version.manifest.timeout
-        call.budgetDescription = "function timeout of \(budget.humanReadable)"
-        if let timeout = Self.headerTimeout(call.frame), timeout < budget {
-            budget = timeout
-            call.budgetDescription = "caller's timeout of \(timeout.humanReadable)"
-        }
-        call.deadline = ContinuousClock.now.advanced(by: budget)
-        call.deadlineTask = context.eventLoop.assumeIsolated().scheduleTask(in: .milliseconds(max(1, budget.milliseconds))) { [self] in
+        invocation.callerBudget = Self.headerTimeout(call.frame)
+        let dispatch = shared.dispatcher.dispatch(&invocation, to: version)
+        call.budgetDescription = dispatch.budgetDescription
+        call.deadline = dispatch.deadline
+        call.deadlineTask = context.eventLoop.assumeIsolated().scheduleTask(in: .milliseconds(max(1, dispatch.budget.milliseconds))) { [self] in
             guard !call.done else { return }
             fail(call, .internalError, ApusError(.deadlineExceeded, "deadline exceeded: no reply within the \(call.budgetDescription)"))
         }
-        call.pool = shared.scheduler.pool(for: version)
+        call.pool = dispatch.pool
         acquireSlot(call)
     }
 
