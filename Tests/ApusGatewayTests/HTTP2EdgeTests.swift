@@ -49,11 +49,15 @@ struct GRPCWireTests {
     }
 
     @Test func neutralErrorsMapToGRPCStatus() {
-        #expect(ApusError(.overloaded, "").code.grpcStatus == 8)
-        #expect(ApusError(.deadlineExceeded, "").code.grpcStatus == 4)
-        #expect(ApusError(.unavailable, "").code.grpcStatus == 14)
-        #expect(ApusError(.instanceError, "").code.grpcStatus == 14)
-        #expect(ApusError(.internal, "").code.grpcStatus == 13)
+        #expect(GRPCWire.status(for: ApusError(.overloaded, "")) == 8)
+        #expect(GRPCWire.status(for: ApusError(.deadlineExceeded, "")) == 4)
+        #expect(GRPCWire.status(for: ApusError(.unavailable, "")) == 14)
+        #expect(GRPCWire.status(for: ApusError(.instanceError, "")) == 14)
+        #expect(GRPCWire.status(for: ApusError(.internal, "")) == 13)
+        #expect(GRPCWire.status(for: ApusError(.badRequest, "")) == 3)
+        #expect(GRPCWire.status(for: ApusError(.wrongProtocol, "")) == 12)
+        #expect(GRPCWire.status(for: ApusError(.unauthenticated, "")) == 16)
+        #expect(GRPCWire.status(for: ApusError(.tooLarge, "")) == 8)
     }
 
     @Test func messageFramesRoundTrip() throws {

@@ -40,22 +40,6 @@ public struct ApusError: Error, Hashable, Sendable, CustomStringConvertible {
         public static let `internal` = Code("internal", 500)
 
         public var description: String { name }
-
-        /// The gRPC status code this error travels as on the gRPC edge.
-        public var grpcStatus: Int {
-            switch name {
-            case "bad_request": 3        // INVALID_ARGUMENT
-            case "not_found": 5          // NOT_FOUND
-            case "wrong_protocol": 12    // UNIMPLEMENTED: no gRPC service here
-            case "conflict": 6           // ALREADY_EXISTS
-            case "forbidden": 7          // PERMISSION_DENIED
-            case "unauthenticated": 16   // UNAUTHENTICATED
-            case "payload_too_large", "overloaded": 8  // RESOURCE_EXHAUSTED
-            case "instance_error", "unavailable": 14   // UNAVAILABLE
-            case "deadline_exceeded": 4  // DEADLINE_EXCEEDED
-            default: 13                  // INTERNAL
-            }
-        }
     }
 
     public var code: Code

@@ -7,7 +7,23 @@ import NIOHPACK
 extension GRPCWire {
     /// The gRPC status an `ApusError` travels as; an unknown service or method is UNIMPLEMENTED.
     static func status(for error: ApusError) -> Int {
-        error.code.grpcStatus
+        status(for: error.code)
+    }
+
+    /// The gRPC status code a neutral error code travels as.
+    static func status(for code: ApusError.Code) -> Int {
+        switch code {
+        case .badRequest: statusInvalidArgument
+        case .notFound: statusNotFound
+        case .wrongProtocol: statusUnimplemented  // no gRPC service here
+        case .conflict: 6  // ALREADY_EXISTS
+        case .forbidden: 7  // PERMISSION_DENIED
+        case .unauthenticated: 16  // UNAUTHENTICATED
+        case .tooLarge, .overloaded: statusResourceExhausted
+        case .instanceError, .unavailable: statusUnavailable
+        case .deadlineExceeded: statusDeadlineExceeded
+        default: statusInternal
+        }
     }
 
     /// A complete response carrying only a status (Trailers-Only), for calls that fail before any response.
