@@ -136,6 +136,7 @@ final class GatewayShared: Sendable {
     /// instances than the scheduler's shard size).
     private let shardKeys: [ObjectIdentifier: UInt64]
     private let splitRolls: [ObjectIdentifier: LoopSplitRoll]
+    private let deadlines: [ObjectIdentifier: CallDeadlines]
     private let connections = Mutex<[ObjectIdentifier: NIOLoopBound<any DrainableConnection>]>([:])
     private let draining = Atomic<Bool>(false)
 
@@ -151,8 +152,10 @@ final class GatewayShared: Sendable {
         var thriftPools: [ObjectIdentifier: InstanceThriftPool] = [:]
         var shardKeys: [ObjectIdentifier: UInt64] = [:]
         var splitRolls: [ObjectIdentifier: LoopSplitRoll] = [:]
+        var deadlines: [ObjectIdentifier: CallDeadlines] = [:]
         for (index, loop) in group.makeIterator().enumerated() {
             splitRolls[ObjectIdentifier(loop)] = LoopSplitRoll()
+            deadlines[ObjectIdentifier(loop)] = CallDeadlines(eventLoop: loop)
             shardKeys[ObjectIdentifier(loop)] = ConsistentHashRing.hash("\(configuration.nodeName)/worker-\(index)")
             thriftPools[ObjectIdentifier(loop)] = InstanceThriftPool(eventLoop: loop)
             pools[ObjectIdentifier(loop)] = UpstreamPool(eventLoop: loop)
@@ -165,6 +168,7 @@ final class GatewayShared: Sendable {
         self.thriftPools = thriftPools
         self.shardKeys = shardKeys
         self.splitRolls = splitRolls
+        self.deadlines = deadlines
     }
 
     /// The shard key of requests arriving on `loop`.
@@ -175,6 +179,11 @@ final class GatewayShared: Sendable {
     /// A number in 0..<100 for a release's traffic split, for a request arriving on `loop` (call it on `loop`).
     func roll(on loop: any EventLoop) -> Int {
         splitRolls[ObjectIdentifier(loop)]!.next()
+    }
+
+    /// The deadlines of the calls on `loop` under one timer (gRPC calls, HTTP/2 relays, Thrift calls).
+    func callDeadlines(for loop: any EventLoop) -> CallDeadlines {
+        deadlines[ObjectIdentifier(loop)]!
     }
 
     /// Connections to Thrift instances from this loop.

@@ -86,6 +86,19 @@ def test_h2_prior_knowledge_unknown_function_is_404(apusd, tmp_path):
     assert json_body(r)["error"]["code"], r
 
 
+def test_h2_request_past_the_function_timeout_is_504_and_the_next_one_is_served(apusd, deployed, tmp_path):
+    """The HTTP/2 relay's deadline (the loop's one deadline timer): `sleeper` has `timeout: 1s`."""
+    deployed.fixture("sleeper")
+    assert curl(tmp_path, f"{apusd.gateway}/sleeper/?sleep=0", "--http2-prior-knowledge").status == 200
+    r = curl(tmp_path, f"{apusd.gateway}/sleeper/?sleep=3", "--http2-prior-knowledge")
+    # Without the deadline the function's answer (200) would come after 3 s.
+    assert r.rc == 0 and r.status == 504 and r.http_version == "2", r
+    assert json_body(r)["error"]["code"] == "deadline_exceeded", r
+    assert "within its timeout of 1s" in json_body(r)["error"]["message"], r
+    r = curl(tmp_path, f"{apusd.gateway}/sleeper/?sleep=0", "--http2-prior-knowledge")
+    assert r.status == 200, r
+
+
 def test_h2c_upgrade_from_http11(apusd, hello, tmp_path):
     r = curl(tmp_path, f"{apusd.gateway}/hello-python/up?name=Cy", "--http2")
     assert r.rc == 0 and r.status == 200, r

@@ -13,8 +13,9 @@ protocol DeadlineTarget: AnyObject {
 /// earliest deadline known when it was set; a call that finishes just leaves the list (a swap with the last),
 /// and when the timer fires it looks at every call still kept, ends those whose deadline has passed and is set
 /// again for the earliest remaining one. Calls that usually finish well before their deadline therefore cost one
-/// timer per deadline period, not one per call. Lives on its event loop.
-final class CallDeadlines {
+/// timer per deadline period, not one per call. One per event loop (`GatewayShared.callDeadlines(for:)`), shared by
+/// the gRPC calls, the HTTP/2 relays and the Thrift calls of that loop; used on its loop only.
+final class CallDeadlines: @unchecked Sendable {
     private let eventLoop: any EventLoop
     private var calls: [any DeadlineTarget] = []
     private var timer: Scheduled<Void>?

@@ -240,7 +240,7 @@ final class GRPCEdgeStream: EdgeStreamOwner, LoopSlotTarget, InstanceStreamOwner
         budget = dispatch.budget
         budgetFromClient = dispatch.budgetFromCaller
         deadline = dispatch.deadline
-        pool.deadlines.add(self)
+        shared.callDeadlines(for: pool.eventLoop).add(self)
 
         // Until the instance stream is open, client frames wait here (bounded by the stream's flow-control window).
         edge.setReading(false, on: streamID)
@@ -440,7 +440,7 @@ final class GRPCEdgeStream: EdgeStreamOwner, LoopSlotTarget, InstanceStreamOwner
         guard phase != .finished else { return }
         phase = .finished
         slot.pool?.metrics.recordRequest(protocol: "grpc", code: finalStatus ?? GRPCWire.statusCodeLabel(GRPCWire.statusCancelled), since: arrivedAt)
-        if deadlineSlot >= 0 { loopPool?.deadlines.remove(self) }
+        if deadlineSlot >= 0, let loopPool { shared.callDeadlines(for: loopPool.eventLoop).remove(self) }
         pending = []
         releaseHeldBody()
         slot.giveBack(requestID: requestID)

@@ -35,8 +35,10 @@ final class HTTPOverHTTP2Stream: ChannelInboundHandler, LoopSlotTarget {
     var version: FunctionVersion?
     private var slot = CallSlot()
     private var retried = false
-    private var deadline = ContinuousClock.now
-    private var deadlineTask: Scheduled<Void>?
+    private(set) var deadline = ContinuousClock.now
+    /// Where the loop's `CallDeadlines` keeps this request (-1: not kept).
+    var deadlineSlot = -1
+    private var budget = Duration.zero
     private var upstreamHead: HTTPRequestHead?
     private var pending: [HTTPClientRequestPart] = []
     var requestEnded = false
@@ -176,12 +178,9 @@ final class HTTPOverHTTP2Stream: ChannelInboundHandler, LoopSlotTarget {
         }
         let version = dispatch.version
         self.version = version
-        let timeout = dispatch.budget
+        budget = dispatch.budget
         deadline = dispatch.deadline
-        deadlineTask = context.eventLoop.assumeIsolated().scheduleTask(in: .milliseconds(timeout.milliseconds)) { [self] in
-            guard phase != .finished else { return }
-            fail(ApusError(.deadlineExceeded, "function did not answer within its timeout of \(timeout.humanReadable)"))
-        }
+        shared.callDeadlines(for: context.eventLoop).add(self)
         upstreamHead = makeUpstreamHead(head, route: route, version: version)
         // The body is read into `pending` (counted) while the call waits, up to `pendingBeforePause`; past it
         // reading stops and what NIO may still take for the stream (its window) is counted as held.
@@ -368,8 +367,7 @@ final class HTTPOverHTTP2Stream: ChannelInboundHandler, LoopSlotTarget {
         // Ended before its end was sent (client reset, instance failure mid-response): the client's own code, or 499.
         let code = responseEnding && status != 0 ? GatewayConnectionHandler.statusCode(status) : GatewayConnectionHandler.clientClosedCode
         slot.pool?.metrics.recordRequest(protocol: "http", code: code, since: arrivedAt)
-        deadlineTask?.cancel()
-        deadlineTask = nil
+        if deadlineSlot >= 0 { shared.callDeadlines(for: context.eventLoop).remove(self) }
         pending = []
         releaseHeldBody()
         slot.giveBack(requestID: requestID)
@@ -471,5 +469,12 @@ private final class InstanceHTTP1Handler: ChannelInboundHandler {
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
         context.close(promise: nil)
+    }
+}
+
+extension HTTPOverHTTP2Stream: DeadlineTarget {
+    func deadlinePassed() {
+        guard phase != .finished else { return }
+        fail(ApusError(.deadlineExceeded, "function did not answer within its timeout of \(budget.humanReadable)"))
     }
 }

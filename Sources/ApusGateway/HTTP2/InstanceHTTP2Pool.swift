@@ -28,13 +28,10 @@ final class InstanceHTTP2Pool: @unchecked Sendable {
     private var connections: [String: InstanceHTTP2Connection] = [:]
     /// Client connection flushes held back while an instance connection's read burst is handled.
     let deferredFlushes = DeferredFlushes()
-    /// The deadlines of the gRPC calls on this loop.
-    let deadlines: CallDeadlines
 
     init(eventLoop: any EventLoop, limits: GatewayServer.HTTP2Limits) {
         self.eventLoop = eventLoop
         self.limits = limits
-        self.deadlines = CallDeadlines(eventLoop: eventLoop)
     }
 
     /// Hands the instance's connection (connecting first when needed) to `completion`, at once when it is

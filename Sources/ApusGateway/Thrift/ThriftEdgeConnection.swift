@@ -15,7 +15,7 @@ final class ThriftEdgeConnection: ChannelInboundHandler, LoopSlotTarget, Drainab
     typealias OutboundOut = ByteBuffer
 
     /// One call from this connection.
-    final class Call {
+    final class Call: DeadlineTarget {
         let frame: ThriftFrame
         let requestID: String
         var function: String?
@@ -26,7 +26,9 @@ final class ThriftEdgeConnection: ChannelInboundHandler, LoopSlotTarget, Drainab
         var retried = false
         var deadline = ContinuousClock.now
         var budgetDescription = ""
-        var deadlineTask: Scheduled<Void>?
+        /// Where the loop's `CallDeadlines` keeps the call (-1: not kept), and what to do when it passes.
+        var deadlineSlot = -1
+        var onDeadline: (() -> Void)?
         var upstream: InstanceThriftConnection?
         /// The message as the instance must see it (multiplexed prefix removed).
         var outbound: ByteBuffer
@@ -36,6 +38,10 @@ final class ThriftEdgeConnection: ChannelInboundHandler, LoopSlotTarget, Drainab
         let arrivedAt = ContinuousClock.now
         /// How the call ended, for metrics: `reply`, `exception` (the instance's), `oneway`, or an error name.
         var outcome: String?
+
+        func deadlinePassed() {
+            onDeadline?()
+        }
 
         init(frame: ThriftFrame, requestID: String) {
             self.frame = frame
@@ -195,10 +201,11 @@ final class ThriftEdgeConnection: ChannelInboundHandler, LoopSlotTarget, Drainab
         let dispatch = shared.dispatcher.dispatch(&invocation, to: version)
         call.budgetDescription = dispatch.budgetDescription
         call.deadline = dispatch.deadline
-        call.deadlineTask = context.eventLoop.assumeIsolated().scheduleTask(in: .milliseconds(max(1, dispatch.budget.milliseconds))) { [self] in
-            guard !call.done else { return }
+        call.onDeadline = { [weak self, unowned call] in
+            guard let self, !call.done else { return }
             fail(call, .internalError, ApusError(.deadlineExceeded, "deadline exceeded: no reply within the \(call.budgetDescription)"))
         }
+        shared.callDeadlines(for: context.eventLoop).add(call)
         call.pool = dispatch.pool
         acquireSlot(call)
     }
@@ -404,8 +411,8 @@ final class ThriftEdgeConnection: ChannelInboundHandler, LoopSlotTarget, Drainab
         guard !call.done else { return }
         call.done = true
         call.pool?.metrics.recordRequest(protocol: "thrift", code: call.outcome ?? "client_closed", since: call.arrivedAt)
-        call.deadlineTask?.cancel()
-        call.deadlineTask = nil
+        if call.deadlineSlot >= 0 { shared.callDeadlines(for: context.eventLoop).remove(call) }
+        call.onDeadline = nil
         if let lease = call.lease {
             call.pool?.release(lease)
             call.lease = nil
