@@ -346,13 +346,20 @@ def test_nio_engine_serves_the_same_requests(tmp_path, rawfn):
         fn = Path(tmp_path / "fn")
         fn.mkdir()
         (fn / "server.py").write_text(RAW_BACKEND)
-        (fn / "apus.yaml").write_text("name: rawbackend\nruntime: command\ncommand: [\"python3\", \"server.py\"]\n")
+        (fn / "apus.yaml").write_text("name: rawbackend\nruntime: command\ncommand: [\"python3\", \"server.py\"]\ntimeout: 1s\n")
         d.deploy(fn)
         with connect(d) as s:
             s.sendall(b"GET /rawbackend/chunked?n=2 HTTP/1.1\r\nHost: x\r\n\r\nGET /rawbackend/y HTTP/1.1\r\nHost: x\r\n\r\n")
             r = Reader(s)
             assert r.response()[2] == b"part0;part1;"
             assert r.response()[2].startswith(b"GET /y 0 ")
+            # The handler's deadline (its loop's deadline list): 504 at the 1 s timeout (the instance would answer
+            # 200 after 4 s), and the connection serves the next request.
+            s.sendall(b"GET /rawbackend/slow?s=4 HTTP/1.1\r\nHost: x\r\n\r\n")
+            status, _, body = r.response()
+            assert status == 504 and b"within its timeout of 1s" in body, body
+            s.sendall(b"GET /rawbackend/after HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert r.response()[0] == 200
     finally:
         d.teardown()
 

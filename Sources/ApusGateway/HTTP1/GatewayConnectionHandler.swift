@@ -9,7 +9,7 @@ import NIOCore
 /// slot from the function version's pool, and relays the request to an instance over a pooled keep-alive
 /// connection and the response back — header bytes copied, bodies passed through as they arrive. Requests on one
 /// connection are served in order (pipelining is honoured, one exchange at a time). Lives on its event loop.
-final class GatewayConnectionHandler: ChannelInboundHandler, RemovableChannelHandler, UpstreamExchange, LoopSlotTarget, DrainableConnection {
+final class GatewayConnectionHandler: ChannelInboundHandler, RemovableChannelHandler, UpstreamExchange, LoopSlotTarget, DrainableConnection, DeadlineTarget {
     typealias InboundIn = ByteBuffer
     typealias OutboundOut = ByteBuffer
 
@@ -36,8 +36,9 @@ final class GatewayConnectionHandler: ChannelInboundHandler, RemovableChannelHan
         var bodyDone: Bool
         var lease: InstancePool.Lease?
         var upstream: UpstreamConnection?
-        /// When the function's timeout runs out for this request.
-        let deadline: NIODeadline
+        /// When the request's budget (the function's timeout) runs out.
+        let deadline: ContinuousClock.Instant
+        let budget: Duration
         var responseStarted = false
         var closeAfter: Bool
         var retried = false
@@ -48,8 +49,10 @@ final class GatewayConnectionHandler: ChannelInboundHandler, RemovableChannelHan
         let arrivedAt = ContinuousClock.now
 
         init(invocation: Invocation, version: FunctionVersion, pool: InstancePool, head: RequestHead,
-             upstreamHead: ByteBuffer, bodyFraming: BodyFraming, bodyDone: Bool, closeAfter: Bool, deadline: NIODeadline) {
+             upstreamHead: ByteBuffer, bodyFraming: BodyFraming, bodyDone: Bool, closeAfter: Bool,
+             deadline: ContinuousClock.Instant, budget: Duration) {
             self.deadline = deadline
+            self.budget = budget
             self.invocation = invocation
             self.version = version
             self.pool = pool
@@ -65,7 +68,20 @@ final class GatewayConnectionHandler: ChannelInboundHandler, RemovableChannelHan
     var context: ChannelHandlerContext!
     private var upstreams: UpstreamPool!
     var phase = Phase.readingHead
-    private var exchange: Exchange?
+    /// The exchange in progress; while there is one, the connection is in its loop's `CallDeadlines`.
+    private var exchange: Exchange? {
+        didSet {
+            if exchange != nil {
+                if oldValue !== exchange { deadlines.add(self) }
+            } else if deadlineSlot >= 0 {
+                deadlines.remove(self)
+            }
+        }
+    }
+    private var deadlines: CallDeadlines!
+    /// Where the loop's `CallDeadlines` keeps this connection (-1: not kept).
+    var deadlineSlot = -1
+    var deadline: ContinuousClock.Instant { exchange?.deadline ?? .now }
     /// Whether a request is being served (for `ConnectionTimeouts`).
     var hasExchangeInProgress: Bool { exchange != nil }
     var inbound: ByteBuffer?
@@ -98,6 +114,7 @@ final class GatewayConnectionHandler: ChannelInboundHandler, RemovableChannelHan
     func handlerAdded(context: ChannelHandlerContext) {
         self.context = context
         self.upstreams = shared.upstreamPool(for: context.eventLoop)
+        self.deadlines = shared.callDeadlines(for: context.eventLoop)
         self.slotWaiter = LoopSlotWaiter(NIOLoopBound<any LoopSlotTarget>(self, eventLoop: context.eventLoop))
         self.shardKey = shared.shardKey(for: context.eventLoop)
         if context.channel.isActive { becameActive(context: context) }
@@ -275,11 +292,10 @@ final class GatewayConnectionHandler: ChannelInboundHandler, RemovableChannelHan
         }
         let version = dispatch.version
         let upstreamHead = makeUpstreamHead(head, rawHead: rawHead, route: route, requestID: requestID, version: version)
-        let nioDeadline = NIODeadline.now() + .milliseconds(dispatch.budget.milliseconds)
         exchange = Exchange(
             invocation: invocation, version: version, pool: dispatch.pool, head: head, upstreamHead: upstreamHead,
-            bodyFraming: head.framing, bodyDone: !hasBody, closeAfter: !head.keepAlive || draining, deadline: nioDeadline)
-        armDeadlineTimer(nioDeadline)
+            bodyFraming: head.framing, bodyDone: !hasBody, closeAfter: !head.keepAlive || draining,
+            deadline: dispatch.deadline, budget: dispatch.budget)
         if head.expectContinue {
             var interim = context.channel.allocator.buffer(capacity: 25)
             interim.writeStatic("HTTP/1.1 100 Continue\r\n\r\n")
@@ -592,27 +608,10 @@ final class GatewayConnectionHandler: ChannelInboundHandler, RemovableChannelHan
 
     // MARK: endings
 
-    /// One timer per connection rather than one per request: it is armed for the first exchange and, when it fires,
-    /// ends the current exchange if its deadline passed or re-arms for it. Requests that finish in time cost nothing.
-    private var timerDeadline: NIODeadline?
-
-    private func armDeadlineTimer(_ deadline: NIODeadline) {
-        if let armed = timerDeadline, armed <= deadline { return }
-        timerDeadline = deadline
-        context.eventLoop.assumeIsolated().scheduleTask(deadline: deadline) { [self] in
-            deadlineTimerFired(armedFor: deadline)
-        }
-    }
-
-    private func deadlineTimerFired(armedFor: NIODeadline) {
-        guard timerDeadline == armedFor else { return }  // superseded by an earlier one
-        timerDeadline = nil
+    /// The exchange's deadline passed (the loop's `CallDeadlines` keeps one timer for all its connections).
+    func deadlinePassed() {
         guard phase != .closed, let current = exchange else { return }
-        if current.deadline <= .now() {
-            failExchange(ApusError(.deadlineExceeded, "function did not answer within its timeout of \(current.version.manifest.timeout.humanReadable)"))
-        } else {
-            armDeadlineTimer(current.deadline)
-        }
+        failExchange(ApusError(.deadlineExceeded, "function did not answer within its timeout of \(current.budget.humanReadable)"))
     }
 
     /// Ends the current exchange with an error: the client gets it as JSON unless the response already began.
