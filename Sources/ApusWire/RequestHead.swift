@@ -116,16 +116,9 @@ package struct RequestHead {
         let method = requestLine.method
         let target = requestLine.target
         let isHTTP10 = requestLine.isHTTP10
-        var host = requestLine.authority
-
-        var contentLength: Int?
-        var chunked = false
-        var connectionClose = false
-        var connectionKeepAlive = false
-        var expectContinue = false
+        var framing = RequestFraming(host: requestLine.authority)
         var pinnedVersion: String?
         var forwardedFor: String?
-        var upgradeOffersH2C = false
         var asyncInvocation = false
         var contentTypeValue: Range<Int>?
         var idempotencyKeyValue: Range<Int>?
@@ -133,46 +126,17 @@ package struct RequestHead {
         var priority: String?
         var authorization: String?
         var authorizationLine: Range<Int>?
-        var connectionUpgrade = false
-        var hasHTTP2Settings = false
         var failure: ParseError?
         var spans = ByteSpans()
 
         let wellFormed = HTTPBytes.forEachHeader(bytes, from: lineEnd + 1, headEnd: headEnd) { name, value, line in
+            if let keep = framing.take(bytes, name: name, value: value) {
+                if framing.failure != nil { return false }
+                if keep { spans.append(line) }
+                return true
+            }
             var keep = true
             switch name.count {
-            case 4 where HTTPBytes.equalsLowercase(bytes, name, "host"):
-                if host == nil { host = HTTPBytes.string(bytes, value) }
-            case 14 where HTTPBytes.equalsLowercase(bytes, name, "content-length"):
-                guard let length = HTTPBytes.decimal(bytes, value), contentLength == nil || contentLength == length else {
-                    failure = ParseError(status: 400, message: "bad Content-Length")
-                    return false
-                }
-                contentLength = length
-            case 17 where HTTPBytes.equalsLowercase(bytes, name, "transfer-encoding"):
-                guard HTTPBytes.equalsLowercase(bytes, value, "chunked") else {
-                    failure = ParseError(status: 501, message: "only the chunked transfer coding is supported")
-                    return false
-                }
-                chunked = true
-            case 10 where HTTPBytes.equalsLowercase(bytes, name, "connection"):
-                if HTTPBytes.containsToken(bytes, value, "close") { connectionClose = true }
-                if HTTPBytes.containsToken(bytes, value, "keep-alive") { connectionKeepAlive = true }
-                if HTTPBytes.containsToken(bytes, value, "upgrade") { connectionUpgrade = true }
-                keep = false
-            case 14 where HTTPBytes.equalsLowercase(bytes, name, "http2-settings"):
-                hasHTTP2Settings = true
-                keep = false
-            case 7 where HTTPBytes.equalsLowercase(bytes, name, "upgrade"):
-                if HTTPBytes.containsToken(bytes, value, "h2c") { upgradeOffersH2C = true }
-                keep = false
-            case 6 where HTTPBytes.equalsLowercase(bytes, name, "expect"):
-                if HTTPBytes.equalsLowercase(bytes, value, "100-continue") { expectContinue = true }
-                keep = false
-            case 10 where HTTPBytes.equalsLowercase(bytes, name, "keep-alive"),
-                 16 where HTTPBytes.equalsLowercase(bytes, name, "proxy-connection"),
-                 2 where HTTPBytes.equalsLowercase(bytes, name, "te"):
-                keep = false
             case 15 where HTTPBytes.equalsLowercase(bytes, name, "x-forwarded-for"):
                 forwardedFor = HTTPBytes.string(bytes, value)
                 keep = false
@@ -204,27 +168,13 @@ package struct RequestHead {
             if keep { spans.append(line) }
             return true
         }
-        if let failure { throw failure }
+        if let failure = framing.failure ?? failure { throw failure }
         guard wellFormed else { throw ParseError(status: 400, message: "malformed header line") }
-        if chunked && contentLength != nil {
-            throw ParseError(status: 400, message: "Content-Length together with Transfer-Encoding is refused")
-        }
-        if let contentLength, contentLength > maxBody {
-            throw ParseError(status: 413, message: "request body of \(contentLength) bytes exceeds the \(maxBody)-byte limit")
-        }
-        let framing: BodyFraming
-        if chunked {
-            framing = .chunked(ChunkedBodyScanner(maxPayload: maxBody))
-        } else if let contentLength, contentLength > 0 {
-            framing = .length(remaining: contentLength)
-        } else {
-            framing = .none
-        }
         var head = RequestHead(
-            method: method, target: target, isHTTP10: isHTTP10, host: host, framing: framing,
-            keepAlive: isHTTP10 ? connectionKeepAlive && !connectionClose : !connectionClose,
-            expectContinue: expectContinue && !isHTTP10, pinnedVersion: pinnedVersion, forwardedFor: forwardedFor,
-            upgradeToH2C: upgradeOffersH2C && connectionUpgrade && hasHTTP2Settings && !isHTTP10,
+            method: method, target: target, isHTTP10: isHTTP10, host: framing.host, framing: try framing.bodyFraming(maxBody: maxBody),
+            keepAlive: framing.keepAlive(isHTTP10: isHTTP10),
+            expectContinue: framing.expectContinue && !isHTTP10, pinnedVersion: pinnedVersion, forwardedFor: forwardedFor,
+            upgradeToH2C: framing.upgradeOffersH2C && framing.connectionUpgrade && framing.hasHTTP2Settings && !isHTTP10,
             keptSpans: spans)
         head.asyncInvocation = asyncInvocation
         head.contentTypeValue = contentTypeValue

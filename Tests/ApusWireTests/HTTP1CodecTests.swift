@@ -294,3 +294,59 @@ extension ResponseReaderTests {
         #expect(Self.read([untilClose], close: true, decoded: true) == Seen(events: ["head 200", "closed complete"], body: Array("hello".utf8)))
     }
 }
+
+@Suite("request framing headers")
+struct RequestFramingTests {
+    /// Feeds `lines` ("Name: value") through `RequestFraming.take`, as a head reader does.
+    func take(_ lines: [String], host: String? = nil) -> (RequestFraming, kept: [String], notFraming: [String]) {
+        var framing = RequestFraming(host: host)
+        var kept: [String] = [], others: [String] = []
+        for line in lines {
+            let bytes = Array(line.utf8)
+            let colon = bytes.firstIndex(of: UInt8(ascii: ":"))!
+            bytes.withUnsafeBytes { raw in
+                switch framing.take(raw, name: 0..<colon, value: (colon + 2)..<bytes.count) {
+                case nil: others.append(line)
+                case true?: kept.append(line)
+                case false?: break
+                }
+            }
+        }
+        return (framing, kept, others)
+    }
+
+    @Test func framingHeadersAreReadAndHopByHopOnesDropped() throws {
+        let (framing, kept, others) = take([
+            "Host: a.example:8080", "Content-Length: 5", "Connection: keep-alive, Upgrade", "Upgrade: h2c",
+            "HTTP2-Settings: AAA", "Expect: 100-continue", "Keep-Alive: timeout=5", "Proxy-Connection: x", "TE: trailers",
+            "X-Other: 1",
+        ])
+        #expect(kept == ["Host: a.example:8080", "Content-Length: 5"])
+        #expect(others == ["X-Other: 1"])
+        #expect(framing.host == "a.example:8080" && framing.expectContinue && framing.connectionKeepAlive)
+        #expect(framing.connectionUpgrade && framing.upgradeOffersH2C && framing.hasHTTP2Settings)
+        #expect(framing.failure == nil)
+        guard case .length(remaining: 5) = try framing.bodyFraming() else { Issue.record("not a 5-byte body"); return }
+        #expect(framing.keepAlive(isHTTP10: true) && framing.keepAlive(isHTTP10: false))
+        // The request line's authority wins over Host.
+        #expect(take(["Host: b"], host: "a").0.host == "a")
+    }
+
+    @Test func malformedOrConflictingFramingIsRefused() {
+        #expect(take(["Content-Length: 5", "Content-Length: 6"]).0.failure?.status == 400)
+        #expect(take(["Content-Length: x"]).0.failure?.status == 400)
+        #expect(take(["Transfer-Encoding: gzip"]).0.failure?.status == 501)
+        let both = take(["Content-Length: 5", "Transfer-Encoding: chunked"]).0
+        #expect(throws: HTTPHeadError.self) { try both.bodyFraming() }
+        let big = take(["Content-Length: 100"]).0
+        do {
+            _ = try big.bodyFraming(maxBody: 10)
+            Issue.record("a body past maxBody was accepted")
+        } catch {
+            #expect(error.status == 413)
+        }
+        let closed = take(["Connection: close"]).0
+        #expect(!closed.keepAlive(isHTTP10: false))
+        #expect(!take([]).0.keepAlive(isHTTP10: true), "HTTP/1.0 closes without Connection: keep-alive")
+    }
+}

@@ -32,45 +32,17 @@ struct ProxyRequestHead {
         let isHTTP10 = requestLine.isHTTP10
         let method = requestLine.method
         let target = requestLine.target
-        var host = requestLine.authority
-        var contentLength: Int?
-        var chunked = false
-        var close = false
-        var keepAliveToken = false
-        var expectContinue = false
-        var failure: ParseError?
+        var framing = RequestFraming(host: requestLine.authority)
         var head = ProxyRequestHead(method: method, target: target, isHTTP10: isHTTP10, host: nil, framing: .none,
                                keepAlive: true, expectContinue: false, keptSpans: ByteSpans())
         let ok = HTTPBytes.forEachHeader(bytes, from: lineEnd + 1, headEnd: headEnd) { name, value, line in
+            if let keep = framing.take(bytes, name: name, value: value) {
+                if framing.failure != nil { return false }
+                if keep { head.keptSpans.append(line) }
+                return true
+            }
             var keep = true
             switch name.count {
-            case 4 where HTTPBytes.equalsLowercase(bytes, name, "host"):
-                if host == nil { host = HTTPBytes.string(bytes, value) }
-            case 14 where HTTPBytes.equalsLowercase(bytes, name, "content-length"):
-                guard let length = HTTPBytes.decimal(bytes, value), contentLength == nil || contentLength == length else {
-                    failure = ParseError(status: 400, message: "bad Content-Length")
-                    return false
-                }
-                contentLength = length
-            case 17 where HTTPBytes.equalsLowercase(bytes, name, "transfer-encoding"):
-                guard HTTPBytes.equalsLowercase(bytes, value, "chunked") else {
-                    failure = ParseError(status: 501, message: "only the chunked transfer coding is supported")
-                    return false
-                }
-                chunked = true
-            case 10 where HTTPBytes.equalsLowercase(bytes, name, "connection"):
-                if HTTPBytes.containsToken(bytes, value, "close") { close = true }
-                if HTTPBytes.containsToken(bytes, value, "keep-alive") { keepAliveToken = true }
-                keep = false
-            case 6 where HTTPBytes.equalsLowercase(bytes, name, "expect"):
-                if HTTPBytes.equalsLowercase(bytes, value, "100-continue") { expectContinue = true }
-                keep = false
-            case 10 where HTTPBytes.equalsLowercase(bytes, name, "keep-alive"),
-                 16 where HTTPBytes.equalsLowercase(bytes, name, "proxy-connection"),
-                 7 where HTTPBytes.equalsLowercase(bytes, name, "upgrade"),
-                 14 where HTTPBytes.equalsLowercase(bytes, name, "http2-settings"),
-                 2 where HTTPBytes.equalsLowercase(bytes, name, "te"):
-                keep = false
             case 11 where HTTPBytes.equalsLowercase(bytes, name, "traceparent"):
                 head.hasTraceparent = true
             case 12 where HTTPBytes.equalsLowercase(bytes, name, "x-request-id"):
@@ -87,12 +59,10 @@ struct ProxyRequestHead {
             if keep { head.keptSpans.append(line) }
             return true
         }
-        if let failure { throw failure }
+        if let failure = framing.failure { throw failure }
         guard ok else { throw ParseError(status: 400, message: "malformed header line") }
-        if chunked && contentLength != nil {
-            throw ParseError(status: 400, message: "Content-Length together with Transfer-Encoding is refused")
-        }
-        if let host {
+        head.framing = try framing.bodyFraming()
+        if let host = framing.host {
             // The upstream is named by the host; the port (the sidecar's own) is ignored.
             if let colon = host.lastIndex(of: ":"), !host.hasSuffix("]") {
                 head.host = String(host[..<colon])
@@ -100,9 +70,8 @@ struct ProxyRequestHead {
                 head.host = host
             }
         }
-        head.framing = chunked ? .chunked(ChunkedBodyScanner()) : ((contentLength ?? 0) > 0 ? .length(remaining: contentLength!) : .none)
-        head.keepAlive = isHTTP10 ? keepAliveToken && !close : !close
-        head.expectContinue = expectContinue && !isHTTP10
+        head.keepAlive = framing.keepAlive(isHTTP10: isHTTP10)
+        head.expectContinue = framing.expectContinue && !isHTTP10
         return head
     }
 
